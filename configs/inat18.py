@@ -1,0 +1,43 @@
+"""iNaturalist 2018 recipes: ResNet-50, 90 epochs, batch 256, lr 0.1 cosine, wd 1e-4.
+
+DiVE: T = 3 with power normalisation p = 0.5 (as on CIFAR). SSD's teacher here trains with CE only
+until the MoCo queue lands (see configs/imagenet_lt.py). Set ``data.root`` to the iNat image root
+and the lists (``iNaturalist18_train.txt`` / ``iNaturalist18_val.txt``) or the official JSON files
+(``data.train_annotations`` / ``data.test_annotations``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from configs.methods import METHODS, Recipe
+from ltscale.config import recipe
+from ltscale.data.config import DataConfig
+from ltscale.engine.schedule import OptimConfig
+from ltscale.models.network import ModelConfig
+from ltscale.stages.config import PipelineConfig
+
+INAT18_RECIPE = Recipe(
+    model=ModelConfig(arch="resnet50"),
+    optim=OptimConfig(epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4, warmup_epochs=0, schedule="cosine",
+                      milestones=(), decay_factors=()),
+    rebalance_optim=OptimConfig(epochs=5, batch_size=512, lr=0.2, weight_decay=5e-4, warmup_epochs=0, schedule="cosine",
+                                milestones=(), decay_factors=()),
+    ldam_drw_epoch=60,
+    ssd_self_supervision=0.0,
+)
+
+
+def inat18(method: str, epochs: int = 90) -> PipelineConfig:
+    base = dataclasses.replace(
+        INAT18_RECIPE,
+        optim=dataclasses.replace(INAT18_RECIPE.optim, epochs=epochs),
+        rebalance_sampler=dataclasses.replace(INAT18_RECIPE.rebalance_sampler, samples_per_class=4),
+    )
+    return PipelineConfig(name=f"inat18-{epochs}ep/{method}", data=DataConfig(dataset="inat2018", image_size=224), stages=METHODS[method](base))
+
+
+for _method in METHODS:
+    recipe(f"inat18/{_method}", f"{_method} on iNaturalist 2018, ResNet-50, 90 epochs")(functools.partial(inat18, _method))
+    recipe(f"inat18-200ep/{_method}", f"{_method} on iNaturalist 2018, ResNet-50, 200 epochs")(functools.partial(inat18, _method, 200))

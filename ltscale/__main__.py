@@ -1,0 +1,5 @@
+import sys
+
+from ltscale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,238 @@
+"""The ``ltscale`` command line: run recipes, inspect data, evaluate checkpoints, the demo.
+
+    ltscale recipes                         list recipes
+    ltscale run RECIPE [--set key=value]    run a pipeline (typed overrides, unknown keys rejected)
+    ltscale demo                            SSD, DiVE and CE on the generated dataset, with a table
+    ltscale data stats DATASET ...          per-class counts, groups and totals as JSON
+    ltscale data verify DATASET ...         decode every image file, list the unreadable ones
+    ltscale evaluate CHECKPOINT ...         top-1/top-5, many/medium/few of a model checkpoint
+    ltscale virtual CHECKPOINT ...          DiVE's virtual-example distribution and (T, p) choice
+    ltscale ui                              the MLflow UI over the local store
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ltscale.config import ConfigError, apply_overrides, get_recipe, list_recipes
+from ltscale.data.config import DataConfig
+
+DEFAULT_OUTPUT = "runs"
+
+
+def _common_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="typed override of the recipe config, e.g. stages.teacher.optim.lr=0.05 (repeatable)")
+    parser.add_argument("--output-dir", default=None, help=f"where stage outputs and the local MLflow store go (default: {DEFAULT_OUTPUT})")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: a local sqlite store in the output dir)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", help="synthetic, cifar100_lt, cifar10_lt, imagenet_lt, places_lt or inat2018")
+    parser.add_argument("--root", default="", help="CIFAR archive/folder, or the image root of the split lists")
+    parser.add_argument("--imbalance-factor", type=float, default=100.0, help="CIFAR-LT imbalance factor (default 100)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other data config field, e.g. train_list=ImageNet_LT_train.txt (repeatable)")
+
+
+def _data_config(args: argparse.Namespace) -> DataConfig:
+    base = DataConfig()
+    overrides = [f"dataset={args.dataset}", f"root={args.root}", f"imbalance_factor={args.imbalance_factor}", *args.overrides]
+    return apply_overrides(base, overrides)
+
+
+def _pipeline_config(name: str, args: argparse.Namespace):
+    config = get_recipe(name)
+    overrides = list(args.overrides)
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.tracking_uri is not None:
+        overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    return apply_overrides(config, overrides)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    recipes = list_recipes()
+    width = max(len(n) for n in recipes)
+    for name, description in recipes.items():
+        if not args.filter or args.filter in name:
+            print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ltscale.stages.pipeline import run_pipeline
+    from ltscale.report import print_results
+
+    config = _pipeline_config(args.recipe, args)
+    result = run_pipeline(config)
+    print_results([result])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from configs.demo import DEMO_METHODS
+    from ltscale.report import print_results
+    from ltscale.stages.pipeline import run_pipeline
+
+    results = []
+    for method in DEMO_METHODS:
+        config = _pipeline_config(f"demo/{method}", args)
+        results.append(run_pipeline(config))
+    print_results(results, detail=True)
+    output_dir = Path(results[0].tracking_uri.removeprefix("sqlite:///")).parent if results else Path(DEFAULT_OUTPUT)
+    print(f"\nMLflow record: {results[0].tracking_uri}\nOpen the UI with: ltscale ui --output-dir {output_dir}")
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from ltscale.data import build_dataset
+
+    bundle = build_dataset(_data_config(args), check_files=False)
+    print(json.dumps(bundle.stats(), indent=None if args.compact else 2))
+    return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from ltscale.data import FileSplit, build_dataset
+    from ltscale.data.loaders.files import verify_images
+
+    bundle = build_dataset(_data_config(args))
+    bad: list[str] = []
+    for split in (bundle.train, bundle.val, bundle.test):
+        if isinstance(split, FileSplit):
+            bad += verify_images(split, num_workers=args.workers)
+    print(json.dumps({"dataset": bundle.name, "unreadable": bad}, indent=2))
+    return 1 if bad else 0
+
+
+def _model_and_data(args: argparse.Namespace):
+    import torch
+
+    from ltscale.data import build_dataset
+    from ltscale.stages.context import load_model
+    from ltscale.stages.pipeline import resolve_device
+
+    config = _pipeline_config(args.recipe, args)
+    device = resolve_device(config.device)
+    network = load_model(Path(args.checkpoint), device)
+    bundle = build_dataset(config.data)
+    if bundle.num_classes != network.head_specs[network.predict_head].num_outputs:
+        raise ConfigError(
+            f"checkpoint {args.checkpoint} predicts {network.head_specs[network.predict_head].num_outputs} classes but "
+            f"the dataset of recipe {args.recipe} has {bundle.num_classes}"
+        )
+    return config, device, network, bundle, torch
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ltscale.data import build_loader
+    from ltscale.engine.evaluate import evaluate
+    from ltscale.engine.trainer import autocast_dtype
+
+    config, device, network, bundle, _ = _model_and_data(args)
+    loader = build_loader(bundle.test, bundle, train=False, batch_size=512, loader=config.data.loader, device=device, seed=0)
+    results = evaluate(network, loader, bundle.train.class_counts(), network.classifier_heads(), device,
+                       autocast_dtype(config.precision, device))
+    report = {head: result.metrics("test") for head, result in results.items()}
+    print(json.dumps({"checkpoint": args.checkpoint, "predict_head": network.predict_head, "heads": report}, indent=2))
+    return 0
+
+
+def cmd_virtual(args: argparse.Namespace) -> int:
+    from ltscale.data import build_loader
+    from ltscale.engine.trainer import autocast_dtype
+    from ltscale.stages.soft_labels import predict_logits
+    from ltscale.stages.virtual_examples import choose_setting
+
+    config, device, network, bundle, _ = _model_and_data(args)
+    loader = build_loader(bundle.train, bundle, train=False, batch_size=512, loader=config.data.loader, device=device, seed=0)
+    logits = predict_logits(network, loader, device, autocast_dtype(config.precision, device))
+    chosen, rows = choose_setting(logits, bundle.train.class_counts(), args.temperatures, args.powers)
+    for row in rows:
+        if not args.full:
+            row.pop("distribution")
+    print(json.dumps({"chosen": {"temperature": chosen["temperature"], "power": chosen["power"]}, "sweep": rows}, indent=2))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from ltscale.tracking import ui
+
+    return ui(Path(args.output_dir), port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltscale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("recipes", help="list recipes")
+    p.add_argument("filter", nargs="?", default="", help="only names containing this")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("run", help="run a recipe's pipeline")
+    p.add_argument("recipe")
+    _common_run_arguments(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="SSD, DiVE and CE on the generated long-tailed dataset (CPU minutes)")
+    _common_run_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="dataset statistics and checks").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("stats", help="per-class training counts, many/medium/few groups and totals as JSON")
+    _data_arguments(p)
+    p.add_argument("--compact", action="store_true", help="one-line JSON")
+    p.set_defaults(func=cmd_data_stats)
+    p = data.add_parser("verify", help="decode every image file and list the unreadable ones")
+    _data_arguments(p)
+    p.add_argument("--workers", type=int, default=4)
+    p.set_defaults(func=cmd_data_verify)
+
+    for name, func, text in (("evaluate", cmd_evaluate, "evaluate a model checkpoint on a recipe's test set"),
+                             ("virtual", cmd_virtual, "virtual-example distribution of a teacher checkpoint")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("checkpoint", help="a model.pt written by a stage")
+        p.add_argument("--recipe", required=True, help="the recipe whose data the checkpoint is evaluated on")
+        _common_run_arguments(p)
+        if name == "virtual":
+            p.add_argument("--temperatures", type=float, nargs="+", default=[float(t) for t in range(1, 11)])
+            p.add_argument("--powers", type=float, nargs="+", default=[1.0, 0.5])
+            p.add_argument("--full", action="store_true", help="include the per-class distributions")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on the local store")
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT)
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ltscale.data.errors import DatasetError
+    from ltscale.engine.checkpoint import CheckpointError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DatasetError, CheckpointError) as error:
+        print(f"ltscale: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # config validation (__post_init__) raises ValueError with the fix
+        print(f"ltscale: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

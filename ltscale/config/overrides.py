@@ -1,0 +1,160 @@
+"""Typed ``key=value`` overrides on nested dataclass configs.
+
+A config is a tree of dataclasses (and ``dict[str, <dataclass>]`` for named stages). An override
+``stages.teacher.optim.lr=0.05`` walks that tree; the value is parsed according to the field's
+annotation, and an unknown key or a value of the wrong type is rejected with the valid choices
+(and the closest matches) named in the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config value or override that cannot be used, with a message saying how to fix it."""
+
+
+def _close(word: str, choices: list[str]) -> str:
+    matches = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+
+
+def parse_value(text: str, annotation: Any, key: str) -> Any:
+    """Parse ``text`` into a value of type ``annotation``; raise ConfigError naming ``key``."""
+    origin = get_origin(annotation)
+    try:
+        if annotation is Any:
+            return text
+        if origin in (Union, types.UnionType):
+            options = get_args(annotation)
+            if type(None) in options and text.strip().lower() in {"none", "null", ""}:
+                return None
+            errors = []
+            for option in options:
+                if option is type(None):
+                    continue
+                try:
+                    return parse_value(text, option, key)
+                except ConfigError as error:
+                    errors.append(str(error))
+            raise ValueError(" / ".join(errors))
+        if origin is Literal:
+            choices = get_args(annotation)
+            for choice in choices:
+                if str(choice) == text:
+                    return choice
+            raise ValueError(
+                f"expected one of {', '.join(repr(c) for c in choices)}, got {text!r}."
+                + _close(text, [str(c) for c in choices])
+            )
+        if origin in (tuple, list):
+            args = get_args(annotation)
+            element = args[0] if args else str
+            body = text.strip().strip("[]()")
+            items = [item.strip() for item in body.split(",") if item.strip()]
+            values = [parse_value(item, element, key) for item in items]
+            return tuple(values) if origin is tuple else values
+        if annotation is bool:
+            return _parse_bool(text)
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+        if annotation is str:
+            return text
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"override {key}={text!r}: {error}") from None
+    raise ConfigError(f"override {key}: fields of type {annotation!r} cannot be set from the command line")
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return get_type_hints(type(obj))
+
+
+def _set(obj: Any, path: list[str], text: str, full_key: str) -> Any:
+    """Return a copy of ``obj`` with ``path`` set to the parsed ``text`` (configs stay immutable)."""
+    head, rest = path[0], path[1:]
+    if isinstance(obj, dict):
+        if head not in obj:
+            raise ConfigError(
+                f"unknown key {full_key!r}: {head!r} is not one of {sorted(obj)}." + _close(head, list(obj))
+            )
+        if not rest:
+            raise ConfigError(f"override {full_key!r} names a whole section; set one of its fields instead")
+        updated = dict(obj)
+        updated[head] = _set(obj[head], rest, text, full_key)
+        return updated
+    if not dataclasses.is_dataclass(obj):
+        raise ConfigError(f"unknown key {full_key!r}: {type(obj).__name__} has no field {head!r}")
+    names = [f.name for f in dataclasses.fields(obj)]
+    if head not in names:
+        raise ConfigError(
+            f"unknown key {full_key!r}: {type(obj).__name__} has no field {head!r} "
+            f"(fields: {', '.join(names)})." + _close(head, names)
+        )
+    current = getattr(obj, head)
+    if rest:
+        return dataclasses.replace(obj, **{head: _set(current, rest, text, full_key)})
+    if dataclasses.is_dataclass(current) or isinstance(current, dict):
+        raise ConfigError(f"override {full_key!r} names a whole section; set one of its fields instead")
+    value = parse_value(text, _field_types(obj)[head], full_key)
+    return dataclasses.replace(obj, **{head: value})
+
+
+def apply_overrides(config: Any, overrides: typing.Iterable[str]) -> Any:
+    """Apply ``key=value`` strings in order and return the new config (the input is not mutated).
+
+    The result is re-validated (``__post_init__`` runs again through ``dataclasses.replace``).
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (for example optim.lr=0.05)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        config = _set(config, key.split("."), text.strip(), key)
+    return config
+
+
+def config_to_dict(config: Any) -> Any:
+    """A JSON-ready nested dict of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, dict):
+        return {str(k): config_to_dict(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [config_to_dict(v) for v in config]
+    return config
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"stages.teacher.optim.lr": 0.1, ...}``: the resolved config as MLflow params."""
+    tree = config_to_dict(config)
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else key)
+        else:
+            flat[path] = node
+
+    walk(tree, prefix)
+    return flat

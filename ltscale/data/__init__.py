@@ -1,0 +1,83 @@
+"""Datasets, samplers and loaders."""
+
+from __future__ import annotations
+
+import torch
+
+from ltscale.data.base import ArraySplit, ClassGroups, DatasetBundle, FileSplit, Split
+from ltscale.data.config import DataConfig, LoaderConfig, SamplerConfig, SyntheticConfig
+from ltscale.data.samplers import ClassBalancedSampler, InstanceBalancedSampler, build_sampler
+
+__all__ = [
+    "ArraySplit",
+    "ClassBalancedSampler",
+    "ClassGroups",
+    "DataConfig",
+    "DatasetBundle",
+    "FileSplit",
+    "InstanceBalancedSampler",
+    "LoaderConfig",
+    "SamplerConfig",
+    "Split",
+    "SyntheticConfig",
+    "build_dataset",
+    "build_loader",
+    "build_sampler",
+]
+
+
+def build_dataset(config: DataConfig, check_files: bool = True) -> DatasetBundle:
+    """The splits ``config`` names. ``check_files=False`` reads split lists without the images."""
+    if config.dataset == "synthetic":
+        from ltscale.data.synthetic import make_synthetic
+
+        return make_synthetic(config.synthetic)
+    if config.dataset in ("cifar100_lt", "cifar10_lt"):
+        from ltscale.data.cifar import load_cifar_lt
+
+        return load_cifar_lt(config.dataset, config.root, config.imbalance_factor)
+    from ltscale.data.image_list import build_image_list_dataset
+
+    return build_image_list_dataset(config, check_files=check_files)
+
+
+def build_loader(
+    split: Split,
+    bundle: DatasetBundle,
+    *,
+    train: bool,
+    batch_size: int,
+    loader: LoaderConfig,
+    device: torch.device,
+    seed: int,
+    sampler: SamplerConfig | None = None,
+    augment: bool | None = None,
+):
+    """A loader over ``split``: shuffled with ``sampler`` and augmented when ``train``, else
+    sequential, unaugmented and unpadded (for evaluation and soft labels)."""
+    augment = train if augment is None else augment
+    if train:
+        index_sampler = build_sampler(sampler or SamplerConfig(), split.targets, seed)
+    else:
+        index_sampler = InstanceBalancedSampler(len(split), seed, shuffle=False)
+    if isinstance(split, ArraySplit):
+        if loader.backend == "torch":
+            raise ValueError("data.loader.backend=torch reads image files; in-memory datasets use 'tensor' or 'auto'")
+        from ltscale.data.loaders.tensor import TensorLoader
+
+        return TensorLoader(
+            split, sampler=index_sampler, batch_size=batch_size, normalization=bundle.normalization,
+            device=device, augment=augment, seed=seed,
+        )
+    if isinstance(split, FileSplit):
+        if loader.backend == "tensor":
+            raise ValueError("data.loader.backend=tensor needs an in-memory dataset; image-file datasets use 'torch' or 'auto'")
+        from ltscale.data.loaders.files import FileLoader
+
+        return FileLoader(
+            split, train=augment, batch_size=batch_size, sampler=index_sampler, image_size=bundle.image_size,
+            normalization=bundle.normalization, num_workers=loader.num_workers,
+            max_bad_image_fraction=loader.max_bad_image_fraction, drop_last=False, device=device,
+            color_jitter=DATASET_SPECS[bundle.name].train_color_jitter if bundle.name in DATASET_SPECS else 0.0,
+        )
+    raise TypeError(f"no loader for split type {type(split).__name__}")

@@ -1,0 +1,147 @@
+"""CIFAR-10/100-LT from the official python archive (``.tar.gz`` or its extracted folder).
+
+The long-tailed training subset follows the LDAM-DRW protocol that BBN, DiVE and SSD use:
+n_c = int(n_max * (1/IF) ** (c / (C - 1))); ``np.random.seed(0)`` once, then for each class in
+order shuffle its indices (in official order) and keep the first n_c. The test set stays balanced.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from ltscale.data.base import ArraySplit, DatasetBundle, Normalization
+from ltscale.data.errors import DatasetError
+
+_LAYOUT = {
+    "cifar100_lt": ("cifar-100-python", "train", "test", "meta", "fine_labels", "fine_label_names", 100),
+    "cifar10_lt": ("cifar-10-batches-py", None, "test_batch", "batches.meta", "labels", "label_names", 10),
+}
+_NORMALIZATION = {
+    "cifar100_lt": Normalization((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar10_lt": Normalization((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+def long_tailed_counts(max_per_class: int, num_classes: int, imbalance_factor: float) -> np.ndarray:
+    """n_c = int(n_max * (1/IF) ** (c / (C - 1))), the exponential profile of the LDAM-DRW code."""
+    return np.array(
+        [int(max_per_class * (1.0 / imbalance_factor) ** (c / (num_classes - 1))) for c in range(num_classes)],
+        dtype=np.int64,
+    )
+
+
+def long_tailed_indices(targets: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Indices of the LDAM-DRW subset (uses and reseeds numpy's *global* RNG, as the protocol does)."""
+    state = np.random.get_state()
+    try:
+        np.random.seed(0)
+        kept = []
+        for c, n_c in enumerate(counts):
+            idx = np.where(targets == c)[0]
+            np.random.shuffle(idx)
+            kept.append(idx[:n_c])
+        return np.concatenate(kept)
+    finally:
+        np.random.set_state(state)  # do not leave the caller's global RNG reseeded
+
+
+class _Archive:
+    """Reads members of the archive or the extracted folder by their name inside the top folder."""
+
+    def __init__(self, root: Path, top: str) -> None:
+        self.root = root
+        self.top = top
+        if not root.exists():
+            raise DatasetError(
+                f"data.root {str(root)!r} does not exist. Expected the official CIFAR python archive "
+                f"(e.g. cifar-100-python.tar.gz) or the folder it extracts to ({top}/ or its parent)."
+            )
+        if root.is_file():
+            try:
+                self.tar: tarfile.TarFile | None = tarfile.open(root, "r:*")
+            except (tarfile.TarError, OSError) as error:
+                raise DatasetError(
+                    f"data.root {str(root)!r} is a file but not a readable tar archive ({error}). "
+                    f"Expected the official CIFAR python archive containing {top}/."
+                ) from None
+            self.folder: Path | None = None
+        else:
+            self.tar = None
+            self.folder = root / top if (root / top).is_dir() else root
+
+    def load(self, member: str) -> dict:
+        where = f"{self.root}:{self.top}/{member}"
+        try:
+            if self.tar is not None:
+                try:
+                    handle = self.tar.extractfile(f"{self.top}/{member}")
+                except KeyError:
+                    handle = None
+                if handle is None:
+                    raise DatasetError(f"{where} is missing from the archive data.root; expected the official layout {self.top}/{member}")
+                return pickle.load(handle, encoding="latin1")
+            assert self.folder is not None
+            path = self.folder / member
+            if not path.is_file():
+                raise DatasetError(
+                    f"{path} is missing. data.root must be the CIFAR archive or a folder containing "
+                    f"{self.top}/{member} (the official python version)."
+                )
+            with open(path, "rb") as handle:
+                return pickle.load(handle, encoding="latin1")
+        except (pickle.UnpicklingError, EOFError, ValueError) as error:
+            if isinstance(error, DatasetError):
+                raise
+            raise DatasetError(f"{where} is not a readable CIFAR pickle ({error}); the archive may be truncated") from None
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+
+
+def _images(batch: dict, where: str) -> np.ndarray:
+    data = np.asarray(batch.get("data"))
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise DatasetError(f"{where}: key 'data' must be N x 3072 uint8 (channel-planar 32x32 RGB), got {data.shape}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8, copy=False)
+
+
+def load_cifar_lt(dataset: str, root: str | Path, imbalance_factor: float) -> DatasetBundle:
+    """CIFAR-10/100-LT: the long-tailed training subset and the balanced test set."""
+    if dataset not in _LAYOUT:
+        raise ValueError(f"unknown CIFAR dataset {dataset!r}")
+    if not str(root):
+        raise DatasetError(f"data.root is empty: set it to the CIFAR python archive (for {dataset})")
+    top, train_member, test_member, meta_member, label_key, names_key, num_classes = _LAYOUT[dataset]
+    archive = _Archive(Path(root).expanduser(), top)
+    try:
+        if train_member is None:  # CIFAR-10 ships five training batches
+            batches = [archive.load(f"data_batch_{i}") for i in range(1, 6)]
+            train_images = np.concatenate([_images(b, f"{root}:data_batch") for b in batches])
+            train_targets = np.concatenate([np.asarray(b[label_key]) for b in batches])
+        else:
+            batch = archive.load(train_member)
+            if label_key not in batch:
+                raise DatasetError(f"{root}:{top}/{train_member} has no key {label_key!r}")
+            train_images, train_targets = _images(batch, f"{root}:{train_member}"), np.asarray(batch[label_key])
+        test = archive.load(test_member)
+        if label_key not in test:
+            raise DatasetError(f"{root}:{top}/{test_member} has no key {label_key!r}")
+        meta = archive.load(meta_member)
+        class_names = list(meta.get(names_key, [])) or [str(c) for c in range(num_classes)]
+    finally:
+        archive.close()
+
+    per_class = np.bincount(train_targets, minlength=num_classes)
+    counts = long_tailed_counts(int(per_class.max()), num_classes, imbalance_factor)
+    keep = long_tailed_indices(train_targets, counts)
+    name = f"{dataset}-if{imbalance_factor:g}"
+    train = ArraySplit(name=f"{name}/train", targets=train_targets[keep], num_classes=num_classes,
+                       class_names=class_names, images=train_images[keep])
+    test_split = ArraySplit(name=f"{name}/test", targets=np.asarray(test[label_key]), num_classes=num_classes,
+                            class_names=class_names, images=_images(test, f"{root}:{test_member}"))
+    return DatasetBundle(name=name, train=train, test=test_split, normalization=_NORMALIZATION[dataset], image_size=32)

@@ -1,0 +1,101 @@
+"""Typed configs of the data layer: which dataset, how it is sampled and loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DatasetName = Literal["synthetic", "cifar100_lt", "cifar10_lt", "imagenet_lt", "places_lt", "inat2018"]
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The procedurally generated long-tailed image set (see :mod:`ltscale.data.synthetic`)."""
+
+    num_classes: int = 30
+    max_per_class: int = 400
+    imbalance_factor: float = 80.0
+    test_per_class: int = 40
+    image_size: int = 16
+    noise: float = 0.35
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError(f"data.synthetic.num_classes must be >= 2, got {self.num_classes}")
+        if self.imbalance_factor < 1:
+            raise ValueError(f"data.synthetic.imbalance_factor must be >= 1, got {self.imbalance_factor}")
+        if self.max_per_class / self.imbalance_factor < 1:
+            raise ValueError(
+                "data.synthetic: the rarest class would have no image "
+                f"(max_per_class {self.max_per_class} / imbalance_factor {self.imbalance_factor} < 1)"
+            )
+        if self.image_size < 8:
+            raise ValueError(f"data.synthetic.image_size must be >= 8, got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How batches are produced.
+
+    ``backend``: ``auto`` keeps in-memory datasets (CIFAR, synthetic) as tensors on the training
+    device and batches them there (the GPU-resident path on a GPU), and decodes image-file datasets
+    with the torch DataLoader backend.
+    """
+
+    backend: Literal["auto", "tensor", "torch"] = "auto"
+    num_workers: int = 4
+    # A few unreadable JPEGs in a 437k-image set should not kill a run hours in; more than this
+    # fraction means the data is broken and the run stops with the list of files.
+    max_bad_image_fraction: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"data.loader.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.max_bad_image_fraction < 1:
+            raise ValueError("data.loader.max_bad_image_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset and where it lives.
+
+    ``root``: for CIFAR the official python archive (``cifar-100-python.tar.gz``) or its extracted
+    folder; for ImageNet-LT / Places-LT / iNaturalist the image root the split lists are relative to.
+    ``train_list`` / ``val_list`` / ``test_list``: ``<relative path> <label>`` split lists.
+    ``train_annotations`` / ``test_annotations``: iNaturalist 2018 COCO-style JSON files, an
+    alternative to the lists.
+    """
+
+    dataset: DatasetName = "synthetic"
+    root: str = ""
+    imbalance_factor: float = 100.0
+    train_list: str = ""
+    val_list: str = ""
+    test_list: str = ""
+    train_annotations: str = ""
+    test_annotations: str = ""
+    image_size: int = 224
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+    def __post_init__(self) -> None:
+        if self.dataset in ("cifar100_lt", "cifar10_lt") and self.imbalance_factor < 1:
+            raise ValueError(f"data.imbalance_factor must be >= 1, got {self.imbalance_factor}")
+        if self.dataset in ("cifar100_lt", "cifar10_lt", "imagenet_lt", "places_lt", "inat2018") and not self.root:
+            # Checked at build time rather than here so recipes can be listed without data present.
+            pass
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """``instance``: every image once per epoch. ``class_balanced``: pick a class uniformly, then
+    ``samples_per_class`` images of it (cycling through a per-class shuffled list), as in the
+    classifier-balancing code; the epoch has as many samples as the dataset."""
+
+    kind: Literal["instance", "class_balanced"] = "instance"
+    samples_per_class: int = 1
+
+    def __post_init__(self) -> None:
+        if self.samples_per_class < 1:
+            raise ValueError(f"sampler.samples_per_class must be >= 1, got {self.samples_per_class}")

@@ -1,0 +1,394 @@
+"""ImageNet-LT, Places-LT and iNaturalist 2018: split lists (or iNat JSON) -> :class:`FileSplit`.
+
+The split lists are the ones from the classifier-balancing release that every long-tail paper uses,
+one ``<relative path> <label>`` line per image, paths relative to the image root (``data.root``):
+
+    ImageNet-LT   train/n01440764/n01440764_762.JPEG 0           (ILSVRC2012 train/ and val/ folders)
+    Places-LT     train/airfield/00004851.jpg 0                  (Places365-Standard, per-class folders)
+    iNat 2018     train_val2018/Plantae/7291/<hash>.jpg 7291     (the official train_val2018/ folder)
+
+For iNaturalist 2018 the official COCO-style ``train2018.json`` / ``val2018.json`` can replace the
+lists (``data.train_annotations`` / ``data.test_annotations``). In the literature the iNat *val*
+set is the test set (the official test labels were never released), so the default iNat test list
+is ``iNaturalist18_val.txt`` and there is no separate validation split.
+
+Only labels and paths are read here; decoding is a loader backend's job
+(:mod:`ltscale.data.loaders.files`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ltscale.data.base import DatasetBundle, FileSplit, Normalization
+from ltscale.data.config import DataConfig
+from ltscale.data.errors import DatasetError
+
+IMAGENET_NORMALIZATION = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# Per-channel statistics of the iNaturalist 2018 training images (the values the iNat recipes use).
+INAT_NORMALIZATION = Normalization(mean=(0.466, 0.471, 0.380), std=(0.195, 0.194, 0.192))
+
+SPLIT_ROLES = ("train", "val", "test")
+_MAX_LISTED = 5  # missing / malformed entries quoted in an error message
+
+
+@dataclass(frozen=True)
+class ImageListSpec:
+    """What is fixed about one file-based dataset: class count, default list names, statistics.
+
+    ``default_lists`` maps a split role to the standard list file name looked up in ``data.root``
+    when the config names none; a role absent from it (iNat's ``val``) has no default split.
+    ``train_color_jitter``: the ColorJitter strength of the dataset's usual training recipe (the
+    ImageNet-LT / Places-LT recipes use 0.4; the iNaturalist recipes use none).
+    """
+
+    name: str
+    num_classes: int
+    normalization: Normalization
+    default_lists: dict[str, str]
+    layout: str
+    train_color_jitter: float
+
+
+DATASET_SPECS: dict[str, ImageListSpec] = {
+    "imagenet_lt": ImageListSpec(
+        name="imagenet_lt",
+        num_classes=1000,
+        normalization=IMAGENET_NORMALIZATION,
+        default_lists={"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"},
+        layout="the ILSVRC2012 folders train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (as in 'train/n01440764/n01440764_762.JPEG')",
+        train_color_jitter=0.4,
+    ),
+    "places_lt": ImageListSpec(
+        name="places_lt",
+        num_classes=365,
+        normalization=IMAGENET_NORMALIZATION,
+        default_lists={"train": "Places_LT_train.txt", "val": "Places_LT_val.txt", "test": "Places_LT_test.txt"},
+        layout="Places365-Standard in per-class folders train/<class>/*.jpg and val/<class>/*.jpg "
+        "(as in 'train/airfield/00004851.jpg')",
+        train_color_jitter=0.4,
+    ),
+    "inat2018": ImageListSpec(
+        name="inat2018",
+        num_classes=8142,
+        normalization=INAT_NORMALIZATION,
+        default_lists={"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"},
+        layout="the official train_val2018/<supercategory>/<category id>/<hash>.jpg folder",
+        train_color_jitter=0.0,
+    ),
+}
+
+
+def _malformed(path: Path, number: int, text: str, problem: str) -> DatasetError:
+    return DatasetError(
+        f"{path}, line {number}: {problem} in {text!r}; every non-blank line must be "
+        "'<relative path> <label>' with a non-negative integer label."
+    )
+
+
+def read_split_list(path: str | Path, num_classes: int | None = None) -> tuple[list[str], np.ndarray]:
+    """Parse a ``<relative path> <label>`` split list into (paths, labels (N,) int64).
+
+    Each line is split on its *last* run of whitespace, so a path containing spaces still parses.
+    Blank lines are skipped. A line without a label, with a non-integer or negative label, or (when
+    ``num_classes`` is given) with a label >= ``num_classes`` raises :class:`DatasetError` naming
+    the file, the line number and the line.
+    """
+    path = Path(path)
+    paths: list[str] = []
+    labels: list[int] = []
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, start=1):
+                text = line.strip()
+                if not text:
+                    continue
+                parts = text.rsplit(None, 1)
+                if len(parts) != 2:
+                    raise _malformed(path, number, text, "no label")
+                relative, label_text = parts
+                digits = label_text[1:] if label_text[:1] in "+-" else label_text
+                # isascii: int() would also accept '١٢' or '1_000', which no list should contain.
+                if not (digits.isascii() and digits.isdigit()):
+                    raise _malformed(path, number, text, f"label {label_text!r} is not an integer")
+                label = int(label_text)
+                if label < 0:
+                    raise _malformed(path, number, text, f"label {label} is negative")
+                if num_classes is not None and label >= num_classes:
+                    raise DatasetError(
+                        f"{path}, line {number}: label {label} in {text!r} is out of range; this "
+                        f"dataset has {num_classes} classes, so labels must lie in 0..{num_classes - 1}."
+                    )
+                paths.append(relative)
+                labels.append(label)
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not a UTF-8 text file ({error}); expected a '<relative path> <label>' list.") from None
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def _require(mapping: object, key: str, path: Path, where: str) -> object:
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise DatasetError(
+            f"{path}: {where} has no key {key!r}; expected the iNaturalist 2018 COCO-style layout "
+            "(top-level 'images' [{'id', 'file_name'}], 'annotations' [{'image_id', 'category_id'}], "
+            "'categories' [{'id', 'name'}])."
+        )
+    return mapping[key]
+
+
+def _require_list(data: dict, key: str, path: Path) -> list:
+    value = _require(data, key, path, "the top-level object")
+    if not isinstance(value, list):
+        raise DatasetError(f"{path}: top-level {key!r} must be a list, got {type(value).__name__}.")
+    return value
+
+
+def read_inat_annotations(json_path: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """Read an iNaturalist 2018 COCO-style JSON into (paths, labels (N,) int64, class names).
+
+    Images keep the order of the file's ``images`` list; each must have exactly one annotation.
+    Category ids become labels 0..C-1: when the ids are already 0..C-1 (as in iNat 2018) label ==
+    id, otherwise labels follow the sorted ids. The official ``test2018.json`` has no labels and
+    is rejected (use ``val2018.json`` as the test set, as the literature does).
+    """
+    path = Path(json_path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: iNaturalist annotation file not found.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DatasetError(
+            f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+            "expected the iNaturalist 2018 COCO-style annotation file."
+        ) from None
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not a UTF-8 JSON file ({error}).") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: the top level must be a JSON object, got {type(data).__name__}.")
+
+    images = _require_list(data, "images", path)
+    if not data.get("annotations"):
+        raise DatasetError(
+            f"{path}: has no 'annotations' (or an empty list), so its {len(images)} images have no labels. "
+            "The iNaturalist 2018 test set (test2018.json) was released without labels; use val2018.json "
+            "(or iNaturalist18_val.txt) as the test split, as the long-tail literature does."
+        )
+    annotations = _require_list(data, "annotations", path)
+    categories = _require_list(data, "categories", path)
+    if not categories:
+        raise DatasetError(f"{path}: 'categories' is empty; expected one entry per class.")
+
+    category_ids = [_require(entry, "id", path, "an entry of 'categories'") for entry in categories]
+    names_by_id = {
+        category_id: str(_require(entry, "name", path, "an entry of 'categories'"))
+        for category_id, entry in zip(category_ids, categories)
+    }
+    if len(names_by_id) != len(category_ids):
+        raise DatasetError(f"{path}: 'categories' lists some category id more than once.")
+    sorted_ids = sorted(category_ids)
+    # iNat 2018 ids are already 0..8141 and the split lists use them as labels: keep id == label
+    # then, so JSON- and list-built splits agree. Sorting gives the same result in that case.
+    label_of = {category_id: label for label, category_id in enumerate(sorted_ids)}
+    class_names = [names_by_id[category_id] for category_id in sorted_ids]
+
+    label_of_image: dict[object, int] = {}
+    for annotation in annotations:
+        image_id = _require(annotation, "image_id", path, "an entry of 'annotations'")
+        category_id = _require(annotation, "category_id", path, "an entry of 'annotations'")
+        if category_id not in label_of:
+            raise DatasetError(
+                f"{path}: an annotation of image {image_id!r} has category_id {category_id!r}, "
+                "which is not among 'categories'."
+            )
+        if image_id in label_of_image:
+            raise DatasetError(
+                f"{path}: image {image_id!r} has more than one annotation; expected exactly one label per image."
+            )
+        label_of_image[image_id] = label_of[category_id]
+
+    paths: list[str] = []
+    labels = np.empty(len(images), dtype=np.int64)
+    unlabelled: list[object] = []
+    for position, image in enumerate(images):
+        image_id = _require(image, "id", path, "an entry of 'images'")
+        paths.append(str(_require(image, "file_name", path, "an entry of 'images'")))
+        label = label_of_image.get(image_id)
+        if label is None:
+            unlabelled.append(image_id)
+            label = -1
+        labels[position] = label
+    if unlabelled:
+        raise DatasetError(
+            f"{path}: {len(unlabelled)} of {len(images)} images have no annotation "
+            f"(first ids: {unlabelled[:_MAX_LISTED]}); expected exactly one label per image."
+        )
+    if len(label_of_image) != len(images):
+        unknown = sorted(set(label_of_image) - {image["id"] for image in images}, key=str)
+        raise DatasetError(
+            f"{path}: {len(unknown)} annotations refer to image ids that are not among 'images' "
+            f"(first: {unknown[:_MAX_LISTED]})."
+        )
+    return paths, labels, class_names
+
+
+def _file_names(directory: Path) -> set[str] | None:
+    """Names of the regular files in ``directory`` (None when it does not exist)."""
+    try:
+        with os.scandir(directory) as entries:
+            return {entry.name for entry in entries if entry.is_file()}
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        raise DatasetError(f"cannot list {directory}: {error}.") from None
+
+
+def check_files_exist(root: str | Path, paths: list[str], source: str) -> None:
+    """Raise :class:`DatasetError` unless every ``root / path`` is an existing file.
+
+    ``source`` says where the paths came from (the list file and its config key) for the message.
+    Each distinct parent directory is listed once with ``os.scandir`` rather than stat-ing every
+    file: for iNat's 437k images in 8k folders this is ~50x fewer system calls, which matters on
+    network file systems.
+    """
+    root = Path(root)
+    listings: dict[str, set[str] | None] = {}
+    missing: list[str] = []
+    for relative in paths:
+        parent, _, name = relative.rpartition("/")
+        if parent not in listings:
+            listings[parent] = _file_names(root / parent)
+        names = listings[parent]
+        if names is None:
+            missing.append(relative)
+        elif name not in names and not (root / relative).is_file():
+            # The is_file() fallback only runs for names absent from the listing: it accepts what
+            # the listing spells differently (case-insensitive file systems, './' in a path).
+            missing.append(relative)
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} of {len(paths)} files listed in {source} are missing under data.root = {root} "
+            f"(first {min(len(missing), _MAX_LISTED)}: {', '.join(missing[:_MAX_LISTED])}). "
+            "Check that data.root is the image root the list's paths are relative to."
+        )
+
+
+def _class_names_from_paths(paths: list[str], labels: np.ndarray, num_classes: int) -> list[str]:
+    """Class names from the folder layout: the path between the split folder and the file name.
+
+    'train/n01440764/x.JPEG' -> 'n01440764', 'train_val2018/Plantae/7291/x.jpg' -> 'Plantae/7291'.
+    Labels absent from ``labels`` keep their number as name.
+    """
+    names = [str(label) for label in range(num_classes)]
+    present, first = np.unique(labels, return_index=True)
+    for label, position in zip(present.tolist(), first.tolist()):
+        parts = paths[position].split("/")
+        if len(parts) >= 3:
+            names[label] = "/".join(parts[1:-1])
+    return names
+
+
+def _resolve_list(config: DataConfig, role: str, spec: ImageListSpec, root: Path) -> tuple[Path | None, str]:
+    """The list file of split ``role`` and a description of where it came from (for messages)."""
+    key = f"data.{role}_list"
+    configured = getattr(config, f"{role}_list")
+    if configured:
+        candidate = Path(configured).expanduser()
+        # A relative list path is taken from the working directory first, then from data.root.
+        if not candidate.is_absolute() and not candidate.exists() and (root / candidate).exists():
+            candidate = root / candidate
+        if not candidate.is_file():
+            raise DatasetError(f"{key} = {configured!r}: list file not found (looked at {candidate.resolve()}).")
+        return candidate, f"{candidate} ({key})"
+    default = spec.default_lists.get(role)
+    if default is None:
+        return None, ""
+    candidate = root / default
+    if candidate.is_file():
+        return candidate, f"{candidate} (default for {key})"
+    if role == "val":
+        return None, ""  # the validation split is optional
+    raise DatasetError(
+        f"{key} is not set and the standard list {default} is not in data.root = {root} "
+        f"(looked for {candidate}). Set {key} to the {config.dataset} {role} split list, or put {default} in data.root."
+    )
+
+
+def _load_role(
+    config: DataConfig, role: str, spec: ImageListSpec, root: Path
+) -> tuple[list[str], np.ndarray, list[str] | None, str] | None:
+    """(paths, labels, class names from JSON or None, source description) of one split, or None."""
+    annotations = getattr(config, f"{role}_annotations", "") if role != "val" else ""
+    if annotations:
+        key = f"data.{role}_annotations"
+        if config.dataset != "inat2018":
+            raise DatasetError(f"{key} is set, but annotation JSON files are only read for inat2018, not {config.dataset}.")
+        if not Path(annotations).expanduser().is_file():
+            raise DatasetError(f"{key} = {annotations!r}: annotation file not found.")
+        paths, labels, names = read_inat_annotations(Path(annotations).expanduser())
+        if len(names) != spec.num_classes:
+            raise DatasetError(
+                f"{annotations} ({key}) has {len(names)} categories; {config.dataset} has {spec.num_classes}."
+            )
+        return paths, labels, names, f"{annotations} ({key})"
+    list_path, source = _resolve_list(config, role, spec, root)
+    if list_path is None:
+        return None
+    paths, labels = read_split_list(list_path, num_classes=spec.num_classes)
+    if not paths:
+        raise DatasetError(f"{source} has no entries; expected one '<relative path> <label>' line per image.")
+    return paths, labels, None, source
+
+
+def build_image_list_dataset(config: DataConfig, check_files: bool = True) -> DatasetBundle:
+    """The train / (val) / test splits of ImageNet-LT, Places-LT or iNaturalist 2018.
+
+    Lists default to the standard names in ``data.root`` (``ImageNet_LT_train.txt`` ...). With
+    ``check_files=False`` (``ltscale data stats``) the image files are not looked at, so the
+    counts of the real lists can be reported without the images; ``data.root`` then only serves
+    to find default lists.
+    """
+    spec = DATASET_SPECS.get(config.dataset)
+    if spec is None:
+        raise ValueError(f"build_image_list_dataset handles {sorted(DATASET_SPECS)}, not data.dataset = {config.dataset!r}")
+    expected = f"Expected data.root to be the image root holding {spec.layout}."
+    if not config.root:
+        raise DatasetError(f"data.root is not set for {config.dataset}. {expected}")
+    root = Path(config.root).expanduser()
+    if check_files and not root.is_dir():
+        state = "is not a directory" if root.exists() else "does not exist"
+        raise DatasetError(f"data.root = {config.root!r} {state}. {expected}")
+
+    loaded = {role: _load_role(config, role, spec, root) for role in SPLIT_ROLES}
+    train_paths, train_labels, json_names, _ = loaded["train"]
+    class_names = json_names or _class_names_from_paths(train_paths, train_labels, spec.num_classes)
+
+    splits: dict[str, FileSplit | None] = {}
+    for role, entry in loaded.items():
+        if entry is None:
+            splits[role] = None
+            continue
+        paths, labels, _, source = entry
+        if check_files:
+            check_files_exist(root, paths, source)
+        splits[role] = FileSplit(
+            name=f"{config.dataset}/{role}",
+            targets=labels,
+            num_classes=spec.num_classes,
+            class_names=class_names,
+            root=root,
+            paths=paths,
+        )
+    return DatasetBundle(
+        name=config.dataset,
+        train=splits["train"],
+        test=splits["test"],
+        normalization=spec.normalization,
+        image_size=config.image_size,
+        val=splits["val"],
+    )

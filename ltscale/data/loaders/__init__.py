@@ -1,0 +1,1 @@
+"""Loader backends: one module per way of turning a split into device batches."""

@@ -1,0 +1,114 @@
+"""Instance- and class-balanced samplers, distributed-aware and deterministic per (seed, epoch).
+
+Every rank draws the same global order from ``(seed, epoch)`` and keeps every ``world_size``-th
+element starting at its rank, so ranks never need to communicate and together cover the epoch
+exactly. The order is padded by wrapping to a multiple of ``world_size`` (the usual
+DistributedSampler behaviour for *training*; evaluation never pads, see ``engine.evaluate``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch.utils.data
+
+from ltscale.data.config import SamplerConfig
+
+
+class _RankSampler(torch.utils.data.Sampler[int]):
+    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not valid for world_size {world_size}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rng(self, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch])
+
+    def global_order(self, epoch: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's indices for ``epoch`` (default: the epoch last set)."""
+        order = self.global_order(self.epoch if epoch is None else epoch)
+        per_rank = -(-len(order) // self.world_size)
+        padded = np.resize(order, per_rank * self.world_size)  # np.resize wraps around
+        return padded[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.world_size)
+
+
+class InstanceBalancedSampler(_RankSampler):
+    """Each image once per epoch, in a fresh random order (or in order with ``shuffle=False``)."""
+
+    def __init__(self, dataset_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        super().__init__(dataset_size, seed, rank, world_size)
+        self.shuffle = shuffle
+
+    def global_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return self._rng(epoch).permutation(self.num_samples)
+
+
+class ClassBalancedSampler(_RankSampler):
+    """Classes drawn uniformly; ``samples_per_class`` consecutive images of the drawn class.
+
+    Within a class the images are visited in a shuffled cycle (re-shuffled at each wrap), so a
+    tail class with 5 images shows each of them before repeating any.
+    """
+
+    def __init__(
+        self,
+        targets: np.ndarray,
+        samples_per_class: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_samples: int | None = None,
+    ):
+        targets = np.asarray(targets)
+        super().__init__(len(targets) if num_samples is None else num_samples, seed, rank, world_size)
+        self.samples_per_class = samples_per_class
+        self.class_indices = [np.flatnonzero(targets == c) for c in range(int(targets.max()) + 1)]
+        self.present_classes = np.array([c for c, idx in enumerate(self.class_indices) if len(idx)])
+
+    def global_order(self, epoch: int) -> np.ndarray:
+        rng = self._rng(epoch)
+        draws = -(-self.num_samples // self.samples_per_class)
+        classes = rng.choice(self.present_classes, size=draws)
+        needed = np.bincount(classes, minlength=len(self.class_indices)) * self.samples_per_class
+        # Build, per class, a long enough stream of shuffled cycles, then hand out consecutive chunks.
+        streams: dict[int, np.ndarray] = {}
+        for c in np.flatnonzero(needed):
+            pool = self.class_indices[c]
+            cycles = -(-needed[c] // len(pool))
+            streams[c] = np.concatenate([rng.permutation(pool) for _ in range(cycles)])
+        s = self.samples_per_class
+        order = np.empty(draws * s, dtype=np.int64)
+        for c, stream in streams.items():
+            # The k-th draw of class c takes stream[c][k*s:(k+1)*s].
+            positions = np.flatnonzero(classes == c)
+            chunks = stream[: len(positions) * s].reshape(len(positions), s)
+            order[(positions[:, None] * s + np.arange(s)).ravel()] = chunks.ravel()
+        return order[: self.num_samples]
+
+
+def build_sampler(
+    config: SamplerConfig, targets: np.ndarray, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+) -> _RankSampler:
+    """The sampler a stage asked for, over a split with labels ``targets``."""
+    if config.kind == "class_balanced":
+        return ClassBalancedSampler(targets, config.samples_per_class, seed, rank, world_size)
+    return InstanceBalancedSampler(len(targets), seed, rank, world_size, shuffle=shuffle)

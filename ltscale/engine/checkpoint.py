@@ -1,0 +1,83 @@
+"""Atomic checkpoint writes and strict loads.
+
+A checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed
+over the target, so a crash mid-write never leaves a truncated file under the final name. Loads
+are strict: a missing or unexpected key is an error naming the file and the keys, never silently
+filtered.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with the file and what was expected."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic_write(Path(path), lambda stream: stream.write(buffer.getbuffer()))
+
+
+def atomic_write_json(obj: Any, path: Path) -> None:
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    _atomic_write(Path(path), lambda stream: stream.write(data))
+
+
+def load_checkpoint(path: Path, kind: str | None = None, required: tuple[str, ...] = ()) -> dict:
+    """Load a checkpoint dict; ``kind`` and ``required`` keys are checked with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated/corrupt zips
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}: {error}). It is corrupt or not a "
+            "torch checkpoint; delete it and re-run the stage that produced it."
+        ) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, expected a dict")
+    if kind is not None and payload.get("kind") != kind:
+        raise CheckpointError(f"checkpoint {path} is of kind {payload.get('kind')!r}, expected {kind!r}")
+    missing = [key for key in required if key not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks the keys {missing} (has {sorted(payload)})")
+    return payload
+
+
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the file and the mismatched keys."""
+    result = module.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys {result.missing_keys[:8]}{' ...' if len(result.missing_keys) > 8 else ''}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys {result.unexpected_keys[:8]}{' ...' if len(result.unexpected_keys) > 8 else ''}")
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not match the model: {'; '.join(problems)}")

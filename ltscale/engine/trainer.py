@@ -1,0 +1,164 @@
+"""The one training loop. Stages supply a task (what to compute), the loop does the rest.
+
+A task is an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss", "logits", "target", ...}``
+and whose ``trainable_parameters()`` names what the optimiser updates; frozen parts (a teacher,
+a frozen backbone) stay inside the task but outside the optimiser. The loop keeps its metrics on
+the device and synchronises with the host once per epoch; progress is checkpointed atomically
+after every epoch, and a restarted stage resumes from the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.nn as nn
+
+from ltscale.engine.checkpoint import atomic_save, load_checkpoint, load_state_strict
+from ltscale.engine.progress import Progress
+from ltscale.engine.schedule import OptimConfig, lr_schedule
+
+
+class Task(Protocol):
+    network: nn.Module
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def train(self, mode: bool = True) -> nn.Module: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    loss: float
+    top1: float
+    lr: float
+    images_per_second: float
+    seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "train/loss": self.loss,
+            "train/top1": self.top1,
+            "train/lr": self.lr,
+            "train/images_per_s": self.images_per_second,
+            "train/epoch_seconds": self.seconds,
+        }
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA under ``auto``; fp32 on CPU, where bf16 convolutions are slow."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class Trainer:
+    """Runs ``task`` over ``loader`` for ``optim.epochs`` epochs with SGD."""
+
+    def __init__(
+        self,
+        task: nn.Module,
+        loader,
+        optim: OptimConfig,
+        device: torch.device,
+        precision: str,
+        progress_path: Path,
+        name: str,
+        on_epoch_end: Callable[[EpochMetrics], None] | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.task = task
+        self.loader = loader
+        self.optim = optim
+        self.device = device
+        self.dtype = autocast_dtype(precision, device)
+        self.progress_path = Path(progress_path)
+        self.name = name
+        self.on_epoch_end = on_epoch_end
+        self.progress = progress or Progress(enabled=False)
+        parameters = list(task.trainable_parameters())  # type: ignore[operator]
+        if not parameters:
+            raise ValueError(f"stage {name}: the task has no trainable parameters")
+        self.optimizer = torch.optim.SGD(
+            parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov
+        )
+        self.lrs = lr_schedule(optim, len(loader))
+
+    def _resume(self) -> int:
+        if not self.progress_path.exists():
+            return 0
+        state = load_checkpoint(self.progress_path, kind="ltscale.progress", required=("network", "optimizer", "epoch"))
+        load_state_strict(self.task.network, state["network"], self.progress_path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["epoch"])
+
+    def _save_progress(self, next_epoch: int) -> None:
+        atomic_save(
+            {
+                "kind": "ltscale.progress",
+                "network": self.task.network.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "epoch": next_epoch,
+            },
+            self.progress_path,
+        )
+
+    def fit(self) -> int:
+        """Train to the last epoch; returns the epoch it started from (> 0 when resumed)."""
+        start_epoch = self._resume()
+        steps = len(self.loader)
+        with self.progress.task(self.name, total=(self.optim.epochs - start_epoch) * steps) as advance:
+            for epoch in range(start_epoch, self.optim.epochs):
+                metrics = self._epoch(epoch, steps, advance)
+                if not math.isfinite(metrics.loss):
+                    raise TrainingDiverged(
+                        f"stage {self.name}: the training loss is {metrics.loss} in epoch {epoch}; lower optim.lr "
+                        "or check the data. The last good epoch's progress checkpoint is kept for inspection."
+                    )
+                self._save_progress(epoch + 1)
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(metrics)
+        return start_epoch
+
+    def _epoch(self, epoch: int, steps: int, advance) -> EpochMetrics:
+        self.loader.set_epoch(epoch)
+        self.task.set_epoch(epoch)  # type: ignore[operator]
+        self.task.train()
+        totals = torch.zeros(3, device=self.device)  # loss sum, correct, samples
+        started = time.perf_counter()
+        for step, batch in enumerate(self.loader):
+            lr = float(self.lrs[epoch * steps + step])
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                out = self.task(batch)
+            loss = out["loss"]
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            with torch.no_grad():
+                count = out["target"].numel()
+                correct = (out["logits"].argmax(dim=1) == out["target"]).sum()
+                totals += torch.stack([loss.detach().float() * count, correct.float(), torch.tensor(float(count), device=self.device)])
+            advance(1)
+        loss_sum, correct, samples = totals.tolist()  # host sync: once per epoch
+        seconds = time.perf_counter() - started
+        return EpochMetrics(
+            epoch=epoch,
+            loss=loss_sum / max(samples, 1),
+            top1=100.0 * correct / max(samples, 1),
+            lr=float(self.lrs[min((epoch + 1) * steps, len(self.lrs)) - 1]),
+            images_per_second=samples / max(seconds, 1e-9),
+            seconds=seconds,
+        )

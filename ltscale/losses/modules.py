@@ -1,0 +1,106 @@
+"""Loss configs and the per-stage loss objects built from them.
+
+``backend`` selects the implementation of the distillation losses: ``torch`` (the plain
+references in :mod:`ltscale.losses.functional`), ``triton`` (the fused kernels in
+:mod:`ltscale.kernels`), or ``auto``: the kernels when they can run on the logits' device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from ltscale.losses import functional
+
+LossBackend = Literal["auto", "torch", "triton"]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The supervised loss of a teacher / baseline stage.
+
+    ``ldam``: LDAM with ``ldam_max_margin`` and ``ldam_scale``; with ``drw_epoch`` > 0 the DRW
+    re-weighting (effective-number weights with ``drw_beta``) starts at that epoch (160 in LDAM-DRW).
+    """
+
+    kind: Literal["ce", "bsce", "ldam"] = "ce"
+    ldam_max_margin: float = 0.5
+    ldam_scale: float = 30.0
+    drw_epoch: int = 0
+    drw_beta: float = 0.9999
+
+    def __post_init__(self) -> None:
+        if self.drw_epoch and self.kind != "ldam":
+            raise ValueError("loss.drw_epoch applies to loss.kind=ldam only; set it to 0 or use ldam")
+        if not 0 < self.drw_beta < 1:
+            raise ValueError(f"loss.drw_beta must be in (0, 1), got {self.drw_beta}")
+
+
+def effective_number_weights(class_counts: np.ndarray, beta: float) -> np.ndarray:
+    """Class-balanced weights (1 - beta) / (1 - beta^n_c), normalised to sum to C (Cui et al. 2019)."""
+    weights = (1.0 - beta) / (1.0 - np.power(beta, class_counts.astype(np.float64)))
+    return weights / weights.sum() * len(class_counts)
+
+
+class ClassificationLoss:
+    """``loss(logits, targets)``; ``set_epoch`` switches LDAM to its DRW phase."""
+
+    def __init__(self, config: LossConfig, class_counts: np.ndarray, device: torch.device) -> None:
+        self.config = config
+        self.counts = torch.as_tensor(class_counts, device=device)
+        if (class_counts <= 0).any() and config.kind in ("bsce", "ldam"):
+            empty = np.flatnonzero(class_counts <= 0)[:5].tolist()
+            raise ValueError(f"loss.kind={config.kind} needs every class to have training images; classes {empty} have none")
+        self.drw_weights = torch.as_tensor(effective_number_weights(class_counts, config.drw_beta), dtype=torch.float32, device=device)
+        self.weights: torch.Tensor | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        drw = self.config.kind == "ldam" and self.config.drw_epoch and epoch >= self.config.drw_epoch
+        self.weights = self.drw_weights if drw else None
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.config.kind == "bsce":
+            return functional.balanced_softmax_cross_entropy(logits, targets, self.counts)
+        if self.config.kind == "ldam":
+            return functional.ldam_loss(
+                logits, targets, self.counts, self.config.ldam_max_margin, self.config.ldam_scale, self.weights
+            )
+        return functional.cross_entropy(logits, targets)
+
+
+def build_classification_loss(config: LossConfig, class_counts: np.ndarray, device: torch.device) -> ClassificationLoss:
+    return ClassificationLoss(config, class_counts, device)
+
+
+@dataclass(frozen=True)
+class DistillationLosses:
+    kd: Callable[..., torch.Tensor]
+    dive: Callable[..., torch.Tensor]
+    ssd_hybrid: Callable[..., torch.Tensor]
+
+
+_REFERENCE = DistillationLosses(functional.kd_loss, functional.dive_loss, functional.ssd_hybrid_loss)
+
+
+def distillation_losses(backend: LossBackend, device: torch.device) -> DistillationLosses:
+    """The distillation loss functions for ``backend`` on ``device``; all share one signature set."""
+    if backend == "torch":
+        return _REFERENCE
+    try:
+        from ltscale import kernels
+    except ImportError as error:
+        if backend == "triton":
+            raise RuntimeError(f"loss backend 'triton' was requested but ltscale.kernels cannot be imported: {error}") from None
+        return _REFERENCE
+    usable = kernels.kernels_usable(torch.empty(0, device=device))
+    if backend == "triton" and not usable:
+        raise RuntimeError(
+            f"loss backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU); the stage runs on {device}. "
+            "Use backend=auto or backend=torch."
+        )
+    if not usable:
+        return _REFERENCE
+    return DistillationLosses(kernels.fused_kd_loss, kernels.fused_dive_loss, kernels.fused_ssd_hybrid_loss)

@@ -1,0 +1,97 @@
+"""A backbone plus named heads; the forward returns every head's logits and the feature."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from ltscale.models.heads import HeadSpec, build_head
+
+Arch = Literal["resnet8", "resnet20", "resnet32", "resnet50", "resnext50_32x4d"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``arch``: CIFAR ResNets (32 px, option-A shortcuts) or torchvision ImageNet backbones.
+    ``width``: base channels of the CIFAR ResNets (16 in the papers). ``classifier``: ``cosine`` for
+    LDAM's normalised head, ``linear`` otherwise."""
+
+    arch: Arch = "resnet32"
+    width: int = 16
+    classifier: Literal["linear", "cosine"] = "linear"
+
+    def __post_init__(self) -> None:
+        if self.width < 4:
+            raise ValueError(f"model.width must be >= 4, got {self.width}")
+
+
+def build_backbone(config: ModelConfig) -> nn.Module:
+    if config.arch.startswith("resnet") and config.arch[6:].isdigit() and int(config.arch[6:]) < 50:
+        from ltscale.models.resnet_cifar import CifarResNet
+
+        return CifarResNet(depth=int(config.arch[6:]), width=config.width)
+    import torchvision.models as tvm
+
+    net = getattr(tvm, config.arch)(weights=None)
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    net.feature_dim = feature_dim
+    return net
+
+
+class Network(nn.Module):
+    """``forward(x)`` -> ``{"features": (N, D), <head name>: (N, outputs), ...}``.
+
+    ``predict_head`` names the head whose logits are the model's prediction.
+    """
+
+    def __init__(self, config: ModelConfig, heads: dict[str, HeadSpec], predict_head: str) -> None:
+        super().__init__()
+        if predict_head not in heads:
+            raise ValueError(f"predict_head {predict_head!r} is not one of the heads {sorted(heads)}")
+        self.config = config
+        self.head_specs = dict(heads)
+        self.predict_head = predict_head
+        self.backbone = build_backbone(config)
+        self.feature_dim: int = self.backbone.feature_dim
+        self.heads = nn.ModuleDict({name: build_head(spec, self.feature_dim) for name, spec in heads.items()})
+
+    def forward(self, images: torch.Tensor, heads: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        features = self.backbone(images)
+        names = self.heads.keys() if heads is None else heads
+        return {"features": features, **{name: self.heads[name](features) for name in names}}
+
+    def classifier_heads(self) -> list[str]:
+        return [name for name, spec in self.head_specs.items() if spec.classifier]
+
+    def spec(self) -> dict:
+        """Everything needed to rebuild this network before loading its state dict."""
+        from dataclasses import asdict
+
+        return {
+            "model": asdict(self.config),
+            "heads": {name: asdict(spec) for name, spec in self.head_specs.items()},
+            "predict_head": self.predict_head,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Network":
+        return cls(
+            ModelConfig(**spec["model"]),
+            {name: HeadSpec(**head) for name, head in spec["heads"].items()},
+            spec["predict_head"],
+        )
+
+
+def build_network(config: ModelConfig, heads: dict[str, HeadSpec], predict_head: str) -> Network:
+    return Network(config, heads, predict_head)
+
+
+def replace_head(network: Network, name: str, head: nn.Module, spec: HeadSpec) -> None:
+    """Swap head ``name`` for ``head`` (moved to the network's device) and record its spec."""
+    device = next(network.parameters()).device
+    network.heads[name] = head.to(device)
+    network.head_specs[name] = spec

@@ -1,0 +1,1 @@
+"""Stages (teacher, rebalance, soft labels, distill, virtual examples, evaluate) and the pipeline."""

@@ -1,0 +1,183 @@
+"""Typed configs of the stages and of a whole pipeline.
+
+A pipeline is an ordered mapping of stage name -> stage config; a stage names the earlier stages
+it consumes (``source`` / ``teacher``), which makes the pipeline a DAG that is checked up front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from ltscale.data.config import DataConfig, SamplerConfig
+from ltscale.engine.schedule import OptimConfig
+from ltscale.losses.modules import LossBackend, LossConfig
+from ltscale.models.network import ModelConfig
+from ltscale.tracking import TrackingConfig
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Stage I / baselines: train a network from scratch with a supervised loss.
+
+    ``rotation_weight`` > 0 adds SSD's rotation-prediction task: each batch is also fed rotated by
+    a random multiple of 90 degrees, and a 4-way head on the shared feature predicts the rotation.
+    """
+
+    kind: Literal["teacher"] = "teacher"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rotation_weight: float = 0.0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    eval_every: int = 0  # evaluate on the test set every N epochs (0: only at the end)
+
+    def __post_init__(self) -> None:
+        if self.rotation_weight < 0:
+            raise ValueError(f"rotation_weight must be >= 0, got {self.rotation_weight}")
+        if self.loss.kind == "ldam" and self.model.classifier != "cosine":
+            raise ValueError("loss.kind=ldam expects model.classifier=cosine (LDAM's normalised head)")
+
+
+@dataclass(frozen=True)
+class RebalanceConfig:
+    """Stage II / IV and the decoupled baselines: re-balance one classifier head on frozen features.
+
+    ``method``: ``lws`` (learnable per-class scales), ``crt`` (re-initialise and re-train the
+    linear layer), ``tau_norm`` (no training; ``tau``, or with ``tau_search`` the best tau in
+    0..2 on the validation split).
+    """
+
+    kind: Literal["rebalance"] = "rebalance"
+    source: str = "teacher"
+    head: str = "cls"
+    method: Literal["lws", "crt", "tau_norm"] = "lws"
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(epochs=5, batch_size=512, lr=0.2, weight_decay=5e-4, warmup_epochs=0, schedule="cosine")
+    )
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="class_balanced"))
+    tau: float = 1.0
+    tau_search: bool = False
+
+
+@dataclass(frozen=True)
+class SoftLabelsConfig:
+    """Store the ``source`` model's logits on every training image (no augmentation, eval mode).
+
+    The temperature is applied where the labels are used, so one stored file serves every T.
+    """
+
+    kind: Literal["soft_labels"] = "soft_labels"
+    source: str = "teacher_lws"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Stage III: a freshly initialised student distilled from ``teacher``.
+
+    ``ssd``: two linear heads on one feature, CE on the hard head + KD (temperature T) against the
+    stored soft labels of stage ``teacher`` (a soft_labels stage) on the soft head.
+    ``dive``: one head, alpha * KD_{T,p} + (1 - alpha) * BSCE against the ``teacher`` model stage run
+    in eval mode on the same augmented batch. With ``temperature_from`` naming a
+    virtual_examples stage, T and p are that stage's rule-of-thumb choice.
+    """
+
+    kind: Literal["distill"] = "distill"
+    method: Literal["ssd", "dive"] = "ssd"
+    teacher: str = "soft_labels"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    temperature: float = 2.0
+    power: float = 1.0
+    alpha: float = 0.5
+    hard_weight: float = 1.0
+    soft_weight: float = 1.0
+    temperature_from: str = ""
+    backend: LossBackend = "auto"
+    eval_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.power <= 1:
+            raise ValueError(f"power must be in (0, 1], got {self.power}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class VirtualExamplesConfig:
+    """DiVE's virtual-example distribution v_c(T, p) = sum over training images of p_t[c], for a
+    sweep of temperatures with and without power normalisation, and the rule-of-thumb choice."""
+
+    kind: Literal["virtual_examples"] = "virtual_examples"
+    source: str = "teacher"
+    temperatures: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
+    powers: tuple[float, ...] = (1.0, 0.5)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluate the ``source`` model on the test split (every training stage also does this itself)."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    source: str = "teacher"
+
+
+StageConfig = Union[TeacherConfig, RebalanceConfig, SoftLabelsConfig, DistillConfig, VirtualExamplesConfig, EvaluateConfig]
+
+
+def stage_inputs(config: StageConfig) -> dict[str, str]:
+    """Role -> name of the stage whose output this stage consumes."""
+    inputs: dict[str, str] = {}
+    if isinstance(config, (RebalanceConfig, SoftLabelsConfig, VirtualExamplesConfig, EvaluateConfig)):
+        inputs["source"] = config.source
+    if isinstance(config, DistillConfig):
+        inputs["teacher"] = config.teacher
+        if config.temperature_from:
+            inputs["temperature"] = config.temperature_from
+    return inputs
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole multi-stage run: the data, the ordered stages, and where results go.
+
+    ``result_stage``: the stage whose test metrics are the pipeline's result (default: the last
+    stage that produces a model).
+    """
+
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    result_stage: str = ""
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    output_dir: str = "runs"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError(f"pipeline {self.name!r} has no stages")
+        seen: list[str] = []
+        for name, stage in self.stages.items():
+            for role, parent in stage_inputs(stage).items():
+                if parent not in seen:
+                    where = "comes later" if parent in self.stages else "does not exist"
+                    raise ValueError(
+                        f"pipeline {self.name!r}: stage {name!r} consumes {parent!r} as its {role}, but that stage "
+                        f"{where}; stages run in order and can only consume earlier ones ({seen or 'none before it'})"
+                    )
+            seen.append(name)
+        if self.result_stage and self.result_stage not in self.stages:
+            raise ValueError(f"result_stage {self.result_stage!r} is not one of the stages {seen}")
+
+    @property
+    def result(self) -> str:
+        if self.result_stage:
+            return self.result_stage
+        model_stages = [n for n, s in self.stages.items() if isinstance(s, (TeacherConfig, RebalanceConfig, DistillConfig))]
+        return model_stages[-1] if model_stages else list(self.stages)[-1]

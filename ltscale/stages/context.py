@@ -1,0 +1,82 @@
+"""What a running stage gets from the pipeline: data, device, its output directory, tracking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ltscale.data import DatasetBundle, LoaderConfig, SamplerConfig, Split, build_loader
+from ltscale.engine.checkpoint import atomic_save, load_checkpoint, load_state_strict
+from ltscale.engine.evaluate import EvalResult, evaluate
+from ltscale.engine.progress import Progress
+from ltscale.engine.trainer import autocast_dtype
+from ltscale.models.network import Network
+from ltscale.tracking import RunHandle
+
+MODEL_KIND = "ltscale.model"
+
+
+@dataclass
+class StageContext:
+    name: str
+    bundle: DatasetBundle
+    device: torch.device
+    precision: str
+    seed: int
+    loader_config: LoaderConfig
+    directory: Path
+    run: RunHandle
+    progress: Progress
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        return self.bundle.train.class_counts()
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return autocast_dtype(self.precision, self.device)
+
+    def train_loader(self, batch_size: int, sampler: SamplerConfig):
+        return build_loader(self.bundle.train, self.bundle, train=True, batch_size=batch_size, sampler=sampler,
+                            loader=self.loader_config, device=self.device, seed=self.seed)
+
+    def eval_loader(self, split: Split, batch_size: int = 512):
+        return build_loader(split, self.bundle, train=False, batch_size=batch_size, loader=self.loader_config,
+                            device=self.device, seed=self.seed)
+
+    def evaluate(self, network: Network, step: int | None = None, final: bool = True) -> dict[str, EvalResult]:
+        """Evaluate every classifier head on the test split; log ``test/*`` for the predicted head
+        and ``test/<head>/*`` for each head. ``final`` also logs per-class tables and plots."""
+        heads = network.classifier_heads()
+        results = evaluate(network, self.eval_loader(self.bundle.test), self.class_counts, heads, self.device, self.autocast)
+        metrics: dict[str, float] = {}
+        for head, result in results.items():
+            metrics.update(result.metrics(f"test/{head}"))
+        metrics.update(results[network.predict_head].metrics("test"))
+        self.run.log_metrics(metrics, step=step)
+        if final:
+            self.metrics.update(metrics)
+            for head, result in results.items():
+                self.run.log_per_class_accuracy(result.per_class_top1, self.class_counts, prefix=f"per_class/{head}")
+        return results
+
+    def save_model(self, network: Network, filename: str = "model.pt") -> str:
+        atomic_save({"kind": MODEL_KIND, "spec": network.spec(), "state_dict": network.state_dict()}, self.directory / filename)
+        return filename
+
+
+def load_model(path: Path, device: torch.device) -> Network:
+    """Rebuild a network from an ltscale model checkpoint and load its weights strictly."""
+    payload = load_checkpoint(path, kind=MODEL_KIND, required=("spec", "state_dict"))
+    try:
+        network = Network.from_spec(payload["spec"])
+    except (KeyError, TypeError, ValueError) as error:
+        from ltscale.engine.checkpoint import CheckpointError
+
+        raise CheckpointError(f"checkpoint {path} has an unusable model spec: {error}") from None
+    load_state_strict(network, payload["state_dict"], path)
+    return network.to(device)

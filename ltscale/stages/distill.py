@@ -1,0 +1,44 @@
+"""Stage III: a fresh student distilled with SSD's two-head loss or DiVE's loss."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ltscale.losses.modules import distillation_losses
+from ltscale.models.heads import HeadSpec
+from ltscale.models.network import Network
+from ltscale.stages.config import DistillConfig
+from ltscale.stages.context import StageContext, load_model
+from ltscale.stages.soft_labels import load_soft_labels
+from ltscale.stages.store import StageOutput
+from ltscale.stages.tasks import DiVEDistillTask, SSDDistillTask
+from ltscale.stages.teacher import train_and_evaluate
+
+
+def run(config: DistillConfig, ctx: StageContext, inputs: dict[str, StageOutput]) -> dict[str, str]:
+    losses = distillation_losses(config.backend, ctx.device)
+    classes = ctx.bundle.num_classes
+    temperature, power = config.temperature, config.power
+    if "temperature" in inputs:
+        chosen = json.loads(inputs["temperature"].file("virtual_examples").read_text())["chosen"]
+        temperature, power = float(chosen["temperature"]), float(chosen["power"])
+    ctx.run.log_params({"resolved.temperature": temperature, "resolved.power": power})
+    teacher_output = inputs["teacher"]
+    if config.method == "ssd":
+        if teacher_output.kind != "soft_labels":
+            raise ValueError(f"stage {ctx.name}: method=ssd distils stored soft labels; {teacher_output.name!r} is a {teacher_output.kind} stage")
+        soft = load_soft_labels(teacher_output, ctx.bundle.train.fingerprint(), len(ctx.bundle.train)).to(ctx.device)
+        heads = {"hard": HeadSpec("linear", classes), "soft": HeadSpec("linear", classes)}
+        network = Network(config.model, heads, predict_head="hard").to(ctx.device)
+        task = SSDDistillTask(network, soft, losses, temperature, config.hard_weight, config.soft_weight)
+    else:
+        if "model" not in teacher_output.manifest.get("files", {}):
+            raise ValueError(f"stage {ctx.name}: method=dive needs a teacher model; {teacher_output.name!r} is a {teacher_output.kind} stage")
+        teacher = load_model(teacher_output.file("model"), ctx.device)
+        network = Network(config.model, {"cls": HeadSpec("linear", classes)}, predict_head="cls").to(ctx.device)
+        counts = torch.as_tensor(ctx.class_counts, device=ctx.device)
+        task = DiVEDistillTask(network, teacher, counts, losses, temperature, power, config.alpha)
+    train_and_evaluate(task, network, config.optim, config.sampler, config.eval_every, ctx)
+    return {"model": ctx.save_model(network)}

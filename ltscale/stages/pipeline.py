@@ -1,0 +1,145 @@
+"""Run a pipeline: each stage in order, skipped when its output already exists, tracked in MLflow.
+
+For every stage the pipeline computes a lineage key from the stage config, the keys of the
+outputs it consumes, the training data's fingerprint, the seed and the precision. A finished
+output with that key is reused (a child run tagged ``ltscale.cached=true`` points at the run that
+produced it); an unfinished one resumes from its progress checkpoint. One parent MLflow run per
+pipeline, one child run per stage, tags linking each stage run to the runs it consumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ltscale.config import config_hash, flatten_config
+from ltscale.data import build_dataset
+from ltscale.engine.progress import Progress
+from ltscale.stages import distill, evaluate, rebalance, soft_labels, teacher, virtual_examples
+from ltscale.stages.config import PipelineConfig, StageConfig, stage_inputs
+from ltscale.stages.context import StageContext
+from ltscale.stages.store import StageOutput, Store
+from ltscale.tracking import (
+    TAG_CACHED,
+    TAG_CODE_VERSION,
+    TAG_CONFIG_HASH,
+    TAG_OUTPUT,
+    TAG_PARENT_RUNS,
+    TAG_PIPELINE,
+    TAG_PRODUCED_BY,
+    Tracker,
+    code_version,
+    join_run_ids,
+)
+
+RUNNERS: dict[str, Callable[..., dict[str, str]]] = {
+    "teacher": teacher.run,
+    "rebalance": rebalance.run,
+    "soft_labels": soft_labels.run,
+    "distill": distill.run,
+    "virtual_examples": virtual_examples.run,
+    "evaluate": evaluate.run,
+}
+
+
+@dataclass
+class PipelineResult:
+    name: str
+    run_id: str
+    tracking_uri: str
+    result_stage: str
+    outputs: dict[str, StageOutput] = field(default_factory=dict)
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+
+    def metrics(self, stage: str | None = None) -> dict[str, float]:
+        return dict(self.outputs[stage or self.result_stage].manifest.get("metrics", {}))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} was requested but CUDA is not available on this machine; use device=cpu or auto")
+    return device
+
+
+def stage_key(stage: StageConfig, parents: dict[str, StageOutput], data_fingerprint: str, config: PipelineConfig) -> str:
+    return config_hash(stage, {role: out.key for role, out in sorted(parents.items())}, data_fingerprint, config.seed, config.precision)
+
+
+def run_pipeline(config: PipelineConfig, progress: Progress | None = None) -> PipelineResult:
+    """Run every stage of ``config``; returns the outputs and the MLflow parent run id."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    output_dir = Path(config.output_dir).expanduser()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    bundle = build_dataset(config.data)
+    fingerprint = bundle.train.fingerprint()
+    store = Store(output_dir)
+    tracker = Tracker(config.tracking, output_dir)
+    progress = progress or Progress(enabled=config.progress)
+    version = code_version()
+    pipeline_tags = {TAG_PIPELINE: config.name, TAG_CODE_VERSION: version, "ltscale.result_stage": config.result}
+    with tracker.pipeline_run(config.name, flatten_config(config), pipeline_tags) as parent:
+        counts = bundle.train.class_counts()
+        parent.log_dataset(bundle.name, fingerprint, config.data.root or "generated", "training", len(bundle.train),
+                           extra={"class_counts": counts.tolist(), "num_classes": int(bundle.num_classes)})
+        result = PipelineResult(config.name, parent.run_id, tracker.tracking_uri, config.result)
+        for name, stage in config.stages.items():
+            parents = {role: result.outputs[parent_name] for role, parent_name in stage_inputs(stage).items()}
+            key = stage_key(stage, parents, fingerprint, config)
+            tags = {
+                TAG_PIPELINE: config.name,
+                TAG_CONFIG_HASH: key,
+                TAG_CODE_VERSION: version,
+                TAG_PARENT_RUNS: join_run_ids([p.run_id for p in parents.values() if p.run_id]),
+                TAG_OUTPUT: str(store.directory(stage.kind, key)),
+                "ltscale.stage_kind": stage.kind,
+            }
+            params = flatten_config(stage) | {f"input.{role}": f"{p.name}:{p.key}" for role, p in parents.items()}
+            finished = store.finished(name, stage.kind, key)
+            with tracker.stage_run(name, params, tags) as run:
+                run.log_dataset(bundle.name, fingerprint, config.data.root or "generated", "training", len(bundle.train))
+                if finished is not None:
+                    run.set_tags({TAG_CACHED: "true", TAG_PRODUCED_BY: finished.run_id})
+                    if finished.manifest.get("metrics"):
+                        run.log_metrics(finished.manifest["metrics"])
+                    finished.name = name
+                    result.outputs[name] = finished
+                    result.cached.append(name)
+                    continue
+                ctx = StageContext(name=name, bundle=bundle, device=device, precision=config.precision, seed=config.seed,
+                                   loader_config=config.data.loader, directory=store.directory(stage.kind, key), run=run,
+                                   progress=progress)
+                ctx.directory.mkdir(parents=True, exist_ok=True)
+                run.log_dict(_stage_record(name, stage, parents, key, version), "stage_config.json")
+                files = RUNNERS[stage.kind](stage, ctx, parents)
+                manifest = {
+                    "stage": name, "config": dataclasses.asdict(stage), "run_id": run.run_id, "pipeline": config.name,
+                    "parents": {role: {"stage": p.name, "key": p.key, "run_id": p.run_id} for role, p in parents.items()},
+                    "data_fingerprint": fingerprint, "code_version": version, "files": files, "metrics": ctx.metrics,
+                }
+                output = store.finish(name, stage.kind, key, manifest)
+                run.log_dict(output.manifest, "manifest.json")
+                result.outputs[name] = output
+                result.executed.append(name)
+        final = result.metrics()
+        parent.log_metrics({k: v for k, v in final.items() if k.startswith("test/")})
+        for name, output in result.outputs.items():
+            stage_metrics = output.manifest.get("metrics", {})
+            parent.log_metrics({f"{name}/{k}": v for k, v in stage_metrics.items() if k.startswith("test/")})
+        parent.log_dict({n: {"key": o.key, "run_id": o.run_id, "directory": str(o.directory)} for n, o in result.outputs.items()}, "lineage.json")
+    return result
+
+
+def _stage_record(name: str, stage: StageConfig, parents: dict[str, StageOutput], key: str, version: str) -> dict[str, Any]:
+    return {
+        "stage": name, "key": key, "code_version": version, "config": dataclasses.asdict(stage),
+        "parents": {role: {"stage": p.name, "key": p.key, "run_id": p.run_id, "directory": str(p.directory)} for role, p in parents.items()},
+    }

@@ -1,0 +1,41 @@
+"""Stage I and the from-scratch baselines: train a network with CE / BSCE / LDAM(-DRW),
+optionally with SSD's rotation self-supervision."""
+
+from __future__ import annotations
+
+from ltscale.engine.trainer import EpochMetrics, Trainer
+from ltscale.losses.modules import build_classification_loss
+from ltscale.models.heads import HeadSpec
+from ltscale.models.network import Network
+from ltscale.stages.config import TeacherConfig
+from ltscale.stages.context import StageContext
+from ltscale.stages.store import PROGRESS, StageOutput
+from ltscale.stages.tasks import SupervisedTask
+
+
+def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, ctx: StageContext) -> None:
+    """The shared tail of every training stage: fit with per-epoch logging, then a final evaluation."""
+    loader = ctx.train_loader(optim.batch_size, sampler)
+
+    def on_epoch_end(metrics: EpochMetrics) -> None:
+        ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch)
+        if eval_every and (metrics.epoch + 1) % eval_every == 0 and metrics.epoch + 1 < optim.epochs:
+            ctx.evaluate(network, step=metrics.epoch, final=False)
+
+    trainer = Trainer(task, loader, optim, ctx.device, ctx.precision, ctx.directory / PROGRESS, ctx.name,
+                      on_epoch_end=on_epoch_end, progress=ctx.progress)
+    resumed_from = trainer.fit()
+    if resumed_from:
+        ctx.run.set_tags({"ltscale.resumed_from_epoch": str(resumed_from)})
+    ctx.evaluate(network, step=optim.epochs - 1)
+
+
+def run(config: TeacherConfig, ctx: StageContext, inputs: dict[str, StageOutput]) -> dict[str, str]:
+    heads = {"cls": HeadSpec(kind="cosine" if config.model.classifier == "cosine" else "linear", num_outputs=ctx.bundle.num_classes)}
+    if config.rotation_weight > 0:
+        heads["rotation"] = HeadSpec(kind="rotation", num_outputs=4, classifier=False)
+    network = Network(config.model, heads, predict_head="cls").to(ctx.device)
+    loss = build_classification_loss(config.loss, ctx.class_counts, ctx.device)
+    task = SupervisedTask(network, loss, config.rotation_weight, ctx.seed)
+    train_and_evaluate(task, network, config.optim, config.sampler, config.eval_every, ctx)
+    return {"model": ctx.save_model(network)}

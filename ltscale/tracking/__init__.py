@@ -1,0 +1,41 @@
+"""MLflow behind a small interface: pipeline runs, stage runs, lineage tags, plots, a local server."""
+
+from ltscale.tracking.tags import (
+    TAG_CACHED,
+    TAG_CODE_VERSION,
+    TAG_CONFIG_HASH,
+    TAG_ERROR,
+    TAG_OUTPUT,
+    TAG_PARENT_RUNS,
+    TAG_PIPELINE,
+    TAG_PRODUCED_BY,
+    TAG_STAGE,
+    join_run_ids,
+    split_run_ids,
+)
+from ltscale.tracking.provenance import code_version
+from ltscale.tracking.mlflow_tracker import RunHandle, Tracker, TrackingConfig, default_tracking_uri
+from ltscale.tracking.server import ServerHandle, start_local_server, ui, ui_command
+
+__all__ = [
+    "TAG_CACHED",
+    "TAG_CODE_VERSION",
+    "TAG_CONFIG_HASH",
+    "TAG_ERROR",
+    "TAG_OUTPUT",
+    "TAG_PARENT_RUNS",
+    "TAG_PIPELINE",
+    "TAG_PRODUCED_BY",
+    "TAG_STAGE",
+    "RunHandle",
+    "ServerHandle",
+    "Tracker",
+    "TrackingConfig",
+    "code_version",
+    "default_tracking_uri",
+    "join_run_ids",
+    "split_run_ids",
+    "start_local_server",
+    "ui",
+    "ui_command",
+]

@@ -1,0 +1,411 @@
+"""MLflow behind a small interface: one parent run per pipeline, one child run per stage.
+
+Everything goes through an ``mlflow.MlflowClient`` bound to this tracker's URI, never through the
+fluent API (``mlflow.start_run``, ``mlflow.set_tracking_uri``), so two trackers with different URIs
+in one process do not interfere and no "active run" is left behind when a stage raises.
+"""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import io
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
+from mlflow.utils.validation import (
+    MAX_DATASET_DIGEST_SIZE,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+
+from ltscale.config.overrides import config_to_dict
+from ltscale.tracking.provenance import code_version
+from ltscale.tracking.tags import TAG_CODE_VERSION, TAG_ERROR, TAG_PIPELINE, TAG_STAGE
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STORE_FILE = "mlflow.db"
+"""The default local store: ``sqlite:///<output_dir>/mlflow.db``."""
+ARTIFACT_DIR = "mlartifacts"
+"""Artifacts of experiments created in a local database store live in this directory beside it."""
+
+
+def default_tracking_uri(output_dir: Path) -> str:
+    """``sqlite:////abs/<output_dir>/mlflow.db``: the local store used when no URI is configured.
+
+    SQLite rather than the ``file:`` store, which MLflow 3 deprecates (and which is slow to query).
+    """
+    return f"sqlite:///{(Path(output_dir).resolve() / DEFAULT_STORE_FILE).as_posix()}"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs are recorded.
+
+    ``tracking_uri``: ``""`` for the local store under the output directory
+    (``sqlite:///<output_dir>/mlflow.db``), otherwise any MLflow URI (``http://host:port``,
+    ``sqlite:///path.db``, ``file:/path``).
+    ``experiment``: MLflow experiment name; created on first use.
+    """
+
+    tracking_uri: str = ""
+    experiment: str = "ltscale"
+
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            raise ValueError("tracking.experiment is empty: name the MLflow experiment, e.g. 'ltscale'")
+
+
+def _truncate(value: str, limit: int, what: str) -> str:
+    """``value`` cut to ``limit`` characters with a visible marker (and a log line) when too long."""
+    if len(value) <= limit:
+        return value
+    marker = f"...[truncated {len(value)} chars]"
+    logger.warning("%s is %d characters, MLflow keeps %d: truncated with a marker", what, len(value), limit)
+    return value[: limit - len(marker)] + marker
+
+
+def _flatten(params: Any) -> dict[str, Any]:
+    """Nested dicts / dataclasses to dotted keys; an empty section is kept as ``"{}"``."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        else:
+            flat[path] = "{}" if isinstance(node, dict) else node
+
+    tree = config_to_dict(params)
+    if not isinstance(tree, dict):
+        raise TypeError(f"params must be a dict or a dataclass, got {type(params).__name__}")
+    if tree:
+        walk(tree, "")
+    return flat
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _json_default(value: Any) -> Any:
+    """JSON for numpy / torch values (arrays and scalars become lists and Python numbers)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+class RunHandle:
+    """One MLflow run: what a pipeline or stage logs through.
+
+    Every method logs synchronously and raises on failure; nothing is dropped silently.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self._client = client
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"RunHandle(run_id={self.run_id!r})"
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log ``{key: value}`` at ``step`` (0 when None). Keys may contain ``/`` (``test/top1``).
+
+        Raises ValueError naming the key if any value is NaN or infinite; then nothing is logged.
+        """
+        timestamp = int(time.time() * 1000)
+        step = 0 if step is None else int(step)
+        entries = []
+        for key, value in metrics.items():
+            try:
+                number = float(value)  # host sync if a device tensor slips through
+            except (TypeError, ValueError) as error:
+                raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__}") from error
+            if not math.isfinite(number):
+                raise ValueError(f"metric {key!r} is {number} at step {step}: not finite, refusing to log it")
+            entries.append(Metric(key=str(key), value=number, timestamp=timestamp, step=step))
+        for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params with nested keys flattened (``optim.lr``); long values truncated with a marker.
+
+        MLflow params are immutable: logging a key again with a different value raises.
+        """
+        entries = [
+            Param(key, _truncate(str(value), MAX_PARAM_VAL_LENGTH, f"param {key!r}"))
+            for key, value in _flatten(params).items()
+        ]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=chunk, synchronous=True)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set (or overwrite) tags; values are converted with ``str`` and truncated past 8000 chars."""
+        entries = [
+            RunTag(str(key), _truncate(str(value), MAX_TAG_VAL_LENGTH, f"tag {key!r}")) for key, value in tags.items()
+        ]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=chunk, synchronous=True)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Write ``obj`` as an artifact: YAML for ``.yaml``/``.yml``, JSON otherwise."""
+        if artifact_file.endswith((".yaml", ".yml")):
+            self._client.log_dict(self.run_id, json.loads(json.dumps(obj, default=_json_default)), artifact_file)
+        else:
+            text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Write ``text`` as an artifact file."""
+        self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file, or a directory's contents, under ``artifact_path`` (the root when None)."""
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.is_file():
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        else:
+            raise FileNotFoundError(f"cannot log artifact {path}: no such file or directory")
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """Save a matplotlib figure as ``artifact_file`` (``.png``, ``.svg``, ...) and close it."""
+        try:
+            self._client.log_figure(self.run_id, figure, artifact_file)
+        finally:
+            _close_figure(figure)
+
+    def log_dataset(
+        self,
+        name: str,
+        digest: str,
+        source: str,
+        context: str,
+        num_rows: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a dataset as an MLflow run input (the run page's "Datasets used").
+
+        ``context`` is the input tag ``mlflow.data.context`` ("training", "evaluation").
+        The profile holds ``num_rows`` and ``extra`` (per-class counts, imbalance ratio, ...).
+        MLflow keeps at most 36 digest characters; a longer digest is stored whole in the profile.
+        """
+        if not name or not digest or not context:
+            raise ValueError(f"log_dataset needs a name, digest and context, got {name!r}, {digest!r}, {context!r}")
+        profile: dict[str, Any] = {"num_rows": int(num_rows), **(extra or {})}
+        if len(digest) > MAX_DATASET_DIGEST_SIZE:
+            profile["digest"] = digest
+            digest = digest[:MAX_DATASET_DIGEST_SIZE]
+        if re.match(r"^https?://", source):
+            source_type, source_json = "http", {"url": source}
+        else:
+            source_type, source_json = "local", {"uri": source}
+        dataset = Dataset(
+            name=name,
+            digest=digest,
+            source_type=source_type,
+            source=json.dumps(source_json),
+            profile=json.dumps(profile, default=_json_default, allow_nan=False),
+        )
+        dataset_input = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        self._client.log_inputs(self.run_id, datasets=[dataset_input])
+
+    def log_per_class_accuracy(self, accuracy: Sequence[float], class_counts: Sequence[int], prefix: str) -> None:
+        """Per-class table (``<prefix>/per_class_accuracy.json`` and ``.csv``) and its plot (``.png``).
+
+        The table lists class index, training count, shot group and accuracy, plus the mean
+        accuracy of each shot group (many > 100, medium 20-100, few < 20 training examples).
+        """
+        from ltscale.tracking.plots import SHOT_GROUPS, per_class_accuracy_figure, shot_group
+
+        values = [float(v) for v in np.asarray(accuracy, dtype=np.float64).reshape(-1)]
+        counts = [int(c) for c in np.asarray(class_counts).reshape(-1)]
+        if len(values) != len(counts):
+            raise ValueError(f"accuracy has {len(values)} entries but class_counts has {len(counts)}")
+        bad = [index for index, value in enumerate(values) if not math.isfinite(value)]
+        if bad:
+            raise ValueError(f"per-class accuracy of classes {bad[:10]} is not finite")
+        rows = [
+            {"class": index, "train_count": count, "group": shot_group(count), "accuracy": value}
+            for index, (count, value) in enumerate(zip(counts, values, strict=True))
+        ]
+        groups = {}
+        for group in SHOT_GROUPS:
+            members = [row["accuracy"] for row in rows if row["group"] == group]
+            groups[group] = {"classes": len(members), "accuracy": sum(members) / len(members) if members else None}
+        table = {"mean_accuracy": sum(values) / len(values) if values else None, "groups": groups, "classes": rows}
+
+        base = f"{prefix.strip('/')}/per_class_accuracy" if prefix.strip("/") else "per_class_accuracy"
+        self.log_dict(table, f"{base}.json")
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["class", "train_count", "group", "accuracy"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        self.log_text(buffer.getvalue(), f"{base}.csv")
+        title = f"{prefix.strip('/')}: per-class accuracy" if prefix.strip("/") else "per-class accuracy"
+        self.log_figure(per_class_accuracy_figure(values, counts, title), f"{base}.png")
+
+
+def _close_figure(figure: Any) -> None:
+    """Release a figure: pyplot-managed ones are closed there, plain ``Figure`` objects cleared."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None and getattr(figure, "number", None) is not None and pyplot.fignum_exists(figure.number):
+        pyplot.close(figure)
+    elif hasattr(figure, "clear"):
+        figure.clear()
+
+
+class Tracker:
+    """Records a pipeline as one MLflow parent run with a child run per stage.
+
+    The URI is bound per instance (``MlflowClient(uri)``); the MLflow global tracking URI and
+    active-run state are never touched.
+    """
+
+    def __init__(self, config: TrackingConfig, output_dir: Path) -> None:
+        self.config = config
+        self.output_dir = Path(output_dir)
+        if config.tracking_uri:
+            self._uri = config.tracking_uri
+        else:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._uri = default_tracking_uri(self.output_dir)
+        self.client = MlflowClient(tracking_uri=self._uri)
+        self.experiment_id = self._ensure_experiment()
+        self.code_version = code_version()
+        self._active: list[tuple[str, RunHandle]] = []  # (run name, handle), outermost first
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow URI this tracker logs to."""
+        return self._uri
+
+    def _artifact_location(self) -> str | None:
+        """Artifact root for a new experiment; None lets the store (or server) decide."""
+        scheme = self._uri.split(":", 1)[0].lower()
+        if scheme == "sqlite":
+            path = self._uri[len("sqlite:///") :] if self._uri.startswith("sqlite:///") else ""
+            if path and path != ":memory:":
+                return (Path(path).resolve().parent / ARTIFACT_DIR).as_uri()
+            return (self.output_dir.resolve() / ARTIFACT_DIR).as_uri()
+        if scheme in {"postgresql", "mysql", "mssql"} or scheme.startswith(("postgresql+", "mysql+", "mssql+")):
+            # Without it MLflow would put artifacts in ./mlruns of whatever the working directory is.
+            return (self.output_dir.resolve() / ARTIFACT_DIR).as_uri()
+        return None  # http(s): the server's artifact root; file: store keeps them under its root
+
+    def _ensure_experiment(self) -> str:
+        name = self.config.experiment
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return self.client.create_experiment(name, artifact_location=self._artifact_location())
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":  # another process won the race
+                    raise
+                experiment = self.client.get_experiment_by_name(name)
+                assert experiment is not None
+        if experiment.lifecycle_stage != "active":
+            raise ValueError(
+                f"MLflow experiment {name!r} at {self._uri} is deleted: restore it "
+                f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) "
+                "or set tracking.experiment to another name"
+            )
+        return experiment.experiment_id
+
+    def _default_tags(self) -> dict[str, str]:
+        tags = {
+            TAG_CODE_VERSION: self.code_version,
+            MLFLOW_SOURCE_TYPE: "LOCAL",
+            MLFLOW_SOURCE_NAME: Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+        }
+        if re.fullmatch(r"[0-9a-f]{40}(-dirty)?", self.code_version):
+            tags[MLFLOW_GIT_COMMIT] = self.code_version.removesuffix("-dirty")
+        try:
+            tags[MLFLOW_USER] = getpass.getuser()
+        except Exception:  # noqa: BLE001 - no user name in some containers
+            pass
+        return tags
+
+    @contextmanager
+    def _run(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[RunHandle]:
+        run = self.client.create_run(self.experiment_id, run_name=name)
+        handle = RunHandle(self.client, run.info.run_id)
+        self._active.append((name, handle))
+        try:
+            handle.set_tags(tags)
+            handle.log_params(params)
+            yield handle
+        except BaseException as error:
+            status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
+            self._end(handle, RunStatus.to_string(status), error)
+            raise
+        else:
+            self.client.set_terminated(handle.run_id, RunStatus.to_string(RunStatus.FINISHED))
+        finally:
+            self._active.pop()
+
+    def _end(self, handle: RunHandle, status: str, error: BaseException) -> None:
+        """Mark a run as ended by ``error``; a failure here must not hide the original exception."""
+        try:
+            handle.set_tags({TAG_ERROR: f"{type(error).__name__}: {error}"})
+        except Exception:  # noqa: BLE001
+            logger.exception("could not record the error of run %s", handle.run_id)
+        try:
+            self.client.set_terminated(handle.run_id, status)
+        except Exception:  # noqa: BLE001
+            logger.exception("could not mark run %s as %s", handle.run_id, status)
+
+    @contextmanager
+    def pipeline_run(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[RunHandle]:
+        """The parent run of one pipeline; FAILED (KILLED on Ctrl-C) if the body raises, which propagates."""
+        if self._active:
+            raise RuntimeError(f"pipeline run {self._active[0][0]!r} is still active; pipeline runs do not nest")
+        with self._run(name, params, {**self._default_tags(), TAG_PIPELINE: name, **tags}) as handle:
+            yield handle
+
+    @contextmanager
+    def stage_run(self, stage: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[RunHandle]:
+        """A child run (tag ``mlflow.parentRunId``) of the innermost active run, normally the pipeline run.
+
+        FAILED (KILLED on Ctrl-C) if the body raises; the exception propagates.
+        """
+        if not self._active:
+            raise RuntimeError(f"stage_run({stage!r}) needs an active pipeline_run")
+        pipeline_name, parent = self._active[0][0], self._active[-1][1]
+        all_tags = {
+            **self._default_tags(),
+            TAG_PIPELINE: pipeline_name,
+            TAG_STAGE: stage,
+            MLFLOW_PARENT_RUN_ID: parent.run_id,
+            **tags,
+        }
+        with self._run(stage, params, all_tags) as handle:
+            yield handle

@@ -1,0 +1,396 @@
+"""ImageNet-LT / Places-LT / iNat 2018 split reading and the torch file loader.
+
+The real split lists and JPEGs live in ../shared/data (outside the repository); tests that need
+them skip, saying so, when it is absent. Image trees are built in tmp_path from the real samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from ltscale.data.base import FileSplit
+from ltscale.data.config import DataConfig
+from ltscale.data.errors import DatasetError
+from ltscale.data.image_list import (
+    DATASET_SPECS,
+    IMAGENET_NORMALIZATION,
+    build_image_list_dataset,
+    check_files_exist,
+    read_inat_annotations,
+    read_split_list,
+)
+from ltscale.data.loaders.files import FileLoader, build_transform, decode_image_file, verify_images
+from ltscale.data.samplers import InstanceBalancedSampler
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SPLITS = SHARED_DATA / "splits"
+SAMPLES = SHARED_DATA / "imagenet-samples"
+GREYSCALE_SAMPLES = {"n04008634_projectile.JPEG", "n04090263_rifle.JPEG", "n04372370_switch.JPEG", "n04532670_viaduct.JPEG"}
+IMAGE_SIZE = 64
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (it lives in ../shared/data, outside the repository)")
+    return path
+
+
+# ---------------------------------------------------------------- real split lists
+
+
+@pytest.mark.parametrize(
+    ("name", "lines", "classes", "min_per_class", "max_per_class"),
+    [
+        ("ImageNet_LT_val.txt", 20_000, 1000, 20, 20),
+        ("ImageNet_LT_test.txt", 50_000, 1000, 50, 50),
+        ("Places_LT_train.txt", 62_500, 365, 5, 4980),
+        ("Places_LT_val.txt", 7_300, 365, 20, 20),
+        ("Places_LT_test.txt", 36_500, 365, 100, 100),
+    ],
+)
+def test_real_split_lists_have_their_published_counts(name, lines, classes, min_per_class, max_per_class):
+    paths, labels = read_split_list(_need(SPLITS / name))
+    counts = np.bincount(labels)
+    assert len(paths) == len(labels) == lines
+    assert len(counts) == classes
+    assert counts.min() == min_per_class and counts.max() == max_per_class
+    assert all(" " not in path for path in paths[:100])
+
+
+def test_places_lt_stats_without_images_and_missing_images_named():
+    root = _need(SPLITS)
+    bundle = build_image_list_dataset(DataConfig(dataset="places_lt", root=str(root)), check_files=False)
+    stats = bundle.stats()
+    assert (stats["num_classes"], stats["train_images"], stats["test_images"], stats["val_images"]) == (365, 62_500, 36_500, 7_300)
+    assert (stats["max_class_count"], stats["min_class_count"]) == (4980, 5)
+    assert bundle.train.class_names[0] == "airfield"  # derived from train/airfield/...
+    assert bundle.normalization == IMAGENET_NORMALIZATION and bundle.image_size == 224
+
+    # With the file check on, the images (absent here) are reported with root, list and first path.
+    with pytest.raises(DatasetError) as caught:
+        build_image_list_dataset(DataConfig(dataset="places_lt", root=str(root)))
+    message = str(caught.value)
+    assert "62500 of 62500" in message and str(root) in message
+    assert "Places_LT_train.txt" in message and "train/airfield/00004851.jpg" in message
+
+
+def test_missing_default_train_list_names_the_config_key():
+    root = _need(SPLITS)  # has ImageNet_LT_val/test.txt but not ImageNet_LT_train.txt
+    with pytest.raises(DatasetError, match=r"data\.train_list.*ImageNet_LT_train\.txt"):
+        build_image_list_dataset(DataConfig(dataset="imagenet_lt", root=str(root)), check_files=False)
+
+
+# ---------------------------------------------------------------- list parsing and errors
+
+
+def test_read_split_list_splits_on_last_whitespace_and_skips_blank_lines(tmp_path):
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("train/a b/x.jpg 3\n\n   \ntrain/c/y.jpg\t0\r\n")
+    paths, labels = read_split_list(list_path)
+    assert paths == ["train/a b/x.jpg", "train/c/y.jpg"]
+    assert labels.dtype == np.int64 and labels.tolist() == [3, 0]
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "problem"),
+    [("train/c/z.jpg", "no label"), ("train/c/z.jpg cat", "not an integer"), ("train/c/z.jpg 1.5", "not an integer"),
+     ("train/c/z.jpg -2", "negative")],
+)
+def test_malformed_line_names_file_line_number_and_text(tmp_path, bad_line, problem):
+    list_path = tmp_path / "bad.txt"
+    list_path.write_text(f"train/a/x.jpg 0\n\n{bad_line}\n")
+    with pytest.raises(DatasetError) as caught:
+        read_split_list(list_path)
+    message = str(caught.value)
+    assert str(list_path) in message and "line 3" in message and repr(bad_line) in message and problem in message
+
+
+def test_label_out_of_range_names_line(tmp_path):
+    (tmp_path / "ImageNet_LT_train.txt").write_text("train/a/x.jpg 0\ntrain/a/y.jpg 1000\n")
+    (tmp_path / "ImageNet_LT_test.txt").write_text("val/a/x.jpg 0\n")
+    with pytest.raises(DatasetError, match=r"line 2: label 1000 .*0\.\.999"):
+        build_image_list_dataset(DataConfig(dataset="imagenet_lt", root=str(tmp_path)), check_files=False)
+
+
+def test_missing_or_bad_root_names_data_root(tmp_path):
+    with pytest.raises(DatasetError, match=r"data\.root .*does not exist.*train/<wnid>"):
+        build_image_list_dataset(DataConfig(dataset="imagenet_lt", root=str(tmp_path / "absent")))
+    with pytest.raises(DatasetError, match=r"data\.root is not set"):
+        build_image_list_dataset(DataConfig(dataset="inat2018", root=""))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("")
+    with pytest.raises(DatasetError, match=r"data\.root .*is not a directory"):
+        build_image_list_dataset(DataConfig(dataset="places_lt", root=str(a_file)))
+
+
+def test_missing_explicit_list_names_config_key(tmp_path):
+    config = DataConfig(dataset="places_lt", root=str(tmp_path), train_list=str(tmp_path / "nope.txt"))
+    with pytest.raises(DatasetError, match=r"data\.train_list = .*nope\.txt.*not found"):
+        build_image_list_dataset(config)
+
+
+def test_check_files_exist_reports_count_and_first_missing(tmp_path):
+    for relative in ("train/a/1.jpg", "train/a/2.jpg", "train/b/3.jpg"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"x")
+    (tmp_path / "train/a/sub").mkdir()
+    check_files_exist(tmp_path, ["train/a/1.jpg", "train/b/3.jpg", "train/a/2.jpg"], "list.txt")
+    listed = ["train/a/1.jpg", "train/a/missing.jpg", "train/c/4.jpg", "train/b/3.jpg", "train/a/sub"]
+    with pytest.raises(DatasetError) as caught:
+        check_files_exist(tmp_path, listed, "list.txt (data.train_list)")
+    message = str(caught.value)
+    assert "3 of 5" in message and str(tmp_path) in message and "list.txt (data.train_list)" in message
+    assert "train/a/missing.jpg, train/c/4.jpg, train/a/sub" in message
+
+
+# ---------------------------------------------------------------- iNaturalist JSON
+
+
+def _coco(category_ids, labelled=True):
+    images = [{"id": 100 + i, "file_name": f"train_val2018/Plantae/{c}/{i}.jpg"} for i, c in enumerate(category_ids)]
+    annotations = [{"id": i, "image_id": 100 + i, "category_id": c} for i, c in enumerate(category_ids)]
+    categories = [{"id": c, "name": f"species {c}"} for c in sorted(set(category_ids), reverse=True)]
+    return {"images": images, "annotations": annotations if labelled else [], "categories": categories}
+
+
+def test_inat_json_keeps_contiguous_ids_and_sorts_others(tmp_path):
+    contiguous = tmp_path / "contiguous.json"
+    contiguous.write_text(json.dumps(_coco([2, 0, 1, 2])))
+    paths, labels, names = read_inat_annotations(contiguous)
+    assert paths[0] == "train_val2018/Plantae/2/0.jpg"
+    assert labels.tolist() == [2, 0, 1, 2] and names == ["species 0", "species 1", "species 2"]
+
+    sparse = tmp_path / "sparse.json"
+    sparse.write_text(json.dumps(_coco([10, 3, 7, 3])))
+    _, labels, names = read_inat_annotations(sparse)
+    assert labels.tolist() == [2, 0, 1, 0] and names == ["species 3", "species 7", "species 10"]
+
+
+def test_inat_json_errors_name_file_and_key(tmp_path):
+    unlabelled = tmp_path / "test2018.json"
+    unlabelled.write_text(json.dumps(_coco([0, 1], labelled=False)))
+    with pytest.raises(DatasetError, match=r"test2018\.json: has no 'annotations'.*val2018\.json"):
+        read_inat_annotations(unlabelled)
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    with pytest.raises(DatasetError, match=r"broken\.json: not valid JSON"):
+        read_inat_annotations(broken)
+
+    data = _coco([0, 1])
+    del data["images"][1]["file_name"]
+    no_file_name = tmp_path / "no_file_name.json"
+    no_file_name.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"no_file_name\.json: an entry of 'images' has no key 'file_name'"):
+        read_inat_annotations(no_file_name)
+
+    data = _coco([0, 1])
+    del data["categories"]
+    no_categories = tmp_path / "no_categories.json"
+    no_categories.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"no_categories\.json: the top-level object has no key 'categories'"):
+        read_inat_annotations(no_categories)
+
+
+def test_inat_dataset_from_annotation_files(tmp_path):
+    num_classes = DATASET_SPECS["inat2018"].num_classes
+    train, test = _coco([7291, 0, 8141]), _coco([0, 7291])
+    for data in (train, test):
+        data["categories"] = [{"id": c, "name": f"species {c}"} for c in range(num_classes)]
+        for image in data["images"]:
+            (tmp_path / image["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / image["file_name"]).write_bytes(b"")  # the existence check does not decode
+    (tmp_path / "train2018.json").write_text(json.dumps(train))
+    (tmp_path / "val2018.json").write_text(json.dumps(test))
+    config = DataConfig(
+        dataset="inat2018",
+        root=str(tmp_path),
+        train_annotations=str(tmp_path / "train2018.json"),
+        test_annotations=str(tmp_path / "val2018.json"),
+    )
+    bundle = build_image_list_dataset(config)
+    assert bundle.num_classes == 8142 and bundle.val is None
+    assert bundle.train.targets.tolist() == [7291, 0, 8141] and bundle.test.targets.tolist() == [0, 7291]
+    assert bundle.train.class_names[7291] == "species 7291"
+    assert bundle.normalization.mean == (0.466, 0.471, 0.380)
+
+
+# ---------------------------------------------------------------- image trees and the loader
+
+
+def _sample_files() -> list[Path]:
+    files = sorted(_need(SAMPLES).glob("*.JPEG"))
+    colour = [f for f in files if f.name not in GREYSCALE_SAMPLES]
+    grey = [f for f in files if f.name in GREYSCALE_SAMPLES]
+    return colour[:9] + grey[:1]  # classes of 6, 3 and 1 images; the single class-2 image is greyscale
+
+
+def _make_tree(root: Path) -> DataConfig:
+    """ImageNet layout: train/<wnid>/ and val/<wnid>/, standard list names in the root."""
+    files = _sample_files()
+    labels = [0] * 6 + [1] * 3 + [2]
+    wnids = [files[0].name.split("_")[0], files[6].name.split("_")[0], files[9].name.split("_")[0]]
+    for split, list_name in (("train", "ImageNet_LT_train.txt"), ("val", "ImageNet_LT_test.txt")):
+        lines = []
+        for source, label in zip(files, labels):
+            relative = f"{split}/{wnids[label]}/{source.name}"
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, root / relative)
+            lines.append(f"{relative} {label}")
+        (root / list_name).write_text("\n".join(lines) + "\n")
+    return DataConfig(dataset="imagenet_lt", root=str(root), image_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    config = _make_tree(tmp_path_factory.mktemp("imagenet_lt"))
+    return config, build_image_list_dataset(config)
+
+
+def _loader(split: FileSplit, *, train: bool, num_workers: int = 0, fraction: float = 0.001, shuffle: bool = True) -> FileLoader:
+    return FileLoader(
+        split,
+        train=train,
+        batch_size=4,
+        sampler=InstanceBalancedSampler(len(split), seed=0, shuffle=shuffle),
+        image_size=IMAGE_SIZE,
+        normalization=IMAGENET_NORMALIZATION,
+        num_workers=num_workers,
+        max_bad_image_fraction=fraction,
+        drop_last=False,
+        device="cpu",
+    )
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def test_tree_builds_from_default_list_names(tree):
+    _, bundle = tree
+    assert bundle.val is None  # no ImageNet_LT_val.txt in the root: the validation split is optional
+    assert bundle.train.class_counts()[:3].tolist() == [6, 3, 1] and bundle.num_classes == 1000
+    assert bundle.train.paths[0].startswith("train/n") and bundle.test.paths[0].startswith("val/n")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_loader_epochs_cover_the_split(tree, num_workers):
+    _, bundle = tree
+    loader = _loader(bundle.train, train=True, num_workers=num_workers)
+    assert len(loader) == 3
+    orders = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == 3 and [len(b["index"]) for b in batches] == [4, 4, 2]
+        for batch in batches:
+            assert batch["image"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.float32
+            assert batch["target"].dtype == batch["index"].dtype == torch.int64
+            assert batch["target"].tolist() == bundle.train.targets[batch["index"].numpy()].tolist()
+        order = torch.cat([b["index"] for b in batches])
+        assert sorted(order.tolist()) == list(range(10))
+        orders.append(order.tolist())
+        images = torch.cat([b["image"] for b in batches])
+        # Normalised with ImageNet statistics: natural images land near zero mean, unit scale.
+        assert images.mean().abs() < 0.5 and 0.5 < images.std() < 1.5
+    assert orders[0] != orders[1]
+    assert loader.bad_files == []
+
+
+def test_eval_loader_matches_reference_pixels_and_greyscale_is_three_channel(tree):
+    _, bundle = tree
+    loader = _loader(bundle.test, train=False, shuffle=False)
+    images = torch.cat([batch["image"] for batch in loader])
+    mean = torch.tensor(IMAGENET_NORMALIZATION.mean).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_NORMALIZATION.std).view(3, 1, 1)
+    reference_transform = build_transform(False, IMAGE_SIZE)
+    for index in (0, 9):
+        with PIL.Image.open(bundle.test.root / bundle.test.paths[index]) as image:
+            pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        expected = (reference_transform(pixels).float() / 255 - mean) / std
+        # PIL and torchvision both decode with libjpeg-turbo; allow one grey level for IDCT differences.
+        assert (images[index] - expected).abs().max() <= 1.01 / 255 / min(IMAGENET_NORMALIZATION.std)
+    grey = images[9] * std + mean  # the greyscale sample: three identical channels
+    assert torch.allclose(grey[0], grey[1], atol=1e-5) and torch.allclose(grey[1], grey[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_training_image_is_replaced_by_same_class_and_recorded(tmp_path, caplog, num_workers):
+    config = _make_tree(tmp_path)
+    split = build_image_list_dataset(config).train
+    bad_path = split.root / split.paths[2]
+    _truncate(bad_path)
+    loader = _loader(split, train=True, num_workers=num_workers, fraction=0.2, shuffle=False)  # 2 allowed
+    with caplog.at_level(logging.WARNING, logger="ltscale.data.loaders.files"):
+        batches = list(loader)
+    indices = torch.cat([b["index"] for b in batches]).tolist()
+    targets = torch.cat([b["target"] for b in batches]).tolist()
+    # Index 2 (class 0) is served by the next image of class 0, index 3; labels stay right.
+    assert indices == [0, 1, 3, 3, 4, 5, 6, 7, 8, 9]
+    assert targets == split.targets[indices].tolist()
+    assert loader.bad_files == [str(bad_path)]
+    assert any(str(bad_path) in record.getMessage() and record.levelno == logging.WARNING for record in caplog.records)
+
+
+def test_too_many_corrupt_images_raise_with_the_list(tmp_path):
+    split = build_image_list_dataset(_make_tree(tmp_path)).train
+    bad = [split.root / split.paths[i] for i in (2, 7)]
+    for path in bad:
+        _truncate(path)
+    loader = _loader(split, train=True, fraction=0.1, shuffle=False)  # floor(0.1 * 10) = 1 allowed
+    with pytest.raises(DatasetError, match="more than the 1 allowed") as caught:
+        list(loader)
+    assert str(bad[0]) in str(caught.value) and str(bad[1]) in str(caught.value)
+
+    # With the default 0.001 a 10-image split allows none.
+    with pytest.raises(DatasetError, match="more than the 0 allowed") as caught:
+        list(_loader(split, train=True, shuffle=False))
+    assert str(bad[0]) in str(caught.value)
+
+
+def test_corrupt_image_without_readable_class_mate_raises(tmp_path):
+    split = build_image_list_dataset(_make_tree(tmp_path)).train
+    only_image = split.root / split.paths[9]  # class 2 has a single image
+    _truncate(only_image)
+    with pytest.raises(DatasetError, match=r"no readable image of its class 2"):
+        list(_loader(split, train=True, fraction=0.5, shuffle=False))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_test_image_raises_naming_it(tmp_path, num_workers):
+    split = build_image_list_dataset(_make_tree(tmp_path)).test
+    bad_path = split.root / split.paths[4]
+    _truncate(bad_path)
+    loader = _loader(split, train=False, num_workers=num_workers, fraction=0.5, shuffle=False)
+    with pytest.raises(DatasetError, match="never substitutes") as caught:
+        list(loader)
+    assert str(bad_path) in str(caught.value)
+
+
+def test_decoder_fallbacks_and_verify_images(tmp_path):
+    source = _sample_files()[0]
+    with PIL.Image.open(source) as image:
+        image.convert("CMYK").save(tmp_path / "cmyk.JPEG", "JPEG")
+        image.save(tmp_path / "png_named.JPEG", "PNG")  # ImageNet holds a PNG named .JPEG
+        width, height = image.size
+    shutil.copyfile(source, tmp_path / "truncated.JPEG")
+    _truncate(tmp_path / "truncated.JPEG")
+    (tmp_path / "text.JPEG").write_text("not an image")
+    for name in ("cmyk.JPEG", "png_named.JPEG"):
+        decoded = decode_image_file(tmp_path / name)
+        assert decoded.shape == (3, height, width) and decoded.dtype == torch.uint8
+    grey = decode_image_file(next(p for p in sorted(SAMPLES.glob("*.JPEG")) if p.name in GREYSCALE_SAMPLES))
+    assert grey.shape[0] == 3
+
+    names = ["cmyk.JPEG", "png_named.JPEG", "truncated.JPEG", "text.JPEG", "missing.JPEG"]
+    split = FileSplit(name="verify", targets=np.zeros(len(names), dtype=np.int64), num_classes=1, root=tmp_path, paths=names)
+    assert verify_images(split, num_workers=0) == sorted(str(tmp_path / n) for n in names[2:])

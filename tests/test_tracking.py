@@ -1,0 +1,259 @@
+"""ltscale.tracking against a real MLflow server (session fixture) and the default local store."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+
+from ltscale.tracking import (
+    TAG_CODE_VERSION,
+    TAG_CONFIG_HASH,
+    TAG_ERROR,
+    TAG_OUTPUT,
+    TAG_PARENT_RUNS,
+    TAG_PIPELINE,
+    TAG_STAGE,
+    Tracker,
+    TrackingConfig,
+    code_version,
+    default_tracking_uri,
+    join_run_ids,
+    split_run_ids,
+    start_local_server,
+    ui_command,
+)
+from ltscale.tracking.plots import per_class_accuracy_figure, shot_group, virtual_example_figure
+
+COUNTS = [500, 120, 100, 60, 20, 19, 5]
+ACCURACY = [0.9, 0.8, 0.75, 0.6, 0.5, 0.3, 0.1]
+
+
+def _experiment() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+def _run_two_stages(tracker: Tracker) -> tuple[str, str, str]:
+    """A pipeline with a teacher and a distill stage that consumes it; returns the three run ids."""
+    with tracker.pipeline_run("cifar100_lt", {"seed": 0, "data": {"imbalance": 100}}, {"owner": "test"}) as pipeline:
+        with tracker.stage_run("teacher", {"optim": {"lr": 0.1, "momentum": 0.9}}, {TAG_CONFIG_HASH: "abc"}) as teacher:
+            for step in range(3):
+                teacher.log_metrics({"train/loss": 2.0 - step, "train/top1": 0.1 * step}, step=step)
+            teacher.log_dataset(
+                name="cifar100_lt_train",
+                digest="0123456789abcdef",
+                source="/data/cifar100",
+                context="training",
+                num_rows=sum(COUNTS),
+                extra={"class_counts": np.asarray(COUNTS), "imbalance_ratio": 100.0},
+            )
+            teacher.log_per_class_accuracy(ACCURACY, COUNTS, prefix="test")
+            teacher.log_dict({"epochs": 3}, "config/teacher.yaml")
+            teacher.set_tags({TAG_OUTPUT: "/out/teacher.pt"})
+        consumed = {TAG_PARENT_RUNS: join_run_ids([teacher.run_id])}
+        with tracker.stage_run("distill", {"temperature": 2.0}, consumed) as distill:
+            figure = virtual_example_figure({"T=2, p=0.5": np.asarray(COUNTS[::-1], float)}, COUNTS, "virtual")
+            distill.log_figure(figure, "rebalance/virtual_examples.png")
+            distill.log_metrics({"test/top1": 0.61})
+    return pipeline.run_id, teacher.run_id, distill.run_id
+
+
+def test_pipeline_and_stage_runs_on_server(mlflow_server: str, tmp_path: Path) -> None:
+    tracker = Tracker(TrackingConfig(tracking_uri=mlflow_server, experiment=_experiment()), tmp_path)
+    assert tracker.tracking_uri == mlflow_server
+    pipeline_id, teacher_id, distill_id = _run_two_stages(tracker)
+    client = MlflowClient(mlflow_server)
+
+    pipeline = client.get_run(pipeline_id)
+    assert pipeline.info.status == "FINISHED"
+    assert pipeline.data.params == {"seed": "0", "data.imbalance": "100"}
+    assert pipeline.data.tags["owner"] == "test"
+    assert pipeline.data.tags[TAG_CODE_VERSION] == code_version()
+    assert "mlflow.parentRunId" not in pipeline.data.tags
+
+    children = client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pipeline_id}'"
+    )
+    assert {run.info.run_id for run in children} == {teacher_id, distill_id}
+
+    teacher = client.get_run(teacher_id)
+    assert teacher.info.status == "FINISHED"
+    assert teacher.info.run_name == "teacher"
+    assert teacher.data.params == {"optim.lr": "0.1", "optim.momentum": "0.9"}
+    assert teacher.data.tags[TAG_STAGE] == "teacher"
+    assert teacher.data.tags[TAG_PIPELINE] == "cifar100_lt"
+    assert teacher.data.tags[TAG_CONFIG_HASH] == "abc"
+    assert teacher.data.tags[TAG_OUTPUT] == "/out/teacher.pt"
+    history = client.get_metric_history(teacher_id, "train/loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(0, 2.0), (1, 1.0), (2, 0.0)]
+
+    (dataset_input,) = teacher.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "cifar100_lt_train"
+    assert dataset_input.dataset.digest == "0123456789abcdef"
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
+    assert json.loads(dataset_input.dataset.profile)["class_counts"] == COUNTS
+
+    listed = {a.path for a in client.list_artifacts(teacher_id, "test")}
+    assert listed == {f"test/per_class_accuracy.{ext}" for ext in ("json", "csv", "png")}
+    table_path = download_artifacts(
+        run_id=teacher_id,
+        artifact_path="test/per_class_accuracy.json",
+        dst_path=str(tmp_path),
+        tracking_uri=mlflow_server,
+    )
+    table = json.loads(Path(table_path).read_text())
+    assert [row["train_count"] for row in table["classes"]] == COUNTS
+    assert [row["group"] for row in table["classes"]] == ["many", "many", "medium", "medium", "medium", "few", "few"]
+    assert table["groups"]["few"] == {"classes": 2, "accuracy": pytest.approx(0.2)}
+    assert {a.path for a in client.list_artifacts(teacher_id, "config")} == {"config/teacher.yaml"}
+
+    distill = client.get_run(distill_id)
+    assert split_run_ids(distill.data.tags[TAG_PARENT_RUNS]) == [teacher_id]
+    assert distill.data.metrics["test/top1"] == pytest.approx(0.61)
+    assert {a.path for a in client.list_artifacts(distill_id, "rebalance")} == {"rebalance/virtual_examples.png"}
+
+
+def test_failure_marks_runs_failed_and_propagates(mlflow_server: str, tmp_path: Path) -> None:
+    tracker = Tracker(TrackingConfig(tracking_uri=mlflow_server, experiment=_experiment()), tmp_path)
+    handles = {}
+    with pytest.raises(RuntimeError, match="loss diverged"):
+        with tracker.pipeline_run("pipe", {}, {}) as pipeline:
+            handles["pipeline"] = pipeline
+            with tracker.stage_run("teacher", {}, {}) as stage:
+                handles["stage"] = stage
+                raise RuntimeError("loss diverged")
+    client = MlflowClient(mlflow_server)
+    for handle in handles.values():
+        run = client.get_run(handle.run_id)
+        assert run.info.status == "FAILED"
+        assert run.data.tags[TAG_ERROR] == "RuntimeError: loss diverged"
+    assert mlflow.active_run() is None
+    # Nothing leaked: the same tracker starts a fresh pipeline afterwards.
+    with tracker.pipeline_run("again", {}, {}) as again:
+        pass
+    assert client.get_run(again.run_id).info.status == "FINISHED"
+
+
+def test_non_finite_metric_raises_and_logs_nothing(mlflow_server: str, tmp_path: Path) -> None:
+    tracker = Tracker(TrackingConfig(tracking_uri=mlflow_server, experiment=_experiment()), tmp_path)
+    with tracker.pipeline_run("pipe", {}, {}) as pipeline:
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ValueError, match="'train/loss'"):
+                pipeline.log_metrics({"train/top1": 0.5, "train/loss": bad}, step=1)
+        with pytest.raises(TypeError, match="'train/top1'"):
+            pipeline.log_metrics({"train/top1": None})  # type: ignore[dict-item]
+    run = MlflowClient(mlflow_server).get_run(pipeline.run_id)
+    assert run.data.metrics == {}
+    assert run.info.status == "FINISHED"
+
+
+def test_params_flattened_truncated_and_batched(mlflow_server: str, tmp_path: Path) -> None:
+    tracker = Tracker(TrackingConfig(tracking_uri=mlflow_server, experiment=_experiment()), tmp_path)
+    params = {"many": {f"key{i:03d}": i for i in range(250)}, "long": "x" * 7000, "empty": {}}
+    with tracker.pipeline_run("pipe", params, {}) as pipeline:
+        pass
+    logged = MlflowClient(mlflow_server).get_run(pipeline.run_id).data.params
+    assert len(logged) == 252
+    assert logged["many.key249"] == "249"
+    assert logged["empty"] == "{}"
+    assert len(logged["long"]) == 6000
+    assert logged["long"].startswith("xxx") and logged["long"].endswith("...[truncated 7000 chars]")
+
+
+def test_runs_must_nest_properly(mlflow_server: str, tmp_path: Path) -> None:
+    tracker = Tracker(TrackingConfig(tracking_uri=mlflow_server, experiment=_experiment()), tmp_path)
+    with pytest.raises(RuntimeError, match="needs an active pipeline_run"):
+        with tracker.stage_run("teacher", {}, {}):
+            pass
+    with tracker.pipeline_run("outer", {}, {}):
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with tracker.pipeline_run("inner", {}, {}):
+                pass
+
+
+def test_default_local_store_and_two_trackers(mlflow_server: str, tmp_path: Path) -> None:
+    global_uri = mlflow.get_tracking_uri()
+    local = Tracker(TrackingConfig(), tmp_path / "out")
+    remote = Tracker(TrackingConfig(tracking_uri=mlflow_server, experiment=_experiment()), tmp_path)
+    assert local.tracking_uri == default_tracking_uri(tmp_path / "out")
+    assert local.tracking_uri == f"sqlite:///{(tmp_path / 'out' / 'mlflow.db').resolve()}"
+    assert (tmp_path / "out" / "mlflow.db").exists()
+
+    # Interleaved runs on two stores: each lands in its own.
+    with local.pipeline_run("local", {"where": "local"}, {}) as local_pipeline:
+        with remote.pipeline_run("remote", {"where": "remote"}, {}) as remote_pipeline:
+            with local.stage_run("teacher", {}, {}) as local_stage:
+                local_stage.log_metrics({"test/top1": 0.5}, step=3)
+                local_stage.log_per_class_accuracy(ACCURACY, COUNTS, prefix="")
+                local_stage.log_dataset("d", "e" * 64, "synthetic", "evaluation", 7)
+                note = tmp_path / "note.txt"
+                note.write_text("hello")
+                local_stage.log_artifact(note, "notes")
+    assert mlflow.get_tracking_uri() == global_uri
+
+    client = MlflowClient(local.tracking_uri)
+    stage = client.get_run(local_stage.run_id)
+    assert stage.data.tags["mlflow.parentRunId"] == local_pipeline.run_id
+    assert stage.data.metrics == {"test/top1": 0.5}
+    (dataset_input,) = stage.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == "e" * 36  # MLflow's limit; the whole digest is in the profile
+    assert json.loads(dataset_input.dataset.profile)["digest"] == "e" * 64
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "evaluation"
+    artifacts = tmp_path / "out" / "mlartifacts"
+    assert {p.name for p in artifacts.rglob("*") if p.is_file()} == {
+        "per_class_accuracy.json", "per_class_accuracy.csv", "per_class_accuracy.png", "note.txt"
+    }  # fmt: skip
+    assert client.get_run(local_pipeline.run_id).data.params == {"where": "local"}
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_run(remote_pipeline.run_id)
+    assert MlflowClient(mlflow_server).get_run(remote_pipeline.run_id).data.params == {"where": "remote"}
+
+    # A second tracker over the same output dir reuses the store and the experiment.
+    assert Tracker(TrackingConfig(), tmp_path / "out").experiment_id == local.experiment_id
+
+
+def test_server_start_failure_reports_output(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="exited with code"):
+        start_local_server("notascheme://nowhere", tmp_path / "artifacts", timeout=30)
+
+
+def test_ui_command_points_at_default_store(tmp_path: Path) -> None:
+    argv = ui_command(tmp_path)
+    assert argv[1:4] == ["-m", "mlflow", "ui"]
+    assert argv[argv.index("--backend-store-uri") + 1] == default_tracking_uri(tmp_path)
+
+
+def test_code_version_reads_git(tmp_path: Path) -> None:
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+    fallback = code_version(tmp_path)  # not a checkout: the package version or "unknown", no error
+    assert fallback and "-dirty" not in fallback
+    git("init", "-q")
+    (tmp_path / "module.py").write_text("x = 1\n")
+    git("add", "module.py")
+    git("commit", "-q", "-m", "init")
+    commit = git("rev-parse", "HEAD")
+    assert code_version(tmp_path) == commit
+    (tmp_path / "module.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == f"{commit}-dirty"
+    assert isinstance(code_version(), str) and code_version()
+
+
+def test_shot_groups_and_plot_validation() -> None:
+    assert [shot_group(c) for c in (101, 100, 20, 19)] == ["many", "medium", "medium", "few"]
+    with pytest.raises(ValueError, match="3 entries but class_counts has 7"):
+        per_class_accuracy_figure(ACCURACY[:3], COUNTS, "t")
+    with pytest.raises(ValueError, match="'bad'"):
+        virtual_example_figure({"bad": np.ones(3)}, COUNTS, "t")
+    with pytest.raises(ValueError, match="non-negative"):
+        per_class_accuracy_figure(ACCURACY, [-1] + COUNTS[1:], "t")
