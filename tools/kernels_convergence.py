@@ -13,7 +13,7 @@ maximum absolute difference go to a JSON file, and the exit status is 1 when
 run produced a non-finite loss.
 
     python tools/kernels_convergence.py --device cuda --out convergence.json            # 300 steps
-    python tools/kernels_convergence.py --device cpu --steps 40 --out convergence.json  # interpreter
+    python tools/kernels_convergence.py --device cpu --steps 40 --out convergence.json  # interp.
 
 On ``--device cpu`` the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` is set by
 this script before triton is imported) with a smaller problem.

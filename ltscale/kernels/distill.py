@@ -11,6 +11,7 @@ the given tensors (see :func:`kernels_usable`) the public functions fall back to
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -27,7 +28,8 @@ _CE_SEPARATE = 2
 
 
 def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    # the spellings triton's getenv_bool accepts as true
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
 def kernels_usable(tensor: Any) -> bool:
@@ -43,7 +45,7 @@ def kernels_usable(tensor: Any) -> bool:
             return False
         interpret = _interpret_env()
         if tensor.is_cuda:
-            if interpret:
+            if interpret or torch.cuda.get_device_capability(tensor.device) < (7, 0):
                 return False
         elif tensor.device.type == "cpu":
             if not interpret:
@@ -90,8 +92,59 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU even when it is not the current device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch_fwd(k, n, student, teacher, h, y, cnt, row_loss, lse_s, lse_t, lse_h, c,
+                temperature, power, kd_coef, ce_coef, ce_src, has_prior, block, warps):
+    k._distill_fwd_kernel[(n,)](
+        student, student.stride(0),
+        teacher, teacher.stride(0),
+        h, h.stride(0),
+        y, cnt,
+        row_loss, lse_s, lse_t, lse_h,
+        c,
+        1.0 / temperature,
+        power / temperature,
+        kd_coef,
+        ce_coef,
+        CE_SRC=ce_src,
+        HAS_PRIOR=has_prior,
+        BLOCK=block,
+        num_warps=warps,
+    )
+
+
+
+def _launch_bwd(k, n, g, student, teacher, h, y, cnt, lse_s, lse_t, lse_h, ds, dh, c,
+                temperature, power, kd_coef, ce_coef, ce_src, has_prior, block, warps):
+    k._distill_bwd_kernel[(n,)](
+        g,
+        student, student.stride(0),
+        teacher, teacher.stride(0),
+        h, h.stride(0),
+        y, cnt,
+        lse_s, lse_t, lse_h,
+        ds if ds is not None else lse_s,  # dummy pointer when not written
+        dh if dh is not None else lse_s,  # dummy pointer when not written
+        c,
+        1.0 / temperature,
+        power / temperature,
+        kd_coef / (temperature * n),
+        ce_coef / n,
+        CE_SRC=ce_src,
+        HAS_PRIOR=has_prior,
+        WRITE_DS=ds is not None,
+        WRITE_DH=dh is not None,
+        BLOCK=block,
+        num_warps=warps,
+    )
+
+
 class _FusedDistillFn(torch.autograd.Function):
-    """l = mean_rows( kd_coef * KL(softmax(zt p/T) || softmax(z/T)) + ce_coef * CE(h [+ log n], y) ).
+    """mean_rows(kd_coef * KL(softmax(zt p / T) || softmax(z / T)) + ce_coef * CE(h [+ log n], y)).
 
     ``ce_src``: 0 no CE term; 1 CE on the student logits (DiVE); 2 CE on ``ce_logits`` (SSD).
     Gradients are returned for ``student`` and (``ce_src == 2``) ``ce_logits`` only.
@@ -135,7 +188,9 @@ class _FusedDistillFn(torch.autograd.Function):
         has_prior = class_counts is not None
         if has_prior:
             if class_counts.shape != (c,):
-                raise ValueError(f"class_counts must have shape ({c},), got {tuple(class_counts.shape)}")
+                raise ValueError(
+                    f"class_counts must have shape ({c},), got {tuple(class_counts.shape)}"
+                )
             class_counts = class_counts.to(device=dev).contiguous()
 
         f32 = torch.float32
@@ -148,22 +203,9 @@ class _FusedDistillFn(torch.autograd.Function):
         cnt = class_counts if has_prior else lse_h  # dummy pointer when unused
         block, warps = _block_and_warps(c)
         if n > 0:
-            k._distill_fwd_kernel[(n,)](
-                student, student.stride(0),
-                teacher, teacher.stride(0),
-                h, h.stride(0),
-                y, cnt,
-                row_loss, lse_s, lse_t, lse_h,
-                c,
-                1.0 / temperature,
-                power / temperature,
-                kd_coef,
-                ce_coef,
-                CE_SRC=ce_src,
-                HAS_PRIOR=has_prior,
-                BLOCK=block,
-                num_warps=warps,
-            )
+            with _on_device(dev):
+                _launch_fwd(k, n, student, teacher, h, y, cnt, row_loss, lse_s, lse_t, lse_h, c,
+                            temperature, power, kd_coef, ce_coef, ce_src, has_prior, block, warps)
         ctx.save_for_backward(student, teacher, h, y, cnt, lse_s, lse_t, lse_h)
         ctx.params = (temperature, power, kd_coef, ce_coef, ce_src, has_prior, block, warps)
         return row_loss.mean()
@@ -178,29 +220,11 @@ class _FusedDistillFn(torch.autograd.Function):
         ds = torch.empty((n, c), device=student.device, dtype=student.dtype) if write_ds else None
         dh = torch.empty((n, c), device=h.device, dtype=h.dtype) if write_dh else None
         if (write_ds or write_dh) and n > 0:
-            g = grad_output.detach().to(torch.float32).reshape(())
-            k = _kernels()
-            k._distill_bwd_kernel[(n,)](
-                g,
-                student, student.stride(0),
-                teacher, teacher.stride(0),
-                h, h.stride(0),
-                y, cnt,
-                lse_s, lse_t, lse_h,
-                ds if ds is not None else lse_s,
-                dh if dh is not None else lse_s,
-                c,
-                1.0 / temperature,
-                power / temperature,
-                kd_coef / (temperature * n),
-                ce_coef / n,
-                CE_SRC=ce_src,
-                HAS_PRIOR=has_prior,
-                WRITE_DS=write_ds,
-                WRITE_DH=write_dh,
-                BLOCK=block,
-                num_warps=warps,
-            )
+            g = grad_output.detach().to(torch.float32).reshape(())  # stays on device: no sync
+            with _on_device(student.device):
+                _launch_bwd(_kernels(), n, g, student, teacher, h, y, cnt, lse_s, lse_t, lse_h,
+                            ds, dh, c, temperature, power, kd_coef, ce_coef, ce_src, has_prior,
+                            block, warps)
         return ds, None, dh, None, None, None, None, None, None, None
 
 
