@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -13,7 +14,7 @@ def _rows(result, detail: bool) -> list[tuple[str, dict[str, float]]]:
             metrics = output.manifest.get("metrics", {})
             heads = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2 and k.startswith("test/")})
             for head in heads if len(heads) > 1 else []:
-                rows.append((f"  {stage} [{head} head]", {k.replace(f"test/{head}/", "test/"): v for k, v in metrics.items()}))
+                rows.append((f"  {stage} ({head} head)", {k.replace(f"test/{head}/", "test/"): v for k, v in metrics.items()}))
             if stage != result.result_stage and len(heads) <= 1 and "test/top1" in metrics:
                 rows.append((f"  {stage}", metrics))
     return rows
@@ -27,5 +28,5 @@ def print_results(results, detail: bool = False, console: Console | None = None)
     for result in results:
         for label, metrics in _rows(result, detail):
             cells = [f"{metrics[f'test/{g}']:.2f}" if f"test/{g}" in metrics else "-" for g in ("many", "medium", "few", "top1")]
-            table.add_row(label, *cells, result.run_id if not label.startswith(" ") else "")
+            table.add_row(escape(label), *cells, result.run_id if not label.startswith(" ") else "")
     console.print(table)
