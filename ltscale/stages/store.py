@@ -9,13 +9,17 @@ without a manifest is unfinished and never trusted; its ``progress.pt`` lets the
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ltscale.engine.checkpoint import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.pt"
@@ -42,6 +46,14 @@ class StageOutput:
         return self.directory / files[role]
 
 
+def file_checksum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root) / "store"
@@ -59,12 +71,21 @@ class Store:
             manifest = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             return None  # unreadable manifest: recompute rather than trust it
-        if manifest.get("key") != key or not all((directory / f).is_file() for f in manifest.get("files", {}).values()):
+        if manifest.get("key") != key:
             return None
+        recorded = manifest.get("checksums", {})
+        for role, filename in manifest.get("files", {}).items():
+            path = directory / filename
+            if not path.is_file() or recorded.get(role) != file_checksum(path):
+                # A file changed or vanished after the stage finished: recompute instead of
+                # handing a corrupt checkpoint to the next stage.
+                log.warning("stage output %s: %s is missing or does not match its checksum; recomputing", directory, filename)
+                return None
         return StageOutput(name, kind, key, directory, manifest)
 
     def finish(self, name: str, kind: str, key: str, manifest: dict[str, Any]) -> StageOutput:
         directory = self.directory(kind, key)
-        manifest = {**manifest, "key": key, "kind": kind, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        checksums = {role: file_checksum(directory / f) for role, f in manifest.get("files", {}).items()}
+        manifest = {**manifest, "key": key, "kind": kind, "checksums": checksums, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_json(manifest, directory / MANIFEST)
         return StageOutput(name, kind, key, directory, manifest)
