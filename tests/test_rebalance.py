@@ -1,0 +1,116 @@
+"""LWS / cRT / tau-norm: what each re-balancing head computes and what stays frozen."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ltscale.engine.schedule import OptimConfig
+from ltscale.models.heads import HeadSpec, LinearHead, LWSHead, TauNormHead, rebalanced_head
+from ltscale.stages.config import PipelineConfig, RebalanceConfig, TeacherConfig
+from ltscale.stages.context import load_model
+from ltscale.stages.pipeline import run_pipeline
+from ltscale.stages.tasks import RebalanceTask
+from ltscale.models.network import ModelConfig, Network, replace_head
+from tests.test_pipeline import TINY, TINY_DATA
+
+
+def _trained_linear(features: int = 5, classes: int = 4) -> LinearHead:
+    torch.manual_seed(0)
+    head = LinearHead(features, classes)
+    with torch.no_grad():
+        head.weight.mul_(torch.arange(1, classes + 1, dtype=torch.float32)[:, None])  # unequal class norms
+        head.bias.uniform_(-1, 1)
+    return head
+
+
+def test_lws_starts_as_the_source_classifier_and_trains_only_scales():
+    source = _trained_linear()
+    lws = rebalanced_head(source, HeadSpec("lws", 4), 5)
+    assert isinstance(lws, LWSHead)
+    features = torch.randn(7, 5)
+    torch.testing.assert_close(lws(features), source(features))
+    assert [name for name, p in lws.named_parameters() if p.requires_grad] == ["scales"]
+    with torch.no_grad():
+        lws.scales.copy_(torch.tensor([2.0, 1.0, 0.5, 3.0]))
+    torch.testing.assert_close(lws(features), source(features) * lws.scales)
+
+
+def test_tau_norm_equalises_weight_norms_and_drops_the_bias():
+    source = _trained_linear()
+    features = torch.randn(3, 5)
+    zero = rebalanced_head(source, HeadSpec("tau_norm", 4, tau=0.0), 5)
+    torch.testing.assert_close(zero(features), features @ source.weight.t())  # tau = 0: bias-free linear
+    one = rebalanced_head(source, HeadSpec("tau_norm", 4, tau=1.0), 5)
+    assert isinstance(one, TauNormHead)
+    normalised = source.weight / source.weight.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(one(features), features @ normalised.t())
+    half = rebalanced_head(source, HeadSpec("tau_norm", 4, tau=0.5), 5)
+    expected = features @ (source.weight / source.weight.norm(dim=1, keepdim=True).sqrt()).t()
+    torch.testing.assert_close(half(features), expected)
+
+
+def test_crt_reinitialises_the_classifier():
+    source = _trained_linear()
+    crt = rebalanced_head(source, HeadSpec("linear", 4), 5)
+    assert not torch.equal(crt.weight, source.weight)
+    assert torch.count_nonzero(crt.bias) == 0
+    assert all(p.requires_grad for p in crt.parameters())
+
+
+def test_lws_and_tau_norm_refuse_a_cosine_head():
+    from ltscale.models.heads import CosineHead
+
+    with pytest.raises(ValueError, match="linear classifier"):
+        rebalanced_head(CosineHead(5, 4), HeadSpec("lws", 4), 5)
+
+
+def test_rebalance_task_keeps_backbone_and_batch_norm_frozen():
+    network = Network(ModelConfig(arch="resnet8", width=4), {"cls": HeadSpec("linear", 3)}, "cls")
+    spec = HeadSpec("lws", 3)
+    replace_head(network, "cls", rebalanced_head(network.heads["cls"], spec, network.feature_dim), spec)
+    task = RebalanceTask(network, "cls")
+    before = {k: v.clone() for k, v in network.backbone.state_dict().items()}
+    optimizer = torch.optim.SGD(task.trainable_parameters(), lr=0.5)
+    task.train()
+    assert not network.backbone.training, "batch-norm statistics must not move while re-balancing"
+    for _ in range(3):
+        out = task({"image": torch.randn(8, 3, 8, 8), "target": torch.randint(0, 3, (8,))})
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    for key, value in network.backbone.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed during re-balancing"
+    assert not torch.equal(network.heads["cls"].scales, torch.ones(3))
+    assert [p.shape for p in task.trainable_parameters()] == [torch.Size([3])]
+
+
+@pytest.mark.parametrize("method", ["lws", "crt", "tau_norm"])
+def test_rebalance_stage_changes_only_the_classifier(tmp_path, method):
+    stages = {
+        "teacher": TeacherConfig(model=TINY.model, optim=TINY.optim),
+        "rebalanced": RebalanceConfig(source="teacher", method=method, optim=TINY.rebalance_optim, tau=0.7),
+    }
+    config = PipelineConfig(name=f"tiny/{method}", data=TINY_DATA, stages=stages, output_dir=str(tmp_path), progress=False, device="cpu")
+    result = run_pipeline(config)
+    teacher = load_model(result.outputs["teacher"].file("model"), torch.device("cpu"))
+    rebalanced = load_model(result.outputs["rebalanced"].file("model"), torch.device("cpu"))
+    for (name, a), (_, b) in zip(teacher.backbone.state_dict().items(), rebalanced.backbone.state_dict().items()):
+        assert torch.equal(a, b), f"backbone tensor {name} changed"
+    assert rebalanced.head_specs["cls"].kind == {"lws": "lws", "crt": "linear", "tau_norm": "tau_norm"}[method]
+    if method == "tau_norm":
+        assert rebalanced.head_specs["cls"].tau == pytest.approx(0.7)
+    if method != "crt":  # LWS / tau-norm keep the teacher's classifier weights underneath
+        torch.testing.assert_close(rebalanced.heads["cls"].linear.weight, teacher.heads["cls"].weight)
+    assert np.isfinite(result.metrics("rebalanced")["test/few"])
+
+
+def test_tau_search_without_validation_split_is_a_clear_error(tmp_path):
+    stages = {
+        "teacher": TeacherConfig(model=TINY.model, optim=OptimConfig(epochs=1, batch_size=64, warmup_epochs=0)),
+        "tau": RebalanceConfig(source="teacher", method="tau_norm", tau_search=True),
+    }
+    config = PipelineConfig(name="tiny/tau", data=TINY_DATA, stages=stages, output_dir=str(tmp_path), progress=False, device="cpu")
+    with pytest.raises(ValueError, match="validation split"):
+        run_pipeline(config)
