@@ -91,8 +91,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config = _pipeline_config(f"demo/{method}", args)
         results.append(run_pipeline(config))
     print_results(results, detail=True)
-    output_dir = Path(results[0].tracking_uri.removeprefix("sqlite:///")).parent if results else Path(DEFAULT_OUTPUT)
-    print(f"\nMLflow record: {results[0].tracking_uri}\nOpen the UI with: ltscale ui --output-dir {output_dir}")
+    print(f"\nMLflow record: {results[-1].tracking_uri} (experiment {config.tracking.experiment!r})")
+    if not args.tracking_uri:
+        print(f"Open the UI with: ltscale ui --output-dir {config.output_dir}")
     return 0
 
 
