@@ -35,7 +35,8 @@ def inat18(method: str, epochs: int = 90) -> PipelineConfig:
         optim=dataclasses.replace(INAT18_RECIPE.optim, epochs=epochs),
         rebalance_sampler=dataclasses.replace(INAT18_RECIPE.rebalance_sampler, samples_per_class=4),
     )
-    return PipelineConfig(name=f"inat18-{epochs}ep/{method}", data=DataConfig(dataset="inat2018", image_size=224), stages=METHODS[method](base))
+    name = f"inat18/{method}" if epochs == 90 else f"inat18-{epochs}ep/{method}"  # the registered recipe name
+    return PipelineConfig(name=name, data=DataConfig(dataset="inat2018", image_size=224), stages=METHODS[method](base))
 
 
 for _method in METHODS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ class _Archive:
         if root.is_file():
             try:
                 self.tar: tarfile.TarFile | None = tarfile.open(root, "r:*")
-            except (tarfile.TarError, OSError) as error:
+            except (tarfile.TarError, OSError, EOFError) as error:  # EOFError: a gzip cut short
                 raise DatasetError(
                     f"data.root {str(root)!r} is a file but not a readable tar archive ({error}). "
                     f"Expected the official CIFAR python archive containing {top}/."
@@ -93,7 +94,7 @@ class _Archive:
                 )
             with open(path, "rb") as handle:
                 return pickle.load(handle, encoding="latin1")
-        except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        except (pickle.UnpicklingError, EOFError, ValueError, tarfile.TarError, OSError, zlib.error) as error:
             if isinstance(error, DatasetError):
                 raise
             raise DatasetError(f"{where} is not a readable CIFAR pickle ({error}); the archive may be truncated") from None

@@ -54,7 +54,12 @@ class ClassificationLoss:
         if (class_counts <= 0).any() and config.kind in ("bsce", "ldam"):
             empty = np.flatnonzero(class_counts <= 0)[:5].tolist()
             raise ValueError(f"loss.kind={config.kind} needs every class to have training images; classes {empty} have none")
-        self.drw_weights = torch.as_tensor(effective_number_weights(class_counts, config.drw_beta), dtype=torch.float32, device=device)
+        # Only LDAM uses the DRW weights; for CE an empty class (legal there) would make them inf.
+        self.drw_weights = (
+            torch.as_tensor(effective_number_weights(class_counts, config.drw_beta), dtype=torch.float32, device=device)
+            if config.kind == "ldam"
+            else None
+        )
         self.weights: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:

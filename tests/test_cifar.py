@@ -1,0 +1,274 @@
+"""CIFAR-100-LT from the real archive in ``../shared/data`` (skipped when it is absent).
+
+The long-tailed subset is checked against an independent re-implementation of the LDAM-DRW
+protocol, written here from the raw pickles: n_c = int(500 * (1/IF) ** (c / 99)); seed numpy's
+RNG with 0 once, then for c = 0..99 shuffle ``np.where(labels == c)[0]`` and keep the first n_c.
+The error cases use small hand-made archives, so they run without the real data.
+
+Run:  python -m pytest tests/test_cifar.py -q
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ltscale.cli import main
+from ltscale.data.cifar import load_cifar_lt, long_tailed_indices
+from ltscale.data.errors import DatasetError
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ARCHIVE = DATA / "cifar-100-python.tar.gz"
+TOTALS = {100: 10_847, 50: 12_608, 10: 19_573}
+SMALLEST = {100: 5, 50: 10, 10: 50}
+
+
+def _require_archive() -> Path:
+    if not ARCHIVE.is_file():
+        pytest.skip(f"real CIFAR-100 archive not found at {ARCHIVE} (needs ../shared/data next to the repository)")
+    return ARCHIVE
+
+
+def _protocol_counts(imbalance: int) -> np.ndarray:
+    return np.array([int(500 * (1.0 / imbalance) ** (c / 99)) for c in range(100)])
+
+
+def _protocol_subset(labels: np.ndarray, imbalance: int) -> np.ndarray:
+    # np.random.seed(0) + np.random.shuffle draw from the same MT19937 stream as RandomState(0);
+    # a private RandomState keeps this test from touching the global RNG itself.
+    rng = np.random.RandomState(0)
+    kept = []
+    for c, n_c in enumerate(_protocol_counts(imbalance)):
+        idx = np.where(labels == c)[0]
+        rng.shuffle(idx)
+        kept.append(idx[:n_c])
+    return np.concatenate(kept)
+
+
+def _as_images(rows: np.ndarray) -> np.ndarray:
+    return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def raw():
+    """The archive's train/test/meta pickles, read directly (not through ltscale)."""
+    archive = _require_archive()
+    with tarfile.open(archive, "r:gz") as tar:
+        return {
+            name: pickle.load(tar.extractfile(f"cifar-100-python/{name}"), encoding="latin1")
+            for name in ("train", "test", "meta")
+        }
+
+
+@pytest.fixture(scope="module")
+def bundles():
+    archive = _require_archive()
+    np.random.seed(1234)
+    before = np.random.get_state()
+    loaded = {imbalance: load_cifar_lt("cifar100_lt", archive, imbalance) for imbalance in (100, 50, 10)}
+    after = np.random.get_state()
+    return loaded, (before, after)
+
+
+# ---- the real archive --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("imbalance", [100, 50, 10])
+def test_subset_sizes(bundles, imbalance):
+    bundle = bundles[0][imbalance]
+    counts = bundle.train.class_counts()
+    assert len(bundle.train) == TOTALS[imbalance]
+    assert counts.sum() == TOTALS[imbalance]
+    assert counts[0] == 500 and counts[-1] == SMALLEST[imbalance] and counts.min() == SMALLEST[imbalance]
+    assert np.all(np.diff(counts) <= 0)  # class 0 is the head, class 99 the tail
+    np.testing.assert_array_equal(counts, _protocol_counts(imbalance))
+    assert bundle.num_classes == 100 and bundle.image_size == 32
+    assert bundle.name == f"cifar100_lt-if{imbalance}"
+
+
+@pytest.mark.parametrize("imbalance", [100, 50, 10])
+def test_balanced_test_set(bundles, raw, imbalance):
+    test = bundles[0][imbalance].test
+    assert len(test) == 10_000
+    np.testing.assert_array_equal(test.class_counts(), np.full(100, 100))
+    if imbalance == 100:
+        np.testing.assert_array_equal(test.targets, raw["test"]["fine_labels"])
+        assert test.images.dtype == np.uint8 and test.images.shape == (10_000, 32, 32, 3)
+        assert np.array_equal(test.images, _as_images(np.asarray(raw["test"]["data"])))
+
+
+@pytest.mark.parametrize("imbalance", [100, 50, 10])
+def test_subset_is_the_ldam_drw_protocol_image_for_image(bundles, raw, imbalance):
+    labels = np.asarray(raw["train"]["fine_labels"])
+    keep = _protocol_subset(labels, imbalance)
+    train = bundles[0][imbalance].train
+    np.testing.assert_array_equal(train.targets, labels[keep])
+    assert train.images.dtype == np.uint8 and train.images.shape == (TOTALS[imbalance], 32, 32, 3)
+    expected = np.ascontiguousarray(_as_images(np.asarray(raw["train"]["data"])[keep]))
+    assert np.ascontiguousarray(train.images).tobytes() == expected.tobytes()
+
+
+def test_subset_is_not_just_the_first_images_of_each_class(raw):
+    # guards the test above: the protocol's shuffle must matter on this archive
+    labels = np.asarray(raw["train"]["fine_labels"])
+    keep = _protocol_subset(labels, 100)
+    first = np.concatenate([np.where(labels == c)[0][:n] for c, n in enumerate(_protocol_counts(100))])
+    assert not np.array_equal(keep, first)
+
+
+def test_class_names_in_official_order(bundles, raw):
+    names = bundles[0][100].train.class_names
+    assert names == list(raw["meta"]["fine_label_names"])
+    assert (names[0], names[1], names[-1], len(names)) == ("apple", "aquarium_fish", "worm", 100)
+
+
+def test_global_numpy_rng_state_is_left_untouched(bundles):
+    before, after = bundles[1]
+    assert before[0] == after[0] and before[2:] == after[2:]
+    np.testing.assert_array_equal(before[1], after[1])
+
+
+def test_long_tailed_indices_restores_the_global_rng_even_on_error():
+    np.random.seed(99)
+    expected = np.random.RandomState(99).random_sample(3)
+    with pytest.raises(TypeError):
+        long_tailed_indices(np.zeros(5, dtype=np.int64), np.array([object()]))  # n_c not usable as a slice bound
+    np.testing.assert_array_equal(np.random.random_sample(3), expected)
+
+
+def test_extracted_folder_gives_the_same_subset(bundles, tmp_path_factory):
+    archive = _require_archive()
+    folder = tmp_path_factory.mktemp("cifar")
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(folder, filter="data")
+    reference = bundles[0][100].train
+    for root in (folder, folder / "cifar-100-python"):  # the parent of the top folder, or the top folder itself
+        bundle = load_cifar_lt("cifar100_lt", root, 100)
+        np.testing.assert_array_equal(bundle.train.targets, reference.targets)
+        assert np.array_equal(bundle.train.images, reference.images)
+        assert len(bundle.test) == 10_000
+    # a folder missing a member names the file it expected
+    (folder / "cifar-100-python" / "meta").unlink()
+    with pytest.raises(DatasetError, match=rf"{folder / 'cifar-100-python' / 'meta'} is missing"):
+        load_cifar_lt("cifar100_lt", folder, 100)
+
+
+def test_cli_data_stats(capsys):
+    archive = _require_archive()
+    code = main(["data", "stats", "cifar100_lt", "--root", str(archive), "--imbalance-factor", "50", "--compact"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 1  # --compact: one line of JSON
+    stats = json.loads(lines[0])
+    assert stats["train_images"] == 12_608 and stats["test_images"] == 10_000
+    assert (stats["num_classes"], stats["max_class_count"], stats["min_class_count"]) == (100, 500, 10)
+    assert stats["imbalance_factor"] == 50.0
+    assert stats["train_class_counts"] == _protocol_counts(50).tolist()
+    counts = _protocol_counts(50)
+    assert stats["groups"] == {
+        "many": int((counts > 100).sum()),
+        "medium": int(((counts >= 20) & (counts <= 100)).sum()),
+        "few": int((counts < 20).sum()),
+    }
+
+
+# ---- errors (hand-made archives: no real data needed) -------------------------------------------
+
+
+def _pickle_bytes(obj) -> bytes:
+    return pickle.dumps(obj, protocol=2)
+
+
+def _fake_members(per_class: int = 3, classes: int = 100) -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(classes), per_class).tolist()
+    data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+    return {
+        "test": _pickle_bytes({"data": data, "fine_labels": labels}),
+        "train": _pickle_bytes({"data": data, "fine_labels": labels}),
+        "meta": _pickle_bytes({"fine_label_names": [f"class{c}" for c in range(classes)]}),
+    }
+
+
+def _write_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
+    with tarfile.open(path, mode) as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_fake_archive_loads(tmp_path):
+    # the hand-made archives below differ from this one only in the defect under test
+    bundle = load_cifar_lt("cifar100_lt", _write_tar(tmp_path / "ok.tar.gz", _fake_members()), 1.0)
+    assert len(bundle.train) == 300 and len(bundle.test) == 300
+
+
+def test_missing_root(tmp_path):
+    missing = tmp_path / "nowhere" / "cifar-100-python.tar.gz"
+    with pytest.raises(DatasetError, match=rf"data.root '{missing}' does not exist"):
+        load_cifar_lt("cifar100_lt", missing, 100)
+
+
+def test_empty_root():
+    with pytest.raises(DatasetError, match="data.root is empty"):
+        load_cifar_lt("cifar100_lt", "", 100)
+
+
+def test_a_file_that_is_not_an_archive(tmp_path):
+    path = tmp_path / "cifar-100-python.tar.gz"
+    path.write_bytes(b"this is not a tar archive\n" * 40)
+    with pytest.raises(DatasetError, match=rf"data.root '{path}' is a file but not a readable tar archive"):
+        load_cifar_lt("cifar100_lt", path, 100)
+
+
+@pytest.mark.parametrize("keep_bytes", [60, 4_000, 200_000])
+def test_truncated_gzip_archive(tmp_path, keep_bytes):
+    full = _write_tar(tmp_path / "full.tar.gz", _fake_members(per_class=5))
+    assert full.stat().st_size > 2 * 200_000
+    path = tmp_path / "cut.tar.gz"
+    path.write_bytes(full.read_bytes()[:keep_bytes])
+    with pytest.raises(DatasetError, match=rf"{path}"):
+        load_cifar_lt("cifar100_lt", path, 100)
+
+
+@pytest.mark.parametrize("keep_bytes", [700_000, 2_000_000])
+def test_truncated_plain_tar_archive(tmp_path, keep_bytes):
+    # cut inside the data of the first member (test) or of train: reaching train hits the end of the file
+    full = _write_tar(tmp_path / "full.tar", _fake_members(per_class=10), mode="w")
+    assert full.stat().st_size > 2_000_000
+    path = tmp_path / "cut.tar"
+    path.write_bytes(full.read_bytes()[:keep_bytes])
+    with pytest.raises(DatasetError, match=rf"{path}:cifar-100-python/train .*may be truncated"):
+        load_cifar_lt("cifar100_lt", path, 100)
+
+
+@pytest.mark.parametrize("missing", ["train", "test", "meta"])
+def test_missing_member(tmp_path, missing):
+    members = _fake_members()
+    del members[missing]
+    path = _write_tar(tmp_path / "partial.tar.gz", members)
+    with pytest.raises(DatasetError, match=rf"{path}:cifar-100-python/{missing} is missing from the archive"):
+        load_cifar_lt("cifar100_lt", path, 100)
+
+
+def test_member_that_is_not_a_pickle(tmp_path):
+    members = _fake_members()
+    members["train"] = b"garbage" * 100
+    path = _write_tar(tmp_path / "bad.tar.gz", members)
+    with pytest.raises(DatasetError, match=rf"{path}:cifar-100-python/train is not a readable CIFAR pickle"):
+        load_cifar_lt("cifar100_lt", path, 100)
+
+
+def test_cli_reports_dataset_errors(tmp_path, capsys):
+    missing = tmp_path / "absent.tar.gz"
+    assert main(["data", "stats", "cifar100_lt", "--root", str(missing)]) == 2
+    assert f"data.root '{missing}' does not exist" in capsys.readouterr().err

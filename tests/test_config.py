@@ -1,0 +1,375 @@
+"""Typed configs: dotted overrides, validation, the recipe registry, hashing, and lr schedules.
+
+The CIFAR recipe checks pin the paper settings listed in ``METHODS.md`` (ResNet-32, 200 epochs,
+batch 128, SGD 0.1 / wd 2e-4, 5 warm-up epochs, x0.01 at 160 and x1e-4 at 180; LWS 5 epochs,
+lr 0.2, batch 512, class-balanced; DiVE T = 3, p = 0.5, alpha = 0.5; SSD T = 2, rotation weight 1).
+
+Run:  python -m pytest tests/test_config.py -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Literal, Optional
+
+import numpy as np
+import pytest
+
+from ltscale.config import ConfigError, apply_overrides, config_hash, flatten_config, get_recipe, list_recipes
+from ltscale.config.overrides import parse_value
+from ltscale.engine.schedule import OptimConfig, lr_schedule
+from ltscale.stages.config import (
+    DistillConfig,
+    PipelineConfig,
+    RebalanceConfig,
+    SoftLabelsConfig,
+    TeacherConfig,
+    VirtualExamplesConfig,
+)
+
+SSD = "cifar100-lt-if100/ssd"
+
+
+@pytest.fixture
+def ssd():
+    return get_recipe(SSD)
+
+
+# ---- typed overrides ---------------------------------------------------------------------------
+
+
+def test_overrides_parse_each_field_type(ssd):
+    config = apply_overrides(
+        ssd,
+        [
+            "seed=3",  # int
+            "stages.teacher.optim.lr=0.05",  # float, nested in a named stage
+            "stages.teacher.optim.weight_decay=5e-4",
+            "progress=false",  # bool
+            "stages.teacher.optim.nesterov=yes",
+            "precision=bf16",  # Literal
+            "stages.teacher.optim.milestones=(120, 160)",  # tuple[int, ...]
+            "stages.teacher.optim.decay_factors=0.1,0.01",  # tuple[float, ...] without brackets
+            "tracking.tracking_uri=http://127.0.0.1:5000/a=b",  # only the first '=' splits
+            "data.root=/data/cifar-100-python.tar.gz",
+        ],
+    )
+    teacher = config.stages["teacher"]
+    assert config.seed == 3 and type(config.seed) is int
+    assert teacher.optim.lr == 0.05 and type(teacher.optim.lr) is float
+    assert teacher.optim.weight_decay == 5e-4
+    assert config.progress is False and teacher.optim.nesterov is True
+    assert config.precision == "bf16"
+    assert teacher.optim.milestones == (120, 160) and all(type(m) is int for m in teacher.optim.milestones)
+    assert teacher.optim.decay_factors == (0.1, 0.01)
+    assert config.tracking.tracking_uri == "http://127.0.0.1:5000/a=b"
+    assert config.data.root == "/data/cifar-100-python.tar.gz"
+    # only the named stage changed; the student keeps its own optimiser
+    assert config.stages["student"].optim.lr == 0.1 and config.stages["student"].optim.milestones == (160, 180)
+
+
+def test_a_float_field_accepts_an_integer_literal(ssd):
+    config = apply_overrides(ssd, ["stages.teacher.optim.lr=1"])
+    assert config.stages["teacher"].optim.lr == 1.0 and type(config.stages["teacher"].optim.lr) is float
+
+
+def test_overrides_do_not_mutate_the_input(ssd):
+    before = config_hash(ssd)
+    apply_overrides(ssd, ["stages.teacher.optim.lr=0.05", "seed=4"])
+    assert ssd.stages["teacher"].optim.lr == 0.1 and ssd.seed == 0
+    assert config_hash(ssd) == before
+
+
+def test_optional_and_union_annotations():
+    assert parse_value("none", Optional[int], "k") is None
+    assert parse_value("null", int | None, "k") is None
+    assert parse_value("7", Optional[int], "k") == 7
+    assert parse_value("2.5", float | None, "k") == 2.5
+    with pytest.raises(ConfigError, match=r"override k='x'"):
+        parse_value("x", Optional[int], "k")
+
+    @dataclasses.dataclass(frozen=True)
+    class Toy:
+        limit: Optional[int] = 3
+        mode: Literal["a", "b"] = "a"
+
+    assert apply_overrides(Toy(), ["limit=None"]).limit is None
+    assert apply_overrides(Toy(), ["limit=12"]).limit == 12
+
+
+@pytest.mark.parametrize(
+    ("override", "bad_value", "expected_type"),
+    [
+        ("seed=abc", "abc", "int"),
+        ("seed=1.5", "1.5", "int"),
+        ("stages.teacher.optim.lr=fast", "fast", "float"),
+        ("stages.teacher.optim.milestones=(120,x)", "x", "int"),  # the offending element is quoted
+        ("progress=maybe", "maybe", "boolean"),
+    ],
+)
+def test_wrong_type_names_the_key_and_the_expected_type(ssd, override, bad_value, expected_type):
+    key = override.split("=", 1)[0]
+    with pytest.raises(ConfigError) as error:
+        apply_overrides(ssd, [override])
+    message = str(error.value)
+    assert f"override {key}={bad_value!r}" in message, message
+    assert re.search(rf"\b{expected_type}\b", message), message
+
+
+def test_literal_choices_are_listed(ssd):
+    with pytest.raises(ConfigError, match=r"expected one of 'auto', 'fp32', 'bf16', got 'fp64'") as error:
+        apply_overrides(ssd, ["precision=fp64"])
+    assert "precision" in str(error.value)
+    with pytest.raises(ConfigError, match=r"'lws', 'crt', 'tau_norm'.*Did you mean 'tau_norm'"):
+        apply_overrides(ssd, ["stages.teacher_lws.method=tau-norm"])
+
+
+def test_unknown_field_suggests_a_close_match(ssd):
+    with pytest.raises(ConfigError) as error:
+        apply_overrides(ssd, ["stages.teacher.optim.lrr=0.1"])
+    message = str(error.value)
+    assert "unknown key 'stages.teacher.optim.lrr'" in message
+    assert "OptimConfig has no field 'lrr'" in message
+    assert "Did you mean 'lr'" in message
+
+
+def test_unknown_stage_suggests_a_close_match(ssd):
+    with pytest.raises(ConfigError, match=r"unknown key 'stages.teachr.optim.lr'.*Did you mean 'teacher'"):
+        apply_overrides(ssd, ["stages.teachr.optim.lr=0.1"])
+
+
+def test_key_below_a_leaf_and_whole_sections_are_rejected(ssd):
+    with pytest.raises(ConfigError, match=r"unknown key 'seed.value'"):
+        apply_overrides(ssd, ["seed.value=1"])
+    with pytest.raises(ConfigError, match=r"'stages.teacher.optim' names a whole section"):
+        apply_overrides(ssd, ["stages.teacher.optim=1"])
+    with pytest.raises(ConfigError, match=r"'stages.teacher' names a whole section"):
+        apply_overrides(ssd, ["stages.teacher=x"])
+
+
+def test_malformed_overrides_are_rejected(ssd):
+    with pytest.raises(ConfigError, match=r"not of the form key=value"):
+        apply_overrides(ssd, ["seed"])
+    with pytest.raises(ConfigError, match=r"empty key"):
+        apply_overrides(ssd, ["=3"])
+
+
+def test_validation_reruns_after_an_override(ssd):
+    with pytest.raises(ValueError, match=r"optim.epochs must be >= 1, got 0"):
+        apply_overrides(ssd, ["stages.teacher.optim.epochs=0"])
+    with pytest.raises(ValueError, match=r"optim.warmup_epochs \(5\) must be in \[0, optim.epochs=5\)"):
+        apply_overrides(ssd, ["stages.teacher.optim.epochs=5"])
+    with pytest.raises(ValueError, match=r"same length"):
+        apply_overrides(ssd, ["stages.teacher.optim.milestones=100"])
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.5"):
+        apply_overrides(get_recipe("cifar100-lt-if100/dive"), ["stages.student.alpha=1.5"])
+    # a cross-field check of the enclosing stage (LDAM needs the cosine head)
+    with pytest.raises(ValueError, match=r"loss.kind=ldam expects model.classifier=cosine"):
+        apply_overrides(ssd, ["stages.teacher.loss.kind=ldam"])
+    # ...and overrides applied in order can make it valid again
+    fixed = apply_overrides(ssd, ["stages.teacher.model.classifier=cosine", "stages.teacher.loss.kind=ldam"])
+    assert fixed.stages["teacher"].loss.kind == "ldam"
+
+
+# ---- pipeline DAG -----------------------------------------------------------------------------------
+
+
+def test_a_stage_consuming_a_later_stage_is_rejected():
+    with pytest.raises(ValueError, match=r"stage 'lws' consumes 'teacher' as its source, but that stage comes later"):
+        PipelineConfig(name="bad", stages={"lws": RebalanceConfig(source="teacher"), "teacher": TeacherConfig()})
+
+
+def test_a_stage_consuming_a_missing_stage_is_rejected():
+    with pytest.raises(ValueError, match=r"stage 'student' consumes 'soft_labels' as its teacher, but that stage does not exist"):
+        PipelineConfig(name="bad", stages={"teacher": TeacherConfig(), "student": DistillConfig(teacher="soft_labels")})
+    with pytest.raises(ValueError, match=r"consumes 've' as its temperature, but that stage does not exist"):
+        PipelineConfig(
+            name="bad",
+            stages={
+                "teacher": TeacherConfig(),
+                "student": DistillConfig(method="dive", teacher="teacher", temperature_from="ve"),
+            },
+        )
+
+
+def test_valid_dag_and_result_stage():
+    stages = {
+        "teacher": TeacherConfig(),
+        "virtual_examples": VirtualExamplesConfig(source="teacher"),
+        "lws": RebalanceConfig(source="teacher"),
+        "soft_labels": SoftLabelsConfig(source="lws"),
+        "student": DistillConfig(teacher="soft_labels"),
+    }
+    assert PipelineConfig(name="ok", stages=stages).result == "student"
+    assert PipelineConfig(name="ok", stages=stages, result_stage="lws").result == "lws"
+    with pytest.raises(ValueError, match=r"result_stage 'nope' is not one of the stages"):
+        PipelineConfig(name="ok", stages=stages, result_stage="nope")
+    with pytest.raises(ValueError, match=r"has no stages"):
+        PipelineConfig(name="empty")
+
+
+def test_dag_is_rechecked_after_an_override(ssd):
+    with pytest.raises(ValueError, match=r"stage 'student' consumes 'student_lws' as its teacher, but that stage comes later"):
+        apply_overrides(ssd, ["stages.student.teacher=student_lws"])
+    with pytest.raises(ValueError, match=r"'techer' as its source, but that stage does not exist"):
+        apply_overrides(ssd, ["stages.teacher_lws.source=techer"])
+
+
+# ---- registry -----------------------------------------------------------------------------------------
+
+
+def test_every_registered_recipe_builds():
+    recipes = list_recipes()
+    assert len(recipes) >= 80
+    assert list(recipes) == sorted(recipes)
+    for name, description in recipes.items():
+        config = get_recipe(name)
+        assert isinstance(config, PipelineConfig), name
+        # the run is recorded under the name the user typed
+        assert config.name == name, (name, config.name)
+        assert description, name
+        assert config.result in config.stages
+        assert flatten_config(config)["name"] == name
+        assert config_hash(config) == config_hash(get_recipe(name))
+
+
+def test_paper_methods_are_registered_for_every_cifar100_imbalance():
+    recipes = list_recipes()
+    for imbalance in (100, 50, 10):
+        for method in ("ce", "bsce", "ldam-drw", "crt", "lws", "tau-norm", "dive", "ssd", "ssd-dive"):
+            assert f"cifar100-lt-if{imbalance}/{method}" in recipes
+
+
+def test_unknown_recipe_suggests_close_matches():
+    with pytest.raises(ConfigError, match=r"unknown recipe 'cifar100-lt-if100/sdd'\. Did you mean .*'cifar100-lt-if100/ssd'"):
+        get_recipe("cifar100-lt-if100/sdd")
+    with pytest.raises(ConfigError, match=r"Run `ltscale recipes` to list all \d+"):
+        get_recipe("zzzz")
+
+
+def test_config_hash_is_stable_and_sensitive(ssd):
+    base = config_hash(ssd)
+    assert re.fullmatch(r"[0-9a-f]{16}", base)
+    assert config_hash(get_recipe(SSD)) == base
+    assert config_hash(apply_overrides(ssd, ["stages.teacher.optim.lr=0.1"])) == base  # same value, same hash
+    changed = {
+        config_hash(apply_overrides(ssd, [override]))
+        for override in ("stages.teacher.optim.lr=0.05", "stages.student.temperature=3", "seed=1", "data.imbalance_factor=50")
+    }
+    assert len(changed) == 4 and base not in changed
+    assert config_hash(ssd, "parent") != base
+    assert config_hash(ssd, "parent-a") != config_hash(ssd, "parent-b")
+    assert len(config_hash(ssd, length=8)) == 8
+
+
+# ---- the CIFAR recipes carry the paper settings -----------------------------------------------------
+
+
+def _assert_cifar_training(optim: OptimConfig) -> None:
+    assert (optim.epochs, optim.batch_size, optim.lr, optim.momentum, optim.weight_decay) == (200, 128, 0.1, 0.9, 2e-4)
+    assert (optim.warmup_epochs, optim.schedule) == (5, "step")
+    assert optim.milestones == (160, 180) and optim.decay_factors == (0.01, 1e-4)
+
+
+def _assert_cifar_rebalance(stage: RebalanceConfig, source: str, head: str) -> None:
+    assert (stage.method, stage.source, stage.head) == ("lws", source, head)
+    assert (stage.optim.epochs, stage.optim.lr, stage.optim.batch_size) == (5, 0.2, 512)
+    assert stage.sampler.kind == "class_balanced"
+
+
+@pytest.mark.parametrize("imbalance", [100, 50, 10])
+@pytest.mark.parametrize("dataset", ["cifar100", "cifar10"])
+def test_cifar_ssd_recipe(dataset, imbalance):
+    config = get_recipe(f"{dataset}-lt-if{imbalance}/ssd")
+    assert config.data.dataset == f"{dataset}_lt" and config.data.imbalance_factor == imbalance
+    assert list(config.stages) == ["teacher", "teacher_lws", "soft_labels", "student", "student_lws"]
+    teacher, student = config.stages["teacher"], config.stages["student"]
+    assert (teacher.model.arch, teacher.model.width, teacher.model.classifier) == ("resnet32", 16, "linear")
+    assert teacher.loss.kind == "ce" and teacher.rotation_weight == 1.0 and teacher.sampler.kind == "instance"
+    _assert_cifar_training(teacher.optim)
+    _assert_cifar_rebalance(config.stages["teacher_lws"], "teacher", "cls")
+    assert config.stages["soft_labels"].source == "teacher_lws"
+    assert (student.method, student.teacher, student.temperature) == ("ssd", "soft_labels", 2.0)
+    assert (student.hard_weight, student.soft_weight) == (1.0, 1.0)
+    assert student.model == teacher.model and student.sampler.kind == "instance"
+    _assert_cifar_training(student.optim)
+    _assert_cifar_rebalance(config.stages["student_lws"], "student", "hard")
+
+
+@pytest.mark.parametrize("imbalance", [100, 50, 10])
+def test_cifar_dive_recipe(imbalance):
+    config = get_recipe(f"cifar100-lt-if{imbalance}/dive")
+    teacher, student = config.stages["teacher"], config.stages["student"]
+    assert teacher.loss.kind == "bsce" and teacher.rotation_weight == 0.0
+    assert teacher.model.arch == "resnet32"
+    _assert_cifar_training(teacher.optim)
+    assert (student.method, student.teacher) == ("dive", "teacher")
+    assert (student.temperature, student.power, student.alpha) == (3.0, 0.5, 0.5)
+    assert student.temperature_from == ""  # the paper's fixed (T, p), not the rule of thumb
+    _assert_cifar_training(student.optim)
+    assert config.result == "student"
+
+
+def test_cifar_baseline_recipes():
+    ce = get_recipe("cifar100-lt-if100/ce")
+    assert list(ce.stages) == ["teacher"] and ce.stages["teacher"].loss.kind == "ce"
+    _assert_cifar_training(ce.stages["teacher"].optim)
+    assert get_recipe("cifar100-lt-if100/bsce").stages["teacher"].loss.kind == "bsce"
+    lws = get_recipe("cifar100-lt-if100/lws")
+    assert list(lws.stages) == ["teacher", "lws"]
+    _assert_cifar_rebalance(lws.stages["lws"], "teacher", "cls")
+    ldam = get_recipe("cifar100-lt-if100/ldam-drw").stages["teacher"]
+    assert (ldam.loss.kind, ldam.loss.drw_epoch, ldam.model.classifier) == ("ldam", 160, "cosine")
+    _assert_cifar_training(ldam.optim)
+
+
+# ---- lr schedules -------------------------------------------------------------------------------------
+
+
+def test_step_schedule_with_linear_warmup():
+    config = OptimConfig(epochs=10, lr=0.1, warmup_epochs=2, milestones=(6, 8), decay_factors=(0.01, 1e-4))
+    lrs = lr_schedule(config, iterations_per_epoch=4)
+    assert lrs.shape == (40,)
+    # warm-up: lr / 8, 2 lr / 8, ..., lr over the first 2 epochs x 4 iterations
+    np.testing.assert_allclose(lrs[:8], [0.1 * k / 8 for k in range(1, 9)], rtol=1e-15)
+    np.testing.assert_array_equal(lrs[8:24], 0.1)
+    np.testing.assert_allclose(lrs[24:32], 0.1 * 0.01, rtol=1e-15)  # absolute factors, not cumulative
+    np.testing.assert_allclose(lrs[32:], 0.1 * 1e-4, rtol=1e-15)
+
+
+def test_cifar_schedule_matches_ldam_drw():
+    lrs = lr_schedule(get_recipe("cifar100-lt-if100/ce").stages["teacher"].optim, iterations_per_epoch=3)
+    per_epoch_last = lrs.reshape(200, 3)[:, -1]
+    assert per_epoch_last[4] == pytest.approx(0.1)  # warm-up reaches lr at the end of epoch 5
+    assert lrs[0] == pytest.approx(0.1 / 15)
+    assert np.all(lrs.reshape(200, 3)[5:160] == 0.1)
+    np.testing.assert_allclose(lrs.reshape(200, 3)[160:180], 1e-3, rtol=1e-15)  # epoch index 160 = LDAM's "epoch > 160"
+    np.testing.assert_allclose(lrs.reshape(200, 3)[180:], 1e-5, rtol=1e-15)
+
+
+def test_cosine_schedule_endpoints():
+    config = OptimConfig(epochs=5, lr=0.2, warmup_epochs=0, schedule="cosine")
+    lrs = lr_schedule(config, iterations_per_epoch=10)
+    total = 50
+    assert lrs[0] == 0.2
+    assert lrs[25] == pytest.approx(0.1, rel=1e-12)  # half way: lr / 2
+    assert lrs[-1] == pytest.approx(0.5 * 0.2 * (1 + math.cos(math.pi * (total - 1) / total)), rel=1e-12)
+    assert lrs[-1] < 0.2 * 1e-3
+    assert np.all(np.diff(lrs) < 0)
+
+
+def test_cosine_schedule_after_warmup():
+    config = OptimConfig(epochs=6, lr=0.4, warmup_epochs=2, schedule="cosine")
+    lrs = lr_schedule(config, iterations_per_epoch=5)
+    np.testing.assert_allclose(lrs[:10], [0.4 * k / 10 for k in range(1, 11)], rtol=1e-15)
+    assert lrs[10] == 0.4  # the cosine starts at the full lr right after warm-up
+    remaining = 20
+    expected = [0.5 * 0.4 * (1 + math.cos(math.pi * k / remaining)) for k in range(remaining)]
+    np.testing.assert_allclose(lrs[10:], expected, rtol=1e-12)
+
+
+def test_constant_schedule():
+    lrs = lr_schedule(OptimConfig(epochs=3, lr=0.05, warmup_epochs=1, schedule="constant"), iterations_per_epoch=2)
+    np.testing.assert_allclose(lrs, [0.025, 0.05, 0.05, 0.05, 0.05, 0.05], rtol=1e-15)
