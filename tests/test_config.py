@@ -119,7 +119,7 @@ def test_wrong_type_names_the_key_and_the_expected_type(ssd, override, bad_value
 
 
 def test_literal_choices_are_listed(ssd):
-    with pytest.raises(ConfigError, match=r"expected one of 'auto', 'fp32', 'bf16', got 'fp64'") as error:
+    with pytest.raises(ConfigError, match=r"precision='fp64': expected one of 'auto', 'fp32', 'bf16'") as error:
         apply_overrides(ssd, ["precision=fp64"])
     assert "precision" in str(error.value)
     with pytest.raises(ConfigError, match=r"'lws', 'crt', 'tau_norm'.*Did you mean 'tau_norm'"):

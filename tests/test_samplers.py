@@ -175,16 +175,23 @@ def test_class_balanced_skips_classes_without_images():
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_class_balanced_ranks_partition_the_global_order(world_size):
-    targets = _long_tailed_targets([70, 21, 8, 3], seed=6)  # 102 images
-    make = lambda r, w: ClassBalancedSampler(targets, samples_per_class=2, seed=9, rank=r, world_size=w)  # noqa: E731
+def test_class_balanced_ranks_deal_whole_draws_round_robin(world_size):
+    targets = _long_tailed_targets([70, 21, 8, 3], seed=6)  # 102 images = 51 draws of 2
+    s = 2
+    make = lambda r, w: ClassBalancedSampler(targets, samples_per_class=s, seed=9, rank=r, world_size=w)  # noqa: E731
     per_rank = _ranks(make, world_size, epoch=1)
-    per_rank_len = math.ceil(len(targets) / world_size)
+    draws = math.ceil(len(targets) / s)
+    per_rank_len = math.ceil(draws / world_size) * s
     assert [len(indices) for indices in per_rank] == [per_rank_len] * world_size
     global_order = make(0, 1).indices(1)
     assert len(global_order) == len(targets)
-    interleaved = np.stack(per_rank, axis=1).ravel()
-    assert len(interleaved) == per_rank_len * world_size  # the union over ranks has the global length (+ padding)
+    # Every rank's groups of s consecutive samples are whole draws of one class...
+    for indices in per_rank:
+        assert all(len(set(targets[g].tolist())) == 1 for g in indices.reshape(-1, s))
+    # ...and dealing the draws round-robin over the ranks rebuilds the global order (+ wrap padding).
+    rows = [indices.reshape(-1, s) for indices in per_rank]
+    interleaved = np.stack(rows, axis=1).reshape(-1)
+    assert len(interleaved) == per_rank_len * world_size
     np.testing.assert_array_equal(interleaved[: len(targets)], global_order)
     np.testing.assert_array_equal(interleaved[len(targets) :], global_order[: len(interleaved) - len(targets)])
 

@@ -24,6 +24,13 @@ def _close(word: str, choices: list[str]) -> str:
     return f" Did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
 
 
+def _type_name(annotation: Any) -> str:
+    """``int``, ``float``, ``tuple[int, ...]``, ``one of 'a', 'b'``: how an error names a field's type."""
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(c) for c in get_args(annotation))
+    return getattr(annotation, "__name__", None) if get_origin(annotation) is None else str(annotation).replace("typing.", "")
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -57,8 +64,8 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
             for choice in choices:
                 if str(choice) == text:
                     return choice
-            raise ValueError(
-                f"expected one of {', '.join(repr(c) for c in choices)}, got {text!r}."
+            raise ConfigError(
+                f"override {key}={text!r}: expected one of {', '.join(repr(c) for c in choices)}."
                 + _close(text, [str(c) for c in choices])
             )
         if origin in (tuple, list):
@@ -79,7 +86,7 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
     except ConfigError:
         raise
     except ValueError as error:
-        raise ConfigError(f"override {key}={text!r}: {error}") from None
+        raise ConfigError(f"override {key}={text!r}: expected {_type_name(annotation)} ({error})") from None
     raise ConfigError(f"override {key}: fields of type {annotation!r} cannot be set from the command line")
 
 

@@ -72,6 +72,7 @@ def build_loader(
     if isinstance(split, FileSplit):
         if loader.backend == "tensor":
             raise ValueError("data.loader.backend=tensor needs an in-memory dataset; image-file datasets use 'torch' or 'auto'")
+        from ltscale.data.image_list import DATASET_SPECS
         from ltscale.data.loaders.files import FileLoader
 
         return FileLoader(

@@ -104,6 +104,25 @@ class ClassBalancedSampler(_RankSampler):
             order[(positions[:, None] * s + np.arange(s)).ravel()] = chunks.ravel()
         return order[: self.num_samples]
 
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's indices: whole draws (``samples_per_class`` images of one class) are dealt
+        round-robin to the ranks, so each rank still sees same-class groups."""
+        order = self.global_order(self.epoch if epoch is None else epoch)
+        if self.world_size == 1:
+            return order
+        s = self.samples_per_class
+        draws = -(-len(order) // s)
+        grouped = np.resize(order, draws * s).reshape(draws, s)  # a ragged last draw wraps around
+        per_rank = -(-draws // self.world_size)
+        rows = np.resize(np.arange(draws), per_rank * self.world_size)[self.rank :: self.world_size]
+        return grouped[rows].ravel()
+
+    def __len__(self) -> int:
+        if self.world_size == 1:
+            return self.num_samples
+        draws = -(-self.num_samples // self.samples_per_class)
+        return -(-draws // self.world_size) * self.samples_per_class
+
 
 def build_sampler(
     config: SamplerConfig, targets: np.ndarray, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True

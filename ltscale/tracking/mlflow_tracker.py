@@ -250,18 +250,20 @@ class RunHandle:
         counts = [int(c) for c in np.asarray(class_counts).reshape(-1)]
         if len(values) != len(counts):
             raise ValueError(f"accuracy has {len(values)} entries but class_counts has {len(counts)}")
-        bad = [index for index, value in enumerate(values) if not math.isfinite(value)]
+        # NaN marks a class with no test images (its accuracy is undefined, not zero); infinities are bugs.
+        bad = [index for index, value in enumerate(values) if math.isinf(value)]
         if bad:
             raise ValueError(f"per-class accuracy of classes {bad[:10]} is not finite")
         rows = [
-            {"class": index, "train_count": count, "group": shot_group(count), "accuracy": value}
+            {"class": index, "train_count": count, "group": shot_group(count), "accuracy": None if math.isnan(value) else value}
             for index, (count, value) in enumerate(zip(counts, values, strict=True))
         ]
         groups = {}
         for group in SHOT_GROUPS:
-            members = [row["accuracy"] for row in rows if row["group"] == group]
+            members = [row["accuracy"] for row in rows if row["group"] == group and row["accuracy"] is not None]
             groups[group] = {"classes": len(members), "accuracy": sum(members) / len(members) if members else None}
-        table = {"mean_accuracy": sum(values) / len(values) if values else None, "groups": groups, "classes": rows}
+        measured = [row["accuracy"] for row in rows if row["accuracy"] is not None]
+        table = {"mean_accuracy": sum(measured) / len(measured) if measured else None, "groups": groups, "classes": rows}
 
         base = f"{prefix.strip('/')}/per_class_accuracy" if prefix.strip("/") else "per_class_accuracy"
         self.log_dict(table, f"{base}.json")
@@ -271,7 +273,8 @@ class RunHandle:
         writer.writerows(rows)
         self.log_text(buffer.getvalue(), f"{base}.csv")
         title = f"{prefix.strip('/')}: per-class accuracy" if prefix.strip("/") else "per-class accuracy"
-        self.log_figure(per_class_accuracy_figure(values, counts, title), f"{base}.png")
+        shown = [(v, c) for v, c in zip(values, counts) if not math.isnan(v)]
+        self.log_figure(per_class_accuracy_figure([v for v, _ in shown], [c for _, c in shown], title), f"{base}.png")
 
 
 def _close_figure(figure: Any) -> None:
