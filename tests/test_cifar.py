@@ -272,3 +272,16 @@ def test_cli_reports_dataset_errors(tmp_path, capsys):
     missing = tmp_path / "absent.tar.gz"
     assert main(["data", "stats", "cifar100_lt", "--root", str(missing)]) == 2
     assert f"data.root '{missing}' does not exist" in capsys.readouterr().err
+
+
+def test_corruption_in_the_middle_of_the_gzip_stream_is_detected(tmp_path):
+    """gzip verifies its CRC only at the end of the stream; the loader must read that far."""
+    archive = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-100-python.tar.gz"
+    if not archive.is_file():
+        pytest.skip(f"{archive} is absent (it ships in ../shared/data)")
+    damaged = tmp_path / "cifar-100-python.tar.gz"
+    data = bytearray(archive.read_bytes())
+    data[80_000_000 : 80_000_050] = bytes(50)
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="corrupt"):
+        load_cifar_lt("cifar100_lt", damaged, 100)

@@ -99,6 +99,19 @@ class _Archive:
                 raise
             raise DatasetError(f"{where} is not a readable CIFAR pickle ({error}); the archive may be truncated") from None
 
+    def verify(self) -> None:
+        """Read a compressed archive to its end: gzip checks its CRC only there, so a corrupted
+        byte in the middle of the stream would otherwise load as silently wrong images."""
+        if self.tar is None:
+            return
+        try:
+            while self.tar.fileobj.read(1 << 24):  # type: ignore[union-attr]
+                pass
+        except (OSError, EOFError, zlib.error) as error:
+            raise DatasetError(
+                f"data.root {str(self.root)!r} is corrupt ({error}); download the CIFAR python archive again"
+            ) from None
+
     def close(self) -> None:
         if self.tar is not None:
             self.tar.close()
@@ -134,6 +147,7 @@ def load_cifar_lt(dataset: str, root: str | Path, imbalance_factor: float) -> Da
             raise DatasetError(f"{root}:{top}/{test_member} has no key {label_key!r}")
         meta = archive.load(meta_member)
         class_names = list(meta.get(names_key, [])) or [str(c) for c in range(num_classes)]
+        archive.verify()
     finally:
         archive.close()
 
