@@ -373,3 +373,10 @@ def test_cosine_schedule_after_warmup():
 def test_constant_schedule():
     lrs = lr_schedule(OptimConfig(epochs=3, lr=0.05, warmup_epochs=1, schedule="constant"), iterations_per_epoch=2)
     np.testing.assert_allclose(lrs, [0.025, 0.05, 0.05, 0.05, 0.05, 0.05], rtol=1e-15)
+
+
+def test_coupled_fields_can_change_together(ssd):
+    changed = apply_overrides(ssd, ["stages.teacher.optim.milestones=120,160", "stages.teacher.optim.decay_factors=0.01,0.0001"])
+    assert changed.stages["teacher"].optim.milestones == (120, 160)
+    with pytest.raises(ValueError, match="same length"):
+        apply_overrides(ssd, ["stages.teacher.optim.milestones=120"])

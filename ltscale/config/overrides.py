@@ -8,6 +8,7 @@ annotation, and an unknown key or a value of the wrong type is rejected with the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -117,17 +118,39 @@ def _set(obj: Any, path: list[str], text: str, full_key: str) -> Any:
         )
     current = getattr(obj, head)
     if rest:
-        return dataclasses.replace(obj, **{head: _set(current, rest, text, full_key)})
+        return _replace(obj, head, _set(current, rest, text, full_key))
     if dataclasses.is_dataclass(current) or isinstance(current, dict):
         raise ConfigError(f"override {full_key!r} names a whole section; set one of its fields instead")
     value = parse_value(text, _field_types(obj)[head], full_key)
-    return dataclasses.replace(obj, **{head: value})
+    return _replace(obj, head, value)
+
+
+def _replace(obj: Any, name: str, value: Any) -> Any:
+    """A copy of a (frozen) dataclass with one field changed and *no* validation yet: fields that
+    must change together (milestones and their decay factors) are checked after all overrides."""
+    updated = copy.copy(obj)
+    object.__setattr__(updated, name, value)
+    return updated
+
+
+def validate(config: Any) -> None:
+    """Run every ``__post_init__`` check in the tree, innermost first."""
+    if isinstance(config, dict):
+        for value in config.values():
+            validate(value)
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        for f in dataclasses.fields(config):
+            validate(getattr(config, f.name))
+        check = getattr(config, "__post_init__", None)
+        if check is not None:
+            check()
 
 
 def apply_overrides(config: Any, overrides: typing.Iterable[str]) -> Any:
     """Apply ``key=value`` strings in order and return the new config (the input is not mutated).
 
-    The result is re-validated (``__post_init__`` runs again through ``dataclasses.replace``).
+    The result is validated once all overrides are in (every ``__post_init__`` runs again), so
+    coupled fields can be changed together.
     """
     for item in overrides:
         if "=" not in item:
@@ -137,6 +160,7 @@ def apply_overrides(config: Any, overrides: typing.Iterable[str]) -> Any:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         config = _set(config, key.split("."), text.strip(), key)
+    validate(config)
     return config
 
 

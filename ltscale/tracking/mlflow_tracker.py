@@ -367,7 +367,7 @@ class Tracker:
             handle.log_params(params)
             yield handle
         except BaseException as error:
-            status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
+            status = RunStatus.KILLED if isinstance(error, (KeyboardInterrupt, SystemExit)) else RunStatus.FAILED
             self._end(handle, RunStatus.to_string(status), error)
             raise
         else:
@@ -388,7 +388,7 @@ class Tracker:
 
     @contextmanager
     def pipeline_run(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[RunHandle]:
-        """The parent run of one pipeline; FAILED (KILLED on Ctrl-C) if the body raises, which propagates."""
+        """The parent run of one pipeline; FAILED (KILLED on Ctrl-C or a preemption exit) if the body raises, which propagates."""
         if self._active:
             raise RuntimeError(f"pipeline run {self._active[0][0]!r} is still active; pipeline runs do not nest")
         with self._run(name, params, {**self._default_tags(), TAG_PIPELINE: name, **tags}) as handle:
@@ -398,7 +398,7 @@ class Tracker:
     def stage_run(self, stage: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[RunHandle]:
         """A child run (tag ``mlflow.parentRunId``) of the innermost active run, normally the pipeline run.
 
-        FAILED (KILLED on Ctrl-C) if the body raises; the exception propagates.
+        FAILED (KILLED on Ctrl-C or a preemption exit) if the body raises; the exception propagates.
         """
         if not self._active:
             raise RuntimeError(f"stage_run({stage!r}) needs an active pipeline_run")

@@ -1,0 +1,259 @@
+"""Submit an ltscale pipeline through submitit: on SLURM, as a local subprocess, or in this process.
+
+    python -m launch.submit RECIPE [--set key=value ...] --executor {local,slurm,debug}
+        [--partition P] [--nodes 1] [--gpus-per-node N] [--cpus-per-task N] [--mem-gb N]
+        [--timeout-min N] [--folder DIR] [--wait] [--dry-run]
+
+The recipe and its overrides are resolved here, before anything is submitted, so a misspelt key or
+a wrong type fails on the login node instead of after hours in the queue. The job is a pickled
+``PipelineJob`` holding the resolved ``PipelineConfig``; it calls ``run_pipeline``, which skips
+finished stages and resumes an unfinished training stage from its last completed epoch. That is
+what makes preemption cheap: on SLURM's preemption / time-limit signal (USR2), submitit calls
+``PipelineJob.checkpoint``, which hands back the same job for resubmission, and requeues it; the
+requeued job runs the same config and picks up where the store says it stopped (at most the
+epoch in flight is lost).
+
+Executors: ``slurm`` (sbatch), ``local`` (a subprocess on this machine, with the same
+signal/requeue handling), ``debug`` (runs in this process when waited on, so always waits; an
+exception opens pdb). Logs (``<job id>_0_log.out`` / ``.err``) and the pickled job go to
+``--folder`` (default ``<output_dir>/submitit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import submitit
+
+from ltscale.config import ConfigError, apply_overrides, get_recipe
+from ltscale.stages.config import PipelineConfig
+
+EXECUTORS = ("slurm", "local", "debug")
+DEFAULT_TIMEOUT_MIN = 24 * 60
+# submitit requeues on a time-limit signal at most this many times (preemptions do not count).
+DEFAULT_MAX_TIMEOUTS = 3
+
+
+class PipelineJob:
+    """A whole pipeline as a submitit job: picklable, resumable, requeued on preemption.
+
+    ``config`` is resolved on the submitting machine; progress bars are turned off because the
+    job's output goes to log files.
+    """
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = dataclasses.replace(config, progress=False)
+
+    def __call__(self) -> dict[str, Any]:
+        import torch
+
+        from ltscale.stages.pipeline import run_pipeline
+
+        # Where SLURM does not bind tasks to their CPUs, PyTorch sizes its thread pool to the whole
+        # node, and threads spinning on cores other jobs use made epochs up to 50x slower in tests.
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(int(cpus))
+        result = run_pipeline(self.config)
+        return {
+            "pipeline": result.name,
+            "run_id": result.run_id,
+            "tracking_uri": result.tracking_uri,
+            "output_dir": self.config.output_dir,
+            "result_stage": result.result_stage,
+            "metrics": result.metrics(),
+            "executed": list(result.executed),
+            "cached": list(result.cached),
+            "stage_runs": {name: output.run_id for name, output in result.outputs.items()},
+            # How often SLURM requeued this job before the attempt that finished (0 elsewhere).
+            "requeues": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        }
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on preemption or time-out: resubmit this same job.
+
+        Nothing needs saving here: every stage already writes an atomic ``progress.pt`` at the end
+        of each epoch, and the rerun resumes from it.
+        """
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"PipelineJob({self.config.name!r}, output_dir={self.config.output_dir!r})"
+
+
+def resolve_config(recipe: str, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """The recipe with its ``--set`` overrides applied, and ``output_dir`` made absolute.
+
+    An absolute output directory means the job writes where the submitter looked, whatever its
+    working directory on the compute node.
+    """
+    config = apply_overrides(get_recipe(recipe), list(overrides))
+    return dataclasses.replace(config, output_dir=str(Path(config.output_dir).expanduser().resolve()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What the job asks the scheduler for (``None``: the executor's / partition's default)."""
+
+    partition: str | None = None
+    nodes: int = 1
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    timeout_min: int = DEFAULT_TIMEOUT_MIN
+    max_timeouts: int = DEFAULT_MAX_TIMEOUTS
+    slurm_options: tuple[tuple[str, str], ...] = ()
+
+
+def check_resources(kind: str, resources: Resources, config: PipelineConfig) -> None:
+    """Refuse requests the pipeline cannot use, before they reach the queue."""
+    if kind not in EXECUTORS:
+        raise ConfigError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
+    if resources.nodes != 1:
+        raise ConfigError(f"--nodes {resources.nodes}: a pipeline runs as one process on one node; use --nodes 1")
+    if resources.timeout_min <= 10:
+        # submitit treats every signal as a time-out when the limit is this short, so a preempted
+        # job would burn its time-out requeues.
+        raise ConfigError(f"--timeout-min {resources.timeout_min}: use more than 10 minutes")
+    if kind == "slurm" and config.device.startswith("cuda") and resources.gpus_per_node == 0:
+        raise ConfigError(f"device={config.device} but --gpus-per-node 0: request a GPU or set device=cpu / auto")
+
+
+def build_executor(kind: str, folder: str | Path, resources: Resources, name: str) -> submitit.Executor:
+    """A submitit executor of ``kind`` (slurm / local / debug) with ``resources`` applied."""
+    executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=resources.max_timeouts,
+                                     local_max_num_timeout=resources.max_timeouts)
+    parameters: dict[str, Any] = {"name": name, "timeout_min": resources.timeout_min, "nodes": resources.nodes,
+                                  "tasks_per_node": 1}
+    if resources.gpus_per_node is not None:
+        parameters["gpus_per_node"] = resources.gpus_per_node
+    if resources.cpus_per_task is not None:
+        parameters["cpus_per_task"] = resources.cpus_per_task
+    if resources.mem_gb is not None:
+        parameters["mem_gb"] = resources.mem_gb
+    if resources.partition:
+        parameters["slurm_partition"] = resources.partition
+    parameters.update({f"slurm_{key}": value for key, value in resources.slurm_options})
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def default_gpus(kind: str) -> int | None:
+    """One GPU on SLURM; on the local executor the one this machine has, if any (it hides the
+    GPUs it is not given); the debug executor runs in this process and requests nothing."""
+    if kind == "slurm":
+        return 1
+    if kind == "local":
+        import torch
+
+        return 1 if torch.cuda.is_available() else 0
+    return None
+
+
+def job_name(config: PipelineConfig) -> str:
+    return "ltscale-" + config.name.replace("/", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="a recipe name (`ltscale recipes` lists them), e.g. cifar100-lt-if100/ssd")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="typed override of the recipe config, as for `ltscale run` (repeatable)")
+    parser.add_argument("--executor", choices=EXECUTORS, required=True,
+                        help="slurm: sbatch; local: a subprocess here; debug: in this process (always waits)")
+    parser.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
+    parser.add_argument("--nodes", type=int, default=1, help="must be 1: a pipeline is one process")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="GPUs to request (default: 1 on slurm; on local 1 if this machine has one); the pipeline uses one")
+    parser.add_argument("--cpus-per-task", type=int, default=None,
+                        help="CPUs to request (default: data.loader.num_workers + 1, the loader's workers and the trainer)")
+    parser.add_argument("--mem-gb", type=float, default=None, help="memory to request (default: the partition's)")
+    parser.add_argument("--timeout-min", type=int, default=DEFAULT_TIMEOUT_MIN,
+                        help=f"time limit per attempt in minutes (default {DEFAULT_TIMEOUT_MIN}); "
+                             "on reaching it the job is requeued and resumes")
+    parser.add_argument("--max-timeouts", type=int, default=DEFAULT_MAX_TIMEOUTS,
+                        help=f"requeues after hitting the time limit before giving up (default {DEFAULT_MAX_TIMEOUTS}; "
+                             "preemptions are not counted)")
+    parser.add_argument("--slurm-option", dest="slurm_options", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other submitit SLURM parameter, e.g. account=proj1, qos=high, constraint=a100 (repeatable)")
+    parser.add_argument("--folder", default=None,
+                        help="submitit logs and pickles, named by job id; %%j in the path becomes the job id (default: <output_dir>/submitit)")
+    parser.add_argument("--wait", action="store_true", help="wait for the job and print its summary as JSON")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and executor parameters; submit nothing")
+    return parser
+
+
+def _slurm_options(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    options = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--slurm-option {item!r} is not of the form key=value (for example account=proj1)")
+        options.append((key.strip().replace("-", "_"), value))
+    return tuple(options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve_config(args.recipe, args.overrides)
+        gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus(args.executor)
+        cpus = args.cpus_per_task if args.cpus_per_task is not None else config.data.loader.num_workers + 1
+        resources = Resources(partition=args.partition, nodes=args.nodes, gpus_per_node=gpus, cpus_per_task=cpus,
+                              mem_gb=args.mem_gb, timeout_min=args.timeout_min, max_timeouts=args.max_timeouts,
+                              slurm_options=_slurm_options(args.slurm_options))
+        check_resources(args.executor, resources, config)
+        folder = Path(args.folder or Path(config.output_dir) / "submitit").expanduser().absolute()
+        # Build once in a scratch folder: submitit validates the parameters (and creates its folder)
+        # when the executor is built, and a dry run or a refused request should leave no trace.
+        with tempfile.TemporaryDirectory() as scratch:
+            parameters = build_executor(args.executor, scratch, resources, job_name(config)).parameters
+        if args.dry_run:
+            print(json.dumps({
+                "executor": args.executor, "folder": str(folder), "parameters": parameters,
+                "pipeline": config.name, "stages": list(config.stages), "output_dir": config.output_dir,
+                "device": config.device, "tracking_uri": config.tracking.tracking_uri or "(local store in output_dir)",
+            }, indent=2, default=str))
+            return 0
+        executor = build_executor(args.executor, folder, resources, job_name(config))
+    except (ConfigError, ValueError, NameError) as error:  # NameError: submitit's unknown-parameter error
+        print(f"launch.submit: error: {error}", file=sys.stderr)
+        return 2
+
+    try:
+        job = executor.submit(PipelineJob(config))
+    except submitit.core.utils.FailedJobError as error:  # sbatch refused it (unknown partition, limits...)
+        print(f"launch.submit: submission failed: {error}", file=sys.stderr)
+        return 1
+    print(f"submitted {config.name} as {args.executor} job {job.job_id}")
+    print(f"logs: {job.paths.folder}")
+    if not (args.wait or args.executor == "debug"):
+        return 0
+    try:
+        summary = job.result()
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
+        print(f"launch.submit: job {job.job_id} failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.executor == "slurm":
+            print(f"\nstopped waiting; job {job.job_id} keeps running (scancel {job.job_id} to stop it)", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as `launch.submit`, not `__main__`: the job is then pickled as a reference to
+    # launch.submit.PipelineJob, the same class as when submitted from Python (cloudpickle would
+    # otherwise copy a `__main__` class by value into every job pickle).
+    from launch.submit import main as _main
+
+    sys.exit(_main())

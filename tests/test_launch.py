@@ -1,0 +1,196 @@
+"""Launching pipelines through submitit: the command line resolves and checks the config before
+anything is submitted; a job runs end to end on the local executor and on a real SLURM cluster on
+127.0.0.1; a preempted SLURM job is requeued and its training stage resumes from its last epoch.
+
+The SLURM tests need Slurm and munge installed (they skip, saying so, when they are not):
+``apt-get install -y slurmctld slurmd slurm-client munge``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import submitit
+
+from launch.submit import PipelineJob, Resources, build_executor, main
+from ltscale.config import apply_overrides, get_recipe
+from tests.slurm_cluster import SlurmCluster, slurm, slurm_cluster  # noqa: F401 (pytest fixtures)
+from tests.test_pipeline import TINY_DATA, tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+# demo/ce shrunk to the tiny test data and network, spelled as command-line overrides.
+TINY_RECIPE_OVERRIDES = [
+    *(f"data.synthetic.{name}={value}" for name, value in [
+        ("num_classes", TINY_DATA.synthetic.num_classes), ("max_per_class", TINY_DATA.synthetic.max_per_class),
+        ("imbalance_factor", TINY_DATA.synthetic.imbalance_factor), ("test_per_class", TINY_DATA.synthetic.test_per_class),
+        ("image_size", TINY_DATA.synthetic.image_size)]),
+    "stages.teacher.model.width=8", "stages.teacher.optim.epochs=3", "stages.teacher.optim.warmup_epochs=1",
+    "device=cpu",
+]
+# One CPU per job: the test cluster has two cores, shared with the test process.
+SLURM_RESOURCES = Resources(gpus_per_node=0, cpus_per_task=1, timeout_min=60)
+
+
+def _set_args(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def _summary_from(stdout: str) -> dict:
+    """The JSON summary `--wait` prints after the `submitted ...` and `logs: ...` lines."""
+    return json.loads(stdout[stdout.index("{"):])
+
+
+def _result(job: submitit.Job, timeout: float, cluster: SlurmCluster | None = None) -> dict:
+    """``job.result()`` with a deadline; on failure the job's logs and the daemons' logs are in the message."""
+    deadline = time.monotonic() + timeout
+    while not job.done():
+        if time.monotonic() > deadline:
+            logs = [path.read_text(errors="replace")[-3000:] for path in (job.paths.stdout, job.paths.stderr) if path.exists()]
+            state = cluster.run("scontrol", "show", "job", job.job_id, check=False) if cluster else ""
+            job.cancel(check=False)
+            pytest.fail(f"job {job.job_id} not done after {timeout:.0f} s\n{state}\n" + "\n".join(logs)
+                        + (f"\n{cluster.logs()}" if cluster else ""))
+        time.sleep(0.5)
+    return job.result()
+
+
+def test_submit_checks_the_config_before_submitting(tmp_path, capsys):
+    output = tmp_path / "out"
+    # A misspelt key fails here, with the close match, and nothing is created.
+    code = main(["demo/ce", "--executor", "slurm", "--set", "stages.teacher.optim.lrr=0.1", "--set", f"output_dir={output}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "lrr" in err and "'lr'" in err
+    assert main(["demo/cee", "--executor", "local"]) == 2
+    assert "demo/ce" in capsys.readouterr().err
+    # Requests the pipeline cannot use are refused too, as are unknown SLURM parameters.
+    assert main(["demo/ce", "--executor", "slurm", "--nodes", "2", "--set", f"output_dir={output}"]) == 2
+    assert "--nodes 1" in capsys.readouterr().err
+    assert main(["demo/ce", "--executor", "slurm", "--gpus-per-node", "0", "--set", "device=cuda", "--set", f"output_dir={output}"]) == 2
+    assert "--gpus-per-node" in capsys.readouterr().err
+    assert main(["demo/ce", "--executor", "slurm", "--slurm-option", "acount=proj1", "--set", f"output_dir={output}"]) == 2
+    assert "acount" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_dry_run_prints_the_resolved_executor_parameters(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["demo/ssd", "--executor", "slurm", "--partition", "gpu", "--gpus-per-node", "2", "--cpus-per-task", "10",
+                 "--mem-gb", "64", "--timeout-min", "720", "--slurm-option", "account=proj1", "--dry-run",
+                 "--set", "output_dir=relative/out"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["parameters"] == {
+        "job_name": "ltscale-demo-ssd", "time": 720, "nodes": 1, "ntasks_per_node": 1, "gpus_per_node": 2,
+        "cpus_per_task": 10, "mem": "64GB", "partition": "gpu", "account": "proj1",
+    }
+    # The output directory is made absolute where it was resolved, and the logs go beside it.
+    assert report["output_dir"] == str(tmp_path / "relative" / "out")
+    assert report["folder"] == str(tmp_path / "relative" / "out" / "submitit")
+    assert report["stages"] == ["teacher", "teacher_lws", "soft_labels", "student", "student_lws"]
+    assert not (tmp_path / "relative").exists(), "a dry run must not create anything"
+    # Defaults: one GPU on SLURM, the loader's workers + 1 CPUs, a day per attempt.
+    assert main(["demo/ce", "--executor", "slurm", "--dry-run"]) == 0
+    parameters = json.loads(capsys.readouterr().out)["parameters"]
+    workers = get_recipe("demo/ce").data.loader.num_workers
+    assert parameters["gpus_per_node"] == 1 and parameters["cpus_per_task"] == workers + 1 and parameters["time"] == 24 * 60
+
+
+def test_pipeline_job_pickles_and_checkpoints_to_itself(tmp_path):
+    import pickle
+
+    job = PipelineJob(tiny("ce", tmp_path))
+    assert job.config.progress is False
+    again = pickle.loads(pickle.dumps(job))
+    assert type(again) is PipelineJob and again.config == job.config
+    delayed = job.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function is job
+
+
+def test_submit_command_runs_a_recipe_on_the_local_executor(tmp_path):
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "launch.submit", "demo/ce", "--executor", "local", "--wait",
+               *_set_args([*TINY_RECIPE_OVERRIDES, f"output_dir={output}"])]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("submitted demo/ce as local job ")
+    job_id = lines[0].rsplit(" ", 1)[1]
+    assert lines[1] == f"logs: {output / 'submitit'}"
+    assert (output / "submitit" / f"{job_id}_0_result.pkl").exists()
+    summary = _summary_from(done.stdout)
+    assert summary["pipeline"] == "demo/ce" and summary["executed"] == ["teacher"] and summary["cached"] == []
+    assert {"test/top1", "test/many", "test/medium", "test/few"} <= set(summary["metrics"])
+    assert summary["output_dir"] == str(output) and summary["requeues"] == 0
+    run = mlflow.MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test/top1"] == pytest.approx(summary["metrics"]["test/top1"])
+
+
+@pytest.mark.timeout(240)
+def test_submit_command_runs_a_recipe_on_slurm(slurm, tmp_path, capsys):
+    output = tmp_path / "out"
+    # What only the scheduler can check is reported as the scheduler says it.
+    assert main(["demo/ce", "--executor", "slurm", "--partition", "nosuch", "--gpus-per-node", "0", "--cpus-per-task", "1",
+                 "--set", f"output_dir={output}"]) == 1
+    assert "Invalid partition name" in capsys.readouterr().err
+
+    code = main(["demo/ce", "--executor", "slurm", "--partition", slurm.partition, "--gpus-per-node", "0",
+                 "--cpus-per-task", "1", "--timeout-min", "60", "--wait",
+                 *_set_args([*TINY_RECIPE_OVERRIDES, f"output_dir={output}"])])
+    out = capsys.readouterr().out
+    assert code == 0, out + slurm.logs()
+    job_id = out.splitlines()[0].rsplit(" ", 1)[1]
+    summary = _summary_from(out)
+    assert summary["executed"] == ["teacher"] and summary["requeues"] == 0
+    # SLURM ran it as asked, and the sacct stand-in reports it finished.
+    job = slurm.run("scontrol", "-o", "show", "job", job_id)
+    assert "JobName=ltscale-demo-ce" in job and f"StdOut={output / 'submitit' / f'{job_id}_0_log.out'}" in job
+    assert "NumCPUs=1" in job
+    # The result is written just before the process exits: give SLURM a moment to see it end.
+    watcher = submitit.SlurmJob(output / "submitit", job_id).watcher
+    deadline = time.monotonic() + 30
+    while watcher.get_state(job_id, mode="force") in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert watcher.get_state(job_id, mode="cache") == "COMPLETED"
+
+
+@pytest.mark.timeout(300)
+def test_preempted_slurm_job_is_requeued_and_resumes_training(slurm, tmp_path):
+    output = tmp_path / "out"
+    config = apply_overrides(tiny("ce", output), ["stages.teacher.optim.epochs=60"])
+    executor = build_executor("slurm", tmp_path / "submitit", SLURM_RESOURCES, "ltscale-preempt")
+    job = executor.submit(PipelineJob(config))
+
+    # Preempt once the first epoch is saved: SIGTERM, then the USR2 submitit requeues on.
+    deadline = time.monotonic() + 120
+    while not list(output.glob("store/teacher-*/progress.pt")):
+        assert not job.done(), f"the job ended before training started:\n{job.stderr() or ''}{slurm.logs()}"
+        assert time.monotonic() < deadline, f"no progress.pt after 120 s\n{job.stdout() or ''}{slurm.logs()}"
+        time.sleep(0.1)
+    job._interrupt()
+
+    summary = _result(job, 200, slurm)
+    assert summary["requeues"] == 1, "the job should have finished in its second attempt"
+    assert summary["executed"] == ["teacher"]
+    log = job.stdout() or ""
+    assert "this job is preempted" in log and "Requeued job" in log, log
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    teacher = client.get_run(summary["stage_runs"]["teacher"])
+    resumed_from = int(teacher.data.tags["ltscale.resumed_from_epoch"])
+    assert 1 <= resumed_from < 60
+    # Only the epochs after the resume point were trained (and logged) by the second attempt.
+    epochs = [m.step for m in client.get_metric_history(teacher.info.run_id, "train/loss")]
+    assert epochs == list(range(resumed_from, 60))
+    # The interrupted attempt is on record, not silently dropped.
+    experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    statuses = sorted(r.info.status for r in client.search_runs([experiment]))
+    assert statuses.count("FINISHED") == 2 and statuses.count("KILLED") == 2  # the preempted attempt: pipeline + stage
