@@ -1,9 +1,9 @@
 """ImageNet-LT recipes: ResNeXt-50 32x4d, 90 epochs, batch 256, lr 0.1 cosine, wd 5e-4.
 
 DiVE on ImageNet-LT uses no power normalisation (T = 3, p = 1). SSD's large-data teacher uses
-MoCo v2 instance discrimination as its self-supervised task; until the MoCo queue lands this
-recipe trains the SSD teacher with CE only (``rotation_weight`` 0), which is the paper's "without
-self-supervision" ablation row. Set ``data.root`` to the ImageNet root holding train/ and val/,
+MoCo v2 instance discrimination as its self-supervised task (CE + InfoNCE, weights 1 / 1, no
+rotation; ``--set stages.teacher.moco_weight=0`` gives the paper's "without self-supervision"
+ablation row). Set ``data.root`` to the ImageNet root holding train/ and val/,
 and ``data.train_list`` / ``data.test_list`` / ``data.val_list`` to the split lists.
 """
 
@@ -28,6 +28,7 @@ IMAGENET_LT_RECIPE = Recipe(
     ldam_drw_epoch=60,
     dive_power=1.0,
     ssd_self_supervision=0.0,
+    ssd_moco_weight=1.0,
 )
 
 

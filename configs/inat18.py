@@ -1,8 +1,8 @@
 """iNaturalist 2018 recipes: ResNet-50, 90 epochs, batch 256, lr 0.1 cosine, wd 1e-4.
 
-DiVE: T = 3 with power normalisation p = 0.5 (as on CIFAR). SSD's teacher here trains with CE only
-until the MoCo queue lands (see configs/imagenet_lt.py). Set ``data.root`` to the iNat image root
-and the lists (``iNaturalist18_train.txt`` / ``iNaturalist18_val.txt``) or the official JSON files
+DiVE: T = 3 with power normalisation p = 0.5 (as on CIFAR). SSD's teacher trains with CE + MoCo v2
+instance discrimination, weights 1 / 1 (see configs/imagenet_lt.py). Set ``data.root`` to the iNat
+image root and the lists (``iNaturalist18_train.txt`` / ``iNaturalist18_val.txt``) or the official JSON files
 (``data.train_annotations`` / ``data.test_annotations``).
 """
 
@@ -26,6 +26,7 @@ INAT18_RECIPE = Recipe(
                                 milestones=(), decay_factors=()),
     ldam_drw_epoch=60,
     ssd_self_supervision=0.0,
+    ssd_moco_weight=1.0,
 )
 
 

@@ -35,11 +35,13 @@ class Recipe:
     dive_power: float = 0.5
     dive_alpha: float = 0.5
     ssd_temperature: float = 2.0
-    ssd_self_supervision: float = 1.0  # rotation weight; 0 where MoCo would be used instead
+    ssd_self_supervision: float = 1.0  # rotation weight (CIFAR); 0 where MoCo is used instead
+    ssd_moco_weight: float = 0.0  # MoCo v2 weight of SSD's teacher on large datasets (alpha_1 = alpha_2 = 1)
 
 
-def teacher(recipe: Recipe, loss: str = "ce", rotation: float = 0.0) -> TeacherConfig:
-    return TeacherConfig(model=recipe.model, loss=LossConfig(kind=loss), rotation_weight=rotation, optim=recipe.optim)  # type: ignore[arg-type]
+def teacher(recipe: Recipe, loss: str = "ce", rotation: float = 0.0, moco: float = 0.0) -> TeacherConfig:
+    return TeacherConfig(model=recipe.model, loss=LossConfig(kind=loss), rotation_weight=rotation, moco_weight=moco,  # type: ignore[arg-type]
+                         optim=recipe.optim)
 
 
 def rebalance(recipe: Recipe, method: str, source: str = "teacher", head: str = "cls") -> RebalanceConfig:
@@ -76,7 +78,7 @@ def dive(recipe: Recipe, auto_temperature: bool = False) -> dict[str, StageConfi
 def ssd(recipe: Recipe) -> dict[str, StageConfig]:
     """I: CE + self-supervision, II: LWS, soft labels, III: two-head student, IV: LWS on the hard head."""
     return {
-        "teacher": teacher(recipe, "ce", rotation=recipe.ssd_self_supervision),
+        "teacher": teacher(recipe, "ce", rotation=recipe.ssd_self_supervision, moco=recipe.ssd_moco_weight),
         "teacher_lws": rebalance(recipe, "lws", source="teacher"),
         "soft_labels": SoftLabelsConfig(source="teacher_lws"),
         "student": DistillConfig(method="ssd", teacher="soft_labels", model=recipe.model, optim=recipe.optim,

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+
+# Without a GPU the Triton kernels are tested under Triton's interpreter. Triton reads this when it
+# first initialises, and any earlier test may import it (torch.compile does), so set it before
+# every test module: pipelines are unaffected, since backend "auto" uses the kernels on CUDA only.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
 
 
 @pytest.fixture(scope="session")

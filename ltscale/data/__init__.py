@@ -52,9 +52,11 @@ def build_loader(
     seed: int,
     sampler: SamplerConfig | None = None,
     augment: bool | None = None,
+    views: int = 1,
 ):
     """A loader over ``split``: shuffled with ``sampler`` and augmented when ``train``, else
-    sequential, unaugmented and unpadded (for evaluation and soft labels)."""
+    sequential, unaugmented and unpadded (for evaluation and soft labels). ``views=2`` adds
+    ``image_key``, a second independent augmentation of the same images (MoCo's key view)."""
     augment = train if augment is None else augment
     if train:
         index_sampler = build_sampler(sampler or SamplerConfig(), split.targets, seed)
@@ -67,7 +69,7 @@ def build_loader(
 
         return TensorLoader(
             split, sampler=index_sampler, batch_size=batch_size, normalization=bundle.normalization,
-            device=device, augment=augment, seed=seed,
+            device=device, augment=augment, seed=seed, views=views,
         )
     if isinstance(split, FileSplit):
         if loader.backend == "tensor":
@@ -80,5 +82,6 @@ def build_loader(
             normalization=bundle.normalization, num_workers=loader.num_workers,
             max_bad_image_fraction=loader.max_bad_image_fraction, drop_last=False, device=device,
             color_jitter=DATASET_SPECS[bundle.name].train_color_jitter if bundle.name in DATASET_SPECS else 0.0,
+            views=views,
         )
     raise TypeError(f"no loader for split type {type(split).__name__}")

@@ -130,6 +130,10 @@ def load_cifar_lt(dataset: str, root: str | Path, imbalance_factor: float) -> Da
         raise ValueError(f"unknown CIFAR dataset {dataset!r}")
     if not str(root):
         raise DatasetError(f"data.root is empty: set it to the CIFAR python archive (for {dataset})")
+    if str(root).endswith(".npz"):  # packed by tools/pack_cifar_npz.py: the LT subset + test set, 50 MiB
+        from ltscale.data.cifar_npz import load_cifar_lt_npz
+
+        return load_cifar_lt_npz(dataset, Path(root).expanduser(), imbalance_factor)
     top, train_member, test_member, meta_member, label_key, names_key, num_classes = _LAYOUT[dataset]
     archive = _Archive(Path(root).expanduser(), top)
     try:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ltscale.engine.checkpoint import atomic_save, load_checkpoint, load_state_strict
+from ltscale.engine.fast_step import FastStep, resolve_step
 from ltscale.engine.progress import Progress
 from ltscale.engine.schedule import OptimConfig, lr_schedule
 
@@ -76,6 +77,7 @@ class Trainer:
         name: str,
         on_epoch_end: Callable[[EpochMetrics], None] | None = None,
         progress: Progress | None = None,
+        step: str = "auto",
     ) -> None:
         self.task = task
         self.loader = loader
@@ -86,6 +88,8 @@ class Trainer:
         self.name = name
         self.on_epoch_end = on_epoch_end
         self.progress = progress or Progress(enabled=False)
+        self.step = resolve_step(step, device)  # "fast": ltscale/engine/fast_step.py
+        self.fast_step: FastStep | None = None
         parameters = list(task.trainable_parameters())  # type: ignore[operator]
         if not parameters:
             raise ValueError(f"stage {name}: the task has no trainable parameters")
@@ -116,6 +120,8 @@ class Trainer:
     def fit(self) -> int:
         """Train to the last epoch; returns the epoch it started from (> 0 when resumed)."""
         start_epoch = self._resume()
+        if self.step == "fast":  # built after the resume: it adopts the restored momentum buffers
+            self.fast_step = FastStep(self.task, self.optimizer, self.device, self.dtype)
         steps = len(self.loader)
         with self.progress.task(self.name, total=(self.optim.epochs - start_epoch) * steps) as advance:
             for epoch in range(start_epoch, self.optim.epochs):
@@ -128,6 +134,8 @@ class Trainer:
                 self._save_progress(epoch + 1)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(metrics)
+        if self.fast_step is not None:
+            self.fast_step.close()
         return start_epoch
 
     def _epoch(self, epoch: int, steps: int, advance) -> EpochMetrics:
@@ -135,9 +143,15 @@ class Trainer:
         self.task.set_epoch(epoch)  # type: ignore[operator]
         self.task.train()
         totals = torch.zeros(3, device=self.device)  # loss sum, correct, samples
+        if self.fast_step is not None:
+            totals = self.fast_step.begin_epoch()  # the fast step accumulates into its own buffer
         started = time.perf_counter()
         for step, batch in enumerate(self.loader):
             lr = float(self.lrs[epoch * steps + step])
+            if self.fast_step is not None:
+                self.fast_step(batch, lr)
+                advance(1)
+                continue
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

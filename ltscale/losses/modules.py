@@ -101,6 +101,10 @@ def distillation_losses(backend: LossBackend, device: torch.device) -> Distillat
             raise RuntimeError(f"loss backend 'triton' was requested but ltscale.kernels cannot be imported: {error}") from None
         return _REFERENCE
     usable = kernels.kernels_usable(torch.empty(0, device=device))
+    if backend == "auto" and device.type != "cuda":
+        # Triton's interpreter makes the kernels usable on a CPU, but only for testing them: far
+        # slower than the references there.
+        usable = False
     if backend == "triton" and not usable:
         raise RuntimeError(
             f"loss backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU); the stage runs on {device}. "

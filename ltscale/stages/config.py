@@ -12,6 +12,7 @@ from typing import Literal, Union
 from ltscale.data.config import DataConfig, SamplerConfig
 from ltscale.engine.schedule import OptimConfig
 from ltscale.losses.modules import LossBackend, LossConfig
+from ltscale.models.moco import MoCoConfig
 from ltscale.models.network import ModelConfig
 from ltscale.tracking import TrackingConfig
 
@@ -22,12 +23,16 @@ class TeacherConfig:
 
     ``rotation_weight`` > 0 adds SSD's rotation-prediction task: each batch is also fed rotated by
     a random multiple of 90 degrees, and a 4-way head on the shared feature predicts the rotation.
+    ``moco_weight`` > 0 adds SSD's large-dataset task instead, MoCo v2 instance discrimination
+    (``moco``; two augmented views per image, ``ltscale/models/moco.py``). At most one of the two.
     """
 
     kind: Literal["teacher"] = "teacher"
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     rotation_weight: float = 0.0
+    moco_weight: float = 0.0
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval_every: int = 0  # evaluate on the test set every N epochs (0: only at the end)
@@ -35,8 +40,22 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.rotation_weight < 0:
             raise ValueError(f"rotation_weight must be >= 0, got {self.rotation_weight}")
+        if self.moco_weight < 0:
+            raise ValueError(f"moco_weight must be >= 0, got {self.moco_weight}")
+        if self.rotation_weight > 0 and self.moco_weight > 0:
+            raise ValueError(
+                f"rotation_weight ({self.rotation_weight}) and moco_weight ({self.moco_weight}) are both on; SSD uses one "
+                "self-supervised task (rotation on CIFAR, MoCo on large datasets): set the other to 0"
+            )
         if self.loss.kind == "ldam" and self.model.classifier != "cosine":
             raise ValueError("loss.kind=ldam expects model.classifier=cosine (LDAM's normalised head)")
+
+    @property
+    def self_supervision(self) -> Literal["none", "rotation", "moco"]:
+        """The self-supervised task the weights select."""
+        if self.moco_weight > 0:
+            return "moco"
+        return "rotation" if self.rotation_weight > 0 else "none"
 
 
 @dataclass(frozen=True)
@@ -155,6 +174,9 @@ class PipelineConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # "fast": channels_last + the whole step as a CUDA graph (ltscale/engine/fast_step.py);
+    # "auto": fast on CUDA, eager on a CPU.
+    step: Literal["auto", "eager", "fast"] = "auto"
     output_dir: str = "runs"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     progress: bool = True

@@ -31,6 +31,7 @@ class StageContext:
     run: RunHandle
     progress: Progress
     metrics: dict[str, float] = field(default_factory=dict)
+    step: str = "auto"  # the trainer's step: auto, eager or fast (PipelineConfig.step)
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -40,9 +41,9 @@ class StageContext:
     def autocast(self) -> torch.dtype | None:
         return autocast_dtype(self.precision, self.device)
 
-    def train_loader(self, batch_size: int, sampler: SamplerConfig):
+    def train_loader(self, batch_size: int, sampler: SamplerConfig, views: int = 1):
         return build_loader(self.bundle.train, self.bundle, train=True, batch_size=batch_size, sampler=sampler,
-                            loader=self.loader_config, device=self.device, seed=self.seed)
+                            loader=self.loader_config, device=self.device, seed=self.seed, views=views)
 
     def eval_loader(self, split: Split, batch_size: int = 512):
         return build_loader(split, self.bundle, train=False, batch_size=batch_size, loader=self.loader_config,

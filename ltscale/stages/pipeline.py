@@ -116,7 +116,7 @@ def run_pipeline(config: PipelineConfig, progress: Progress | None = None) -> Pi
                     continue
                 ctx = StageContext(name=name, bundle=bundle, device=device, precision=config.precision, seed=config.seed,
                                    loader_config=config.data.loader, directory=store.directory(stage.kind, key), run=run,
-                                   progress=progress)
+                                   progress=progress, step=config.step)
                 ctx.directory.mkdir(parents=True, exist_ok=True)
                 run.log_dict(_stage_record(name, stage, parents, key, version), "stage_config.json")
                 files = RUNNERS[stage.kind](stage, ctx, parents)

@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ltscale.dist.gather import rank_and_world_size
 from ltscale.losses.modules import ClassificationLoss, DistillationLosses
+from ltscale.models.moco import MoCo
 from ltscale.models.network import Network
 
 
@@ -31,6 +33,11 @@ class _Task(nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         pass
+
+    def capture_key(self) -> object:
+        """Python-level state that a captured CUDA graph bakes in (``ltscale/engine/fast_step.py``);
+        when it changes between epochs the fast step captures a new graph."""
+        return None
 
 
 class SupervisedTask(_Task):
@@ -57,12 +64,25 @@ class SupervisedTask(_Task):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.network.parameters() if p.requires_grad]
 
+    def capture_key(self) -> object:
+        return self.loss.weights is not None  # LDAM-DRW's re-weighted phase changes the step
+
+    def step_randomness(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """This step's rotation labels from the task's generator. The fast step draws them outside
+        its CUDA graph (a graph cannot capture draws from an unregistered generator) and passes
+        them in the batch; the eager step draws the same ones in ``forward``."""
+        if self.rotation_weight <= 0:
+            return {}
+        return {"rotation_turns": torch.randint(0, 4, (batch_size,), device=device, generator=self.generator)}
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, targets = batch["image"], batch["target"]
         if self.rotation_weight <= 0:
             logits = self.network(images, heads=("cls",))["cls"]
             return {"loss": self.loss(logits, targets), "logits": logits, "target": targets}
-        turns = torch.randint(0, 4, (images.shape[0],), device=images.device, generator=self.generator)
+        turns = batch.get("rotation_turns")
+        if turns is None:
+            turns = self.step_randomness(images.shape[0], images.device)["rotation_turns"]
         both = torch.cat([images, rotate_batch(images, turns)])
         features = self.network.backbone(both)
         original, rotated = features.chunk(2)
@@ -77,6 +97,71 @@ class SupervisedTask(_Task):
             "rotation_loss": rotation.detach(),
         }
 
+
+class MoCoTask(_Task):
+    """SSD's large-dataset teacher: CE (BSCE, ...) on the query view's ``cls`` logits
+    + ``moco_weight`` * MoCo v2 InfoNCE between the query and key views (``image`` / ``image_key``).
+
+    The trainer checkpoints ``self.network``, which here is ``{"classifier": Network, "moco": MoCo}``:
+    the key encoder, the projection heads and the key queue travel in progress checkpoints, so a
+    resumed stage continues with the same queue. The stage saves only ``classifier`` as its model.
+    The key encoder is EMA-updated (requires_grad False) and so is not a trainable parameter.
+    """
+
+    def __init__(self, network: Network, moco: MoCo, loss: ClassificationLoss, moco_weight: float, seed: int) -> None:
+        super().__init__()
+        self.network = nn.ModuleDict({"classifier": network, "moco": moco})  # type: ignore[assignment]
+        self.loss = loss
+        self.moco_weight = moco_weight
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+
+    @property
+    def classifier(self) -> Network:
+        return self.network["classifier"]  # type: ignore[return-value]
+
+    @property
+    def moco(self) -> MoCo:
+        return self.network["moco"]  # type: ignore[return-value]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loss.set_epoch(epoch)
+        device = next(self.classifier.parameters()).device
+        # Re-seeded per epoch (as the rotation task) so a resumed stage draws the same shuffles.
+        self.generator = torch.Generator(device=device).manual_seed(self.seed * 100_003 + epoch)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]  # the key encoder is not
+
+    def capture_key(self) -> object:
+        return self.loss.weights is not None
+
+    def step_randomness(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The shuffled-BN permutation of this step's key batch (the global one under DDP), drawn
+        from the task's generator outside a CUDA graph, as the rotation labels are."""
+        if self.moco.config.shuffle_bn == "none":
+            return {}
+        _, world_size = rank_and_world_size()
+        return {"key_permutation": torch.randperm(batch_size * world_size, device=device, generator=self.generator)}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, targets = batch["image"], batch["target"]
+        if "image_key" not in batch:
+            raise KeyError("the MoCo task needs two views per image: build the train loader with views=2")
+        permutation = batch.get("key_permutation")
+        if permutation is None:
+            permutation = self.step_randomness(images.shape[0], images.device).get("key_permutation")
+        self.moco.momentum_update(self.classifier.backbone)  # once per step, before the keys
+        features = self.classifier.backbone(images)  # (N, D)
+        logits = self.classifier.heads["cls"](features)
+        supervised = self.loss(logits, targets)
+        contrastive = self.moco(features, batch["image_key"], targets, permutation)["loss"]
+        return {
+            "loss": supervised + self.moco_weight * contrastive,
+            "logits": logits,
+            "target": targets,
+            "moco_loss": contrastive.detach(),
+        }
 
 class RebalanceTask(_Task):
     """CE on one head over frozen features (LWS scales or a cRT linear layer are trainable).

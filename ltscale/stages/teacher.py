@@ -1,21 +1,23 @@
 """Stage I and the from-scratch baselines: train a network with CE / BSCE / LDAM(-DRW),
-optionally with SSD's rotation self-supervision."""
+optionally with SSD's self-supervision (rotation prediction, or MoCo v2 on large datasets)."""
 
 from __future__ import annotations
 
 from ltscale.engine.trainer import EpochMetrics, Trainer
 from ltscale.losses.modules import build_classification_loss
 from ltscale.models.heads import HeadSpec
+from ltscale.models.moco import MoCo
 from ltscale.models.network import Network
 from ltscale.stages.config import TeacherConfig
 from ltscale.stages.context import StageContext
 from ltscale.stages.store import PROGRESS, StageOutput
-from ltscale.stages.tasks import SupervisedTask
+from ltscale.stages.tasks import MoCoTask, SupervisedTask
 
 
-def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, ctx: StageContext) -> None:
-    """The shared tail of every training stage: fit with per-epoch logging, then a final evaluation."""
-    loader = ctx.train_loader(optim.batch_size, sampler)
+def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, ctx: StageContext, views: int = 1) -> None:
+    """The shared tail of every training stage: fit with per-epoch logging, then a final evaluation.
+    ``views``: augmented views per image in each batch (2 for MoCo: ``image`` and ``image_key``)."""
+    loader = ctx.train_loader(optim.batch_size, sampler, views=views)
 
     def on_epoch_end(metrics: EpochMetrics) -> None:
         ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch)
@@ -23,7 +25,7 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
             ctx.evaluate(network, step=metrics.epoch, final=False)
 
     trainer = Trainer(task, loader, optim, ctx.device, ctx.precision, ctx.directory / PROGRESS, ctx.name,
-                      on_epoch_end=on_epoch_end, progress=ctx.progress)
+                      on_epoch_end=on_epoch_end, progress=ctx.progress, step=ctx.step)
     resumed_from = trainer.fit()
     if resumed_from:
         ctx.run.set_tags({"ltscale.resumed_from_epoch": str(resumed_from)})
@@ -36,6 +38,13 @@ def run(config: TeacherConfig, ctx: StageContext, inputs: dict[str, StageOutput]
         heads["rotation"] = HeadSpec(kind="rotation", num_outputs=4, classifier=False)
     network = Network(config.model, heads, predict_head="cls").to(ctx.device)
     loss = build_classification_loss(config.loss, ctx.class_counts, ctx.device)
+    if config.moco_weight > 0:
+        # The MoCo parts (key encoder, projections, queue) live in the task and its progress
+        # checkpoints only; the saved model is the classifier network, loadable by load_model.
+        moco = MoCo(config.moco, network.backbone, network.feature_dim).to(ctx.device)
+        task = MoCoTask(network, moco, loss, config.moco_weight, ctx.seed)
+        train_and_evaluate(task, network, config.optim, config.sampler, config.eval_every, ctx, views=2)
+        return {"model": ctx.save_model(network)}
     task = SupervisedTask(network, loss, config.rotation_weight, ctx.seed)
     train_and_evaluate(task, network, config.optim, config.sampler, config.eval_every, ctx)
     return {"model": ctx.save_model(network)}

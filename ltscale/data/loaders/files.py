@@ -80,19 +80,38 @@ def build_transform(train: bool, image_size: int, color_jitter: float = 0.4) -> 
     )
 
 
+def build_key_transform(image_size: int) -> transforms.Transform:
+    """MoCo v2's augmentation, for the key view of two-view batches: RandomResizedCrop (scale
+    0.2-1), colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, greyscale with p 0.2, Gaussian blur
+    (sigma 0.1-2, kernel ~10% of the image as in SimCLR) with p 0.5, horizontal flip."""
+    kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # odd
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            transforms.RandomHorizontalFlip(),
+        ]
+    )
+
+
 class _FileDataset(torch.utils.data.Dataset):
-    """Map-style dataset over a FileSplit; an item is ``(image, target, index, ok, failures)``.
+    """Map-style dataset over a FileSplit; an item is ``(image, target, index, ok, failures, key)``.
 
     ``index`` is the dataset index of the image actually returned (the substitute's when one was
     used); ``failures`` lists ``(index, reason)`` of every file that failed to decode on the way;
     ``ok`` is False when no usable image was produced (always the case for a bad evaluation image).
+    ``key``: with a ``key_transform``, a second augmentation of the same decoded image, else None.
     """
 
-    def __init__(self, split: FileSplit, transform: transforms.Transform, image_size: int, substitute: bool) -> None:
+    def __init__(self, split: FileSplit, transform: transforms.Transform, image_size: int, substitute: bool,
+                 key_transform: transforms.Transform | None = None) -> None:
         self.root = split.root
         self.paths = split.paths
         self.targets = split.targets
         self.transform = transform
+        self.key_transform = key_transform
         self.image_size = image_size
         self.substitute = substitute
         # Per class, its members in list order; position_in_class lets a bad image find "the next
@@ -113,7 +132,7 @@ class _FileDataset(torch.utils.data.Dataset):
         after = np.roll(members, -int(self.position_in_class[index]))[1:]
         return after[:MAX_SUBSTITUTES]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool, list[tuple[int, str]]]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool, list[tuple[int, str]], torch.Tensor | None]:
         failures: list[tuple[int, str]] = []
         tries = [index] + (self._candidates(index).tolist() if self.substitute else [])
         for candidate in tries:
@@ -122,20 +141,24 @@ class _FileDataset(torch.utils.data.Dataset):
             except Exception as error:  # any decoder failure is a bad file, reported below
                 failures.append((candidate, _describe(error)))
                 continue
-            return self.transform(image), int(self.targets[index]), candidate, True, failures
+            key = self.key_transform(image) if self.key_transform is not None else None
+            return self.transform(image), int(self.targets[index]), candidate, True, failures, key
         blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
-        return blank, int(self.targets[index]), index, False, failures
+        return blank, int(self.targets[index]), index, False, failures, blank if self.key_transform is not None else None
 
 
 def _collate(samples: list[tuple]) -> dict:
-    images, targets, indices, ok, failures = zip(*samples)
-    return {
+    images, targets, indices, ok, failures, keys = zip(*samples)
+    batch = {
         "image": torch.stack(images),  # (B, 3, H, W) uint8
         "target": torch.tensor(targets, dtype=torch.int64),
         "index": torch.tensor(indices, dtype=torch.int64),
         "ok": torch.tensor(ok, dtype=torch.bool),
         "failures": [failure for sample_failures in failures for failure in sample_failures],
     }
+    if keys[0] is not None:
+        batch["image_key"] = torch.stack(keys)  # (B, 3, H, W) uint8, the second view
+    return batch
 
 
 class FileLoader:
@@ -146,6 +169,8 @@ class FileLoader:
     (a substitute's index when a corrupt training image was replaced, so per-sample look-ups such
     as teacher soft labels match the pixels). ``color_jitter`` is the training ColorJitter strength
     (0.4 for ImageNet-LT / Places-LT, 0 for iNat: ``ImageListSpec.train_color_jitter``).
+    ``views=2`` (training only) adds ``image_key``: the same images under an independent second
+    augmentation, MoCo v2's (:func:`build_key_transform`), normalised like ``image``.
 
     Augmentation randomness comes from torch's RNG: the DataLoader seeds each worker from the
     main process's generator, so ``torch.manual_seed`` before building the loader fixes it.
@@ -167,16 +192,22 @@ class FileLoader:
         drop_last: bool,
         device: torch.device | str,
         color_jitter: float = 0.4,
+        views: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {views}")
+        if views == 2 and not train:
+            raise ValueError("views=2 is for training (two augmentations); an evaluation loader has one view")
         self.split = split
         self.train = train
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.drop_last = drop_last
         self.dataset = _FileDataset(
-            split, build_transform(train, image_size, color_jitter), image_size, substitute=train
+            split, build_transform(train, image_size, color_jitter), image_size, substitute=train,
+            key_transform=build_key_transform(image_size) if views == 2 else None,
         )
         self.sampler = sampler if sampler is not None else torch.utils.data.SequentialSampler(self.dataset)
         self.allowed_bad_files = math.floor(max_bad_image_fraction * len(split))
@@ -263,11 +294,15 @@ class FileLoader:
             if not bool(batch["ok"].all()):
                 self._raise_unusable(batch)
             image = batch["image"].to(self.device, non_blocking=self._non_blocking)
-            yield {
+            out = {
                 "image": image.float().sub_(self._mean).div_(self._std),  # (B, 3, H, W)
                 "target": batch["target"].to(self.device, non_blocking=self._non_blocking),
                 "index": batch["index"].to(self.device, non_blocking=self._non_blocking),
             }
+            if "image_key" in batch:
+                key = batch["image_key"].to(self.device, non_blocking=self._non_blocking)
+                out["image_key"] = key.float().sub_(self._mean).div_(self._std)  # (B, 3, H, W)
+            yield out
 
 
 class _VerifyDataset(torch.utils.data.Dataset):

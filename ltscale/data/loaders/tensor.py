@@ -42,6 +42,8 @@ class TensorLoader:
 
     ``sampler`` supplies this rank's indices per epoch (instance- or class-balanced).
     ``augment``: random crop with ``padding`` and horizontal flip (training), or none (evaluation).
+    ``views=2`` (with ``augment``) adds ``image_key``: the same images under a second, independently
+    drawn crop and flip (MoCo's key view).
     """
 
     def __init__(
@@ -56,7 +58,12 @@ class TensorLoader:
         padding: int = 4,
         drop_last: bool = False,
         seed: int = 0,
+        views: int = 1,
     ) -> None:
+        if views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {views}")
+        if views == 2 and not augment:
+            raise ValueError("views=2 needs augment=True: without augmentation both views are the same image")
         self.split = split
         self.sampler = sampler
         self.batch_size = batch_size
@@ -65,6 +72,7 @@ class TensorLoader:
         self.padding = padding
         self.drop_last = drop_last
         self.seed = seed
+        self.views = views
         self.epoch = 0
         self.bad_files: list[str] = []  # in-memory arrays cannot be corrupt; kept for the loader interface
         # (N, 3, H, W) contiguous uint8 on the device: 150 MB for all of CIFAR-100.
@@ -96,11 +104,24 @@ class TensorLoader:
         plan = [torch.from_numpy(a) for a in (order, offsets, flips)]
         return tuple(t.to(self.device, non_blocking=True) for t in plan)  # type: ignore[return-value]
 
+    def _key_view_plan(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop offsets (count, 2) and flips (count,) of the second view: its own random stream, so
+        the first view's draws (and runs without a second view) are unchanged."""
+        rng = np.random.default_rng([self.seed, self.epoch, 8])
+        offsets = rng.integers(0, 2 * self.padding + 1, size=(count, 2))
+        flips = rng.random(count) < 0.5
+        return torch.from_numpy(offsets).to(self.device, non_blocking=True), torch.from_numpy(flips).to(self.device, non_blocking=True)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         order, offsets, flips = self._epoch_plan()
+        key_offsets, key_flips = self._key_view_plan(len(order)) if self.views == 2 else (None, None)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
-            images = self.images[index]
+            source = images = self.images[index]  # (B, 3, H, W) uint8; each view crops it anew
             if offsets is not None and flips is not None:
                 images = random_crop_flip(images, offsets[start : start + self.batch_size], flips[start : start + self.batch_size], self.padding)
-            yield {"image": self.normalize(images), "target": self.targets[index], "index": index}
+            batch = {"image": self.normalize(images), "target": self.targets[index], "index": index}
+            if key_offsets is not None and key_flips is not None:
+                stop = start + self.batch_size
+                batch["image_key"] = self.normalize(random_crop_flip(source, key_offsets[start:stop], key_flips[start:stop], self.padding))
+            yield batch

@@ -1,0 +1,85 @@
+"""The packed CIFAR-LT file: lossless image codec, the same arrays as the archive at every IF at
+or above the packed one, and the LDAM-DRW prefix property it relies on."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ltscale.data.cifar import load_cifar_lt, long_tailed_counts, long_tailed_indices
+from ltscale.data.cifar_npz import decode_images, encode_images, pack_from_archive
+from ltscale.data.errors import DatasetError
+
+SHARED_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-100-python.tar.gz"
+
+
+def fake_cifar100(root: Path, per_class: int = 20, test_per_class: int = 3) -> Path:
+    """A folder in the official CIFAR-100 python layout with random images."""
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for member, count in (("train", per_class), ("test", test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(100), count))
+        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        with open(folder / member, "wb") as stream:
+            pickle.dump({"data": data, "fine_labels": labels.tolist()}, stream)
+    with open(folder / "meta", "wb") as stream:
+        pickle.dump({"fine_label_names": [f"class{c}" for c in range(100)]}, stream)
+    return root
+
+
+def test_codec_is_lossless():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(7, 32, 32, 3), dtype=np.uint8)
+    images[0] = 0
+    images[1] = 255
+    images[2, :, :, 0] = 255  # extreme colour differences wrap around modulo 256
+    assert np.array_equal(decode_images(encode_images(images)), images)
+
+
+def test_packed_file_equals_archive_at_each_imbalance_factor(tmp_path):
+    archive = fake_cifar100(tmp_path / "archive")
+    packed = tmp_path / "cifar100_lt_if10.npz"
+    summary = pack_from_archive("cifar100_lt", archive, 10.0, packed)
+    assert summary["train_images"] == long_tailed_counts(20, 100, 10.0).sum()
+    for imbalance_factor in (100.0, 50.0, 20.0, 10.0):
+        reference = load_cifar_lt("cifar100_lt", archive, imbalance_factor)
+        loaded = load_cifar_lt("cifar100_lt", str(packed), imbalance_factor)
+        assert loaded.name == reference.name
+        for split in ("train", "test"):
+            a, b = getattr(reference, split), getattr(loaded, split)
+            assert np.array_equal(a.targets, b.targets) and np.array_equal(a.images, b.images)
+            assert a.fingerprint() == b.fingerprint() and a.class_names == b.class_names
+    with pytest.raises(DatasetError, match="IF 10 subset"):
+        load_cifar_lt("cifar100_lt", str(packed), 5.0)
+    with pytest.raises(DatasetError, match="holds cifar100_lt"):
+        load_cifar_lt("cifar10_lt", str(packed), 10.0)
+
+
+def test_pack_tool_cli(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import pack_cifar_npz
+
+    archive = fake_cifar100(tmp_path / "archive", per_class=10, test_per_class=1)
+    assert pack_cifar_npz.main(["--archive", str(archive), "--out", str(tmp_path / "p.npz"), "--imbalance-factor", "10"]) == 0
+    assert '"imbalance_factor": 100.0' in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not SHARED_ARCHIVE.exists(), reason="the real CIFAR-100 archive is not at ../shared/data")
+def test_real_cifar100_larger_imbalance_keeps_a_prefix_of_each_class():
+    """On the real labels: the IF 100 and IF 50 subsets are, class by class, prefixes of IF 10's."""
+    import tarfile
+
+    with tarfile.open(SHARED_ARCHIVE) as archive:
+        targets = np.asarray(pickle.load(archive.extractfile("cifar-100-python/train"), encoding="latin1")["fine_labels"])
+    base = long_tailed_indices(targets, long_tailed_counts(500, 100, 10.0))
+    for imbalance_factor in (100.0, 50.0):
+        counts = long_tailed_counts(500, 100, imbalance_factor)
+        kept = long_tailed_indices(targets, counts)
+        prefix = np.concatenate([base[targets[base] == c][:n] for c, n in enumerate(counts)])
+        assert np.array_equal(kept, prefix)

@@ -1,0 +1,69 @@
+"""tools/reproduce_cifar.py: the command plan, and a real (tiny) run of the table on the demo
+recipes: concurrent lanes, the stage cache across methods, run ids and manifest metrics
+collected, and the JSON / CSV / markdown results."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "reproduce_cifar.py"
+
+
+def run_tool(*args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run_prints_the_full_table_plan(tmp_path):
+    done = run_tool("--dry-run", "--data", str(tmp_path / "cifar100_lt_if10.npz"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    commands = [line for line in done.stdout.splitlines() if line.startswith("ltscale run ")]
+    assert len(commands) == 6 * 3 * 3  # methods x imbalance factors x seeds
+    for recipe in ("cifar100-lt-if100/ssd", "cifar100-lt-if50/ldam-drw", "cifar100-lt-if10/dive"):
+        assert sum(f"ltscale run {recipe} " in c for c in commands) == 3
+    assert all("--set seed=" in c and "--set data.root=" in c for c in commands)
+    # LWS shares the CE teacher's lane (output directory) so its teacher comes from the stage cache
+    lws = next(c for c in commands if "cifar100-lt-if50/lws" in c and "seed=2" in c)
+    assert "/runs/if50-ce-seed2 " in lws
+
+
+def test_cifar_without_data_is_refused(tmp_path):
+    done = run_tool("--dry-run", "--methods", "ce", cwd=tmp_path)
+    assert done.returncode != 0 and "pass --data" in done.stderr
+
+
+def test_smoke_run_on_demo_recipes(tmp_path):
+    results = tmp_path / "results"
+    args = ["--recipe-prefix", "demo", "--methods", "ce,lws", "--imbalance-factors", "80", "--seeds", "0,1",
+            "--epochs", "1", "--concurrency", "2", "--device", "cpu", "--output-dir", str(tmp_path / "runs"),
+            "--results-dir", str(results), "--set", "data.synthetic.max_per_class=100", "--set", "data.synthetic.test_per_class=10"]
+    done = run_tool(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((results / "cifar100_lt.json").read_text())
+    assert len(report["jobs"]) == 4 and all(len(job["run_id"]) == 32 for job in report["jobs"])
+    by_name = {job["name"]: job for job in report["jobs"]}
+    # the LWS pipeline reused the CE teacher of its lane: same stage output, same producing run
+    for seed in (0, 1):
+        ce, lws = by_name[f"if80-ce-seed{seed}"], by_name[f"if80-lws-seed{seed}"]
+        assert lws["stages"]["teacher"]["key"] == ce["stages"]["teacher"]["key"]
+        assert lws["stages"]["teacher"]["run_id"] == ce["stages"]["teacher"]["run_id"]
+        assert lws["run_id"] != ce["run_id"]
+    rows = {row["row"]: row["cells"]["80"] for row in report["table"]}
+    for method in ("ce", "lws"):
+        cell = rows[method]
+        values = [run["top1"] for run in cell["runs"]]
+        assert cell["n"] == 2 and abs(cell["mean"] - sum(values) / 2) < 1e-9
+    with open(results / "cifar100_lt.csv") as stream:
+        assert len(list(csv.DictReader(stream))) == 4
+    table = (results / "cifar100_lt.md").read_text()
+    assert "Smoke run" in table and "| ce |" in table and by_name["if80-ce-seed0"]["run_id"] in table
+    assert "ltscale run demo/lws" in table
+
+    # a second invocation skips the finished jobs and rebuilds the same table
+    again = run_tool(*args, cwd=tmp_path, timeout=120)
+    assert again.returncode == 0 and "[start]" not in again.stdout
+    assert json.loads((results / "cifar100_lt.json").read_text())["table"] == report["table"]

@@ -1,0 +1,453 @@
+#!/usr/bin/env python
+"""Reproduce the CIFAR-100-LT table (ResNet-32): CE, BSCE, LWS, LDAM-DRW, DiVE and SSD at IF 100,
+50 and 10 over several seeds, beside the published numbers, with the command and MLflow run of
+every cell. One command:
+
+    python tools/reproduce_cifar.py --data .data/cifar100_lt_if10.npz --concurrency 3
+
+Each (method, IF, seed) is one ``ltscale run <recipe> --set seed=N`` process. Processes are grouped
+into lanes that share an output directory, so the stage cache reuses a teacher where two methods
+train the same one (LWS re-balances the CE teacher; DiVE distils the BSCE teacher); lanes run
+``--concurrency`` at a time (several seeds of one recipe together on one GPU). Each finished job
+writes ``<output-dir>/jobs/<name>.json`` (command, parent MLflow run id, the stage run ids, every
+stage's metrics read from its manifest, wall time); a re-run skips finished jobs, and an
+interrupted stage resumes from its progress checkpoint, so the table can be built over several
+invocations (``--stop-after-minutes`` keeps one inside a time limit). From all job files present
+the tool writes ``results/cifar100_lt.json``, ``.csv`` and ``.md`` (mean ± std over seeds; the
+markdown is ready for RESULTS.md).
+
+``--epochs N`` overrides every stage's epochs (a smoke run, marked as such in the table);
+``--recipe-prefix demo`` runs the ``demo/<method>`` recipes on the generated dataset (tests).
+``--dry-run`` prints the commands and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+METHODS = ("ce", "bsce", "lws", "ldam-drw", "dive", "ssd")
+IMBALANCE_FACTORS = (100.0, 50.0, 10.0)
+# Methods in one lane share an output directory and run in this order, so the later one reuses
+# the earlier one's teacher from the stage cache.
+LANE_OF = {"ce": "ce", "lws": "ce", "bsce": "bsce", "dive": "bsce", "ldam-drw": "ldam-drw", "ssd": "ssd"}
+
+# Published top-1 (%) on CIFAR-100-LT, ResNet-32 (../shared/METHODS.md; LDAM-DRW from the DiVE and
+# SSD papers' tables, ../shared/papers). SSD's 46.0 / 50.5 / 62.3 is the full pipeline (after stage IV).
+PUBLISHED: dict[str, dict[float, float]] = {
+    "ce": {100.0: 38.3, 50.0: 42.4, 10.0: 56.5},
+    "bsce": {100.0: 42.4, 50.0: 47.6, 10.0: 58.4},
+    "lws": {100.0: 42.3, 50.0: 46.0, 10.0: 58.1},
+    "ldam-drw": {100.0: 42.04, 50.0: 46.62, 10.0: 58.71},
+    "dive": {100.0: 45.35, 50.0: 51.13, 10.0: 62.0},
+    "ssd (after stage IV)": {100.0: 46.0, 50.0: 50.5, 10.0: 62.3},
+}
+PUBLISHED_SOURCES = (
+    "CE, BSCE, DiVE: DiVE (ICCV 2021) Table 1; LWS, SSD: SSD (ICCV 2021) Table 2; LDAM-DRW: as reported in both "
+    "(DiVE Table 1: 42.04 / 46.62 / 58.71). The papers publish no separate numbers for SSD's hard and soft heads."
+)
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One table row: ``method``'s pipeline, the ``stage`` whose manifest metrics it reports under ``prefix``."""
+
+    label: str
+    method: str
+    stage: str  # "" = the pipeline's result stage
+    prefix: str = "test"
+
+
+def row_specs(methods: list[str]) -> list[RowSpec]:
+    rows = []
+    for method in methods:
+        if method == "ssd":
+            rows += [RowSpec("ssd (hard head)", "ssd", "student", "test/hard"),
+                     RowSpec("ssd (soft head)", "ssd", "student", "test/soft"),
+                     RowSpec("ssd (after stage IV)", "ssd", "student_lws", "test")]
+        else:
+            rows.append(RowSpec(method, method, ""))
+    return rows
+
+
+@dataclass
+class Job:
+    method: str
+    imbalance_factor: float
+    seed: int
+    recipe: str
+    lane: str
+    argv: list[str]  # what runs: python -m ltscale run ...
+    command: str  # the same as the user-facing ``ltscale run ...``
+    pipeline_name: str
+    result_stage: str
+    record: Path
+    signature: dict[str, Any]  # what makes a job file this job's, independent of paths and machine
+
+    @property
+    def name(self) -> str:
+        return f"if{self.imbalance_factor:g}-{self.method}-seed{self.seed}"
+
+
+@dataclass
+class Plan:
+    jobs: list[Job] = field(default_factory=list)
+    lanes: dict[str, list[Job]] = field(default_factory=dict)
+
+
+def epoch_overrides(config: Any, epochs: int) -> list[str]:
+    """``--set`` overrides giving every training stage of ``config`` ``epochs`` epochs (smoke runs).
+
+    Warm-up is shortened first (it must stay below the epochs, and each override is validated as
+    it is applied)."""
+    overrides = []
+    for name, stage in config.stages.items():
+        optim = getattr(stage, "optim", None)
+        if optim is None:
+            continue
+        if optim.warmup_epochs >= epochs:
+            overrides.append(f"stages.{name}.optim.warmup_epochs={max(0, epochs - 1)}")
+        overrides.append(f"stages.{name}.optim.epochs={epochs}")
+    return overrides
+
+
+def recipe_name(prefix: str, imbalance_factor: float, method: str) -> str:
+    return f"{prefix.replace('{if}', f'{imbalance_factor:g}')}/{method}"
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    from ltscale.config import apply_overrides, get_recipe
+
+    output_dir = Path(args.output_dir).resolve()
+    plan = Plan()
+    for imbalance_factor in args.imbalance_factors:
+        for method in args.methods:
+            recipe = recipe_name(args.recipe_prefix, imbalance_factor, method)
+            config = get_recipe(recipe)
+            if config.data.dataset in ("cifar100_lt", "cifar10_lt") and not args.data and not args.collect_only:
+                raise SystemExit(f"reproduce_cifar: recipe {recipe} reads CIFAR; pass --data (the archive or a packed .npz)")
+            for seed in args.seeds:
+                lane = f"if{imbalance_factor:g}-{LANE_OF.get(method, method)}-seed{seed}"
+                overrides = [f"seed={seed}"]
+                if args.data:
+                    overrides.append(f"data.root={Path(args.data).resolve()}")
+                if args.epochs:
+                    overrides += epoch_overrides(config, args.epochs)
+                overrides += args.overrides
+                resolved = apply_overrides(config, overrides)  # fail here, not in the child process
+                tail = [recipe, "--no-progress", "--output-dir", str(output_dir / "runs" / lane)]
+                for item in overrides:
+                    tail += ["--set", item]
+                if args.tracking_uri or args.tracking_store == "file":
+                    tail += ["--tracking-uri", _tracking_uri(args, lane)]
+                if args.device:
+                    tail += ["--device", args.device]
+                job = Job(method, imbalance_factor, seed, recipe, lane, [sys.executable, "-m", "ltscale", "run", *tail],
+                          shlex.join(["ltscale", "run", *tail]), resolved.name, resolved.result,
+                          output_dir / "jobs" / f"if{imbalance_factor:g}-{method}-seed{seed}.json",
+                          {"recipe": recipe, "seed": seed, "epochs": args.epochs, "overrides": list(args.overrides)})
+                plan.jobs.append(job)
+    order = {m: i for i, m in enumerate(METHODS)}
+    for job in sorted(plan.jobs, key=lambda j: (-j.imbalance_factor, order.get(j.method, 99), j.seed)):
+        plan.lanes.setdefault(job.lane, []).append(job)
+    return plan
+
+
+def _tracking_uri(args: argparse.Namespace, lane: str) -> str:
+    """--tracking-uri, else one store per lane: sqlite (ltscale's default) or an MLflow file store."""
+    if args.tracking_uri:
+        return args.tracking_uri
+    lane_dir = Path(args.output_dir).resolve() / "runs" / lane
+    if args.tracking_store == "file":
+        return (lane_dir / "mlruns").as_uri()
+    from ltscale.tracking import default_tracking_uri
+
+    return default_tracking_uri(lane_dir)
+
+
+def collect(args: argparse.Namespace, job: Job) -> dict[str, Any]:
+    """The parent MLflow run of ``job``'s pipeline and every stage's manifest metrics."""
+    from mlflow import MlflowClient
+
+    uri = _tracking_uri(args, job.lane)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(args.experiment)
+    if experiment is None:
+        raise RuntimeError(f"no MLflow experiment {args.experiment!r} at {uri}")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`ltscale.pipeline` = '{job.pipeline_name}' and params.seed = '{job.seed}' "
+                      "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if not parents:
+        raise RuntimeError(f"no finished pipeline run {job.pipeline_name!r} with seed {job.seed} at {uri}")
+    parent = parents[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        lineage = json.loads(Path(client.download_artifacts(parent.info.run_id, "lineage.json", tmp)).read_text())
+    stages = {}
+    for stage, entry in lineage.items():
+        manifest = json.loads((Path(entry["directory"]) / "manifest.json").read_text())
+        # run_id: the stage run that produced the output (a cached stage points at its producer)
+        stages[stage] = {"run_id": entry["run_id"], "key": entry["key"], "metrics": manifest.get("metrics", {})}
+    return {"run_id": parent.info.run_id, "tracking_uri": uri, "stages": stages}
+
+
+def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[str, Any]) -> dict[str, Any]:
+    log = log_dir / f"{job.name}.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    started = time.perf_counter()
+    with open(log, "w") as stream:
+        stream.write(f"$ {job.command}\n")
+        stream.flush()
+        returncode = subprocess.run(job.argv, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
+    record: dict[str, Any] = {
+        "name": job.name, "method": job.method, "imbalance_factor": job.imbalance_factor, "seed": job.seed,
+        "recipe": job.recipe, "pipeline": job.pipeline_name, "result_stage": job.result_stage, "lane": job.lane,
+        "command": job.command, "argv": job.argv, "returncode": returncode,
+        "seconds": round(time.perf_counter() - started, 1), "log": str(log),
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "epochs_override": args.epochs, "environment": env_record, "signature": job.signature,
+    }
+    if returncode == 0:
+        try:
+            record.update(collect(args, job))
+        except Exception as error:  # noqa: BLE001 - recorded in the job file and reported
+            record["error"] = f"collecting the results failed: {type(error).__name__}: {error}"
+    else:
+        record["error"] = f"exit status {returncode}; last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-15:])
+    if "error" not in record:
+        job.record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = job.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(job.record)
+    return record
+
+
+def finished(job: Job) -> bool:
+    """A job file of this job exists: same recipe, seed, epochs and extra overrides (a smoke run's
+    file does not count for a full run), wherever it ran (paths may differ: --collect-only at home)."""
+    try:
+        return json.loads(job.record.read_text())["signature"] == job.signature
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def run_plan(args: argparse.Namespace, plan: Plan) -> list[dict[str, Any]]:
+    output_dir = Path(args.output_dir).resolve()
+    log_dir = output_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + 60 * args.stop_after_minutes if args.stop_after_minutes else None
+    lock = threading.Lock()
+    outcomes: list[dict[str, Any]] = []
+    env_record = environment()
+
+    def lane(jobs: list[Job]) -> None:
+        for job in jobs:
+            if finished(job) and not args.force:
+                continue
+            if deadline is not None and time.monotonic() > deadline:
+                with lock:
+                    outcomes.append({"name": job.name, "error": "not started: --stop-after-minutes reached"})
+                continue
+            with lock:
+                print(f"[start] {job.name}: {job.command}", flush=True)
+            record = run_job(args, job, log_dir, env_record)
+            with lock:
+                outcomes.append(record)
+                status = "ok" if "error" not in record else "FAILED"
+                print(f"[{status}] {job.name} in {record.get('seconds', 0)} s" + (f": {record['error']}" if status != "ok" else ""),
+                      flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
+        list(pool.map(lane, plan.lanes.values()))
+    return outcomes
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def aggregate(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
+    """Rows of mean ± std over the seeds whose job files exist."""
+    records = {job.name: json.loads(job.record.read_text()) for job in plan.jobs if finished(job)}
+    table, per_run = [], []
+    for spec in row_specs(args.methods):
+        row: dict[str, Any] = {"row": spec.label, "cells": {}}
+        for imbalance_factor in args.imbalance_factors:
+            values, runs = [], []
+            for job in plan.jobs:
+                if job.method != spec.method or job.imbalance_factor != imbalance_factor or job.name not in records:
+                    continue
+                record = records[job.name]
+                stage = spec.stage or record["result_stage"]
+                metrics = record["stages"][stage]["metrics"]
+                top1 = metrics.get(f"{spec.prefix}/top1")
+                if top1 is None:
+                    continue
+                values.append(top1)
+                entry = {"row": spec.label, "imbalance_factor": imbalance_factor, "seed": job.seed, "top1": top1,
+                         **{group: metrics.get(f"{spec.prefix}/{group}") for group in ("many", "medium", "few")},
+                         "stage": stage, "stage_run_id": record["stages"][stage]["run_id"], "run_id": record["run_id"],
+                         "tracking_uri": record["tracking_uri"], "command": record["command"], "seconds": record["seconds"]}
+                runs.append(entry)
+                per_run.append(entry)
+            cell = _stats(values) if values else {"mean": None, "std": None, "n": 0}
+            cell["published"] = PUBLISHED.get(spec.label, {}).get(imbalance_factor)
+            cell["runs"] = runs
+            row["cells"][f"{imbalance_factor:g}"] = cell
+        table.append(row)
+    return {"table": table, "runs": per_run, "jobs": list(records.values())}
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    from ltscale.tracking import code_version
+
+    return {
+        "code_version": code_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": sys.version.split()[0],
+        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def markdown(args: argparse.Namespace, result: dict[str, Any], env: dict[str, Any]) -> str:
+    factors = [f"{f:g}" for f in args.imbalance_factors]
+    title = "CIFAR-100-LT, ResNet-32" if args.recipe_prefix.startswith("cifar100") else f"recipes {args.recipe_prefix}/*"
+    lines = [f"### {title}: top-1 (%) on the balanced test set, mean ± std over seeds", ""]
+    if args.epochs:
+        lines += [f"**Smoke run: every stage trained {args.epochs} epoch(s) instead of the recipe's; not comparable "
+                  "to the published numbers.**", ""]
+    # Where the runs ran (from the job files; the table may be assembled elsewhere with --collect-only).
+    ran = [job.get("environment", {}) for job in result["jobs"]]
+    gpus = sorted({str(e.get("gpu") or "none (CPU)") for e in ran})
+    versions = sorted({f"torch {e.get('torch')} (CUDA {e.get('cuda')})" for e in ran})
+    codes = sorted({str(e.get("code_version")) for e in ran})
+    lines += [f"Ran on: {', '.join(gpus) or '—'}; {', '.join(versions) or '—'}; code {', '.join(codes) or '—'}. "
+              f"Table written {env['written']}.", ""]
+    header = "| method |" + "".join(f" IF {f} | published |" for f in factors)
+    lines += [header, "|---|" + "---:|---:|" * len(factors)]
+    for row in result["table"]:
+        cells = []
+        for f in factors:
+            cell = row["cells"][f]
+            value = f"{cell['mean']:.2f} ± {cell['std']:.2f} (n={cell['n']})" if cell["n"] else "—"
+            published = f"{cell['published']:g}" if cell["published"] is not None else "—"
+            cells.append(f" {value} | {published} |")
+        lines.append(f"| {row['row']} |" + "".join(cells))
+    lines += ["", f"Published: {PUBLISHED_SOURCES}", "", "#### Runs", "",
+              "| method | IF | seed | top-1 | many | medium | few | command | MLflow parent run (stage run) |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for run in result["runs"]:
+        groups = " | ".join(f"{run[g]:.2f}" if run[g] is not None else "—" for g in ("many", "medium", "few"))
+        lines.append(f"| {run['row']} | {run['imbalance_factor']:g} | {run['seed']} | {run['top1']:.2f} | {groups} | "
+                     f"`{run['command']}` | `{run['run_id']}` (`{run['stage_run_id']}`) |")
+    stores = sorted({run["tracking_uri"] for run in result["runs"]})
+    lines += ["", "MLflow stores (one per lane unless --tracking-uri was given): " + ", ".join(f"`{s}`" for s in stores)]
+    if any(store.startswith("file:") for store in stores):
+        lines += ["", "MLflow 3 opens `file:` stores only with `MLFLOW_ALLOW_FILE_STORE=true` set (for the commands and the UI)."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(args: argparse.Namespace, result: dict[str, Any], env: dict[str, Any]) -> list[Path]:
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / args.results_name
+    meta = {**env, "arguments": {k: v for k, v in vars(args).items()}, "published_sources": PUBLISHED_SOURCES}
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".csv"), stem.with_suffix(".md")]
+    paths[0].write_text(json.dumps({"meta": meta, **result}, indent=2, default=str))
+    with open(paths[1], "w", newline="") as stream:
+        columns = ["row", "imbalance_factor", "seed", "top1", "many", "medium", "few", "stage", "run_id", "stage_run_id",
+                   "tracking_uri", "command", "seconds"]
+        writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result["runs"])
+    paths[2].write_text(markdown(args, result, env))
+    return paths
+
+
+def _csv(kind):
+    return lambda text: [kind(item) for item in text.split(",") if item.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", type=_csv(str), default=list(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
+    parser.add_argument("--imbalance-factors", type=_csv(float), default=list(IMBALANCE_FACTORS), help="default 100,50,10")
+    parser.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="default 0,1,2")
+    parser.add_argument("--data", default="", help="CIFAR-100 python archive or a .npz from tools/pack_cifar_npz.py")
+    parser.add_argument("--epochs", type=int, default=0, help="override every stage's epochs (smoke runs only)")
+    parser.add_argument("--output-dir", default="runs/cifar100_lt", help="stage outputs, MLflow stores, job files, logs")
+    parser.add_argument("--results-dir", default="results", help="where the table files go")
+    parser.add_argument("--results-name", default="cifar100_lt", help="<results-dir>/<name>.json/.csv/.md")
+    parser.add_argument("--recipe-prefix", default="cifar100-lt-if{if}",
+                        help="recipes are <prefix>/<method>; {if} is replaced by the imbalance factor (default %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=1, help="lanes (processes) run at once on the one device")
+    parser.add_argument("--device", default="", help="passed to ltscale run (default: its auto)")
+    parser.add_argument("--tracking-uri", default="", help="one MLflow store for every job (default: one sqlite store per lane)")
+    parser.add_argument("--tracking-store", choices=("sqlite", "file"), default="sqlite",
+                        help="per-lane MLflow store: sqlite (default) or an MLflow file store (needs fewer wheels on a "
+                             "bare GPU machine; sets MLFLOW_ALLOW_FILE_STORE=true)")
+    parser.add_argument("--experiment", default="ltscale", help="the MLflow experiment the recipes log to")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra override for every job (repeatable)")
+    parser.add_argument("--stop-after-minutes", type=float, default=0, help="start no new job after this long")
+    parser.add_argument("--force", action="store_true", help="re-run jobs that already have a job file")
+    parser.add_argument("--collect-only", action="store_true", help="only rebuild the table from the job files present")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if "{if}" not in args.recipe_prefix and len(args.imbalance_factors) > 1:
+        parser.error("--recipe-prefix without {if} names one dataset: pass a single --imbalance-factors value (a label)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.tracking_store == "file":
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 refuses its file store otherwise; children inherit it
+    plan = build_plan(args)
+    if args.dry_run:
+        for lane, jobs in plan.lanes.items():
+            for job in jobs:
+                print(f"# lane {lane}\n{job.command}")
+        return 0
+    outcomes = [] if args.collect_only else run_plan(args, plan)
+    result = aggregate(args, plan)
+    paths = write_results(args, result, environment())
+    failed = [o for o in outcomes if "error" in o]
+    print(f"{len(result['jobs'])}/{len(plan.jobs)} jobs have results; wrote " + ", ".join(map(str, paths)))
+    for outcome in failed:
+        print(f"  {outcome['name']}: {outcome['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
