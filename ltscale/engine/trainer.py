@@ -164,7 +164,8 @@ class Trainer:
             with torch.no_grad():
                 count = out["target"].numel()
                 correct = (out["logits"].argmax(dim=1) == out["target"]).sum()
-                totals += torch.stack([loss.detach().float() * count, correct.float(), torch.tensor(float(count), device=self.device)])
+                totals[:2] += torch.stack([loss.detach().float() * count, correct.float()])
+                totals[2] += count  # a scalar kernel argument: no host-to-device copy per step
             advance(1)
         loss_sum, correct, samples = totals.tolist()  # host sync: once per epoch
         seconds = time.perf_counter() - started
