@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -81,7 +82,15 @@ class PipelineJob:
 
         Nothing needs saving here: every stage already writes an atomic ``progress.pt`` at the end
         of each epoch, and the rerun resumes from it.
+
+        After this returns, submitit runs ``scontrol requeue`` as a child of this job. Accepting
+        the requeue makes Slurm SIGTERM every process of the job, that ``scontrol`` included, and
+        when the signal wins the race with the reply, submitit takes the (successful) requeue for
+        a failure and writes a failed result. An ignored SIGTERM is inherited across exec, so
+        ignoring it here lets ``scontrol`` report back; this process exits right after anyway
+        (and Slurm's SIGKILL still ends it after KillWait).
         """
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
     def __repr__(self) -> str:
