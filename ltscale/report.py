@@ -14,7 +14,8 @@ def _rows(result, detail: bool) -> list[tuple[str, dict[str, float]]]:
             metrics = output.manifest.get("metrics", {})
             heads = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2 and k.startswith("test/")})
             for head in heads if len(heads) > 1 else []:
-                rows.append((f"  {stage} ({head} head)", {k.replace(f"test/{head}/", "test/"): v for k, v in metrics.items()}))
+                prefix = f"test/{head}/"
+                rows.append((f"  {stage} ({head})", {"test/" + k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}))
             if stage != result.result_stage and len(heads) <= 1 and "test/top1" in metrics:
                 rows.append((f"  {stage}", metrics))
     return rows

@@ -50,6 +50,12 @@ def test_ssd_pipeline_end_to_end_with_lineage_in_mlflow_server(tmp_path, mlflow_
     student = result.metrics("student")
     assert {"test/hard/top1", "test/soft/top1"} <= set(student)
     assert student["test/top1"] == student["test/hard/top1"]
+    # The printed table shows each head of the student with that head's own numbers.
+    from ltscale.report import _rows
+
+    rows = dict(_rows(result, detail=True))
+    assert rows["  student (soft)"]["test/top1"] == student["test/soft/top1"]
+    assert rows["  student (hard)"]["test/few"] == student["test/hard/few"]
 
     client = mlflow.MlflowClient(mlflow_server)
     parent = client.get_run(result.run_id)
