@@ -14,7 +14,7 @@ from ltscale.stages.context import StageContext, load_model
 from ltscale.stages.soft_labels import load_soft_labels
 from ltscale.stages.store import StageOutput
 from ltscale.stages.tasks import DiVEDistillTask, SSDDistillTask
-from ltscale.stages.teacher import train_and_evaluate
+from ltscale.stages.training import train_and_evaluate
 
 
 def run(config: DistillConfig, ctx: StageContext, inputs: dict[str, StageOutput]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from ltscale.stages.config import RebalanceConfig
 from ltscale.stages.context import StageContext, load_model
 from ltscale.stages.store import StageOutput
 from ltscale.stages.tasks import RebalanceTask
-from ltscale.stages.teacher import train_and_evaluate
+from ltscale.stages.training import train_and_evaluate
 
 TAU_GRID = tuple(np.round(np.arange(0.0, 2.01, 0.1), 2))
 

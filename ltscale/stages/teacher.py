@@ -3,33 +3,15 @@ optionally with SSD's self-supervision (rotation prediction, or MoCo v2 on large
 
 from __future__ import annotations
 
-from ltscale.engine.trainer import EpochMetrics, Trainer
 from ltscale.losses.modules import build_classification_loss
 from ltscale.models.heads import HeadSpec
 from ltscale.models.moco import MoCo
 from ltscale.models.network import Network
 from ltscale.stages.config import TeacherConfig
 from ltscale.stages.context import StageContext
-from ltscale.stages.store import PROGRESS, StageOutput
+from ltscale.stages.store import StageOutput
 from ltscale.stages.tasks import MoCoTask, SupervisedTask
-
-
-def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, ctx: StageContext, views: int = 1) -> None:
-    """The shared tail of every training stage: fit with per-epoch logging, then a final evaluation.
-    ``views``: augmented views per image in each batch (2 for MoCo: ``image`` and ``image_key``)."""
-    loader = ctx.train_loader(optim.batch_size, sampler, views=views)
-
-    def on_epoch_end(metrics: EpochMetrics) -> None:
-        ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch)
-        if eval_every and (metrics.epoch + 1) % eval_every == 0 and metrics.epoch + 1 < optim.epochs:
-            ctx.evaluate(network, step=metrics.epoch, final=False)
-
-    trainer = Trainer(task, loader, optim, ctx.device, ctx.precision, ctx.directory / PROGRESS, ctx.name,
-                      on_epoch_end=on_epoch_end, progress=ctx.progress, step=ctx.step)
-    resumed_from = trainer.fit()
-    if resumed_from:
-        ctx.run.set_tags({"ltscale.resumed_from_epoch": str(resumed_from)})
-    ctx.evaluate(network, step=optim.epochs - 1)
+from ltscale.stages.training import train_and_evaluate
 
 
 def run(config: TeacherConfig, ctx: StageContext, inputs: dict[str, StageOutput]) -> dict[str, str]:
