@@ -6,7 +6,7 @@ import torch
 
 from ltscale.data.base import ArraySplit, ClassGroups, DatasetBundle, FileSplit, Split
 from ltscale.data.config import DataConfig, LoaderConfig, SamplerConfig, SyntheticConfig
-from ltscale.data.samplers import ClassBalancedSampler, InstanceBalancedSampler, build_sampler
+from ltscale.data.samplers import ClassBalancedSampler, InstanceBalancedSampler, ShardSampler, build_sampler
 
 __all__ = [
     "ArraySplit",
@@ -18,6 +18,7 @@ __all__ = [
     "InstanceBalancedSampler",
     "LoaderConfig",
     "SamplerConfig",
+    "ShardSampler",
     "Split",
     "SyntheticConfig",
     "build_dataset",
@@ -56,12 +57,19 @@ def build_loader(
 ):
     """A loader over ``split``: shuffled with ``sampler`` and augmented when ``train``, else
     sequential, unaugmented and unpadded (for evaluation and soft labels). ``views=2`` adds
-    ``image_key``, a second independent augmentation of the same images (MoCo's key view)."""
+    ``image_key``, a second independent augmentation of the same images (MoCo's key view).
+
+    In a multi-process run each rank gets its own part of the data: a training loader this rank's
+    share of the epoch (``batch_size`` is then per rank), an evaluation loader the unpadded
+    round-robin shard of :class:`ShardSampler`."""
+    from ltscale.dist.gather import rank_and_world_size
+
+    rank, world_size = rank_and_world_size()
     augment = train if augment is None else augment
     if train:
-        index_sampler = build_sampler(sampler or SamplerConfig(), split.targets, seed)
+        index_sampler = build_sampler(sampler or SamplerConfig(), split.targets, seed, rank, world_size)
     else:
-        index_sampler = InstanceBalancedSampler(len(split), seed, shuffle=False)
+        index_sampler = ShardSampler(len(split), rank, world_size)
     if isinstance(split, ArraySplit):
         if loader.backend == "torch":
             raise ValueError("data.loader.backend=torch reads image files; in-memory datasets use 'tensor' or 'auto'")
@@ -69,7 +77,7 @@ def build_loader(
 
         return TensorLoader(
             split, sampler=index_sampler, batch_size=batch_size, normalization=bundle.normalization,
-            device=device, augment=augment, seed=seed, views=views,
+            device=device, augment=augment, seed=seed, views=views, rank=rank,
         )
     if isinstance(split, FileSplit):
         if loader.backend == "tensor":
@@ -82,6 +90,6 @@ def build_loader(
             normalization=bundle.normalization, num_workers=loader.num_workers,
             max_bad_image_fraction=loader.max_bad_image_fraction, drop_last=False, device=device,
             color_jitter=DATASET_SPECS[bundle.name].train_color_jitter if bundle.name in DATASET_SPECS else 0.0,
-            views=views,
+            views=views, seed=seed, rank=rank,
         )
     raise TypeError(f"no loader for split type {type(split).__name__}")

@@ -124,6 +124,34 @@ class ClassBalancedSampler(_RankSampler):
         return -(-draws // self.world_size) * self.samples_per_class
 
 
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Evaluation's shard: rank r reads images r, r + W, r + 2W, ... in order, NOT padded.
+
+    Padding (as the training samplers do) would count some test images twice and skew the
+    per-class accuracy of few-shot classes; the shards instead differ in length by at most one,
+    and :func:`ltscale.dist.gather.gather_strided_rows` puts per-image results back in order.
+    """
+
+    def __init__(self, dataset_size: int, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not valid for world_size {world_size}")
+        self.dataset_size = dataset_size
+        self.rank = rank
+        self.world_size = world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # the same shard every time
+
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        return np.arange(self.rank, self.dataset_size, self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.dataset_size, self.world_size))
+
+
 def build_sampler(
     config: SamplerConfig, targets: np.ndarray, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
 ) -> _RankSampler:

@@ -42,3 +42,61 @@ def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
     if world_size > 1:
         dist.broadcast(tensor, src=0)
     return tensor
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process): the one process that writes files and tracks."""
+    return rank_and_world_size()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op on one process)."""
+    if rank_and_world_size()[1] > 1:
+        dist.barrier()
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over ranks, in place. One process: unchanged."""
+    if rank_and_world_size()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(value):
+    """Rank 0's ``value`` (any picklable object) on every rank; rank 0's decision is everyone's."""
+    if rank_and_world_size()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@torch.no_grad()
+def gather_strided_rows(local: torch.Tensor, total_rows: int) -> torch.Tensor:
+    """Reassemble rows sharded round-robin (rank r holds rows r, r + W, r + 2W, ...) on every rank.
+
+    local: (ceil or floor of total_rows / W, ...) -> (total_rows, ...) in the original order. The
+    shards differ in length by at most one row; each is padded to the longest for the collective.
+    """
+    rank, world_size = rank_and_world_size()
+    if world_size == 1:
+        return local
+    per_rank = -(-total_rows // world_size)
+    expected = len(range(rank, total_rows, world_size))
+    if local.shape[0] != expected:
+        raise ValueError(f"rank {rank} holds {local.shape[0]} rows of a {total_rows}-row round-robin shard; expected {expected}")
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    gathered = all_gather_no_grad(padded).view(world_size, per_rank, *local.shape[1:])
+    return gathered.transpose(0, 1).reshape(world_size * per_rank, *local.shape[1:])[:total_rows]
+
+
+def all_gather_object(value) -> list:
+    """Every rank's ``value`` (picklable), in rank order, on every rank. One process: ``[value]``."""
+    _, world_size = rank_and_world_size()
+    if world_size == 1:
+        return [value]
+    values: list = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ltscale.data.base import ClassGroups
+from ltscale.dist.gather import all_reduce_sum
 
 
 @dataclass
@@ -47,7 +48,8 @@ def evaluate(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, EvalResult]:
-    """Evaluate each head in ``heads`` over one full pass of ``loader`` (a sequential loader)."""
+    """Evaluate each head in ``heads`` over one full pass of ``loader`` (a sequential loader; in a
+    multi-process run, this rank's shard of the split, and every rank gets the whole result)."""
     was_training = network.training
     network.eval()
     num_classes = len(train_class_counts)
@@ -66,11 +68,17 @@ def evaluate(
             hits1[head].index_add_(0, targets, correct[:, 0].float())
             hits5[head].index_add_(0, targets, correct.any(dim=1).float())
     network.train(was_training)
-    counts = totals.cpu().numpy()  # host sync: once per evaluation
+    # Under DDP each rank has seen its own unpadded shard: one all-reduce of every count gives
+    # exactly the single-process result, each test image counted once.
+    stacked = all_reduce_sum(torch.stack([totals, *(hits1[h] for h in heads), *(hits5[h] for h in heads)]))
+    totals, stacked_hits = stacked[0], stacked[1:].cpu().numpy()  # host sync: once per evaluation
+    host_hits1 = {h: stacked_hits[i] for i, h in enumerate(heads)}
+    host_hits5 = {h: stacked_hits[len(heads) + i] for i, h in enumerate(heads)}
+    counts = totals.cpu().numpy()
     groups = ClassGroups.from_counts(train_class_counts)
     results = {}
     for head in heads:
-        h1, h5 = hits1[head].cpu().numpy(), hits5[head].cpu().numpy()
+        h1, h5 = host_hits1[head], host_hits5[head]
         with np.errstate(invalid="ignore", divide="ignore"):
             per_class = np.where(counts > 0, h1 / counts, np.nan)
         results[head] = EvalResult(

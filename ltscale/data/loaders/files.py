@@ -173,7 +173,8 @@ class FileLoader:
     augmentation, MoCo v2's (:func:`build_key_transform`), normalised like ``image``.
 
     Augmentation randomness comes from torch's RNG: the DataLoader seeds each worker from the
-    main process's generator, so ``torch.manual_seed`` before building the loader fixes it.
+    main process's generator, so ``torch.manual_seed`` before building the loader fixes it (ranks
+    other than 0 draw from their own generator, seeded from ``seed`` and ``rank``).
     ``max_bad_image_fraction`` is checked against this process's count, so under DDP each rank
     stops on its own share of bad files.
     """
@@ -193,6 +194,8 @@ class FileLoader:
         device: torch.device | str,
         color_jitter: float = 0.4,
         views: int = 1,
+        seed: int = 0,
+        rank: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -224,6 +227,9 @@ class FileLoader:
             pin_memory=pin,
             persistent_workers=num_workers > 0,
             drop_last=drop_last,
+            # Rank 0 keeps the global RNG's stream (a single-process run is unchanged); the other
+            # ranks get their own, or every rank would crop and flip its images the same way.
+            generator=torch.Generator().manual_seed(seed * 1_000_003 + rank) if rank else None,
         )
         self._non_blocking = pin
 

@@ -59,6 +59,7 @@ class TensorLoader:
         drop_last: bool = False,
         seed: int = 0,
         views: int = 1,
+        rank: int = 0,
     ) -> None:
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
@@ -73,6 +74,7 @@ class TensorLoader:
         self.drop_last = drop_last
         self.seed = seed
         self.views = views
+        self.rank = rank
         self.epoch = 0
         self.bad_files: list[str] = []  # in-memory arrays cannot be corrupt; kept for the loader interface
         # (N, 3, H, W) contiguous uint8 on the device: 150 MB for all of CIFAR-100.
@@ -92,13 +94,18 @@ class TensorLoader:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) * self.inv_std
 
+    def _seed_words(self, stream: int) -> list[int]:
+        """Seed of one random stream for this epoch; other ranks get their own draws (rank 0's
+        are those of a single-process run)."""
+        return [self.seed, self.epoch, stream] + ([self.rank] if self.rank else [])
+
     def _epoch_plan(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         order = self.sampler.indices(self.epoch)
         if self.drop_last:
             order = order[: len(self) * self.batch_size]
         if not self.augment:
             return torch.from_numpy(order).to(self.device), None, None
-        rng = np.random.default_rng([self.seed, self.epoch, 7])
+        rng = np.random.default_rng(self._seed_words(7))
         offsets = rng.integers(0, 2 * self.padding + 1, size=(len(order), 2))
         flips = rng.random(len(order)) < 0.5
         plan = [torch.from_numpy(a) for a in (order, offsets, flips)]
@@ -107,7 +114,7 @@ class TensorLoader:
     def _key_view_plan(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop offsets (count, 2) and flips (count,) of the second view: its own random stream, so
         the first view's draws (and runs without a second view) are unchanged."""
-        rng = np.random.default_rng([self.seed, self.epoch, 8])
+        rng = np.random.default_rng(self._seed_words(8))
         offsets = rng.integers(0, 2 * self.padding + 1, size=(count, 2))
         flips = rng.random(count) < 0.5
         return torch.from_numpy(offsets).to(self.device, non_blocking=True), torch.from_numpy(flips).to(self.device, non_blocking=True)

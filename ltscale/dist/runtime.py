@@ -1,0 +1,151 @@
+"""Which process this is in a multi-process run, and the process group that joins them.
+
+A pipeline runs as one process per GPU. It learns its place from the launcher's environment:
+
+- ``torchrun`` (and anything that sets the same variables, ``launch/submit.py`` included):
+  ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``;
+- a SLURM job step started by ``srun`` with several tasks: ``SLURM_PROCID``,
+  ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``; the rendezvous host is the step's first node and
+  the port is derived from the job id, so every task computes the same address without talking.
+
+Without either, the run is a single process and nothing here touches ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# A job id maps into this port range, so two multi-task jobs sharing a node rarely collide; an
+# explicit MASTER_PORT always wins.
+_PORT_BASE, _PORT_SPAN = 20000, 20000
+
+
+class DistributedEnvError(RuntimeError):
+    """The launcher's environment describes an impossible or incomplete process layout."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "single"  # single, torchrun or slurm
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """The first host name of a SLURM node list: ``gpu[07-09,12],cpu1`` -> ``gpu07``."""
+    nodelist = nodelist.strip()
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not match or not nodelist:
+        raise DistributedEnvError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges = match.group(1), match.group(3)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]  # zero padding is kept: it is part of the name
+    return prefix + first
+
+
+def _int(environ: Mapping[str, str], key: str) -> int:
+    try:
+        return int(environ[key])
+    except KeyError:
+        raise DistributedEnvError(f"environment variable {key} is not set") from None
+    except ValueError:
+        raise DistributedEnvError(f"environment variable {key}={environ[key]!r} is not an integer") from None
+
+
+def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """This process's place, read from a torchrun or SLURM environment (single process otherwise)."""
+    environ = os.environ if environ is None else environ
+    if "WORLD_SIZE" in environ or "RANK" in environ:
+        missing = [k for k in ("RANK", "WORLD_SIZE") if k not in environ]
+        if missing:
+            raise DistributedEnvError(f"{' and '.join(missing)} not set while "
+                                      f"{'RANK' if 'RANK' in environ else 'WORLD_SIZE'} is: set both (torchrun does)")
+        env = DistEnv(
+            rank=_int(environ, "RANK"), world_size=_int(environ, "WORLD_SIZE"),
+            local_rank=_int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else 29500, source="torchrun",
+        )
+    elif int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1 and "SLURM_PROCID" in environ:
+        # Only an srun step with several tasks: the batch script itself (one process) also sees
+        # SLURM_NTASKS > 1 and must not wait for peers that will never come.
+        job = _int(environ, "SLURM_JOB_ID") if "SLURM_JOB_ID" in environ else 0
+        nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        env = DistEnv(
+            rank=_int(environ, "SLURM_PROCID"), world_size=_int(environ, "SLURM_STEP_NUM_TASKS"),
+            local_rank=_int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
+            master_addr=environ.get("MASTER_ADDR") or first_host(nodes),
+            master_port=_int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _PORT_BASE + job % _PORT_SPAN,
+            source="slurm",
+        )
+    else:
+        return DistEnv()
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise DistributedEnvError(f"rank {env.rank} is outside world size {env.world_size} ({env.source} environment)")
+    if env.local_rank < 0:
+        raise DistributedEnvError(f"local rank {env.local_rank} is negative ({env.source} environment)")
+    return env
+
+
+def device_for(env: DistEnv, requested: str) -> torch.device:
+    """The device this process trains on: ``auto`` is this rank's own GPU (``cuda:<local_rank>``)
+    when there are GPUs, else the CPU. A bare ``cuda`` likewise means this rank's GPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={requested!r} was requested but CUDA is not available on this machine; use device=cpu or auto")
+        if device.index is None:
+            if env.local_rank >= torch.cuda.device_count():
+                raise DistributedEnvError(
+                    f"local rank {env.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                    "start at most one process per GPU")
+            device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def ensure_process_group(env: DistEnv, device: torch.device, timeout_minutes: float = 30.0) -> None:
+    """Join the default process group for ``env`` (NCCL on GPUs, gloo on CPUs), once per process.
+
+    Nothing happens for a single process or when a group already exists (this process's earlier
+    pipeline, or the caller's own). The group lives until the process exits: several pipelines in
+    one process (``ltscale demo`` runs three) share it. Tearing it down and joining again would
+    rendezvous a second time on the launcher's store, where torchrun's agent keeps the first
+    group's keys, and the second join can then hang.
+    """
+    if not env.distributed or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+        world_size=env.world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
+        device_id=device if device.type == "cuda" else None,
+    )
+    atexit.register(_destroy)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()  # NCCL warns at exit about a group never destroyed
