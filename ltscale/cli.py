@@ -77,8 +77,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _pipeline_config(args.recipe, args)
     result = run_pipeline(config)
-    print_results([result])
+    if _is_main():
+        print_results([result])
     return 0
+
+
+def _is_main() -> bool:
+    """Rank 0 of a multi-process launch (or the only process): the one that prints the report."""
+    from ltscale.dist.runtime import detect
+
+    return detect().is_main
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -90,6 +98,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method in DEMO_METHODS:
         config = _pipeline_config(f"demo/{method}", args)
         results.append(run_pipeline(config))
+    if not _is_main():
+        return 0
     print_results(results, detail=True)
     print(f"\nMLflow record: {results[-1].tracking_uri} (experiment {config.tracking.experiment!r})")
     if not args.tracking_uri:

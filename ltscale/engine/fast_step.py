@@ -48,12 +48,20 @@ StepMode = Literal["auto", "eager", "fast"]
 WARMUP_STEPS = 3
 
 
-def resolve_step(step: str, device: torch.device) -> str:
-    """``auto`` -> ``fast`` on CUDA, ``eager`` elsewhere (bf16 convolutions and graphs do not pay on a CPU)."""
+def resolve_step(step: str, device: torch.device, world_size: int = 1) -> str:
+    """``auto`` -> ``fast`` on CUDA, ``eager`` elsewhere (bf16 convolutions and graphs do not pay on a CPU).
+
+    A multi-process run takes the eager step: the captured graph would have to hold DDP's gradient
+    all-reduce as well, which this step does not capture (yet).
+    """
+    if step not in ("auto", "eager", "fast"):
+        raise ValueError(f"step must be 'auto', 'eager' or 'fast', got {step!r}")
+    if world_size > 1:
+        if step == "fast":
+            raise ValueError(f"step=fast runs one process; this run has {world_size}: use step=auto or eager")
+        return "eager"
     if step == "auto":
         return "fast" if device.type == "cuda" else "eager"
-    if step not in ("eager", "fast"):
-        raise ValueError(f"step must be 'auto', 'eager' or 'fast', got {step!r}")
     return step
 
 

@@ -5,6 +5,12 @@ and whose ``trainable_parameters()`` names what the optimiser updates; frozen pa
 a frozen backbone) stay inside the task but outside the optimiser. The loop keeps its metrics on
 the device and synchronises with the host once per epoch; progress is checkpointed atomically
 after every epoch, and a restarted stage resumes from the last completed epoch.
+
+In a multi-process run (``ltscale.dist.runtime``) the task is wrapped in DistributedDataParallel
+over its trainable parameters: each rank computes its share of the global batch, DDP averages the
+gradients while the backward runs, and every rank applies the same update. Batch-norm statistics
+stay per rank during the epoch (as DDP without SyncBN does) and rank 0's are broadcast at its end,
+so the evaluated and saved network is the same on every rank. Only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 
+from ltscale.dist.gather import all_reduce_sum, broadcast_from_rank0, is_main_process, rank_and_world_size
 from ltscale.engine.checkpoint import atomic_save, load_checkpoint, load_state_strict
 from ltscale.engine.fast_step import FastStep, resolve_step
 from ltscale.engine.progress import Progress
@@ -88,7 +95,8 @@ class Trainer:
         self.name = name
         self.on_epoch_end = on_epoch_end
         self.progress = progress or Progress(enabled=False)
-        self.step = resolve_step(step, device)  # "fast": ltscale/engine/fast_step.py
+        _, self.world_size = rank_and_world_size()
+        self.step = resolve_step(step, device, self.world_size)  # "fast": ltscale/engine/fast_step.py
         self.fast_step: FastStep | None = None
         parameters = list(task.trainable_parameters())  # type: ignore[operator]
         if not parameters:
@@ -97,6 +105,8 @@ class Trainer:
             parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov
         )
         self.lrs = lr_schedule(optim, len(loader))
+        # What the step calls: the task, or the task under DDP in a multi-process run.
+        self.model: nn.Module = task if self.world_size == 1 else _distributed(task, parameters, device)
 
     def _resume(self) -> int:
         if not self.progress_path.exists():
@@ -107,6 +117,8 @@ class Trainer:
         return int(state["epoch"])
 
     def _save_progress(self, next_epoch: int) -> None:
+        if not is_main_process():
+            return  # every rank holds the same state; one writer
         atomic_save(
             {
                 "kind": "ltscale.progress",
@@ -126,6 +138,9 @@ class Trainer:
         with self.progress.task(self.name, total=(self.optim.epochs - start_epoch) * steps) as advance:
             for epoch in range(start_epoch, self.optim.epochs):
                 metrics = self._epoch(epoch, steps, advance)
+                if self.world_size > 1:
+                    for buffer in self.task.network.buffers():
+                        broadcast_from_rank0(buffer)
                 if not math.isfinite(metrics.loss):
                     raise TrainingDiverged(
                         f"stage {self.name}: the training loss is {metrics.loss} in epoch {epoch}; lower optim.lr "
@@ -141,7 +156,7 @@ class Trainer:
     def _epoch(self, epoch: int, steps: int, advance) -> EpochMetrics:
         self.loader.set_epoch(epoch)
         self.task.set_epoch(epoch)  # type: ignore[operator]
-        self.task.train()
+        self.model.train()
         totals = torch.zeros(3, device=self.device)  # loss sum, correct, samples
         if self.fast_step is not None:
             totals = self.fast_step.begin_epoch()  # the fast step accumulates into its own buffer
@@ -156,7 +171,7 @@ class Trainer:
                 group["lr"] = lr
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                out = self.task(batch)
+                out = self.model(batch)
             loss = out["loss"]
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -167,7 +182,9 @@ class Trainer:
                 totals[:2] += torch.stack([loss.detach().float() * count, correct.float()])
                 totals[2] += count  # a scalar kernel argument: no host-to-device copy per step
             advance(1)
-        loss_sum, correct, samples = totals.tolist()  # host sync: once per epoch
+        # Host sync: once per epoch. Summed over ranks first, so every rank reports (and checks for
+        # divergence) the same global numbers.
+        loss_sum, correct, samples = all_reduce_sum(totals.clone()).tolist()
         seconds = time.perf_counter() - started
         return EpochMetrics(
             epoch=epoch,
@@ -177,3 +194,28 @@ class Trainer:
             images_per_second=samples / max(seconds, 1e-9),
             seconds=seconds,
         )
+
+
+def _distributed(task: nn.Module, trainable: list[nn.Parameter], device: torch.device) -> nn.Module:
+    """``task`` under DistributedDataParallel, averaging the gradients of ``trainable`` only.
+
+    DDP reduces every parameter that requires grad when it is built; a task's other parameters
+    (a classifier head the stage does not train, say) would make it wait for gradients that never
+    come. So they are marked frozen while DDP is built and restored after. ``static_graph``: the
+    set of parameters a step uses never changes within a stage, which lets DDP skip searching the
+    autograd graph for unused ones each step. Buffers are not broadcast every forward (MoCo's key
+    queue would be sent each step); the trainer syncs them once per epoch instead.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    chosen = {id(p) for p in trainable}
+    others = [p for p in task.parameters() if p.requires_grad and id(p) not in chosen]
+    for parameter in others:
+        parameter.requires_grad_(False)
+    try:
+        return DistributedDataParallel(
+            task, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False, static_graph=True,
+        )
+    finally:
+        for parameter in others:
+            parameter.requires_grad_(True)

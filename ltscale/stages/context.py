@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ltscale.data import DatasetBundle, LoaderConfig, SamplerConfig, Split, build_loader
+from ltscale.dist.gather import is_main_process, rank_and_world_size
 from ltscale.engine.checkpoint import atomic_save, load_checkpoint, load_state_strict
 from ltscale.engine.evaluate import EvalResult, evaluate
 from ltscale.engine.progress import Progress
@@ -41,8 +42,19 @@ class StageContext:
     def autocast(self) -> torch.dtype | None:
         return autocast_dtype(self.precision, self.device)
 
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (or the only process): the one that writes stage files."""
+        return is_main_process()
+
     def train_loader(self, batch_size: int, sampler: SamplerConfig, views: int = 1):
-        return build_loader(self.bundle.train, self.bundle, train=True, batch_size=batch_size, sampler=sampler,
+        """``batch_size`` is the global batch (the recipes', as in the papers); each of W ranks
+        loads ``batch_size / W`` of it."""
+        _, world_size = rank_and_world_size()
+        if batch_size % world_size:
+            raise ValueError(f"stage {self.name}: the batch size {batch_size} does not split evenly over {world_size} "
+                             f"processes; set {self.name}.optim.batch_size to a multiple of {world_size}")
+        return build_loader(self.bundle.train, self.bundle, train=True, batch_size=batch_size // world_size, sampler=sampler,
                             loader=self.loader_config, device=self.device, seed=self.seed, views=views)
 
     def eval_loader(self, split: Split, batch_size: int = 512):
@@ -66,6 +78,8 @@ class StageContext:
         return results
 
     def save_model(self, network: Network, filename: str = "model.pt") -> str:
+        if not self.is_main:
+            return filename  # every rank holds the same network; rank 0 writes it
         atomic_save({"kind": MODEL_KIND, "spec": network.spec(), "state_dict": network.state_dict()}, self.directory / filename)
         return filename
 

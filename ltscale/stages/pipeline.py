@@ -5,11 +5,18 @@ outputs it consumes, the training data's fingerprint, the seed and the precision
 output with that key is reused (a child run tagged ``ltscale.cached=true`` points at the run that
 produced it); an unfinished one resumes from its progress checkpoint. One parent MLflow run per
 pipeline, one child run per stage, tags linking each stage run to the runs it consumed.
+
+Launched as several processes (``torchrun``, ``srun``, ``launch/submit.py --tasks-per-node``), the
+pipeline joins them in one process group (``ltscale.dist.runtime``): every rank runs every stage
+on its share of the data, rank 0 alone writes stage outputs and the MLflow record, and rank 0's
+view of the store (which stage is finished, what its manifest says) is broadcast, so all ranks
+take the same path. The output directory must be one shared directory for all of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +25,8 @@ import torch
 
 from ltscale.config import config_hash, flatten_config
 from ltscale.data import build_dataset
+from ltscale.dist import runtime
+from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process
 from ltscale.engine.progress import Progress
 from ltscale.stages import distill, evaluate, rebalance, soft_labels, teacher, virtual_examples
 from ltscale.stages.config import PipelineConfig, StageConfig, stage_inputs
@@ -31,6 +40,7 @@ from ltscale.tracking import (
     TAG_PARENT_RUNS,
     TAG_PIPELINE,
     TAG_PRODUCED_BY,
+    NullTracker,
     Tracker,
     code_version,
     join_run_ids,
@@ -74,16 +84,45 @@ def stage_key(stage: StageConfig, parents: dict[str, StageOutput], data_fingerpr
 
 
 def run_pipeline(config: PipelineConfig, progress: Progress | None = None) -> PipelineResult:
-    """Run every stage of ``config``; returns the outputs and the MLflow parent run id."""
-    device = resolve_device(config.device)
+    """Run every stage of ``config``; returns the outputs and the MLflow parent run id.
+
+    One process, or one of several when the environment says so (``ltscale.dist.runtime``)."""
+    env = runtime.detect()
+    device = runtime.device_for(env, config.device)
+    runtime.ensure_process_group(env, device)
+    return _run_pipeline(config, device, progress)
+
+
+def _check_shared_directory(output_dir: Path) -> None:
+    """Every rank must see rank 0's files (it reads the models rank 0 saves): fail at the start,
+    with the reason, rather than at the first stage boundary."""
+    marker = output_dir / ".ltscale-shared-check"
+    if is_main_process():
+        marker.write_text(str(time.time_ns()))
+    token = broadcast_object(marker.read_text() if is_main_process() else None)
+    sees = all_gather_object(marker.is_file() and marker.read_text() == token)  # every rank learns who cannot see it
+    barrier()
+    if is_main_process():
+        marker.unlink(missing_ok=True)
+    if not all(sees):
+        blind = [rank for rank, ok in enumerate(sees) if not ok]
+        raise RuntimeError(
+            f"output_dir {output_dir} is not the same directory on every process: rank(s) {blind} do not see "
+            "rank 0's files there. Put output_dir on a file system all nodes share."
+        )
+
+
+def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progress | None) -> PipelineResult:
     torch.manual_seed(config.seed)
     output_dir = Path(config.output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
+    _check_shared_directory(output_dir)
     bundle = build_dataset(config.data)
     fingerprint = bundle.train.fingerprint()
     store = Store(output_dir)
-    tracker = Tracker(config.tracking, output_dir)
-    progress = progress or Progress(enabled=config.progress)
+    main = is_main_process()
+    tracker = Tracker(config.tracking, output_dir) if main else NullTracker(config.tracking, output_dir)
+    progress = progress or Progress(enabled=config.progress and main)
     version = code_version()
     pipeline_tags = {TAG_PIPELINE: config.name, TAG_CODE_VERSION: version, "ltscale.result_stage": config.result}
     with tracker.pipeline_run(config.name, flatten_config(config), pipeline_tags) as parent:
@@ -103,7 +142,7 @@ def run_pipeline(config: PipelineConfig, progress: Progress | None = None) -> Pi
                 "ltscale.stage_kind": stage.kind,
             }
             params = flatten_config(stage) | {f"input.{role}": f"{p.name}:{p.key}" for role, p in parents.items()}
-            finished = store.finished(name, stage.kind, key)
+            finished = broadcast_object(store.finished(name, stage.kind, key) if main else None)
             with tracker.stage_run(name, params, tags) as run:
                 run.log_dataset(bundle.name, fingerprint, config.data.root or "generated", "training", len(bundle.train))
                 if finished is not None:
@@ -125,7 +164,8 @@ def run_pipeline(config: PipelineConfig, progress: Progress | None = None) -> Pi
                     "parents": {role: {"stage": p.name, "key": p.key, "run_id": p.run_id} for role, p in parents.items()},
                     "data_fingerprint": fingerprint, "code_version": version, "files": files, "metrics": ctx.metrics,
                 }
-                output = store.finish(name, stage.kind, key, manifest)
+                # Rank 0 writes the manifest; the broadcast also holds the other ranks until it has.
+                output = broadcast_object(store.finish(name, stage.kind, key, manifest) if main else None)
                 run.log_dict(output.manifest, "manifest.json")
                 result.outputs[name] = output
                 result.executed.append(name)
@@ -135,6 +175,7 @@ def run_pipeline(config: PipelineConfig, progress: Progress | None = None) -> Pi
             stage_metrics = output.manifest.get("metrics", {})
             parent.log_metrics({f"{name}/{k}": v for k, v in stage_metrics.items() if k.startswith("test/")})
         parent.log_dict({n: {"key": o.key, "run_id": o.run_id, "directory": str(o.directory)} for n, o in result.outputs.items()}, "lineage.json")
+    result.run_id = broadcast_object(result.run_id)  # every rank reports rank 0's record
     return result
 
 

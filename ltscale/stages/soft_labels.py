@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ltscale.dist.gather import gather_strided_rows
 from ltscale.engine.checkpoint import atomic_save, load_checkpoint
 from ltscale.stages.config import SoftLabelsConfig
 from ltscale.stages.context import StageContext, load_model
@@ -16,14 +17,18 @@ FP16_ABOVE = 50_000_000
 
 @torch.no_grad()
 def predict_logits(network, loader, device, autocast) -> torch.Tensor:
-    """(N, C) logits of the network's predicted head, in dataset order, on the device."""
+    """(N, C) logits of the network's predicted head, in dataset order, on the device.
+
+    ``loader`` is a sequential evaluation loader over an N-image split; in a multi-process run it
+    reads this rank's round-robin shard, and the shards are gathered so every rank gets all N rows.
+    """
     network.eval()
     chunks = []
     for batch in loader:
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             out = network(batch["image"].to(device), heads=(network.predict_head,))
         chunks.append(out[network.predict_head].float())
-    return torch.cat(chunks)
+    return gather_strided_rows(torch.cat(chunks), len(loader.split))
 
 
 def run(config: SoftLabelsConfig, ctx: StageContext, inputs: dict[str, StageOutput]) -> dict[str, str]:
@@ -31,10 +36,11 @@ def run(config: SoftLabelsConfig, ctx: StageContext, inputs: dict[str, StageOutp
     logits = predict_logits(network, ctx.eval_loader(ctx.bundle.train), ctx.device, ctx.autocast)
     if logits.numel() > FP16_ABOVE:
         logits = logits.half()
-    atomic_save(
-        {"kind": SOFT_LABELS_KIND, "logits": logits.cpu(), "train_fingerprint": ctx.bundle.train.fingerprint()},
-        ctx.directory / "soft_labels.pt",
-    )
+    if ctx.is_main:  # every rank has gathered the same logits; one writer
+        atomic_save(
+            {"kind": SOFT_LABELS_KIND, "logits": logits.cpu(), "train_fingerprint": ctx.bundle.train.fingerprint()},
+            ctx.directory / "soft_labels.pt",
+        )
     top1 = (logits.argmax(1).cpu() == torch.from_numpy(ctx.bundle.train.targets)).float().mean().item()
     ctx.run.log_metrics({"soft_labels/train_top1": 100 * top1})
     ctx.metrics["soft_labels/train_top1"] = 100 * top1

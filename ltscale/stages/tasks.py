@@ -58,8 +58,10 @@ class SupervisedTask(_Task):
     def set_epoch(self, epoch: int) -> None:
         self.loss.set_epoch(epoch)
         device = next(self.network.parameters()).device
-        # Re-seeded per epoch so a resumed stage draws the same rotations as an uninterrupted one.
-        self.generator = torch.Generator(device=device).manual_seed(self.seed * 100_003 + epoch)
+        # Re-seeded per epoch so a resumed stage draws the same rotations as an uninterrupted one;
+        # each rank rotates its own images its own way (rank 0's draws are a single process's).
+        rank, _ = rank_and_world_size()
+        self.generator = torch.Generator(device=device).manual_seed(self.seed * 100_003 + epoch + rank * 7_919)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.network.parameters() if p.requires_grad]
@@ -127,7 +129,8 @@ class MoCoTask(_Task):
     def set_epoch(self, epoch: int) -> None:
         self.loss.set_epoch(epoch)
         device = next(self.classifier.parameters()).device
-        # Re-seeded per epoch (as the rotation task) so a resumed stage draws the same shuffles.
+        # Re-seeded per epoch (as the rotation task) so a resumed stage draws the same shuffles. The
+        # same seed on every rank: the key permutation is one global shuffle all ranks must agree on.
         self.generator = torch.Generator(device=device).manual_seed(self.seed * 100_003 + epoch)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

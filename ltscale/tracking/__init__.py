@@ -14,7 +14,7 @@ from ltscale.tracking.tags import (
     split_run_ids,
 )
 from ltscale.tracking.provenance import code_version
-from ltscale.tracking.mlflow_tracker import RunHandle, Tracker, TrackingConfig, default_tracking_uri
+from ltscale.tracking.mlflow_tracker import NullRunHandle, NullTracker, RunHandle, Tracker, TrackingConfig, default_tracking_uri
 from ltscale.tracking.server import ServerHandle, start_local_server, ui, ui_command
 
 __all__ = [
@@ -27,6 +27,8 @@ __all__ = [
     "TAG_PIPELINE",
     "TAG_PRODUCED_BY",
     "TAG_STAGE",
+    "NullRunHandle",
+    "NullTracker",
     "RunHandle",
     "ServerHandle",
     "Tracker",

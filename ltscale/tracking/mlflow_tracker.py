@@ -412,3 +412,52 @@ class Tracker:
         }
         with self._run(stage, params, all_tags) as handle:
             yield handle
+
+
+class NullRunHandle:
+    """The run handle of a rank other than 0 in a multi-process run: it records nothing.
+
+    Rank 0 logs the pipeline; the other ranks run the same code and their logging calls go here,
+    so stages need no rank checks around each metric. ``run_id`` is empty.
+    """
+
+    run_id = ""
+
+    def __repr__(self) -> str:
+        return "NullRunHandle()"
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_dict(self, obj: Any, artifact_file: str) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        _close_figure(figure)
+
+    def log_dataset(self, *args: Any, **kwargs: Any) -> None: ...
+    def log_per_class_accuracy(self, accuracy: Sequence[float], class_counts: Sequence[int], prefix: str) -> None: ...
+
+
+class NullTracker:
+    """:class:`Tracker`'s stand-in on ranks other than 0: same interface, records nothing.
+
+    ``tracking_uri`` is the URI rank 0 logs to, so every rank reports where the record is.
+    """
+
+    def __init__(self, config: TrackingConfig, output_dir: Path) -> None:
+        self.config = config
+        self._uri = config.tracking_uri or default_tracking_uri(Path(output_dir))
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._uri
+
+    @contextmanager
+    def pipeline_run(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[NullRunHandle]:
+        yield NullRunHandle()
+
+    @contextmanager
+    def stage_run(self, stage: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[NullRunHandle]:
+        yield NullRunHandle()

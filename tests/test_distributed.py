@@ -1,0 +1,346 @@
+"""Multi-process training on CPU (gloo): the launcher environment, evaluation shards, DDP's
+update against a single process's, and whole pipelines under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ltscale.data import ShardSampler, build_loader
+from ltscale.data.base import ArraySplit, DatasetBundle, Normalization
+from ltscale.data.config import LoaderConfig, SamplerConfig
+from ltscale.dist import runtime
+from ltscale.dist.gather import gather_strided_rows
+from ltscale.engine.evaluate import evaluate
+from ltscale.engine.schedule import OptimConfig
+from ltscale.engine.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the launcher's environment -------------------------------------------------------------------
+
+def test_single_process_without_launcher_variables():
+    assert runtime.detect({}) == runtime.DistEnv()
+    assert not runtime.detect({"PATH": "/bin"}).distributed
+
+
+def test_torchrun_environment():
+    env = runtime.detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "29511"})
+    assert env == runtime.DistEnv(rank=3, world_size=4, local_rank=1, master_addr="node7", master_port=29511, source="torchrun")
+    assert env.distributed and not env.is_main
+
+
+def test_slurm_step_environment():
+    env = runtime.detect({
+        "SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NODELIST": "gpu[07-09,12]", "SLURM_NTASKS": "8",
+    })
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (5, 8, 1, "slurm")
+    assert env.master_addr == "gpu07"
+    assert env.master_port == 20000 + 4242  # every task derives the same port from the job id
+
+
+def test_slurm_batch_script_is_one_process():
+    # The batch step sees the job's task count but is a single process: it must not wait for peers.
+    env = runtime.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"})
+    assert env == runtime.DistEnv()
+
+
+@pytest.mark.parametrize("nodelist,first", [("n1", "n1"), ("n[1-4]", "n1"), ("gpu[007-009],cpu1", "gpu007"),
+                                             ("a-b[3,5]", "a-b3"), ("host1,host2", "host1")])
+def test_first_host_of_a_slurm_node_list(nodelist, first):
+    assert runtime.first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"RANK": "0"}, "WORLD_SIZE not set"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "rank 2 is outside world size 2"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "http"}, "MASTER_PORT='http'"),
+])
+def test_broken_launcher_environment_is_named(environ, message):
+    with pytest.raises(runtime.DistributedEnvError, match=message):
+        runtime.detect(environ)
+
+
+def test_fast_step_refuses_several_processes():
+    from ltscale.engine.fast_step import resolve_step
+
+    assert resolve_step("auto", torch.device("cuda"), world_size=2) == "eager"
+    with pytest.raises(ValueError, match="step=fast runs one process"):
+        resolve_step("fast", torch.device("cuda"), world_size=2)
+
+
+# --- evaluation shards ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size,world", [(10, 3), (7, 2), (2, 4), (64, 4)])
+def test_shard_sampler_covers_every_image_exactly_once(size, world):
+    shards = [list(ShardSampler(size, rank, world)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(size))
+    assert [len(ShardSampler(size, r, world)) for r in range(world)] == [len(s) for s in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+# --- helpers run in spawned gloo processes ----------------------------------------------------------
+
+def _init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+def _spawn(fn, world: int, *args) -> None:
+    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+
+
+def _dataset(n: int = 48, classes: int = 4, seed: int = 0) -> DatasetBundle:
+    rng = np.random.default_rng(seed)
+    targets = np.sort(rng.integers(0, classes, size=n))
+    images = rng.integers(0, 256, size=(n, 8, 8, 3), dtype=np.uint8)
+    images[..., 0] = np.clip(images[..., 0] // 2 + targets[:, None, None] * 40, 0, 255)  # learnable signal
+    split = ArraySplit(name="train", targets=targets, num_classes=classes, images=images)
+    test = ArraySplit(name="test", targets=targets[::-1].copy(), num_classes=classes, images=images[::-1].copy())
+    return DatasetBundle(name="toy", train=split, test=test, normalization=Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+                         image_size=8)
+
+
+class LinearTask(nn.Module):
+    """A batch-norm-free task: DDP over W ranks must then equal one process on the whole batch."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.network = nn.Linear(3 * 8 * 8, classes)
+        self.unused = nn.Linear(2, 2)  # requires grad but is not trained: DDP must not wait for it
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def trainable_parameters(self):
+        return list(self.network.parameters())
+
+    def forward(self, batch):
+        logits = self.network(batch["image"].flatten(1))
+        return {"loss": F.cross_entropy(logits, batch["target"]), "logits": logits, "target": batch["target"]}
+
+
+def _train(bundle: DatasetBundle, batch_size: int, progress: Path) -> tuple[nn.Module, list]:
+    task = LinearTask(bundle.num_classes)
+    loader = build_loader(bundle.train, bundle, train=True, augment=False, batch_size=batch_size, loader=LoaderConfig(),
+                          device=torch.device("cpu"), seed=3, sampler=SamplerConfig(kind="class_balanced", samples_per_class=2))
+    optim = OptimConfig(epochs=3, batch_size=16, lr=0.5, warmup_epochs=1, milestones=(2,), decay_factors=(0.1,), weight_decay=1e-3)
+    seen = []
+    trainer = Trainer(task, loader, optim, torch.device("cpu"), "fp32", progress, "toy", on_epoch_end=seen.append)
+    trainer.fit()
+    return task, seen
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    bundle = _dataset()
+    task, seen = _train(bundle, 16 // world, Path(out) / "progress.pt")
+    torch.save({"state": task.network.state_dict(), "loss": [m.loss for m in seen], "top1": [m.top1 for m in seen]},
+               Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_update_equals_one_process_on_the_global_batch(tmp_path):
+    single, seen = _train(_dataset(), 16, tmp_path / "single.pt")
+    _spawn(_ddp_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, value in single.network.state_dict().items():
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), f"{name} differs between ranks"
+        torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-5, atol=1e-6)
+    # The epoch metrics are the global ones (summed over ranks), the same a single process reports.
+    np.testing.assert_allclose(ranks[0]["loss"], [m.loss for m in seen], rtol=1e-5)
+    np.testing.assert_allclose(ranks[1]["top1"], [m.top1 for m in seen], rtol=1e-6)
+    assert (tmp_path / "progress.pt").is_file()  # written by rank 0
+
+
+def _eval_worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    bundle = _dataset(n=37)  # 37 test images: shards of 13, 12, 12 on 3 ranks
+    task = LinearTask(bundle.num_classes)
+    loader = build_loader(bundle.test, bundle, train=False, batch_size=5, loader=LoaderConfig(), device=torch.device("cpu"), seed=0)
+    result = evaluate(task.network_as_classifier(), loader, bundle.train.class_counts(), ["cls"], torch.device("cpu"))["cls"]
+    rows = torch.arange(rank, 37, world, dtype=torch.float32)[:, None] * torch.tensor([[1.0, -1.0]])
+    gathered = gather_strided_rows(rows, 37)
+    torch.save({"top1": result.top1, "per_class": result.per_class_top1, "count": result.per_class_count, "rows": gathered},
+               Path(out) / f"eval{rank}.pt")
+    dist.destroy_process_group()
+
+
+class _Classifier(nn.Module):
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, images, heads=("cls",)):
+        return {"cls": self.linear(images.flatten(1))}
+
+
+LinearTask.network_as_classifier = lambda self: _Classifier(self.network)  # type: ignore[attr-defined]
+
+
+def test_sharded_evaluation_and_gather_equal_one_process(tmp_path):
+    bundle = _dataset(n=37)
+    task = LinearTask(bundle.num_classes)
+    loader = build_loader(bundle.test, bundle, train=False, batch_size=5, loader=LoaderConfig(), device=torch.device("cpu"), seed=0)
+    expected = evaluate(task.network_as_classifier(), loader, bundle.train.class_counts(), ["cls"], torch.device("cpu"))["cls"]
+    _spawn(_eval_worker, 3, str(tmp_path))
+    for rank in range(3):
+        got = torch.load(tmp_path / f"eval{rank}.pt", weights_only=False)
+        assert got["top1"] == pytest.approx(expected.top1, abs=1e-12)
+        np.testing.assert_array_equal(got["count"], expected.per_class_count)  # each image counted once
+        np.testing.assert_allclose(got["per_class"], expected.per_class_top1)
+        torch.testing.assert_close(got["rows"], torch.arange(37, dtype=torch.float32)[:, None] * torch.tensor([[1.0, -1.0]]))
+
+
+# --- whole pipelines under torchrun -----------------------------------------------------------------
+
+DRIVER = r"""
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from tests.test_pipeline import tiny
+from ltscale.stages.pipeline import run_pipeline
+from ltscale.dist.runtime import detect
+
+out = Path(sys.argv[1])
+rank = detect().rank
+report = {}
+for method in sys.argv[2:]:
+    if method == "ssd-moco":  # SSD's large-data teacher: MoCo v2 with a global key queue and shuffled BN
+        import dataclasses
+        from configs.methods import METHODS
+        from ltscale.config import apply_overrides
+        from tests.test_pipeline import TINY
+        config = dataclasses.replace(tiny("ssd", out), name="tiny/ssd-moco",
+                                     stages=METHODS["ssd"](dataclasses.replace(TINY, ssd_moco_weight=1.0, ssd_self_supervision=0.0)))
+        config = apply_overrides(config, ["stages.teacher.moco.queue_size=64", "stages.teacher.moco.projection_dim=16"])
+    else:
+        config = tiny(method, out)
+    result = run_pipeline(config)
+    report[method] = {"run_id": result.run_id, "metrics": result.metrics(), "executed": result.executed, "cached": result.cached,
+                      "outputs": {n: str(o.directory) for n, o in result.outputs.items()}}
+(out / f"report{rank}.json").write_text(json.dumps(report))
+"""
+
+
+def _torchrun(tmp_path: Path, methods: list[str], nproc: int = 2) -> list[dict]:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(driver), str(tmp_path / "out"), *methods]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return [json.loads((tmp_path / "out" / f"report{r}.json").read_text()) for r in range(nproc)]
+
+
+def test_pipelines_under_torchrun_match_across_ranks_and_one_process(tmp_path):
+    import mlflow
+
+    from ltscale.engine.checkpoint import load_checkpoint
+    from ltscale.stages.context import load_model
+    from ltscale.stages.soft_labels import predict_logits
+    from tests.test_pipeline import tiny
+
+    reports = _torchrun(tmp_path, ["ssd", "dive"])  # two pipelines in a row share one process group
+    for method, stages in {"ssd": 5, "dive": 3}.items():
+        first, second = reports[0][method], reports[1][method]
+        assert len(first["executed"]) == stages and first["cached"] == []
+        assert first["run_id"] and second["run_id"] == first["run_id"]  # every rank reports rank 0's record
+        assert second["metrics"] == first["metrics"]
+
+    # One MLflow record, written by rank 0 alone: a parent per pipeline and a child per stage.
+    config = tiny("ssd", tmp_path / "out")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ltscale")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert sorted(r.info.run_id for r in parents) == sorted(reports[0][m]["run_id"] for m in ("ssd", "dive"))
+    assert len(runs) == 2 + 5 + 3 and all(r.info.status == "FINISHED" for r in runs)
+
+    # The sharded evaluation equals a single process evaluating the saved model.
+    bundle = __import__("ltscale.data", fromlist=["build_dataset"]).build_dataset(config.data)
+    final = Path(reports[0]["ssd"]["outputs"]["student_lws"])
+    network = load_model(final / "model.pt", torch.device("cpu"))
+    from ltscale.data import build_loader as loader_of
+
+    test_loader = loader_of(bundle.test, bundle, train=False, batch_size=512, loader=LoaderConfig(), device=torch.device("cpu"), seed=0)
+    single = evaluate(network, test_loader, bundle.train.class_counts(), ["hard"], torch.device("cpu"))["hard"]
+    assert reports[0]["ssd"]["metrics"]["test/top1"] == pytest.approx(round(100 * single.top1, 4), abs=1e-9)
+    assert reports[0]["ssd"]["metrics"]["test/few"] == pytest.approx(round(100 * single.few, 4), abs=1e-9)
+
+    # The gathered soft labels are the teacher's logits on every training image, in order.
+    teacher = load_model(Path(reports[0]["ssd"]["outputs"]["teacher_lws"]) / "model.pt", torch.device("cpu"))
+    train_loader = loader_of(bundle.train, bundle, train=False, batch_size=512, loader=LoaderConfig(), device=torch.device("cpu"), seed=0)
+    expected = predict_logits(teacher, train_loader, torch.device("cpu"), None)
+    stored = load_checkpoint(Path(reports[0]["ssd"]["outputs"]["soft_labels"]) / "soft_labels.pt", kind="ltscale.soft_labels")["logits"]
+    torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-4)
+
+    # Rerun: rank 0's store decides, and every rank skips every stage.
+    again = _torchrun(tmp_path, ["ssd"])
+    for report in again:
+        assert report["ssd"]["executed"] == [] and len(report["ssd"]["cached"]) == 5
+        assert report["ssd"]["metrics"] == reports[0]["ssd"]["metrics"]
+
+
+def test_moco_teacher_pipeline_under_torchrun(tmp_path):
+    from ltscale.engine.checkpoint import load_checkpoint
+
+    reports = _torchrun(tmp_path, ["ssd-moco"])
+    first, second = reports[0]["ssd-moco"], reports[1]["ssd-moco"]
+    assert first["executed"] == ["teacher", "teacher_lws", "soft_labels", "student", "student_lws"]
+    assert second["metrics"] == first["metrics"] and 0 <= first["metrics"]["test/top1"] <= 100
+    # The saved teacher is the classifier alone (the MoCo parts stay in its progress checkpoint),
+    # whose queue rank 0 filled with keys gathered from both ranks.
+    progress = load_checkpoint(Path(first["outputs"]["teacher"]) / "progress.pt", kind="ltscale.progress")
+    assert (progress["network"]["moco.queue_labels"] >= 0).all()
+
+
+def test_batch_size_that_does_not_split_over_ranks_is_refused(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys, dataclasses\nfrom pathlib import Path\nfrom tests.test_pipeline import tiny\n"
+        "from ltscale.config import apply_overrides\nfrom ltscale.stages.pipeline import run_pipeline\n"
+        "run_pipeline(apply_overrides(tiny('ce', Path(sys.argv[1])), ['stages.teacher.optim.batch_size=63']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(driver), str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    assert "batch size 63 does not split evenly over 2 processes" in done.stderr
+
+
+def test_cli_run_under_torchrun_reports_once(tmp_path):
+    from tests.test_launch import TINY_RECIPE_OVERRIDES
+
+    sets = [arg for item in [*TINY_RECIPE_OVERRIDES, f"output_dir={tmp_path / 'out'}"] for arg in ("--set", item)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "ltscale.cli", "run", "demo/ce", "--no-progress", *sets],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("demo/ce") == 1, done.stdout  # rank 0 prints the table; rank 1 stays quiet
