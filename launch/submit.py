@@ -1,8 +1,8 @@
 """Submit an ltscale pipeline through submitit: on SLURM, as a local subprocess, or in this process.
 
     python -m launch.submit RECIPE [--set key=value ...] --executor {local,slurm,debug}
-        [--partition P] [--nodes 1] [--gpus-per-node N] [--cpus-per-task N] [--mem-gb N]
-        [--timeout-min N] [--folder DIR] [--wait] [--dry-run]
+        [--partition P] [--nodes N] [--tasks-per-node N] [--gpus-per-node N] [--cpus-per-task N]
+        [--mem-gb N] [--timeout-min N] [--folder DIR] [--wait] [--dry-run]
 
 The recipe and its overrides are resolved here, before anything is submitted, so a misspelt key or
 a wrong type fails on the login node instead of after hours in the queue. The job is a pickled
@@ -13,7 +13,14 @@ what makes preemption cheap: on SLURM's preemption / time-limit signal (USR2), s
 requeued job runs the same config and picks up where the store says it stopped (at most the
 epoch in flight is lost).
 
-Executors: ``slurm`` (sbatch), ``local`` (a subprocess on this machine, with the same
+Several processes: ``--tasks-per-node`` (one per GPU, say 8) and ``--nodes`` start
+``nodes x tasks-per-node`` copies of the job (srun on SLURM, subprocesses on the local executor);
+each learns its rank from submitit's job environment and the pipeline trains data-parallel over
+all of them (``ltscale/dist/runtime.py``), rank 0 writing the outputs and the MLflow record. The
+recipes' batch sizes are global, so each must split evenly over the processes; that is checked
+here, before submitting.
+
+Executors: ``slurm`` (sbatch), ``local`` (subprocesses on this machine, with the same
 signal/requeue handling), ``debug`` (runs in this process when waited on, so always waits; an
 exception opens pdb). Logs (``<job id>_0_log.out`` / ``.err``) and the pickled job go to
 ``--folder`` (default ``<output_dir>/submitit``).
@@ -28,6 +35,7 @@ import os
 import signal
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,6 +70,7 @@ class PipelineJob:
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(int(cpus))
+        export_rank_environment(submitit.JobEnvironment())
         result = run_pipeline(self.config)
         return {
             "pipeline": result.name,
@@ -97,6 +106,24 @@ class PipelineJob:
         return f"PipelineJob({self.config.name!r}, output_dir={self.config.output_dir!r})"
 
 
+def export_rank_environment(job: Any, environ: dict[str, str] | None = None) -> None:
+    """Describe this task's place in a multi-task job in torchrun's variables (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT), which ``ltscale.dist.runtime`` reads, from submitit's
+    job environment, the same on SLURM and on the local executor. Variables already set win.
+
+    The rendezvous is the job's first host; the port is derived from the job id, so every task
+    computes the same one and concurrent jobs on a node rarely share it.
+    """
+    environ = os.environ if environ is None else environ  # type: ignore[assignment]
+    if job.num_tasks <= 1:
+        return
+    port = 20000 + zlib.crc32(str(job.job_id).encode()) % 20000
+    host = "127.0.0.1" if job.num_nodes == 1 else job.hostnames[0]
+    for key, value in (("RANK", job.global_rank), ("WORLD_SIZE", job.num_tasks), ("LOCAL_RANK", job.local_rank),
+                       ("MASTER_ADDR", host), ("MASTER_PORT", port)):
+        environ.setdefault(key, str(value))
+
+
 def resolve_config(recipe: str, overrides: Sequence[str] = ()) -> PipelineConfig:
     """The recipe with its ``--set`` overrides applied, and ``output_dir`` made absolute.
 
@@ -113,6 +140,7 @@ class Resources:
 
     partition: str | None = None
     nodes: int = 1
+    tasks_per_node: int = 1
     gpus_per_node: int | None = None
     cpus_per_task: int | None = None
     mem_gb: float | None = None
@@ -125,8 +153,25 @@ def check_resources(kind: str, resources: Resources, config: PipelineConfig) -> 
     """Refuse requests the pipeline cannot use, before they reach the queue."""
     if kind not in EXECUTORS:
         raise ConfigError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
-    if resources.nodes != 1:
-        raise ConfigError(f"--nodes {resources.nodes}: a pipeline runs as one process on one node; use --nodes 1")
+    if resources.nodes < 1 or resources.tasks_per_node < 1:
+        raise ConfigError(f"--nodes {resources.nodes} --tasks-per-node {resources.tasks_per_node}: both must be at least 1")
+    processes = resources.nodes * resources.tasks_per_node
+    if kind == "local" and resources.nodes != 1:
+        raise ConfigError(f"--nodes {resources.nodes}: the local executor runs on this one machine; use --nodes 1")
+    if kind == "debug" and processes != 1:
+        raise ConfigError("the debug executor runs the pipeline in this process: use one node and one task")
+    if processes > 1:
+        for name, stage in config.stages.items():
+            optim = getattr(stage, "optim", None)
+            if optim is not None and optim.batch_size % processes:
+                raise ConfigError(
+                    f"stages.{name}.optim.batch_size={optim.batch_size} does not split over {processes} processes "
+                    f"({resources.nodes} node(s) x {resources.tasks_per_node} task(s)): the batch is global, so make it "
+                    f"a multiple of {processes}")
+    if (kind == "slurm" and config.device.startswith("cuda") and resources.gpus_per_node is not None
+            and 0 < resources.gpus_per_node < resources.tasks_per_node):
+        raise ConfigError(f"--tasks-per-node {resources.tasks_per_node} with --gpus-per-node {resources.gpus_per_node}: "
+                          "each process trains on its own GPU")
     if resources.timeout_min <= 10:
         # submitit treats every signal as a time-out when the limit is this short, so a preempted
         # job would burn its time-out requeues.
@@ -140,7 +185,7 @@ def build_executor(kind: str, folder: str | Path, resources: Resources, name: st
     executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=resources.max_timeouts,
                                      local_max_num_timeout=resources.max_timeouts)
     parameters: dict[str, Any] = {"name": name, "timeout_min": resources.timeout_min, "nodes": resources.nodes,
-                                  "tasks_per_node": 1}
+                                  "tasks_per_node": resources.tasks_per_node}
     if resources.gpus_per_node is not None:
         parameters["gpus_per_node"] = resources.gpus_per_node
     if resources.cpus_per_task is not None:
@@ -154,15 +199,15 @@ def build_executor(kind: str, folder: str | Path, resources: Resources, name: st
     return executor
 
 
-def default_gpus(kind: str) -> int | None:
-    """One GPU on SLURM; on the local executor the one this machine has, if any (it hides the
-    GPUs it is not given); the debug executor runs in this process and requests nothing."""
+def default_gpus(kind: str, tasks_per_node: int = 1) -> int | None:
+    """A GPU per task on SLURM; on the local executor a GPU per task if this machine has GPUs (it
+    hides the GPUs it is not given); the debug executor runs in this process and requests nothing."""
     if kind == "slurm":
-        return 1
+        return tasks_per_node
     if kind == "local":
         import torch
 
-        return 1 if torch.cuda.is_available() else 0
+        return tasks_per_node if torch.cuda.is_available() else 0
     return None
 
 
@@ -179,11 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--executor", choices=EXECUTORS, required=True,
                         help="slurm: sbatch; local: a subprocess here; debug: in this process (always waits)")
     parser.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
-    parser.add_argument("--nodes", type=int, default=1, help="must be 1: a pipeline is one process")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (SLURM only; default 1)")
+    parser.add_argument("--tasks-per-node", type=int, default=1,
+                        help="processes per node, one per GPU (default 1); the pipeline trains data-parallel over all of them")
     parser.add_argument("--gpus-per-node", type=int, default=None,
-                        help="GPUs to request (default: 1 on slurm; on local 1 if this machine has one); the pipeline uses one")
+                        help="GPUs to request (default: one per task on slurm; on local one per task if this machine has GPUs)")
     parser.add_argument("--cpus-per-task", type=int, default=None,
-                        help="CPUs to request (default: data.loader.num_workers + 1, the loader's workers and the trainer)")
+                        help="CPUs per process (default: data.loader.num_workers + 1, the loader's workers and the trainer)")
     parser.add_argument("--mem-gb", type=float, default=None, help="memory to request (default: the partition's)")
     parser.add_argument("--timeout-min", type=int, default=DEFAULT_TIMEOUT_MIN,
                         help=f"time limit per attempt in minutes (default {DEFAULT_TIMEOUT_MIN}); "
@@ -214,9 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = resolve_config(args.recipe, args.overrides)
-        gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus(args.executor)
+        gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus(args.executor, args.tasks_per_node)
         cpus = args.cpus_per_task if args.cpus_per_task is not None else config.data.loader.num_workers + 1
-        resources = Resources(partition=args.partition, nodes=args.nodes, gpus_per_node=gpus, cpus_per_task=cpus,
+        resources = Resources(partition=args.partition, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
+                              gpus_per_node=gpus, cpus_per_task=cpus,
                               mem_gb=args.mem_gb, timeout_min=args.timeout_min, max_timeouts=args.max_timeouts,
                               slurm_options=_slurm_options(args.slurm_options))
         check_resources(args.executor, resources, config)
@@ -247,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.wait or args.executor == "debug"):
         return 0
     try:
-        summary = job.result()
+        summary = job.results()[0]  # one result per task; rank 0's holds the run (they all report it)
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
         print(f"launch.submit: job {job.job_id} failed: {error}", file=sys.stderr)
         return 1

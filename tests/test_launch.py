@@ -72,8 +72,15 @@ def test_submit_checks_the_config_before_submitting(tmp_path, capsys):
     assert main(["demo/cee", "--executor", "local"]) == 2
     assert "demo/ce" in capsys.readouterr().err
     # Requests the pipeline cannot use are refused too, as are unknown SLURM parameters.
-    assert main(["demo/ce", "--executor", "slurm", "--nodes", "2", "--set", f"output_dir={output}"]) == 2
-    assert "--nodes 1" in capsys.readouterr().err
+    assert main(["demo/ce", "--executor", "slurm", "--nodes", "3", "--set", f"output_dir={output}"]) == 2
+    assert "stages.teacher.optim.batch_size=128 does not split over 3 processes" in capsys.readouterr().err
+    assert main(["demo/ce", "--executor", "local", "--nodes", "2", "--set", f"output_dir={output}"]) == 2
+    assert "local executor runs on this one machine" in capsys.readouterr().err
+    assert main(["demo/ce", "--executor", "debug", "--tasks-per-node", "2", "--set", f"output_dir={output}"]) == 2
+    assert "one node and one task" in capsys.readouterr().err
+    assert main(["demo/ce", "--executor", "slurm", "--tasks-per-node", "4", "--gpus-per-node", "2", "--set", "device=cuda",
+                 "--set", f"output_dir={output}"]) == 2
+    assert "each process trains on its own GPU" in capsys.readouterr().err
     assert main(["demo/ce", "--executor", "slurm", "--gpus-per-node", "0", "--set", "device=cuda", "--set", f"output_dir={output}"]) == 2
     assert "--gpus-per-node" in capsys.readouterr().err
     assert main(["demo/ce", "--executor", "slurm", "--slurm-option", "acount=proj1", "--set", f"output_dir={output}"]) == 2
@@ -102,6 +109,10 @@ def test_dry_run_prints_the_resolved_executor_parameters(tmp_path, capsys, monke
     parameters = json.loads(capsys.readouterr().out)["parameters"]
     workers = get_recipe("demo/ce").data.loader.num_workers
     assert parameters["gpus_per_node"] == 1 and parameters["cpus_per_task"] == workers + 1 and parameters["time"] == 24 * 60
+    # Data-parallel over 2 nodes x 4 tasks: srun starts 8 processes, each asking for its own GPU.
+    assert main(["demo/ce", "--executor", "slurm", "--nodes", "2", "--tasks-per-node", "4", "--dry-run"]) == 0
+    parameters = json.loads(capsys.readouterr().out)["parameters"]
+    assert (parameters["nodes"], parameters["ntasks_per_node"], parameters["gpus_per_node"]) == (2, 4, 4)
 
 
 def test_pipeline_job_pickles_and_checkpoints_to_itself(tmp_path):
@@ -194,3 +205,55 @@ def test_preempted_slurm_job_is_requeued_and_resumes_training(slurm, tmp_path):
     experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
     statuses = sorted(r.info.status for r in client.search_runs([experiment]))
     assert statuses.count("FINISHED") == 2 and statuses.count("KILLED") == 2  # the preempted attempt: pipeline + stage
+
+
+def test_rank_environment_comes_from_the_submitit_job():
+    from launch.submit import export_rank_environment
+
+    class Job:  # what submitit.JobEnvironment() answers in task 3 of a 2-node x 2-task job
+        job_id, num_tasks, num_nodes, global_rank, local_rank, hostnames = "4711", 4, 2, 3, 1, ["gpu07", "gpu08"]
+
+    environ: dict[str, str] = {}
+    export_rank_environment(Job(), environ)
+    assert {k: environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
+        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07"}
+    other_task: dict[str, str] = {}
+    export_rank_environment(type("Job0", (Job,), {"global_rank": 0, "local_rank": 0})(), other_task)
+    assert other_task["MASTER_PORT"] == environ["MASTER_PORT"], "every task must derive the same port"
+    single: dict[str, str] = {}
+    export_rank_environment(type("One", (Job,), {"num_tasks": 1})(), single)
+    assert single == {}, "a one-task job stays a single process"
+
+
+def _check_two_task_summary(summary: dict, output: Path, job_id: str) -> None:
+    assert summary["executed"] == ["teacher"] and summary["requeues"] == 0
+    # Both tasks ran and finished (submitit keeps a result per task); rank 0 alone tracked the run.
+    assert (output / "submitit" / f"{job_id}_0_result.pkl").exists() and (output / "submitit" / f"{job_id}_1_result.pkl").exists()
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("ltscale").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}  # one pipeline run + one stage run
+    assert client.get_run(summary["run_id"]).data.metrics["test/top1"] == pytest.approx(summary["metrics"]["test/top1"])
+
+
+def test_two_tasks_train_data_parallel_on_the_local_executor(tmp_path):
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "launch.submit", "demo/ce", "--executor", "local", "--tasks-per-node", "2", "--wait",
+               *_set_args([*TINY_RECIPE_OVERRIDES, f"output_dir={output}"])]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = done.stdout.splitlines()[0].rsplit(" ", 1)[1]
+    _check_two_task_summary(_summary_from(done.stdout), output, job_id)
+
+
+@pytest.mark.timeout(300)
+def test_two_tasks_train_data_parallel_on_slurm(slurm, tmp_path, capsys):
+    output = tmp_path / "out"
+    code = main(["demo/ce", "--executor", "slurm", "--partition", slurm.partition, "--tasks-per-node", "2",
+                 "--gpus-per-node", "0", "--cpus-per-task", "1", "--timeout-min", "60", "--wait",
+                 *_set_args([*TINY_RECIPE_OVERRIDES, f"output_dir={output}"])])
+    out = capsys.readouterr().out
+    assert code == 0, out + slurm.logs()
+    job_id = out.splitlines()[0].rsplit(" ", 1)[1]
+    _check_two_task_summary(_summary_from(out), output, job_id)
+    assert "NumTasks=2" in slurm.run("scontrol", "-o", "show", "job", job_id)
