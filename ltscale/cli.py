@@ -83,10 +83,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _is_main() -> bool:
-    """Rank 0 of a multi-process launch (or the only process): the one that prints the report."""
-    from ltscale.dist.runtime import detect
+    """Rank 0 of a multi-process launch (or the only process): the one that prints the report.
+    The process group outlives the pipelines (ltscale/dist/runtime.py), so it still says."""
+    from ltscale.dist.gather import is_main_process
 
-    return detect().is_main
+    return is_main_process()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

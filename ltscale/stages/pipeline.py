@@ -71,12 +71,8 @@ class PipelineResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} was requested but CUDA is not available on this machine; use device=cpu or auto")
-    return device
+    """The device ``name`` means for this process (its own GPU under a multi-process launch)."""
+    return runtime.device_for(runtime.detect(), name)
 
 
 def stage_key(stage: StageConfig, parents: dict[str, StageOutput], data_fingerprint: str, config: PipelineConfig) -> str:
@@ -88,7 +84,7 @@ def run_pipeline(config: PipelineConfig, progress: Progress | None = None) -> Pi
 
     One process, or one of several when the environment says so (``ltscale.dist.runtime``)."""
     env = runtime.detect()
-    device = runtime.device_for(env, config.device)
+    device = resolve_device(config.device)
     runtime.ensure_process_group(env, device)
     return _run_pipeline(config, device, progress)
 
