@@ -330,7 +330,7 @@ def test_corrupt_training_image_is_replaced_by_same_class_and_recorded(tmp_path,
     bad_path = split.root / split.paths[2]
     _truncate(bad_path)
     loader = _loader(split, train=True, num_workers=num_workers, fraction=0.2, shuffle=False)  # 2 allowed
-    with caplog.at_level(logging.WARNING, logger="ltscale.data.loaders.files"):
+    with caplog.at_level(logging.WARNING, logger="ltscale.data.loaders"):
         batches = list(loader)
     indices = torch.cat([b["index"] for b in batches]).tolist()
     targets = torch.cat([b["target"] for b in batches]).tolist()

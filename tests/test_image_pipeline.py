@@ -40,12 +40,15 @@ def image_tree(tmp_path: Path) -> Path:
     return root
 
 
-def test_ce_then_lws_on_jpeg_files(image_tree, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_ce_then_lws_on_jpeg_files(image_tree, tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'ltscale[dali]')")
     optim = OptimConfig(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0, milestones=(), decay_factors=())
     model = ModelConfig(arch="resnet8", width=4)
     config = PipelineConfig(
         name="tiny-jpeg/lws",
-        data=DataConfig(dataset="imagenet_lt", root=str(image_tree), image_size=32, loader=LoaderConfig(num_workers=0)),
+        data=DataConfig(dataset="imagenet_lt", root=str(image_tree), image_size=32, loader=LoaderConfig(backend=backend, num_workers=0 if backend == "torch" else 1)),
         stages={
             "teacher": TeacherConfig(model=model, optim=optim),
             "lws": RebalanceConfig(source="teacher", method="lws", optim=optim),

@@ -71,8 +71,10 @@ def build_loader(
     else:
         index_sampler = ShardSampler(len(split), rank, world_size)
     if isinstance(split, ArraySplit):
-        if loader.backend == "torch":
-            raise ValueError("data.loader.backend=torch reads image files; in-memory datasets use 'tensor' or 'auto'")
+        if loader.backend in ("torch", "dali"):
+            raise ValueError(
+                f"data.loader.backend={loader.backend} decodes image files; in-memory datasets use 'tensor' or 'auto'"
+            )
         from ltscale.data.loaders.tensor import TensorLoader
 
         return TensorLoader(
@@ -81,11 +83,13 @@ def build_loader(
         )
     if isinstance(split, FileSplit):
         if loader.backend == "tensor":
-            raise ValueError("data.loader.backend=tensor needs an in-memory dataset; image-file datasets use 'torch' or 'auto'")
+            raise ValueError("data.loader.backend=tensor needs an in-memory dataset; image-file datasets use 'torch', 'dali' or 'auto'")
         from ltscale.data.image_list import DATASET_SPECS
+        from ltscale.data.loaders.dali import DaliLoader, dali_available
         from ltscale.data.loaders.files import FileLoader
 
-        return FileLoader(
+        use_dali = loader.backend == "dali" or (loader.backend == "auto" and device.type == "cuda" and dali_available())
+        return (DaliLoader if use_dali else FileLoader)(
             split, train=augment, batch_size=batch_size, sampler=index_sampler, image_size=bundle.image_size,
             normalization=bundle.normalization, num_workers=loader.num_workers,
             max_bad_image_fraction=loader.max_bad_image_fraction, drop_last=False, device=device,

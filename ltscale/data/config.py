@@ -39,11 +39,13 @@ class LoaderConfig:
     """How batches are produced.
 
     ``backend``: ``auto`` keeps in-memory datasets (CIFAR, synthetic) as tensors on the training
-    device and batches them there (the GPU-resident path on a GPU), and decodes image-file datasets
-    with the torch DataLoader backend.
+    device and batches them there (the GPU-resident path on a GPU); image-file datasets are
+    decoded by DALI on a GPU when DALI is installed (the ``dali`` extra), else by the torch
+    DataLoader backend. ``dali`` and ``torch`` force a backend for image files (``dali`` also
+    runs on CPU). ``num_workers``: DataLoader worker processes, or DALI's CPU threads.
     """
 
-    backend: Literal["auto", "tensor", "torch"] = "auto"
+    backend: Literal["auto", "tensor", "torch", "dali"] = "auto"
     num_workers: int = 4
     # A few unreadable JPEGs in a 437k-image set should not kill a run hours in; more than this
     # fraction means the data is broken and the run stops with the list of files.

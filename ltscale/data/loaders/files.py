@@ -5,13 +5,8 @@ flip uint8 tensors, and the main process moves each uint8 batch to the device an
 there: a uint8 batch is a quarter of the bytes of a float one to pin and copy, and the arithmetic
 is free on the GPU.
 
-Unreadable images. A 437k-image set usually holds a few broken files, and a run should not die
-hours in because of one, nor hide it. A training loader replaces an image that cannot be decoded
-by the next readable image of the *same class* (a fixed choice, so reruns see the same data),
-logs a warning naming the file, and keeps the names in :attr:`FileLoader.bad_files`; more than
-``floor(max_bad_image_fraction * len(split))`` distinct bad files stops the run with the list. An
-evaluation loader never substitutes: accuracy measured on a replacement image would be wrong, so
-a bad test image raises :class:`DatasetError` naming it. Workers report failures inside the batch
+Unreadable images follow :mod:`ltscale.data.loaders.bad_images` (same-class substitutes in
+training, an error naming the file in evaluation). Workers report failures inside the batch
 (``failures`` and ``ok``), so they reach the main process whatever the number of workers.
 """
 
@@ -19,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from pathlib import Path
 from typing import Iterator
 
@@ -31,15 +25,11 @@ import torchvision.transforms.v2 as transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ltscale.data.base import FileSplit, Normalization
-from ltscale.data.errors import DatasetError
+from ltscale.data.loaders.bad_images import BadImageLedger, SameClassCandidates
 
 logger = logging.getLogger(__name__)
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
-# Same-class candidates tried before giving up on a sample: a class whose next 8 images are all
-# broken means the data, not an odd file, is the problem.
-MAX_SUBSTITUTES = 8
-_MAX_LISTED = 20  # bad files quoted in an error message
 
 
 def decode_image_file(path: str | Path) -> torch.Tensor:
@@ -60,7 +50,8 @@ def decode_image_file(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
+    """One line (at most 300 characters) naming the error's type and message."""
     return f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
 
@@ -114,32 +105,19 @@ class _FileDataset(torch.utils.data.Dataset):
         self.key_transform = key_transform
         self.image_size = image_size
         self.substitute = substitute
-        # Per class, its members in list order; position_in_class lets a bad image find "the next
-        # images of its class" in O(1).
-        order = np.argsort(self.targets, kind="stable")
-        bounds = np.searchsorted(self.targets[order], np.arange(split.num_classes + 1))
-        self.class_members = [order[bounds[c] : bounds[c + 1]] for c in range(split.num_classes)]
-        self.position_in_class = np.empty(len(order), dtype=np.int64)
-        for members in self.class_members:
-            self.position_in_class[members] = np.arange(len(members))
+        self.candidates = SameClassCandidates(self.targets, split.num_classes)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _candidates(self, index: int) -> np.ndarray:
-        """The same-class images to try instead of ``index``: the ones after it, cycling."""
-        members = self.class_members[self.targets[index]]
-        after = np.roll(members, -int(self.position_in_class[index]))[1:]
-        return after[:MAX_SUBSTITUTES]
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool, list[tuple[int, str]], torch.Tensor | None]:
         failures: list[tuple[int, str]] = []
-        tries = [index] + (self._candidates(index).tolist() if self.substitute else [])
+        tries = [index] + (self.candidates(index) if self.substitute else [])
         for candidate in tries:
             try:
                 image = decode_image_file(self.root / self.paths[candidate])
             except Exception as error:  # any decoder failure is a bad file, reported below
-                failures.append((candidate, _describe(error)))
+                failures.append((candidate, describe_error(error)))
                 continue
             key = self.key_transform(image) if self.key_transform is not None else None
             return self.transform(image), int(self.targets[index]), candidate, True, failures, key
@@ -213,8 +191,7 @@ class FileLoader:
             key_transform=build_key_transform(image_size) if views == 2 else None,
         )
         self.sampler = sampler if sampler is not None else torch.utils.data.SequentialSampler(self.dataset)
-        self.allowed_bad_files = math.floor(max_bad_image_fraction * len(split))
-        self._bad: dict[int, str] = {}  # dataset index -> decoder error
+        self.ledger = BadImageLedger(split, substitute=train, max_bad_image_fraction=max_bad_image_fraction)
         pin = self.device.type == "cuda"
         self._mean = torch.tensor(normalization.mean, device=self.device).mul(255).view(1, 3, 1, 1)
         self._std = torch.tensor(normalization.std, device=self.device).mul(255).view(1, 3, 1, 1)
@@ -244,61 +221,15 @@ class FileLoader:
     @property
     def bad_files(self) -> list[str]:
         """Paths (root / relative path) of every image that failed to decode so far, sorted."""
-        return sorted(str(self.split.root / self.split.paths[index]) for index in self._bad)
-
-    def _path(self, index: int) -> str:
-        return str(self.split.root / self.split.paths[index])
-
-    def _record_failures(self, failures: list[tuple[int, str]]) -> None:
-        for index, reason in failures:
-            if index in self._bad:
-                continue
-            self._bad[index] = reason
-            if not self.train:
-                raise DatasetError(
-                    f"{self._path(index)} (in {self.split.name}) cannot be decoded ({reason}). Evaluation "
-                    "never substitutes images, since accuracy measured on a replacement would be wrong: "
-                    "replace the file or remove it from the split list (`ltscale data verify` lists every "
-                    "unreadable file)."
-                )
-            label = int(self.split.targets[index])
-            logger.warning(
-                "unreadable image %s (%s); replaced by another image of class %d (%s). %d bad file(s) so far, "
-                "at most %d allowed (data.loader.max_bad_image_fraction).",
-                self._path(index), reason, label, self.split.class_names[label], len(self._bad), self.allowed_bad_files,
-            )
-        if len(self._bad) > self.allowed_bad_files:
-            listed = self.bad_files[:_MAX_LISTED]
-            more = f" and {len(self._bad) - len(listed)} more" if len(self._bad) > len(listed) else ""
-            raise DatasetError(
-                f"{len(self._bad)} images of {self.split.name} cannot be decoded, more than the "
-                f"{self.allowed_bad_files} allowed (data.loader.max_bad_image_fraction x {len(self.split)} images): "
-                f"{', '.join(listed)}{more}. Repair or re-download them, or remove them from the split list."
-            )
-
-    def _raise_unusable(self, batch: dict) -> None:
-        position = int(torch.nonzero(~batch["ok"])[0])
-        index = int(batch["index"][position])
-        label = int(batch["target"][position])
-        if not self.train:
-            raise DatasetError(
-                f"{self._path(index)} (in {self.split.name}) cannot be decoded "
-                f"({self._bad.get(index, 'see the earlier error')}); evaluation never substitutes images."
-            )
-        tried = [self._path(failed) for failed, _ in batch["failures"] if self.split.targets[failed] == label]
-        raise DatasetError(
-            f"{self._path(index)} cannot be decoded ({self._bad.get(index, 'unknown error')}) and no readable "
-            f"image of its class {label} ({self.split.class_names[label]}) could replace it "
-            f"(tried {', '.join(tried)}). Repair the files or remove them from the split list."
-        )
+        return self.ledger.bad_files
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self._loader:
             # Both checks read CPU tensors and lists the workers built: no device sync.
             if batch["failures"]:
-                self._record_failures(batch["failures"])
+                self.ledger.record(batch["failures"])
             if not bool(batch["ok"].all()):
-                self._raise_unusable(batch)
+                raise self.ledger.unusable(int(batch["index"][int(torch.nonzero(~batch["ok"])[0])]))
             image = batch["image"].to(self.device, non_blocking=self._non_blocking)
             out = {
                 "image": image.float().sub_(self._mean).div_(self._std),  # (B, 3, H, W)
@@ -323,7 +254,7 @@ class _VerifyDataset(torch.utils.data.Dataset):
         try:
             decode_image_file(self.root / self.paths[index])
         except Exception as error:  # any decoder failure marks the file bad
-            return index, _describe(error)
+            return index, describe_error(error)
         return index, ""
 
 

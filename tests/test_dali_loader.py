@@ -1,0 +1,302 @@
+"""The DALI backend for image files, run CPU-only on real JPEGs (its GPU path: the gpu-marked test).
+
+The same contract as the torch backend (tests/test_image_list.py): the sampler's epochs, batch
+contents, normalisation, the bad-image policy; plus what is DALI's own: evaluation pixels equal to
+torchvision's transform within a grey level, per-epoch seeding, recovery from a pipeline that
+dies on a corrupt JPEG mid-epoch, MoCo's key view.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'ltscale[dali]')")
+
+from ltscale.data import build_loader  # noqa: E402
+from ltscale.data.base import DatasetBundle, FileSplit  # noqa: E402
+from ltscale.data.config import LoaderConfig  # noqa: E402
+from ltscale.data.errors import DatasetError  # noqa: E402
+from ltscale.data.image_list import IMAGENET_NORMALIZATION, build_image_list_dataset  # noqa: E402
+from ltscale.data.loaders import dali as dali_module  # noqa: E402
+from ltscale.data.loaders.dali import DaliLoader  # noqa: E402
+from ltscale.data.loaders.files import FileLoader  # noqa: E402
+from ltscale.data.samplers import InstanceBalancedSampler, ShardSampler  # noqa: E402
+from ltscale.data.synthetic import make_synthetic  # noqa: E402
+from ltscale.data.config import SyntheticConfig  # noqa: E402
+from tests.test_image_list import IMAGE_SIZE, _make_tree, _sample_files, _truncate  # noqa: E402
+
+ONE_GREY_LEVEL = 1.01 / 255 / min(IMAGENET_NORMALIZATION.std)  # in normalised units
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> DatasetBundle:
+    return build_image_list_dataset(_make_tree(tmp_path_factory.mktemp("imagenet_lt")))
+
+
+def _loader(cls, split: FileSplit, *, train: bool, shuffle: bool = True, fraction: float = 0.001,
+            sampler=None, views: int = 1, seed: int = 0, batch_size: int = 4):
+    return cls(
+        split, train=train, batch_size=batch_size,
+        sampler=sampler if sampler is not None else InstanceBalancedSampler(len(split), seed=0, shuffle=shuffle),
+        image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=2,
+        max_bad_image_fraction=fraction, drop_last=False, device="cpu", views=views, seed=seed,
+    )
+
+
+def test_training_epochs_follow_the_sampler_like_the_torch_backend(bundle):
+    dali = _loader(DaliLoader, bundle.train, train=True)
+    torch_backend = _loader(FileLoader, bundle.train, train=True)
+    assert len(dali) == len(torch_backend) == 3
+    orders = []
+    for epoch in range(2):
+        dali.set_epoch(epoch)
+        torch_backend.set_epoch(epoch)
+        batches = list(dali)
+        assert [len(b["index"]) for b in batches] == [4, 4, 2]
+        # Same sampler, same epoch: the same images in the same order as the torch backend.
+        assert [b["index"].tolist() for b in batches] == [b["index"].tolist() for b in torch_backend]
+        for batch in batches:
+            assert batch["image"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.float32
+            assert batch["target"].dtype == batch["index"].dtype == torch.int64
+            assert batch["target"].tolist() == bundle.train.targets[batch["index"].numpy()].tolist()
+        images = torch.cat([b["image"] for b in batches])
+        assert images.mean().abs() < 0.5 and 0.5 < images.std() < 1.5  # ImageNet normalisation
+        orders.append(torch.cat([b["index"] for b in batches]).tolist())
+        assert sorted(orders[-1]) == list(range(10))
+    assert orders[0] != orders[1]
+    assert dali.bad_files == []
+
+
+def test_augmentation_depends_on_seed_and_epoch_only(bundle):
+    def epoch_images(loader, epoch):
+        loader.set_epoch(epoch)
+        return torch.cat([b["image"] for b in loader])
+
+    first, second = _loader(DaliLoader, bundle.train, train=True), _loader(DaliLoader, bundle.train, train=True)
+    epoch_one = epoch_images(first, 1)
+    # A fresh loader asked straight for epoch 1 (a resumed run) sees exactly what the first saw.
+    assert torch.equal(epoch_images(second, 1), epoch_one)
+    assert not torch.equal(epoch_images(first, 0), epoch_one)
+    other_seed = _loader(DaliLoader, bundle.train, train=True, seed=1)
+    assert not torch.equal(epoch_images(other_seed, 1), epoch_one)
+
+
+def test_evaluation_pixels_equal_torchvision_within_a_grey_level(bundle):
+    dali = _loader(DaliLoader, bundle.test, train=False, shuffle=False)
+    for _ in range(2):  # the second pass reuses the reset pipeline
+        batches = list(dali)
+        images = torch.cat([b["image"] for b in batches])
+        assert torch.cat([b["index"] for b in batches]).tolist() == list(range(10))
+        reference = torch.cat([b["image"] for b in _loader(FileLoader, bundle.test, train=False, shuffle=False)])
+        # Both decode with libjpeg-turbo; resampling differs by at most one grey level, and the
+        # crop geometry (floored resize, half-to-even centre offset) is torchvision's exactly.
+        assert (images - reference).abs().max() <= ONE_GREY_LEVEL
+    assert dali._reusable
+
+
+def test_a_dropped_loader_frees_its_pipeline_at_once(bundle):
+    """No reference cycle through the pipeline's callback: a DALI pipeline left for the cyclic
+    collector can be collected in a forked DataLoader worker, which then dies with SIGSEGV."""
+    import gc
+    import weakref
+
+    loader = _loader(DaliLoader, bundle.test, train=False, shuffle=False)
+    list(loader)
+    pipe = weakref.ref(loader._pipe)
+    gc.disable()
+    try:
+        del loader
+        assert pipe() is None
+    finally:
+        gc.enable()
+    closed = _loader(DaliLoader, bundle.test, train=False, shuffle=False)
+    first = torch.cat([b["image"] for b in closed])
+    closed.close()
+    assert closed._pipe is None and torch.equal(torch.cat([b["image"] for b in closed]), first)  # rebuilt on demand
+
+
+def test_rank_shards_are_served_in_order(bundle):
+    for rank in range(2):
+        sampler = ShardSampler(len(bundle.test), rank, 2)
+        loader = _loader(DaliLoader, bundle.test, train=False, sampler=sampler, batch_size=2)
+        assert torch.cat([b["index"] for b in loader]).tolist() == list(range(rank, 10, 2))
+
+
+def test_corrupt_training_image_mid_epoch_is_replaced_and_no_batch_is_lost(tmp_path, caplog):
+    split = build_image_list_dataset(_make_tree(tmp_path)).train
+    bad_path = split.root / split.paths[6]  # class 1, in the second batch: the pipeline dies mid-epoch
+    _truncate(bad_path)
+    loader = _loader(DaliLoader, split, train=True, shuffle=False, fraction=0.2)
+    with caplog.at_level(logging.WARNING, logger="ltscale.data.loaders"):
+        batches = list(loader)
+    indices = torch.cat([b["index"] for b in batches]).tolist()
+    # Every position served once, in order; index 6 by the next image of class 1, index 7.
+    assert [len(b["index"]) for b in batches] == [4, 4, 2]
+    assert indices == [0, 1, 2, 3, 4, 5, 7, 7, 8, 9]
+    assert torch.cat([b["target"] for b in batches]).tolist() == split.targets[indices].tolist()
+    assert loader.bad_files == [str(bad_path)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(bad_path) in message for message in warnings)
+    assert any("rebuilding the DALI pipeline" in message for message in warnings)  # it did die and recover
+    # The next epoch substitutes before DALI sees the file: no failure, same served images.
+    loader.set_epoch(1)
+    assert torch.cat([b["index"] for b in loader]).tolist() == indices
+
+
+def test_pipeline_failure_no_cpu_decoder_reproduces_is_raised_with_dalis_message(tmp_path, monkeypatch):
+    split = build_image_list_dataset(_make_tree(tmp_path)).train
+    _truncate(split.root / split.paths[6])
+    monkeypatch.setattr(dali_module, "_check_decodes", lambda path: "")  # pretend the CPU decoders read it
+    with pytest.raises(RuntimeError, match="decodes with the CPU decoders") as caught:
+        list(_loader(DaliLoader, split, train=True, shuffle=False, fraction=0.2))
+    assert "DALI said" in str(caught.value) and str(split.root / split.paths[6]) in str(caught.value)
+
+
+def test_missing_and_empty_files_are_substituted_before_decoding(tmp_path):
+    split = build_image_list_dataset(_make_tree(tmp_path)).train
+    (split.root / split.paths[1]).unlink()
+    (split.root / split.paths[7]).write_bytes(b"")
+    loader = _loader(DaliLoader, split, train=True, shuffle=False, fraction=0.2)
+    indices = torch.cat([b["index"] for b in loader]).tolist()
+    assert indices == [0, 2, 2, 3, 4, 5, 6, 8, 8, 9]
+    assert loader.bad_files == sorted(str(split.root / split.paths[i]) for i in (1, 7))
+
+
+def test_too_many_corrupt_images_raise_with_the_list(tmp_path):
+    split = build_image_list_dataset(_make_tree(tmp_path)).train
+    bad = [split.root / split.paths[i] for i in (2, 7)]
+    for path in bad:
+        _truncate(path)
+    with pytest.raises(DatasetError, match="more than the 1 allowed") as caught:
+        list(_loader(DaliLoader, split, train=True, shuffle=False, fraction=0.1))
+    assert str(bad[0]) in str(caught.value) and str(bad[1]) in str(caught.value)
+
+
+def test_corrupt_image_without_readable_class_mate_raises(tmp_path):
+    split = build_image_list_dataset(_make_tree(tmp_path)).train
+    _truncate(split.root / split.paths[9])  # class 2 has a single image
+    with pytest.raises(DatasetError, match=r"no readable image of its class 2"):
+        list(_loader(DaliLoader, split, train=True, shuffle=False, fraction=0.5))
+
+
+def test_corrupt_or_missing_test_image_raises_naming_it(tmp_path):
+    split = build_image_list_dataset(_make_tree(tmp_path)).test
+    bad_path = split.root / split.paths[4]
+    _truncate(bad_path)
+    with pytest.raises(DatasetError, match="never substitutes") as caught:
+        list(_loader(DaliLoader, split, train=False, shuffle=False, fraction=0.5))
+    assert str(bad_path) in str(caught.value)
+    bad_path.unlink()
+    with pytest.raises(DatasetError, match="never substitutes") as caught:
+        list(_loader(DaliLoader, split, train=False, shuffle=False, fraction=0.5))
+    assert str(bad_path) in str(caught.value)
+
+
+def test_unusual_files_decode_like_the_torch_backend(tmp_path):
+    source = _sample_files()[0]
+    with PIL.Image.open(source) as image:
+        image.convert("CMYK").save(tmp_path / "cmyk.JPEG", "JPEG")
+        image.save(tmp_path / "png_named.JPEG", "PNG")  # ImageNet holds a PNG named .JPEG
+    shutil.copyfile(_sample_files()[-1], tmp_path / "grey.JPEG")  # the greyscale sample
+    names = ["cmyk.JPEG", "png_named.JPEG", "grey.JPEG"]
+    split = FileSplit(name="odd", targets=np.zeros(3, dtype=np.int64), num_classes=1, root=tmp_path, paths=names)
+    dali = torch.cat([b["image"] for b in _loader(DaliLoader, split, train=False, shuffle=False)])
+    reference = torch.cat([b["image"] for b in _loader(FileLoader, split, train=False, shuffle=False)])
+    assert dali.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    # CMYK -> RGB conversions differ between decoders by a few levels; PNG and greyscale by one.
+    assert (dali[1:] - reference[1:]).abs().max() <= ONE_GREY_LEVEL
+    assert (dali[0] - reference[0]).abs().mean() <= 4 * ONE_GREY_LEVEL
+
+
+def test_moco_key_view_follows_its_definition(tmp_path):
+    """Two views of the same images; the key view (MoCo v2) is greyscale with probability
+    0.2 x (no colour from jitter), the query never."""
+    source = _sample_files()[0]  # a colour image
+    shutil.copyfile(source, tmp_path / "a.JPEG")
+    n = 400
+    split = FileSplit(name="one", targets=np.zeros(n, dtype=np.int64), num_classes=1, root=tmp_path, paths=["a.JPEG"] * n)
+    loader = _loader(DaliLoader, split, train=True, views=2, batch_size=100)
+    batches = list(loader)
+    query = torch.cat([b["image"] for b in batches])
+    key = torch.cat([b["image_key"] for b in batches])
+    assert query.shape == key.shape == (n, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert not torch.equal(query, key)
+
+    def is_grey(images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(IMAGENET_NORMALIZATION.mean).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_NORMALIZATION.std).view(1, 3, 1, 1)
+        pixels = images * std + mean
+        return (pixels.amax(1) - pixels.amin(1)).amax(dim=(1, 2)) < 3 / 255
+
+    assert not is_grey(query).any()
+    grey = is_grey(key).float().mean().item()
+    assert abs(grey - 0.2) < 4 * (0.2 * 0.8 / n) ** 0.5  # binomial, 4 sigma
+
+
+def test_build_loader_chooses_and_refuses_backends(bundle, monkeypatch):
+    common = dict(train=False, batch_size=4, device=torch.device("cpu"), seed=0)
+    assert isinstance(build_loader(bundle.test, bundle, loader=LoaderConfig(backend="dali", num_workers=1), **common), DaliLoader)
+    # auto on a CPU keeps the torch DataLoader (DALI pays off where it decodes on the GPU).
+    assert isinstance(build_loader(bundle.test, bundle, loader=LoaderConfig(num_workers=0), **common), FileLoader)
+    synthetic = make_synthetic(SyntheticConfig(num_classes=4, max_per_class=20, imbalance_factor=2.0, image_size=8))
+    with pytest.raises(ValueError, match="backend=dali decodes image files"):
+        build_loader(synthetic.train, synthetic, loader=LoaderConfig(backend="dali"), **common)
+    monkeypatch.setattr(dali_module, "dali_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"pip install 'ltscale\[dali\]'"):
+        build_loader(bundle.test, bundle, loader=LoaderConfig(backend="dali"), **common)
+
+
+@pytest.mark.gpu
+def test_gpu_decoding_matches_the_cpu_pipeline(bundle):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cpu = torch.cat([b["image"] for b in _loader(DaliLoader, bundle.test, train=False, shuffle=False)])
+    loader = DaliLoader(
+        bundle.test, train=False, batch_size=4, sampler=None, image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION,
+        num_workers=2, max_bad_image_fraction=0.0, drop_last=False, device="cuda",
+    )
+    batches = list(loader)
+    assert all(b["image"].is_cuda and b["index"].is_cuda for b in batches)
+    gpu = torch.cat([b["image"] for b in batches]).cpu()
+    # nvJPEG's IDCT and the GPU resampler differ from libjpeg-turbo's by a few grey levels.
+    assert (gpu - cpu).abs().mean() <= 2 * ONE_GREY_LEVEL
+    train = DaliLoader(
+        bundle.train, train=True, batch_size=4, sampler=None, image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION,
+        num_workers=2, max_bad_image_fraction=0.0, drop_last=False, device="cuda", views=2,
+    )
+    batch = next(iter(train))
+    assert batch["image"].shape == batch["image_key"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_jpeg_loader_benchmark_cpu_smoke(tmp_path):
+    """tools/bench/jpeg_loader.py end to end on a CPU: three pipelines side by side, the report."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in _sample_files()[:4]:
+        shutil.copyfile(source, images / source.name)
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(repo / "tools" / "bench" / "jpeg_loader.py"), "--images", str(images), "--count", "24",
+         "--batch-size", "8", "--image-size", "32", "--workers", "1", "--epochs", "1", "--warmup-epochs", "0",
+         "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert list(report["variants"]) == ["usual", "ltscale-torch", "ltscale-dali"]
+    for summary in report["variants"].values():
+        assert summary["images_per_epoch"] == 24 and summary["images_per_second"] > 0
+    assert report["environment"]["code_version"] and report["dali_version"]
+    assert "| ltscale-dali |" in report["markdown"] and "| ltscale-dali |" in done.stdout
