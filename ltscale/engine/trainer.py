@@ -11,6 +11,10 @@ over its trainable parameters: each rank computes its share of the global batch,
 gradients while the backward runs, and every rank applies the same update. Batch-norm statistics
 stay per rank during the epoch (as DDP without SyncBN does) and rank 0's are broadcast at its end,
 so the evaluated and saved network is the same on every rank. Only rank 0 writes checkpoints.
+
+With ``deepspeed`` enabled the task runs under a DeepSpeed ZeRO engine instead of DDP (single or
+multi-process; ``ltscale/engine/zero.py``): same loop, same update, the optimiser state (and at
+stage 2 the gradients) partitioned over the ranks, each rank saving its part of the progress.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ltscale.engine.checkpoint import atomic_save, load_checkpoint, load_state_s
 from ltscale.engine.fast_step import FastStep, resolve_step
 from ltscale.engine.progress import Progress
 from ltscale.engine.schedule import OptimConfig, lr_schedule
+from ltscale.engine.zero import DeepSpeedConfig, ZeroEngine
 
 
 class Task(Protocol):
@@ -85,6 +90,7 @@ class Trainer:
         on_epoch_end: Callable[[EpochMetrics], None] | None = None,
         progress: Progress | None = None,
         step: str = "auto",
+        deepspeed: DeepSpeedConfig | None = None,
     ) -> None:
         self.task = task
         self.loader = loader
@@ -96,7 +102,13 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.progress = progress or Progress(enabled=False)
         _, self.world_size = rank_and_world_size()
-        self.step = resolve_step(step, device, self.world_size)  # "fast": ltscale/engine/fast_step.py
+        use_zero = deepspeed is not None and deepspeed.enabled
+        if use_zero and step == "fast":
+            raise ValueError(
+                "step=fast (the step as one CUDA graph) and deepspeed.enabled cannot be combined: DeepSpeed's "
+                "gradient reduction runs outside any graph. Use step=auto or step=eager with DeepSpeed."
+            )
+        self.step = "eager" if use_zero else resolve_step(step, device, self.world_size)  # "fast": fast_step.py
         self.fast_step: FastStep | None = None
         parameters = list(task.trainable_parameters())  # type: ignore[operator]
         if not parameters:
@@ -105,10 +117,22 @@ class Trainer:
             parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov
         )
         self.lrs = lr_schedule(optim, len(loader))
-        # What the step calls: the task, or the task under DDP in a multi-process run.
-        self.model: nn.Module = task if self.world_size == 1 else _distributed(task, parameters, device)
+        # What the step calls: the task, the task under DDP in a multi-process run, or a ZeRO engine.
+        self.zero: ZeroEngine | None = None
+        if use_zero:
+            assert deepspeed is not None
+            self.zero = ZeroEngine(task, self.optimizer, parameters, loader.batch_size, deepspeed, device)
+            self.model = self.zero  # type: ignore[assignment]
+        else:
+            self.model = task if self.world_size == 1 else _distributed(task, parameters, device)
+
+    @property
+    def _zero_progress(self) -> Path:
+        return self.progress_path.parent / "deepspeed-progress"
 
     def _resume(self) -> int:
+        if self.zero is not None:
+            return self.zero.load(self._zero_progress)
         if not self.progress_path.exists():
             return 0
         state = load_checkpoint(self.progress_path, kind="ltscale.progress", required=("network", "optimizer", "epoch"))
@@ -117,6 +141,9 @@ class Trainer:
         return int(state["epoch"])
 
     def _save_progress(self, next_epoch: int) -> None:
+        if self.zero is not None:
+            self.zero.save(self._zero_progress, next_epoch)  # every rank writes its partition
+            return
         if not is_main_process():
             return  # every rank holds the same state; one writer
         atomic_save(
@@ -167,15 +194,21 @@ class Trainer:
                 self.fast_step(batch, lr)
                 advance(1)
                 continue
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if self.zero is not None:
+                self.zero.set_lr(lr)
+            else:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                 out = self.model(batch)
             loss = out["loss"]
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            if self.zero is not None:
+                self.zero.step(loss)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
             with torch.no_grad():
                 count = out["target"].numel()
                 correct = (out["logits"].argmax(dim=1) == out["target"]).sum()

@@ -11,6 +11,7 @@ from typing import Literal, Union
 
 from ltscale.data.config import DataConfig, SamplerConfig
 from ltscale.engine.schedule import OptimConfig
+from ltscale.engine.zero import DeepSpeedConfig
 from ltscale.losses.modules import LossBackend, LossConfig
 from ltscale.models.moco import MoCoConfig
 from ltscale.models.network import ModelConfig
@@ -177,6 +178,8 @@ class PipelineConfig:
     # "fast": channels_last + the whole step as a CUDA graph (ltscale/engine/fast_step.py);
     # "auto": fast on CUDA, eager on a CPU.
     step: Literal["auto", "eager", "fast"] = "auto"
+    # Train every stage under a DeepSpeed ZeRO engine (ltscale/engine/zero.py) instead of DDP.
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output_dir: str = "runs"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     progress: bool = True
@@ -196,6 +199,8 @@ class PipelineConfig:
             seen.append(name)
         if self.result_stage and self.result_stage not in self.stages:
             raise ValueError(f"result_stage {self.result_stage!r} is not one of the stages {seen}")
+        if self.deepspeed.enabled and self.step == "fast":
+            raise ValueError("step=fast (one CUDA graph per step) cannot run under deepspeed.enabled; use step=auto or eager")
 
     @property
     def result(self) -> str:

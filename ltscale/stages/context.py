@@ -14,6 +14,7 @@ from ltscale.engine.checkpoint import atomic_save, load_checkpoint, load_state_s
 from ltscale.engine.evaluate import EvalResult, evaluate
 from ltscale.engine.progress import Progress
 from ltscale.engine.trainer import autocast_dtype
+from ltscale.engine.zero import DeepSpeedConfig
 from ltscale.models.network import Network
 from ltscale.tracking import RunHandle
 
@@ -33,6 +34,7 @@ class StageContext:
     progress: Progress
     metrics: dict[str, float] = field(default_factory=dict)
     step: str = "auto"  # the trainer's step: auto, eager or fast (PipelineConfig.step)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # PipelineConfig.deepspeed
 
     @property
     def class_counts(self) -> np.ndarray:

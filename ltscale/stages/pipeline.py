@@ -151,7 +151,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                     continue
                 ctx = StageContext(name=name, bundle=bundle, device=device, precision=config.precision, seed=config.seed,
                                    loader_config=config.data.loader, directory=store.directory(stage.kind, key), run=run,
-                                   progress=progress, step=config.step)
+                                   progress=progress, step=config.step, deepspeed=config.deepspeed)
                 ctx.directory.mkdir(parents=True, exist_ok=True)
                 run.log_dict(_stage_record(name, stage, parents, key, version), "stage_config.json")
                 files = RUNNERS[stage.kind](stage, ctx, parents)

@@ -19,7 +19,7 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
             ctx.evaluate(network, step=metrics.epoch, final=False)
 
     trainer = Trainer(task, loader, optim, ctx.device, ctx.precision, ctx.directory / PROGRESS, ctx.name,
-                      on_epoch_end=on_epoch_end, progress=ctx.progress, step=ctx.step)
+                      on_epoch_end=on_epoch_end, progress=ctx.progress, step=ctx.step, deepspeed=ctx.deepspeed)
     resumed_from = trainer.fit()
     if resumed_from:
         ctx.run.set_tags({"ltscale.resumed_from_epoch": str(resumed_from)})
