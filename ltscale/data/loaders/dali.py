@@ -42,6 +42,7 @@ import torch.utils.data
 
 from ltscale.data.base import FileSplit, Normalization
 from ltscale.data.errors import DatasetError
+from ltscale.data.loaders import check_file_loader_arguments
 from ltscale.data.loaders.bad_images import BadImageLedger
 from ltscale.data.loaders.files import decode_image_file, describe_error
 
@@ -162,12 +163,7 @@ class DaliLoader:
         rank: int = 0,
     ) -> None:
         _require_dali()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if views not in (1, 2):
-            raise ValueError(f"views must be 1 or 2, got {views}")
-        if views == 2 and not train:
-            raise ValueError("views=2 is for training (two augmentations); an evaluation loader has one view")
+        check_file_loader_arguments(batch_size, views, train)
         self.split = split
         self.train = train
         self.batch_size = batch_size

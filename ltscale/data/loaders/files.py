@@ -25,6 +25,7 @@ import torchvision.transforms.v2 as transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ltscale.data.base import FileSplit, Normalization
+from ltscale.data.loaders import check_file_loader_arguments
 from ltscale.data.loaders.bad_images import BadImageLedger, SameClassCandidates
 
 logger = logging.getLogger(__name__)
@@ -175,12 +176,7 @@ class FileLoader:
         seed: int = 0,
         rank: int = 0,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if views not in (1, 2):
-            raise ValueError(f"views must be 1 or 2, got {views}")
-        if views == 2 and not train:
-            raise ValueError("views=2 is for training (two augmentations); an evaluation loader has one view")
+        check_file_loader_arguments(batch_size, views, train)
         self.split = split
         self.train = train
         self.batch_size = batch_size
