@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ltscale.data.config import DataConfig, LoaderConfig
+from ltscale.data.config import DataConfig, FfcvConfig, LoaderConfig
 from ltscale.engine.schedule import OptimConfig
 from ltscale.models.network import ModelConfig
 from ltscale.stages.config import PipelineConfig, RebalanceConfig, TeacherConfig
@@ -40,15 +40,19 @@ def image_tree(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
 def test_ce_then_lws_on_jpeg_files(image_tree, tmp_path, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'ltscale[dali]')")
+    if backend == "ffcv":
+        pytest.importorskip("ffcv", reason="FFCV is not installed (pip install 'ltscale[ffcv]' after its apt packages)")
     optim = OptimConfig(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0, milestones=(), decay_factors=())
     model = ModelConfig(arch="resnet8", width=4)
     config = PipelineConfig(
         name="tiny-jpeg/lws",
-        data=DataConfig(dataset="imagenet_lt", root=str(image_tree), image_size=32, loader=LoaderConfig(backend=backend, num_workers=0 if backend == "torch" else 1)),
+        data=DataConfig(dataset="imagenet_lt", root=str(image_tree), image_size=32, loader=LoaderConfig(
+            backend=backend, num_workers=0 if backend == "torch" else 1,
+            ffcv=FfcvConfig(cache_dir=str(tmp_path / "ffcv"), write_workers=1))),
         stages={
             "teacher": TeacherConfig(model=model, optim=optim),
             "lws": RebalanceConfig(source="teacher", method="lws", optim=optim),

@@ -71,7 +71,7 @@ def build_loader(
     else:
         index_sampler = ShardSampler(len(split), rank, world_size)
     if isinstance(split, ArraySplit):
-        if loader.backend in ("torch", "dali"):
+        if loader.backend in ("torch", "dali", "ffcv"):
             raise ValueError(
                 f"data.loader.backend={loader.backend} decodes image files; in-memory datasets use 'tensor' or 'auto'"
             )
@@ -83,17 +83,22 @@ def build_loader(
         )
     if isinstance(split, FileSplit):
         if loader.backend == "tensor":
-            raise ValueError("data.loader.backend=tensor needs an in-memory dataset; image-file datasets use 'torch', 'dali' or 'auto'")
+            raise ValueError("data.loader.backend=tensor needs an in-memory dataset; image-file datasets use 'torch', 'dali', 'ffcv' or 'auto'")
         from ltscale.data.image_list import DATASET_SPECS
         from ltscale.data.loaders.dali import DaliLoader, dali_available
         from ltscale.data.loaders.files import FileLoader
 
-        use_dali = loader.backend == "dali" or (loader.backend == "auto" and device.type == "cuda" and dali_available())
-        return (DaliLoader if use_dali else FileLoader)(
-            split, train=augment, batch_size=batch_size, sampler=index_sampler, image_size=bundle.image_size,
+        common = dict(
+            train=augment, batch_size=batch_size, sampler=index_sampler, image_size=bundle.image_size,
             normalization=bundle.normalization, num_workers=loader.num_workers,
             max_bad_image_fraction=loader.max_bad_image_fraction, drop_last=False, device=device,
             color_jitter=DATASET_SPECS[bundle.name].train_color_jitter if bundle.name in DATASET_SPECS else 0.0,
             views=views, seed=seed, rank=rank,
         )
+        if loader.backend == "ffcv":
+            from ltscale.data.loaders.ffcv_backend import FfcvLoader
+
+            return FfcvLoader(split, ffcv=loader.ffcv, **common)
+        use_dali = loader.backend == "dali" or (loader.backend == "auto" and device.type == "cuda" and dali_available())
+        return (DaliLoader if use_dali else FileLoader)(split, **common)
     raise TypeError(f"no loader for split type {type(split).__name__}")

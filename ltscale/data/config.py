@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 DatasetName = Literal["synthetic", "cifar100_lt", "cifar10_lt", "imagenet_lt", "places_lt", "inat2018"]
@@ -35,18 +36,47 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class FfcvConfig:
+    """How ``.beton`` files are written and where they are kept.
+
+    ``cache_dir``: where the files go (default ``~/.cache/ltscale/ffcv``); on a cluster, a file
+    system every node reads. ``max_resolution``: images are stored with their longer side at most
+    this (the crops are 224 px; FFCV's ImageNet setting is 256-512). ``jpeg_quality``: of the stored
+    JPEGs. ``write_workers``: processes that decode and encode while writing (0: all cores).
+    """
+
+    cache_dir: str = ""
+    max_resolution: int = 512
+    jpeg_quality: int = 90
+    write_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_resolution < 16:
+            raise ValueError(f"data.loader.ffcv.max_resolution must be >= 16, got {self.max_resolution}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"data.loader.ffcv.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.write_workers < 0:
+            raise ValueError(f"data.loader.ffcv.write_workers must be >= 0, got {self.write_workers}")
+
+    def directory(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "ltscale" / "ffcv"
+
+
+@dataclass(frozen=True)
 class LoaderConfig:
     """How batches are produced.
 
     ``backend``: ``auto`` keeps in-memory datasets (CIFAR, synthetic) as tensors on the training
     device and batches them there (the GPU-resident path on a GPU); image-file datasets are
     decoded by DALI on a GPU when DALI is installed (the ``dali`` extra), else by the torch
-    DataLoader backend. ``dali`` and ``torch`` force a backend for image files (``dali`` also
-    runs on CPU). ``num_workers``: DataLoader worker processes, or DALI's CPU threads.
+    DataLoader backend. ``dali``, ``torch`` and ``ffcv`` force a backend for image files (all
+    three also run on CPU); ``ffcv`` first writes each split to a ``.beton`` file (``ffcv``
+    settings). ``num_workers``: DataLoader worker processes, or DALI's / FFCV's threads.
     """
 
-    backend: Literal["auto", "tensor", "torch", "dali"] = "auto"
+    backend: Literal["auto", "tensor", "torch", "dali", "ffcv"] = "auto"
     num_workers: int = 4
+    ffcv: FfcvConfig = field(default_factory=FfcvConfig)
     # A few unreadable JPEGs in a 437k-image set should not kill a run hours in; more than this
     # fraction means the data is broken and the run stops with the list of files.
     max_bad_image_fraction: float = 0.001

@@ -42,8 +42,7 @@ import torch.utils.data
 
 from ltscale.data.base import FileSplit, Normalization
 from ltscale.data.errors import DatasetError
-from ltscale.data.loaders import check_file_loader_arguments
-from ltscale.data.loaders.bad_images import BadImageLedger
+from ltscale.data.loaders import ImageFileLoader
 from ltscale.data.loaders.files import decode_image_file, describe_error
 
 logger = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ class _EpochSource:
         return data
 
 
-class DaliLoader:
+class DaliLoader(ImageFileLoader):
     """Batches of a :class:`FileSplit` on ``device``, decoded and augmented by a DALI pipeline.
 
     Same interface and batch contents as :class:`ltscale.data.loaders.files.FileLoader`:
@@ -163,24 +162,16 @@ class DaliLoader:
         rank: int = 0,
     ) -> None:
         _require_dali()
-        check_file_loader_arguments(batch_size, views, train)
-        self.split = split
-        self.train = train
-        self.batch_size = batch_size
+        super().__init__(split, train=train, batch_size=batch_size, sampler=sampler, drop_last=drop_last, device=device,
+                         views=views, max_bad_image_fraction=max_bad_image_fraction)
         self.image_size = image_size
         self.normalization = normalization
         self.color_jitter = color_jitter
-        self.views = views
-        self.drop_last = drop_last
-        self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.sampler = sampler if sampler is not None else torch.utils.data.SequentialSampler(range(len(split)))
         self.threads = max(1, num_workers)
         self.seed = seed
         self.rank = rank
-        self.ledger = BadImageLedger(split, substitute=train, max_bad_image_fraction=max_bad_image_fraction)
-        self._epoch = 0
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # file-reading threads, made on first use
         # A pipeline that finished its last epoch cleanly is reset and reused when the next epoch
         # asks for the same seed (evaluation loaders); anything else gets a fresh one.
@@ -188,20 +179,6 @@ class DaliLoader:
         self._source: _EpochSource | None = None
         self._pipe_seed: int | None = None
         self._reusable = False
-
-    def __len__(self) -> int:
-        samples = len(self.sampler)
-        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    @property
-    def bad_files(self) -> list[str]:
-        """Paths (root / relative path) of every image that failed to read or decode so far, sorted."""
-        return self.ledger.bad_files
 
     # ------------------------------------------------------------------ reading
 

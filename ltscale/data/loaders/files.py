@@ -25,8 +25,8 @@ import torchvision.transforms.v2 as transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ltscale.data.base import FileSplit, Normalization
-from ltscale.data.loaders import check_file_loader_arguments
-from ltscale.data.loaders.bad_images import BadImageLedger, SameClassCandidates
+from ltscale.data.loaders import ImageFileLoader
+from ltscale.data.loaders.bad_images import SameClassCandidates
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _collate(samples: list[tuple]) -> dict:
     return batch
 
 
-class FileLoader:
+class FileLoader(ImageFileLoader):
     """Batches of a :class:`FileSplit` on ``device``: ``{"image", "target", "index"}``.
 
     ``image`` is (B, 3, image_size, image_size) float32, normalised with ``normalization``;
@@ -176,18 +176,12 @@ class FileLoader:
         seed: int = 0,
         rank: int = 0,
     ) -> None:
-        check_file_loader_arguments(batch_size, views, train)
-        self.split = split
-        self.train = train
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.drop_last = drop_last
+        super().__init__(split, train=train, batch_size=batch_size, sampler=sampler, drop_last=drop_last, device=device,
+                         views=views, max_bad_image_fraction=max_bad_image_fraction)
         self.dataset = _FileDataset(
             split, build_transform(train, image_size, color_jitter), image_size, substitute=train,
             key_transform=build_key_transform(image_size) if views == 2 else None,
         )
-        self.sampler = sampler if sampler is not None else torch.utils.data.SequentialSampler(self.dataset)
-        self.ledger = BadImageLedger(split, substitute=train, max_bad_image_fraction=max_bad_image_fraction)
         pin = self.device.type == "cuda"
         self._mean = torch.tensor(normalization.mean, device=self.device).mul(255).view(1, 3, 1, 1)
         self._std = torch.tensor(normalization.std, device=self.device).mul(255).view(1, 3, 1, 1)
@@ -205,19 +199,6 @@ class FileLoader:
             generator=torch.Generator().manual_seed(seed * 1_000_003 + rank) if rank else None,
         )
         self._non_blocking = pin
-
-    def __len__(self) -> int:
-        samples = len(self.sampler)
-        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    @property
-    def bad_files(self) -> list[str]:
-        """Paths (root / relative path) of every image that failed to decode so far, sorted."""
-        return self.ledger.bad_files
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self._loader:

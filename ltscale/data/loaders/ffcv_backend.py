@@ -1,0 +1,277 @@
+"""The FFCV backend for image files (:class:`FileSplit`: ImageNet-LT, Places-LT, iNat).
+
+Why FFCV: it reads one pre-written ``.beton`` file (images stored as JPEGs at a capped
+resolution, labels, indices) with memory-mapped pages and decodes + crops in compiled (numba)
+worker threads, which removes the per-file open and the Python per-sample cost of a DataLoader.
+
+The ``.beton`` is written once per split and image settings (``data.loader.ffcv``), into a cache
+directory, named by the split's fingerprint, and reused by every later run. Writing is where the
+bad-image policy of :mod:`ltscale.data.loaders.bad_images` applies: every image is decoded then,
+so an unreadable training image is replaced by the next readable image of its class (warned
+about and remembered in the file's sidecar, so ``bad_files`` still names it), more than the
+allowed fraction stops the write with the list, and an unreadable test image is an error naming
+it. A refused or interrupted write leaves no file under the final name.
+
+Sampling stays ltscale's: a traversal order hands FFCV the loader's sampler's indices for the
+epoch, so instance / class-balanced sampling and rank shards behave as in the other backends and
+``index`` names the image of each row. Augmentations: FFCV's RandomResizedCrop decoder (scale
+0.08-1, ratio 3/4-4/3), flip and brightness / contrast / saturation jitter for training; centre
+crop of ``224 / 256`` of the shorter side, resized, for evaluation (FFCV decodes crop-then-resize,
+torchvision resizes then crops the same region). FFCV has one pipeline per field, so MoCo's
+second view (``views=2``) is not available here; use the ``dali`` or ``torch`` backend for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from ltscale.data.base import FileSplit, Normalization
+from ltscale.data.config import FfcvConfig
+from ltscale.data.errors import DatasetError
+from ltscale.data.loaders import ImageFileLoader
+from ltscale.data.loaders.bad_images import BadImageLedger, SameClassCandidates
+from ltscale.data.loaders.files import decode_image_file, describe_error
+
+logger = logging.getLogger(__name__)
+
+
+def ffcv_available() -> bool:
+    """Whether FFCV can be imported (the ``ffcv`` extra and its system libraries are installed)."""
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _require_ffcv() -> None:
+    if not ffcv_available():
+        raise RuntimeError(
+            "data.loader.backend=ffcv needs FFCV, which is not installed: apt-get install libturbojpeg0-dev "
+            "libopencv-dev, then pip install 'ltscale[ffcv]' (or choose data.loader.backend=torch or dali)"
+        )
+
+
+# ---------------------------------------------------------------------- writing
+
+
+class _WriterDataset(torch.utils.data.Dataset):
+    """What FFCV's writer reads (in its worker processes): ``(HWC uint8 image, label, served)``.
+    ``served`` is the index of the image actually stored (a same-class substitute's for a bad
+    training image), or -1 when none could be, which the write then reports."""
+
+    def __init__(self, split: FileSplit, substitute: bool) -> None:
+        self.split = split
+        self.substitute = substitute
+        self.candidates = SameClassCandidates(split.targets, split.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+        tries = [index] + (self.candidates(index) if self.substitute else [])
+        for candidate in tries:
+            try:
+                image = decode_image_file(self.split.root / self.split.paths[candidate])
+            except Exception:  # any decoder failure: the next candidate; the reason is re-read later
+                continue
+            return np.ascontiguousarray(image.permute(1, 2, 0).numpy()), int(self.split.targets[index]), int(candidate)
+        return np.zeros((8, 8, 3), dtype=np.uint8), int(self.split.targets[index]), -1
+
+
+def beton_path(split: FileSplit, config: FfcvConfig) -> Path:
+    """Where ``split``'s file lives: named by its content fingerprint and the stored-image settings."""
+    from ltscale.config.hashing import config_hash
+
+    settings = config_hash(config.max_resolution, config.jpeg_quality)
+    name = split.name.replace("/", "-")  # imagenet_lt/train -> imagenet_lt-train
+    return config.directory() / f"{name}-{split.fingerprint()}-{settings}.beton"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _read_served(path: Path) -> np.ndarray:
+    """The ``served`` column of a written file, in order: integer fields live in the file's
+    metadata table, so this reads no image."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    return np.asarray(reader.metadata[f"f{reader.field_names.index('served')}"], dtype=np.int64)
+
+
+def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_bad_image_fraction: float) -> Path:
+    """Write ``split`` to its ``.beton`` (unless a complete one exists) and return its path.
+
+    Raises :class:`DatasetError` (leaving no file) when the bad-image policy says stop."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    path = beton_path(split, config)
+    if path.is_file() and _sidecar(path).is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    workers = config.write_workers or os.cpu_count() or 1
+    logger.info("writing %d images of %s to %s (%d workers)", len(split), split.name, path, workers)
+    writer = DatasetWriter(
+        str(partial),
+        {
+            "image": RGBImageField(write_mode="jpg", max_resolution=config.max_resolution, jpeg_quality=config.jpeg_quality),
+            "label": IntField(),
+            "served": IntField(),
+        },
+        num_workers=workers,
+    )
+    try:
+        writer.from_indexed_dataset(_WriterDataset(split, substitute))
+        served = _read_served(partial)
+        if len(served) != len(split):
+            raise DatasetError(f"{partial}: {len(served)} images written for the {len(split)} of {split.name}")
+        ledger = BadImageLedger(split, substitute=substitute, max_bad_image_fraction=max_bad_image_fraction)
+        replaced = np.flatnonzero(served != np.arange(len(split)))
+        for index in replaced.tolist():
+            # The workers only said "not this one"; decode again here for the reason, and every
+            # candidate tried before the one that was stored.
+            tried = [index] + (SameClassCandidates(split.targets, split.num_classes)(index) if substitute else [])
+            for candidate in tried:
+                if candidate == served[index]:
+                    break
+                try:
+                    decode_image_file(split.root / split.paths[candidate])
+                except Exception as error:
+                    ledger.record([(candidate, describe_error(error))])
+            if served[index] < 0:
+                raise ledger.unusable(index)
+        sidecar = {"kind": "ltscale.ffcv", "split": split.name, "images": len(split), "settings": asdict(config),
+                   "bad": {str(k): v for k, v in ledger.bad.items()}}
+        os.replace(partial, path)
+        _sidecar(path).write_text(json.dumps(sidecar, indent=2))  # written last: it marks the file complete
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------- reading
+
+
+class FfcvLoader(ImageFileLoader):
+    """Batches of a :class:`FileSplit` read from its ``.beton`` by an FFCV loader.
+
+    Same interface and batch contents as :class:`ltscale.data.loaders.files.FileLoader` (one view:
+    ``views=2`` is refused). The ``.beton`` is written on first use (by rank 0 in a multi-process
+    run, the others wait for it); ``num_workers`` is FFCV's decoding threads.
+    """
+
+    def __init__(
+        self,
+        split: FileSplit,
+        *,
+        train: bool,
+        batch_size: int,
+        sampler: torch.utils.data.Sampler | None,
+        image_size: int,
+        normalization: Normalization,
+        num_workers: int,
+        max_bad_image_fraction: float,
+        drop_last: bool,
+        device: torch.device | str,
+        color_jitter: float = 0.4,
+        views: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        ffcv: FfcvConfig | None = None,
+    ) -> None:
+        _require_ffcv()
+        super().__init__(split, train=train, batch_size=batch_size, sampler=sampler, drop_last=drop_last, device=device,
+                         views=views, max_bad_image_fraction=max_bad_image_fraction)
+        if views != 1:
+            raise ValueError(
+                "data.loader.backend=ffcv gives one augmented view per image (FFCV has one pipeline per field); "
+                "MoCo's two views need data.loader.backend=dali or torch"
+            )
+        self.config = ffcv or FfcvConfig()
+        self.path = self._shared_write(max_bad_image_fraction)
+        # The images the write found unreadable (and replaced), for bad_files.
+        self.ledger.bad.update({int(k): v for k, v in json.loads(_sidecar(self.path).read_text()).get("bad", {}).items()})
+        self._mean = torch.tensor(normalization.mean, device=self.device).mul(255).view(1, 3, 1, 1)
+        self._std = torch.tensor(normalization.std, device=self.device).mul(255).view(1, 3, 1, 1)
+        self._loader = self._build(image_size, color_jitter, max(1, num_workers), seed * 1_000_003 + rank)
+
+    def _shared_write(self, max_bad_image_fraction: float) -> Path:
+        """Rank 0 writes (or finds) the file; the others get its path or its error."""
+        from ltscale.dist.gather import broadcast_object, is_main_process, rank_and_world_size
+
+        _, world_size = rank_and_world_size()
+        if world_size == 1:
+            return write_beton(self.split, self.config, substitute=self.train, max_bad_image_fraction=max_bad_image_fraction)
+        outcome: tuple[str, str] = ("", "")
+        if is_main_process():
+            try:
+                outcome = (str(write_beton(self.split, self.config, substitute=self.train,
+                                           max_bad_image_fraction=max_bad_image_fraction)), "")
+            except DatasetError as error:
+                outcome = ("", str(error))
+        path, error = broadcast_object(outcome)
+        if error:
+            raise DatasetError(error)
+        return Path(path)
+
+    def _build(self, image_size: int, color_jitter: float, workers: int, seed: int) -> Any:
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader
+        from ffcv.traversal_order.base import TraversalOrder
+        from ffcv.transforms import (RandomBrightness, RandomContrast, RandomHorizontalFlip, RandomSaturation, Squeeze,
+                                     ToDevice, ToTensor, ToTorchImage)
+
+        owner = self
+
+        class SamplerOrder(TraversalOrder):
+            """The epoch's indices from the loader's sampler (FFCV's own epoch count is ignored:
+            ``set_epoch`` decides, as for the other backends).
+
+            FFCV 1.0.2 accepts a custom order only as an *instance* of a TraversalOrder that it
+            then calls with the loader, so this is made without the loader and bound on that call."""
+
+            def __init__(self) -> None:  # noqa: D107 - bound in __call__
+                pass
+
+            def __call__(self, loader: Any) -> "SamplerOrder":
+                TraversalOrder.__init__(self, loader)
+                return self
+
+            def sample_order(self, epoch: int) -> np.ndarray:
+                return np.fromiter(iter(owner.sampler), dtype=np.int64)
+
+        if self.train:
+            image: list[Any] = [RandomResizedCropRGBImageDecoder((image_size, image_size)), RandomHorizontalFlip()]
+            if color_jitter > 0:
+                image += [RandomBrightness(color_jitter, p=1.0), RandomContrast(color_jitter, p=1.0),
+                          RandomSaturation(color_jitter, p=1.0)]
+        else:
+            image = [CenterCropRGBImageDecoder((image_size, image_size), ratio=224 / 256)]
+        non_blocking = self.device.type == "cuda"
+        image += [ToTensor(), ToDevice(self.device, non_blocking=non_blocking), ToTorchImage(channels_last=False)]
+        integers = [IntDecoder(), ToTensor(), Squeeze(-1), ToDevice(self.device, non_blocking=non_blocking)]
+        return Loader(
+            str(self.path), batch_size=self.batch_size, num_workers=workers, order=SamplerOrder(), seed=seed,
+            drop_last=self.drop_last, os_cache=True, pipelines={"image": image, "label": integers, "served": list(integers)},
+        )
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for image, target, served in self._loader:
+            yield {
+                "image": image.float().sub_(self._mean).div_(self._std),  # (B, 3, H, W)
+                "target": target.long(),
+                "index": served.long(),
+            }

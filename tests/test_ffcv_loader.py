@@ -1,0 +1,157 @@
+"""The FFCV backend for image files, CPU-only on real JPEGs: the ``.beton`` written once (with the
+bad-image policy applied while writing), the sampler's epochs, batch contents, pixels close to the
+torch backend's. The first FFCV epoch in a process spends ~10-40 s compiling (numba)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ffcv", reason="FFCV is not installed (apt-get install libturbojpeg0-dev libopencv-dev; pip install 'ltscale[ffcv]')")
+
+from ltscale.data import build_loader  # noqa: E402
+from ltscale.data.base import DatasetBundle, FileSplit  # noqa: E402
+from ltscale.data.config import FfcvConfig, LoaderConfig, SyntheticConfig  # noqa: E402
+from ltscale.data.errors import DatasetError  # noqa: E402
+from ltscale.data.image_list import IMAGENET_NORMALIZATION, build_image_list_dataset  # noqa: E402
+from ltscale.data.loaders.ffcv_backend import FfcvLoader, beton_path  # noqa: E402
+from ltscale.data.loaders.files import FileLoader  # noqa: E402
+from ltscale.data.samplers import InstanceBalancedSampler  # noqa: E402
+from ltscale.data.synthetic import make_synthetic  # noqa: E402
+from tests.test_image_list import IMAGE_SIZE, _make_tree, _truncate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> DatasetBundle:
+    return build_image_list_dataset(_make_tree(tmp_path_factory.mktemp("imagenet_lt")))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> FfcvConfig:
+    return FfcvConfig(cache_dir=str(tmp_path_factory.mktemp("ffcv")), write_workers=1)
+
+
+def _loader(cls, split: FileSplit, *, train: bool, shuffle: bool = True, fraction: float = 0.001, ffcv: FfcvConfig | None = None,
+            views: int = 1):
+    extra = {"ffcv": ffcv} if cls is FfcvLoader else {}
+    return cls(
+        split, train=train, batch_size=4, sampler=InstanceBalancedSampler(len(split), seed=0, shuffle=shuffle),
+        image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=1, max_bad_image_fraction=fraction,
+        drop_last=False, device="cpu", views=views, **extra,
+    )
+
+
+def test_training_epochs_follow_the_sampler_and_the_file_is_written_once(bundle, cache):
+    ffcv = _loader(FfcvLoader, bundle.train, train=True, ffcv=cache)
+    path = beton_path(bundle.train, cache)
+    assert ffcv.path == path and path.is_file() and ffcv.bad_files == []
+    written = path.stat().st_mtime_ns
+    reference = _loader(FileLoader, bundle.train, train=True)
+    assert len(ffcv) == 3
+    orders = []
+    for epoch in range(2):
+        ffcv.set_epoch(epoch)
+        reference.set_epoch(epoch)
+        batches = list(ffcv)
+        assert [b["index"].tolist() for b in batches] == [b["index"].tolist() for b in reference]  # same sampler, same order
+        for batch in batches:
+            assert batch["image"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.float32
+            assert batch["target"].dtype == batch["index"].dtype == torch.int64
+            assert batch["target"].tolist() == bundle.train.targets[batch["index"].numpy()].tolist()
+        images = torch.cat([b["image"] for b in batches])
+        assert images.mean().abs() < 0.5 and 0.5 < images.std() < 1.5
+        orders.append(torch.cat([b["index"] for b in batches]).tolist())
+    assert orders[0] != orders[1] and sorted(orders[0]) == list(range(10))
+    # A second loader (another stage, another run) reuses the file.
+    _loader(FfcvLoader, bundle.train, train=True, ffcv=cache)
+    assert path.stat().st_mtime_ns == written
+
+
+def test_evaluation_pixels_are_close_to_the_torch_backend(bundle, cache):
+    batches = list(_loader(FfcvLoader, bundle.test, train=False, shuffle=False, ffcv=cache))
+    assert torch.cat([b["index"] for b in batches]).tolist() == list(range(10))
+    images = torch.cat([b["image"] for b in batches])
+    reference = torch.cat([b["image"] for b in _loader(FileLoader, bundle.test, train=False, shuffle=False)])
+    # Stored as JPEG (quality 90) and cropped before resizing: close, not equal (~8 grey levels
+    # on average here; a wrong crop or channel order is several times that).
+    assert (images - reference).abs().mean() < 0.25
+    grey = images[9] * torch.tensor(IMAGENET_NORMALIZATION.std).view(3, 1, 1) + torch.tensor(IMAGENET_NORMALIZATION.mean).view(3, 1, 1)
+    assert (grey.amax(0) - grey.amin(0)).max() < 3 / 255  # the greyscale sample has three equal channels
+
+
+def test_corrupt_training_image_is_replaced_when_writing(tmp_path, caplog):
+    split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
+    bad_path = split.root / split.paths[6]
+    _truncate(bad_path)
+    config = FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1)
+    with caplog.at_level(logging.WARNING, logger="ltscale.data.loaders"):
+        loader = _loader(FfcvLoader, split, train=True, shuffle=False, fraction=0.2, ffcv=config)
+    assert any(str(bad_path) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    indices = torch.cat([b["index"] for b in loader]).tolist()
+    assert indices == [0, 1, 2, 3, 4, 5, 7, 7, 8, 9]  # index 6 (class 1) served by index 7
+    assert loader.bad_files == [str(bad_path)]
+    # Remembered with the file: a later loader still names the bad image.
+    assert _loader(FfcvLoader, split, train=True, shuffle=False, fraction=0.2, ffcv=config).bad_files == [str(bad_path)]
+
+
+def test_refused_writes_name_the_files_and_leave_nothing(tmp_path):
+    tree = build_image_list_dataset(_make_tree(tmp_path / "tree"))
+    bad = [tree.train.root / tree.train.paths[i] for i in (2, 7)]
+    for path in bad:
+        _truncate(path)
+    config = FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1)
+    with pytest.raises(DatasetError, match="more than the 1 allowed") as caught:
+        _loader(FfcvLoader, tree.train, train=True, fraction=0.1, ffcv=config)
+    assert str(bad[0]) in str(caught.value) and str(bad[1]) in str(caught.value)
+
+    bad_test = tree.test.root / tree.test.paths[4]
+    _truncate(bad_test)
+    with pytest.raises(DatasetError, match="never substitutes") as caught:
+        _loader(FfcvLoader, tree.test, train=False, shuffle=False, fraction=0.5, ffcv=config)
+    assert str(bad_test) in str(caught.value)
+    assert sorted(p.name for p in Path(config.cache_dir).iterdir()) == []  # no .beton, no partial file
+
+
+def test_backend_choice_and_refusals(bundle, cache):
+    common = dict(train=False, batch_size=4, device=torch.device("cpu"), seed=0)
+    chosen = build_loader(bundle.test, bundle, loader=LoaderConfig(backend="ffcv", num_workers=1, ffcv=cache), **common)
+    assert isinstance(chosen, FfcvLoader) and chosen.path.parent == Path(cache.cache_dir)
+    with pytest.raises(ValueError, match="MoCo's two views"):
+        _loader(FfcvLoader, bundle.train, train=True, ffcv=cache, views=2)
+    synthetic = make_synthetic(SyntheticConfig(num_classes=4, max_per_class=20, imbalance_factor=2.0, image_size=8))
+    with pytest.raises(ValueError, match="backend=ffcv decodes image files"):
+        build_loader(synthetic.train, synthetic, loader=LoaderConfig(backend="ffcv"), **common)
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        FfcvConfig(jpeg_quality=0)
+    assert np.isfinite(len(chosen))
+
+
+def test_jpeg_loader_benchmark_ffcv_variant_cpu_smoke(tmp_path):
+    """tools/bench/jpeg_loader.py's FFCV variant: the one-off write reported apart from the epochs."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.test_image_list import _sample_files
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in _sample_files()[:4]:
+        shutil.copyfile(source, images / source.name)
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "bench" / "jpeg_loader.py"), "--images", str(images),
+         "--count", "24", "--batch-size", "8", "--image-size", "32", "--workers", "1", "--epochs", "1", "--warmup-epochs", "1",
+         "--device", "cpu", "--variants", "usual,ltscale-ffcv", "--ffcv-dir", str(tmp_path / "beton"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    ffcv = report["variants"]["ltscale-ffcv"]
+    assert ffcv["images_per_epoch"] == 24 and ffcv["prepare_seconds"] > 0 and "prepare_seconds" not in report["variants"]["usual"]
+    assert len(list((tmp_path / "beton").glob("*.beton"))) == 1
