@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+_THREADS = torch.get_num_threads()
 pytest.importorskip("ffcv", reason="FFCV is not installed (apt-get install libturbojpeg0-dev libopencv-dev; pip install 'ltscale[ffcv]')")
+# Importing FFCV sets torch's thread count to 1 for the whole process (this test session included);
+# the backend undoes that for its users, and this module for the tests collected after it.
+torch.set_num_threads(_THREADS)
 
 from ltscale.data import build_loader  # noqa: E402
 from ltscale.data.base import DatasetBundle, FileSplit  # noqa: E402
@@ -114,6 +118,13 @@ def test_refused_writes_name_the_files_and_leave_nothing(tmp_path):
         _loader(FfcvLoader, tree.test, train=False, shuffle=False, fraction=0.5, ffcv=config)
     assert str(bad_test) in str(caught.value)
     assert sorted(p.name for p in Path(config.cache_dir).iterdir()) == []  # no .beton, no partial file
+
+
+def test_ffcv_leaves_torch_thread_count_alone(bundle, cache):
+    threads = torch.get_num_threads()
+    loader = _loader(FfcvLoader, bundle.test, train=False, shuffle=False, ffcv=cache)  # num_workers=1
+    list(loader)
+    assert torch.get_num_threads() == threads
 
 
 def test_backend_choice_and_refusals(bundle, cache):

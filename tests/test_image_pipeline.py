@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ltscale.data.config import DataConfig, FfcvConfig, LoaderConfig
 from ltscale.engine.schedule import OptimConfig
@@ -45,7 +46,9 @@ def test_ce_then_lws_on_jpeg_files(image_tree, tmp_path, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'ltscale[dali]')")
     if backend == "ffcv":
+        threads = torch.get_num_threads()
         pytest.importorskip("ffcv", reason="FFCV is not installed (pip install 'ltscale[ffcv]' after its apt packages)")
+        torch.set_num_threads(threads)  # importing FFCV sets it to 1 process-wide
     optim = OptimConfig(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0, milestones=(), decay_factors=())
     model = ModelConfig(arch="resnet8", width=4)
     config = PipelineConfig(

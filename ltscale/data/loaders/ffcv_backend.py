@@ -53,8 +53,32 @@ def ffcv_available() -> bool:
     return True
 
 
+class _KeepTorchThreads:
+    """Undo FFCV's changes to torch's intra-op thread count.
+
+    FFCV sets ``torch.set_num_threads`` process-wide: to 1 when it is imported, and to the
+    loader's ``num_workers`` whenever a loader is built or an epoch starts (from its epoch
+    thread). A training process should keep the count it had; so the count is taken before the
+    first import and restored after each of those moments."""
+
+    threads: int | None = None
+
+    @classmethod
+    def remember(cls) -> None:
+        if cls.threads is None:
+            cls.threads = torch.get_num_threads()
+
+    @classmethod
+    def restore(cls) -> None:
+        if cls.threads is not None and torch.get_num_threads() != cls.threads:
+            torch.set_num_threads(cls.threads)
+
+
 def _require_ffcv() -> None:
-    if not ffcv_available():
+    _KeepTorchThreads.remember()
+    available = ffcv_available()
+    _KeepTorchThreads.restore()
+    if not available:
         raise RuntimeError(
             "data.loader.backend=ffcv needs FFCV, which is not installed: apt-get install libturbojpeg0-dev "
             "libopencv-dev, then pip install 'ltscale[ffcv]' (or choose data.loader.backend=torch or dali)"
@@ -263,13 +287,17 @@ class FfcvLoader(ImageFileLoader):
         non_blocking = self.device.type == "cuda"
         image += [ToTensor(), ToDevice(self.device, non_blocking=non_blocking), ToTorchImage(channels_last=False)]
         integers = [IntDecoder(), ToTensor(), Squeeze(-1), ToDevice(self.device, non_blocking=non_blocking)]
-        return Loader(
+        loader = Loader(
             str(self.path), batch_size=self.batch_size, num_workers=workers, order=SamplerOrder(), seed=seed,
             drop_last=self.drop_last, os_cache=True, pipelines={"image": image, "label": integers, "served": list(integers)},
         )
+        _KeepTorchThreads.restore()
+        return loader
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for image, target, served in self._loader:
+        for position, (image, target, served) in enumerate(self._loader):
+            if position == 0:  # the epoch thread has set its thread count by the first batch
+                _KeepTorchThreads.restore()
             yield {
                 "image": image.float().sub_(self._mean).div_(self._std),  # (B, 3, H, W)
                 "target": target.long(),
