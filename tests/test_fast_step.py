@@ -1,4 +1,4 @@
-"""The fast step (channels_last, autocast, CUDA graphs) against the trainer's plain eager step.
+"""The fast step (channels_last on a GPU, autocast, CUDA graphs) against the trainer's plain eager step.
 
 On a CPU the fast step runs without graphs, so these tests check its hand-written SGD update,
 its gradient handling (persistent, zeroed in the step; parameters without a gradient skipped),
@@ -125,6 +125,8 @@ def test_one_step_same_loss_and_update(kind, bundle, tmp_path):
     (eager_metrics,), _ = train(eager, ListLoader(batch), "eager", tmp_path / "eager.pt")
     (fast_metrics,), trainer = train(fast, ListLoader(batch), "fast", tmp_path / "fast.pt")
     assert trainer.fast_step is not None and not trainer.fast_step.graphs
+    # channels_last is for GPUs; on a CPU with one thread it makes conv gradients inexact (fast_step.py)
+    assert trainer.fast_step.layout == torch.contiguous_format
     assert fast_metrics.loss == pytest.approx(eager_metrics.loss, rel=1e-5)
     assert fast_metrics.top1 == eager_metrics.top1
     assert_same_state(eager.network, fast.network, rtol=1e-5, atol=1e-6)
