@@ -154,7 +154,10 @@ MailProg=/bin/true
 ReturnToService=2
 # Keep finished jobs visible to scontrol (hence to the sacct stand-in) for the whole session.
 MinJobAge=3600
-KillWait=5
+# Slurm's default: a signalled job step gets 30 s to exit before SIGKILL. A preempted pipeline
+# uses it to unwind and mark its MLflow runs KILLED; with 5 s a loaded 2-core CI machine
+# sometimes lost that race (the runs stayed RUNNING).
+KillWait=30
 InactiveLimit=0
 NodeName={NODE} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
 PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
