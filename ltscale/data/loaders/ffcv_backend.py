@@ -40,6 +40,7 @@ from ltscale.data.errors import DatasetError
 from ltscale.data.loaders import ImageFileLoader
 from ltscale.data.loaders.bad_images import BadImageLedger, SameClassCandidates
 from ltscale.data.loaders.files import decode_image_file, describe_error
+from ltscale.engine.checkpoint import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_b
         for index in replaced.tolist():
             # The workers only said "not this one"; decode again here for the reason, and every
             # candidate tried before the one that was stored.
-            tried = [index] + (SameClassCandidates(split.targets, split.num_classes)(index) if substitute else [])
+            tried = [index] + (ledger.candidates(index) if substitute else [])
             for candidate in tried:
                 if candidate == served[index]:
                     break
@@ -180,7 +181,7 @@ def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_b
         sidecar = {"kind": "ltscale.ffcv", "split": split.name, "images": len(split), "settings": asdict(config),
                    "bad": {str(k): v for k, v in ledger.bad.items()}}
         os.replace(partial, path)
-        _sidecar(path).write_text(json.dumps(sidecar, indent=2))  # written last: it marks the file complete
+        atomic_write_json(sidecar, _sidecar(path))  # written last, whole or not at all: it marks the file complete
     finally:
         partial.unlink(missing_ok=True)
     return path
