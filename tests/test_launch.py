@@ -203,8 +203,13 @@ def test_preempted_slurm_job_is_requeued_and_resumes_training(slurm, tmp_path):
     assert epochs == list(range(resumed_from, 60))
     # The interrupted attempt is on record, not silently dropped.
     experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
-    statuses = sorted(r.info.status for r in client.search_runs([experiment]))
+    runs = client.search_runs([experiment])
+    statuses = sorted(r.info.status for r in runs)
     assert statuses.count("FINISHED") == 2 and statuses.count("KILLED") == 2  # the preempted attempt: pipeline + stage
+    # Each run names its SLURM attempt: had the preempted one been SIGKILLed before unwinding, the
+    # requeued attempt would have found its runs RUNNING and marked them KILLED by these tags.
+    attempts = {(r.info.status, r.data.tags["ltscale.attempt.slurm_job"], r.data.tags["ltscale.attempt.slurm_restart"]) for r in runs}
+    assert attempts == {("KILLED", str(job.job_id), "0"), ("FINISHED", str(job.job_id), "1")}
 
 
 def test_rank_environment_comes_from_the_submitit_job():

@@ -257,3 +257,126 @@ def test_shot_groups_and_plot_validation() -> None:
         virtual_example_figure({"bad": np.ones(3)}, COUNTS, "t")
     with pytest.raises(ValueError, match="non-negative"):
         per_class_accuracy_figure(ACCURACY, [-1] + COUNTS[1:], "t")
+
+
+# --- runs left RUNNING by attempts that died without unwinding -------------------------------------
+
+
+def _exited_process() -> tuple[int, str]:
+    """PID and start time of a process that has exited (recorded while it was alive)."""
+    from ltscale.tracking.attempts import process_start
+
+    child = subprocess.Popen(["sleep", "30"])
+    started = process_start(child.pid)
+    child.kill()
+    child.wait()
+    return child.pid, started
+
+
+def test_attempt_tells_gone_owners_from_live_and_foreign_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ltscale.tracking.attempts import Attempt, process_start
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    here = Attempt.current()
+    assert here.process_start and here.owner_gone(here.tags()) is None  # a process never ends its own runs
+
+    pid, started = _exited_process()
+    dead = {**here.tags(), "ltscale.attempt.pid": str(pid), "ltscale.attempt.process_start": started}
+    assert "has exited" in here.owner_gone(dead)
+
+    with subprocess.Popen(["sleep", "30"]) as live:
+        try:
+            alive = {**here.tags(), "ltscale.attempt.pid": str(live.pid), "ltscale.attempt.process_start": process_start(live.pid)}
+            assert here.owner_gone(alive) is None
+            # The same PID with another start time is a new process that reused the PID.
+            reused = {**alive, "ltscale.attempt.process_start": str(int(alive["ltscale.attempt.process_start"]) - 1)}
+            assert "another process" in here.owner_gone(reused)
+        finally:
+            live.kill()
+    # Another machine's processes cannot be inspected: its runs are left alone, dead PID or not.
+    assert here.owner_gone({**dead, "ltscale.attempt.machine": "elsewhere/boot/pid:[1]"}) is None
+    assert here.owner_gone({}) is None
+
+    # A requeued SLURM job: every run of an earlier attempt of the same job is over, wherever it ran.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    requeued = Attempt.current()
+    earlier = {"ltscale.attempt.machine": "node7/boot/pid:[1]", "ltscale.attempt.pid": "99",
+               "ltscale.attempt.slurm_job": "4242", "ltscale.attempt.slurm_restart": "1"}
+    assert "attempt 1 of SLURM job 4242 was requeued (this is attempt 2)" in requeued.owner_gone(earlier)
+    assert requeued.owner_gone({**earlier, "ltscale.attempt.slurm_restart": "2"}) is None
+    assert requeued.owner_gone({**earlier, "ltscale.attempt.slurm_job": "4243"}) is None
+
+
+def test_end_abandoned_runs_marks_only_certainly_dead_ones_killed(tmp_path: Path) -> None:
+    from ltscale.tracking.attempts import Attempt, process_start
+
+    tracker = Tracker(TrackingConfig(experiment="abandoned"), tmp_path)
+    client = tracker.client
+    here = Attempt.current().tags()
+    pid, started = _exited_process()
+
+    def run(tags: dict[str, str]) -> str:
+        created = client.create_run(tracker.experiment_id, run_name="r", tags=tags)
+        return created.info.run_id
+
+    dead = run({**here, "ltscale.attempt.pid": str(pid), "ltscale.attempt.process_start": started})
+    mine = run(here)
+    foreign = run({**here, "ltscale.attempt.machine": "elsewhere/boot/pid:[1]", "ltscale.attempt.pid": str(pid)})
+    not_ours = run({"some.tag": "x"})
+    finished = run({**here, "ltscale.attempt.pid": str(pid), "ltscale.attempt.process_start": started})
+    client.set_terminated(finished, "FINISHED")
+    with subprocess.Popen(["sleep", "30"]) as live_process:
+        try:
+            live = run({**here, "ltscale.attempt.pid": str(live_process.pid),
+                        "ltscale.attempt.process_start": process_start(live_process.pid)})
+            assert tracker.end_abandoned_runs() == [dead]
+        finally:
+            live_process.kill()
+    status = {r: client.get_run(r).info.status for r in (dead, mine, foreign, not_ours, finished, live)}
+    assert status == {dead: "KILLED", mine: "RUNNING", foreign: "RUNNING", not_ours: "RUNNING", finished: "FINISHED",
+                      live: "RUNNING"}
+    assert client.get_run(dead).data.tags[TAG_ERROR].startswith(f"ProcessGone: process {pid} on ")
+    assert client.get_run(dead).info.end_time is not None
+
+
+def test_pipeline_killed_without_unwinding_is_marked_killed_by_the_next_run(tmp_path: Path) -> None:
+    """SIGKILL mid-stage (the OOM killer, SLURM past KillWait): the rerun ends the orphaned runs."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from ltscale.stages.pipeline import run_pipeline
+    from tests.test_pipeline import tiny
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import sys\nfrom pathlib import Path\nfrom tests.test_pipeline import tiny\n"
+              "from ltscale.config import apply_overrides\nfrom ltscale.stages.pipeline import run_pipeline\n"
+              "run_pipeline(apply_overrides(tiny('ce', Path(sys.argv[1])), ['stages.teacher.optim.epochs=400']))\n")
+    victim = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    deadline = time.monotonic() + 240
+    try:
+        while True:  # until the teacher stage is training (its child run exists)
+            assert victim.poll() is None, victim.stderr.read().decode()[-3000:] if victim.stderr else ""
+            assert time.monotonic() < deadline, "the teacher stage did not start"
+            if (tmp_path / "mlflow.db").is_file():
+                experiment = client.get_experiment_by_name("ltscale")
+                if experiment and client.search_runs([experiment.experiment_id], "tags.`ltscale.stage` = 'teacher'"):
+                    break
+            time.sleep(0.5)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    orphans = client.search_runs([experiment.experiment_id])
+    assert len(orphans) == 2 and {r.info.status for r in orphans} == {"RUNNING"}
+
+    result = run_pipeline(tiny("ce", tmp_path))  # a shorter teacher: a new stage key, a fresh stage
+    for orphan in orphans:
+        run = client.get_run(orphan.info.run_id)
+        assert run.info.status == "KILLED"
+        assert f"process {victim.pid} on " in run.data.tags[TAG_ERROR] and "has exited" in run.data.tags[TAG_ERROR]
+    assert client.get_run(result.run_id).info.status == "FINISHED"

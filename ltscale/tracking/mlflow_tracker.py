@@ -43,6 +43,7 @@ from mlflow.utils.validation import (
 )
 
 from ltscale.config.overrides import config_to_dict
+from ltscale.tracking.attempts import TAG_PID, Attempt
 from ltscale.tracking.provenance import code_version
 from ltscale.tracking.tags import TAG_CODE_VERSION, TAG_ERROR, TAG_PIPELINE, TAG_STAGE
 
@@ -345,6 +346,7 @@ class Tracker:
 
     def _default_tags(self) -> dict[str, str]:
         tags = {
+            **Attempt.current().tags(),  # who owns the run, so a later attempt can tell if it was abandoned
             TAG_CODE_VERSION: self.code_version,
             MLFLOW_SOURCE_TYPE: "LOCAL",
             MLFLOW_SOURCE_NAME: Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
@@ -386,11 +388,45 @@ class Tracker:
         except Exception:  # noqa: BLE001
             logger.exception("could not mark run %s as %s", handle.run_id, status)
 
+    def end_abandoned_runs(self) -> list[str]:
+        """Mark KILLED the RUNNING runs of this experiment whose process is certainly gone; their ids.
+
+        See :mod:`ltscale.tracking.attempts` for when that is certain (an earlier attempt of this SLURM
+        job, or an exited process of this machine). Each gets ``ltscale.error`` saying why.
+        """
+        here = Attempt.current()
+        ended, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           max_results=1000, page_token=token)
+            for run in page:
+                if TAG_PID not in run.data.tags:
+                    continue  # not an ltscale run, or from a version that did not record its owner
+                reason = here.owner_gone(run.data.tags)
+                if reason is None:
+                    continue
+                self.client.set_tag(run.info.run_id, TAG_ERROR, f"ProcessGone: {reason}")
+                self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                ended.append(run.info.run_id)
+            token = page.token
+            if not token:
+                break
+        if ended:
+            logger.warning("marked %d MLflow run(s) of abandoned attempts as KILLED: %s", len(ended), ", ".join(ended))
+        return ended
+
     @contextmanager
     def pipeline_run(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[RunHandle]:
-        """The parent run of one pipeline; FAILED (KILLED on Ctrl-C or a preemption exit) if the body raises, which propagates."""
+        """The parent run of one pipeline; FAILED (KILLED on Ctrl-C or a preemption exit) if the body raises, which propagates.
+
+        Runs that earlier, abandoned attempts left RUNNING are marked KILLED first (:meth:`end_abandoned_runs`).
+        """
         if self._active:
             raise RuntimeError(f"pipeline run {self._active[0][0]!r} is still active; pipeline runs do not nest")
+        try:
+            self.end_abandoned_runs()
+        except Exception:  # noqa: BLE001 - tidying the record of dead runs must not stop a live one
+            logger.exception("could not check %s for runs abandoned by earlier attempts", self._uri)
         with self._run(name, params, {**self._default_tags(), TAG_PIPELINE: name, **tags}) as handle:
             yield handle
 

@@ -1,0 +1,124 @@
+"""Which process owns a run, and whether that process is provably gone.
+
+A run is ended (FINISHED, FAILED or KILLED) when its pipeline unwinds. A process that never unwinds
+(SIGKILLed by the OOM killer, by SLURM when a preempted job outlives ``KillWait``, or lost with its
+node) leaves its runs RUNNING for ever, and the MLflow UI then shows a pipeline "running" that died
+days ago. Every run therefore records the attempt that owns it; when a pipeline starts, it marks the
+RUNNING runs whose owner is certainly gone as KILLED, saying why.
+
+"Certainly" is the point: a run is only ever ended by this when
+
+- it belongs to an earlier attempt of this very SLURM job (Slurm requeued the job, so every process
+  of that attempt has been killed), or
+- it was started on this machine (same host name, boot and PID namespace, so PIDs are comparable)
+  by a process that no longer exists: the PID is free, or it now belongs to a process that started
+  at another time (PID reuse).
+
+Runs of other machines, of live processes, and runs without these tags (not ltscale's) are left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TAG_MACHINE = "ltscale.attempt.machine"
+"""``<host name>/<boot id>/<pid namespace>`` of the process that created the run."""
+TAG_PID = "ltscale.attempt.pid"
+"""PID of the process that created the run."""
+TAG_PROCESS_START = "ltscale.attempt.process_start"
+"""That process's start time in clock ticks after boot (``/proc/<pid>/stat``); "" where unknown."""
+TAG_SLURM_JOB = "ltscale.attempt.slurm_job"
+"""``SLURM_JOB_ID`` of the job that created the run ("" outside SLURM)."""
+TAG_SLURM_RESTART = "ltscale.attempt.slurm_restart"
+"""``SLURM_RESTART_COUNT`` of that job when it created the run: 0 for the first attempt."""
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> str:
+    """Start time of process ``pid`` in clock ticks after boot, "" if it does not exist (or no ``/proc``)."""
+    stat = _read(f"/proc/{pid}/stat")
+    if not stat:
+        return ""
+    # The command name (field 2) is in parentheses and may itself contain spaces and parentheses.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else ""  # field 22 of the whole line
+
+
+def machine_identity() -> str:
+    """Host name, boot and PID namespace: two processes with this identity share one PID space."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}/{_read('/proc/sys/kernel/random/boot_id')}/{namespace}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """The process running a pipeline, as recorded on each of its runs."""
+
+    machine: str
+    pid: int
+    process_start: str
+    slurm_job: str
+    slurm_restart: int
+
+    @classmethod
+    def current(cls) -> Attempt:
+        pid = os.getpid()
+        restart = os.environ.get("SLURM_RESTART_COUNT", "") or "0"
+        return cls(machine=machine_identity(), pid=pid, process_start=process_start(pid),
+                   slurm_job=os.environ.get("SLURM_JOB_ID", ""), slurm_restart=int(restart) if restart.isdigit() else 0)
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_MACHINE: self.machine, TAG_PID: str(self.pid), TAG_PROCESS_START: self.process_start,
+                TAG_SLURM_JOB: self.slurm_job, TAG_SLURM_RESTART: str(self.slurm_restart)}
+
+    def owner_gone(self, tags: dict[str, str]) -> str | None:
+        """Why the attempt that wrote ``tags`` is certainly over, or None if it may still be running."""
+        job, restart = tags.get(TAG_SLURM_JOB, ""), tags.get(TAG_SLURM_RESTART, "")
+        if job and job == self.slurm_job and restart.isdigit() and int(restart) < self.slurm_restart:
+            return (f"attempt {restart} of SLURM job {job} was requeued "
+                    f"(this is attempt {self.slurm_restart}) without ending the run")
+        pid = tags.get(TAG_PID, "")
+        if not pid.isdigit() or tags.get(TAG_MACHINE) != self.machine:
+            return None  # another machine (or not an ltscale run): its processes cannot be inspected from here
+        started = tags.get(TAG_PROCESS_START, "")
+        if int(pid) == self.pid and started == self.process_start:
+            return None  # this very process
+        now = process_start(int(pid))
+        host = self.machine.split("/", 1)[0]
+        if not now and not _proc_available():
+            # Without /proc only "no such process" is conclusive.
+            return None if _pid_exists(int(pid)) else f"process {pid} on {host} has exited without ending the run"
+        if not now:
+            return f"process {pid} on {host} has exited without ending the run"
+        if started and now != started:
+            return f"process {pid} on {host} has exited without ending the run (its PID now belongs to another process)"
+        return None
+
+
+def _proc_available() -> bool:
+    return Path("/proc/self/stat").is_file()
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
