@@ -114,3 +114,56 @@ def test_tau_search_without_validation_split_is_a_clear_error(tmp_path):
     config = PipelineConfig(name="tiny/tau", data=TINY_DATA, stages=stages, output_dir=str(tmp_path), progress=False, device="cpu")
     with pytest.raises(ValueError, match="validation split"):
         run_pipeline(config)
+
+
+class _Recorder:
+    """A stage's run handle that keeps what is logged."""
+
+    run_id = "recorder"
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[dict, int | None]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((dict(metrics), step))
+
+
+def test_tau_search_runs_the_backbone_once_and_picks_the_brute_force_tau(tmp_path):
+    import dataclasses
+
+    from ltscale.data import LoaderConfig, build_dataset
+    from ltscale.engine.evaluate import evaluate
+    from ltscale.engine.progress import Progress
+    from ltscale.stages.context import StageContext
+    from ltscale.stages.rebalance import TAU_GRID, _choose_tau
+
+    bundle = build_dataset(TINY_DATA)
+    bundle = dataclasses.replace(bundle, val=bundle.test)  # the synthetic set has no validation split of its own
+    torch.manual_seed(0)
+    network = Network(TINY.model, {"cls": HeadSpec("linear", bundle.num_classes)}, "cls")
+    with torch.no_grad():  # unequal class norms, so tau matters
+        network.heads["cls"].weight.mul_(torch.linspace(0.2, 3.0, bundle.num_classes)[:, None])
+    run = _Recorder()
+    ctx = StageContext(name="tau", bundle=bundle, device=torch.device("cpu"), precision="fp32", seed=0,
+                       loader_config=LoaderConfig(), directory=tmp_path, run=run, progress=Progress(enabled=False))
+    passes = []
+    network.backbone.register_forward_hook(lambda module, args, output: passes.append(len(output)))
+
+    best = _choose_tau(RebalanceConfig(source="teacher", method="tau_norm", tau_search=True), ctx, network)
+    assert sum(passes) == len(bundle.val)  # one pass over the validation images for the whole grid
+    source = network.heads["cls"]
+    assert network.heads["cls"] is source  # the search leaves the network's head alone
+
+    # The same numbers as evaluating the whole network once per tau.
+    searched = {step: metrics["rebalance/val_top1"] for metrics, step in run.metrics}
+    brute = {}
+    for tau in TAU_GRID:
+        spec = HeadSpec(kind="tau_norm", num_outputs=bundle.num_classes, tau=float(tau))
+        network.heads["cls"] = rebalanced_head(source, spec, network.feature_dim)
+        brute[int(round(tau * 10))] = 100 * evaluate(network, ctx.eval_loader(bundle.val), ctx.class_counts, ["cls"],
+                                                     ctx.device)["cls"].top1
+    network.heads["cls"] = source
+    assert searched == pytest.approx(brute)
+    first_best = max(brute, key=lambda step: (brute[step], -step))
+    assert best == pytest.approx(first_best / 10)
+    assert len(set(brute.values())) > 1, "the test network should make tau matter"

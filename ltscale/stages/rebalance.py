@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ltscale.engine.evaluate import evaluate
+from ltscale.engine.evaluate import evaluate_head_on_features, extract_features
 from ltscale.models.heads import HeadSpec, rebalanced_head
 from ltscale.models.network import replace_head
 from ltscale.stages.config import RebalanceConfig
@@ -51,15 +51,15 @@ def _choose_tau(config: RebalanceConfig, ctx: StageContext, network) -> float:
             f"stage {ctx.name}: tau_search needs a validation split, and {ctx.bundle.name} has none "
             "(set data.val_list, or set tau_search=false and a fixed tau)"
         )
-    loader = ctx.eval_loader(ctx.bundle.val)
+    # tau only changes the head: the backbone runs over the validation split once, not once per tau.
+    features, targets = extract_features(network, ctx.eval_loader(ctx.bundle.val), ctx.device, ctx.autocast)
     source_head = network.heads[config.head]
     best_tau, best_top1 = config.tau, -1.0
     for tau in TAU_GRID:
         spec = HeadSpec(kind="tau_norm", num_outputs=network.head_specs[config.head].num_outputs, tau=float(tau))
-        network.heads[config.head] = rebalanced_head(source_head, spec, network.feature_dim).to(ctx.device)
-        top1 = evaluate(network, loader, ctx.class_counts, [config.head], ctx.device, ctx.autocast)[config.head].top1
+        head = rebalanced_head(source_head, spec, network.feature_dim).to(ctx.device).eval()
+        top1 = evaluate_head_on_features(head, features, targets, ctx.class_counts, ctx.device, ctx.autocast).top1
         ctx.run.log_metrics({"rebalance/val_top1": 100 * top1}, step=int(round(tau * 10)))
         if top1 > best_top1:
             best_tau, best_top1 = float(tau), top1
-    network.heads[config.head] = source_head
     return best_tau
