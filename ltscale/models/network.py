@@ -10,18 +10,21 @@ import torch.nn as nn
 
 from ltscale.models.heads import HeadSpec, build_head
 
-Arch = Literal["resnet8", "resnet20", "resnet32", "resnet50", "resnext50_32x4d"]
+Arch = Literal["resnet8", "resnet20", "resnet32", "resnet50", "resnet101", "resnet152", "resnext50_32x4d"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """``arch``: CIFAR ResNets (32 px, option-A shortcuts) or torchvision ImageNet backbones.
     ``width``: base channels of the CIFAR ResNets (16 in the papers). ``classifier``: ``cosine`` for
-    LDAM's normalised head, ``linear`` otherwise."""
+    LDAM's normalised head, ``linear`` otherwise. ``init_from``: pretrained backbone weights a
+    fresh network starts from, ``torchvision:ResNet152_Weights.IMAGENET1K_V1`` or a file's path
+    (``ltscale/models/pretrained.py``); "" starts from random weights."""
 
     arch: Arch = "resnet32"
     width: int = 16
     classifier: Literal["linear", "cosine"] = "linear"
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.width < 4:

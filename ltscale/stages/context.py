@@ -15,7 +15,9 @@ from ltscale.engine.evaluate import EvalResult, evaluate
 from ltscale.engine.progress import Progress
 from ltscale.engine.trainer import autocast_dtype
 from ltscale.engine.zero import DeepSpeedConfig
-from ltscale.models.network import Network
+from ltscale.models.heads import HeadSpec
+from ltscale.models.network import ModelConfig, Network
+from ltscale.models.pretrained import InitWeights, load_backbone
 from ltscale.tracking import RunHandle
 
 MODEL_KIND = "ltscale.model"
@@ -35,6 +37,7 @@ class StageContext:
     metrics: dict[str, float] = field(default_factory=dict)
     step: str = "auto"  # the trainer's step: auto, eager or fast (PipelineConfig.step)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # PipelineConfig.deepspeed
+    init_weights: InitWeights | None = None  # this stage's model.init_from, resolved by the pipeline
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -78,6 +81,15 @@ class StageContext:
             for head, result in results.items():
                 self.run.log_per_class_accuracy(result.per_class_top1, self.class_counts, prefix=f"per_class/{head}")
         return results
+
+    def new_network(self, model: ModelConfig, heads: dict[str, HeadSpec], predict_head: str) -> Network:
+        """The stage's fresh network on its device: random weights, or ``model.init_from``'s backbone."""
+        network = Network(model, heads, predict_head)
+        if model.init_from:
+            if self.init_weights is None or self.init_weights.spec != model.init_from:
+                raise RuntimeError(f"stage {self.name}: model.init_from={model.init_from!r} was not resolved by the pipeline")
+            load_backbone(network.backbone, self.init_weights)
+        return network.to(self.device)
 
     def save_model(self, network: Network, filename: str = "model.pt") -> str:
         if not self.is_main:

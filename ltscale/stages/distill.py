@@ -8,7 +8,6 @@ import torch
 
 from ltscale.losses.modules import distillation_losses
 from ltscale.models.heads import HeadSpec
-from ltscale.models.network import Network
 from ltscale.stages.config import DistillConfig
 from ltscale.stages.context import StageContext, load_model
 from ltscale.stages.soft_labels import load_soft_labels
@@ -31,13 +30,13 @@ def run(config: DistillConfig, ctx: StageContext, inputs: dict[str, StageOutput]
             raise ValueError(f"stage {ctx.name}: method=ssd distils stored soft labels; {teacher_output.name!r} is a {teacher_output.kind} stage")
         soft = load_soft_labels(teacher_output, ctx.bundle.train.fingerprint(), len(ctx.bundle.train)).to(ctx.device)
         heads = {"hard": HeadSpec("linear", classes), "soft": HeadSpec("linear", classes)}
-        network = Network(config.model, heads, predict_head="hard").to(ctx.device)
+        network = ctx.new_network(config.model, heads, predict_head="hard")
         task = SSDDistillTask(network, soft, losses, temperature, config.hard_weight, config.soft_weight)
     else:
         if "model" not in teacher_output.manifest.get("files", {}):
             raise ValueError(f"stage {ctx.name}: method=dive needs a teacher model; {teacher_output.name!r} is a {teacher_output.kind} stage")
         teacher = load_model(teacher_output.file("model"), ctx.device)
-        network = Network(config.model, {"cls": HeadSpec("linear", classes)}, predict_head="cls").to(ctx.device)
+        network = ctx.new_network(config.model, {"cls": HeadSpec("linear", classes)}, predict_head="cls")
         counts = torch.as_tensor(ctx.class_counts, device=ctx.device)
         task = DiVEDistillTask(network, teacher, counts, losses, temperature, power, config.alpha)
     train_and_evaluate(task, network, config.optim, config.sampler, config.eval_every, ctx)

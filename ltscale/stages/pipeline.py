@@ -28,6 +28,7 @@ from ltscale.data import build_dataset
 from ltscale.dist import runtime
 from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process
 from ltscale.engine.progress import Progress
+from ltscale.models import pretrained
 from ltscale.stages import distill, evaluate, rebalance, soft_labels, teacher, virtual_examples
 from ltscale.stages.config import PipelineConfig, StageConfig, stage_inputs
 from ltscale.stages.context import StageContext
@@ -75,8 +76,40 @@ def resolve_device(name: str) -> torch.device:
     return runtime.device_for(runtime.detect(), name)
 
 
-def stage_key(stage: StageConfig, parents: dict[str, StageOutput], data_fingerprint: str, config: PipelineConfig) -> str:
-    return config_hash(stage, {role: out.key for role, out in sorted(parents.items())}, data_fingerprint, config.seed, config.precision)
+def stage_key(stage: StageConfig, parents: dict[str, StageOutput], data_fingerprint: str, config: PipelineConfig,
+              init: pretrained.InitWeights | None = None) -> str:
+    parts = [stage, {role: out.key for role, out in sorted(parents.items())}, data_fingerprint, config.seed, config.precision]
+    if init is not None:  # the weights themselves, not only the path that named them
+        parts.append(init.identity)
+    return config_hash(*parts)
+
+
+def _resolve_init_weights(config: PipelineConfig) -> dict[str, pretrained.InitWeights]:
+    """Every stage's ``model.init_from``, found (or downloaded) before any stage trains.
+
+    A missing checkpoint for the student must not surface after hours of teacher training. Rank 0
+    resolves first (one download); the others then find the file where it put it, or resolve it
+    themselves where the cache is not shared; all use rank 0's identity in their stage keys.
+    """
+    specs = {name: stage.model.init_from for name, stage in config.stages.items()
+             if getattr(getattr(stage, "model", None), "init_from", "")}
+    resolved: dict[str, pretrained.InitWeights] = {}
+    error = None
+    if is_main_process():
+        found: dict[str, pretrained.InitWeights] = {}
+        for name, spec in specs.items():
+            try:
+                resolved[name] = found[spec] = found.get(spec) or pretrained.resolve(spec)
+            except pretrained.PretrainedWeightsError as failure:
+                error = f"stage {name}: {failure}"
+                break
+    answer = broadcast_object((resolved, error))
+    if answer[1]:
+        raise pretrained.PretrainedWeightsError(answer[1])
+    if is_main_process():
+        return resolved
+    local = {spec: pretrained.resolve(spec, identify=False) for spec in set(specs.values())}
+    return {name: dataclasses.replace(local[spec], identity=answer[0][name].identity) for name, spec in specs.items()}
 
 
 def run_pipeline(config: PipelineConfig, progress: Progress | None = None) -> PipelineResult:
@@ -115,6 +148,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
     _check_shared_directory(output_dir)
     bundle = build_dataset(config.data)
     fingerprint = bundle.train.fingerprint()
+    init_weights = _resolve_init_weights(config)
     store = Store(output_dir)
     main = is_main_process()
     tracker = Tracker(config.tracking, output_dir) if main else NullTracker(config.tracking, output_dir)
@@ -128,7 +162,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
         result = PipelineResult(config.name, parent.run_id, tracker.tracking_uri, config.result)
         for name, stage in config.stages.items():
             parents = {role: result.outputs[parent_name] for role, parent_name in stage_inputs(stage).items()}
-            key = stage_key(stage, parents, fingerprint, config)
+            key = stage_key(stage, parents, fingerprint, config, init_weights.get(name))
             tags = {
                 TAG_PIPELINE: config.name,
                 TAG_CONFIG_HASH: key,
@@ -137,6 +171,8 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                 TAG_OUTPUT: str(store.directory(stage.kind, key)),
                 "ltscale.stage_kind": stage.kind,
             }
+            if name in init_weights:
+                tags["ltscale.init_weights"] = init_weights[name].identity
             params = flatten_config(stage) | {f"input.{role}": f"{p.name}:{p.key}" for role, p in parents.items()}
             finished = broadcast_object(store.finished(name, stage.kind, key) if main else None)
             with tracker.stage_run(name, params, tags) as run:
@@ -151,7 +187,8 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                     continue
                 ctx = StageContext(name=name, bundle=bundle, device=device, precision=config.precision, seed=config.seed,
                                    loader_config=config.data.loader, directory=store.directory(stage.kind, key), run=run,
-                                   progress=progress, step=config.step, deepspeed=config.deepspeed)
+                                   progress=progress, step=config.step, deepspeed=config.deepspeed,
+                                   init_weights=init_weights.get(name))
                 ctx.directory.mkdir(parents=True, exist_ok=True)
                 run.log_dict(_stage_record(name, stage, parents, key, version), "stage_config.json")
                 files = RUNNERS[stage.kind](stage, ctx, parents)

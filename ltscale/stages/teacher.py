@@ -6,7 +6,6 @@ from __future__ import annotations
 from ltscale.losses.modules import build_classification_loss
 from ltscale.models.heads import HeadSpec
 from ltscale.models.moco import MoCo
-from ltscale.models.network import Network
 from ltscale.stages.config import TeacherConfig
 from ltscale.stages.context import StageContext
 from ltscale.stages.store import StageOutput
@@ -18,7 +17,7 @@ def run(config: TeacherConfig, ctx: StageContext, inputs: dict[str, StageOutput]
     heads = {"cls": HeadSpec(kind="cosine" if config.model.classifier == "cosine" else "linear", num_outputs=ctx.bundle.num_classes)}
     if config.rotation_weight > 0:
         heads["rotation"] = HeadSpec(kind="rotation", num_outputs=4, classifier=False)
-    network = Network(config.model, heads, predict_head="cls").to(ctx.device)
+    network = ctx.new_network(config.model, heads, predict_head="cls")
     loss = build_classification_loss(config.loss, ctx.class_counts, ctx.device)
     if config.moco_weight > 0:
         # The MoCo parts (key encoder, projections, queue) live in the task and its progress
