@@ -3,7 +3,7 @@
 Neither paper reports Places-LT, so there is no published number to match here; the recipe follows
 the protocol the long-tail literature uses for it: torchvision's ImageNet weights for ResNet-152
 (``model.init_from``, downloaded once into the torch hub cache, or a local file via
-``--set stages.teacher.model.init_from=/path/resnet152.pth`` and the same for a student), batch 128,
+``--set 'stages.*.model.init_from=/path/resnet152.pth'``), batch 128,
 lr 0.01 cosine, wd 5e-4, 30 epochs; the re-balancing stages as on ImageNet-LT (10 epochs, 5 for
 LWS). Students start from the same pretrained weights. Set ``data.root`` to the Places-365 root and
 ``data.train_list`` / ``data.val_list`` / ``data.test_list`` to the Places-LT split lists.

@@ -149,6 +149,22 @@ def test_key_below_a_leaf_and_whole_sections_are_rejected(ssd):
         apply_overrides(ssd, ["stages.teacher=x"])
 
 
+def test_a_star_sets_the_field_in_every_stage_that_has_it(ssd):
+    config = apply_overrides(ssd, ["stages.*.optim.epochs=190", "stages.*.model.init_from=/w/r32.pth"])
+    trained = [name for name, stage in ssd.stages.items() if hasattr(stage, "optim")]
+    assert trained == ["teacher", "teacher_lws", "student", "student_lws"]
+    assert all(config.stages[name].optim.epochs == 190 for name in trained)
+    assert config.stages["soft_labels"] == ssd.stages["soft_labels"]  # no optim: untouched
+    assert {name for name, stage in config.stages.items() if getattr(getattr(stage, "model", None), "init_from", "")} == {"teacher", "student"}
+    assert ssd.stages["teacher"].optim.epochs == 200  # the input is not mutated
+    with pytest.raises(ConfigError, match=r"unknown key 'stages.\*.optim.epoch': none of .* has 'optim.epoch'"):
+        apply_overrides(ssd, ["stages.*.optim.epoch=3"])
+    with pytest.raises(ConfigError, match=r"override stages.\*.optim.epochs='x': expected int"):
+        apply_overrides(ssd, ["stages.*.optim.epochs=x"])
+    with pytest.raises(ConfigError, match="names whole sections"):
+        apply_overrides(ssd, ["stages.*=x"])
+
+
 def test_malformed_overrides_are_rejected(ssd):
     with pytest.raises(ConfigError, match=r"not of the form key=value"):
         apply_overrides(ssd, ["seed"])

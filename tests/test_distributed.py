@@ -249,11 +249,14 @@ for method in sys.argv[2:]:
 def _torchrun(tmp_path: Path, methods: list[str], nproc: int = 2) -> list[dict]:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # Python stacks of every thread if a rank dies of a signal (a rare SIGABRT under gloo was seen
+    # once in CI with nothing but "terminate called without an active exception" to go on).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           "TORCH_SHOW_CPP_STACKTRACES": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(driver), str(tmp_path / "out"), *methods]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-20000:]
     return [json.loads((tmp_path / "out" / f"report{r}.json").read_text()) for r in range(nproc)]
 
 

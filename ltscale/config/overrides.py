@@ -3,7 +3,8 @@
 A config is a tree of dataclasses (and ``dict[str, <dataclass>]`` for named stages). An override
 ``stages.teacher.optim.lr=0.05`` walks that tree; the value is parsed according to the field's
 annotation, and an unknown key or a value of the wrong type is rejected with the valid choices
-(and the closest matches) named in the error.
+(and the closest matches) named in the error. ``*`` in place of a stage name sets the field in
+every stage that has it (``stages.*.optim.epochs=2``).
 """
 
 from __future__ import annotations
@@ -98,6 +99,14 @@ def _field_types(obj: Any) -> dict[str, Any]:
 def _set(obj: Any, path: list[str], text: str, full_key: str) -> Any:
     """Return a copy of ``obj`` with ``path`` set to the parsed ``text`` (configs stay immutable)."""
     head, rest = path[0], path[1:]
+    if isinstance(obj, dict) and head == "*":
+        # ``stages.*.optim.epochs=2``: every entry that has the field (a soft-label stage has no optim).
+        if not rest:
+            raise ConfigError(f"override {full_key!r} names whole sections; set one of their fields instead")
+        having = [name for name, value in obj.items() if _has_path(value, rest)]
+        if not having:
+            raise ConfigError(f"unknown key {full_key!r}: none of {sorted(obj)} has {'.'.join(rest)!r}")
+        return {name: _set(value, rest, text, full_key) if name in having else value for name, value in obj.items()}
     if isinstance(obj, dict):
         if head not in obj:
             raise ConfigError(
@@ -123,6 +132,19 @@ def _set(obj: Any, path: list[str], text: str, full_key: str) -> Any:
         raise ConfigError(f"override {full_key!r} names a whole section; set one of its fields instead")
     value = parse_value(text, _field_types(obj)[head], full_key)
     return _replace(obj, head, value)
+
+
+def _has_path(obj: Any, path: list[str]) -> bool:
+    for name in path:
+        if isinstance(obj, dict):
+            if name not in obj:
+                return False
+            obj = obj[name]
+        elif dataclasses.is_dataclass(obj) and name in {f.name for f in dataclasses.fields(obj)}:
+            obj = getattr(obj, name)
+        else:
+            return False
+    return True
 
 
 def _replace(obj: Any, name: str, value: Any) -> Any:
