@@ -163,6 +163,9 @@ def test_a_star_sets_the_field_in_every_stage_that_has_it(ssd):
         apply_overrides(ssd, ["stages.*.optim.epochs=x"])
     with pytest.raises(ConfigError, match="names whole sections"):
         apply_overrides(ssd, ["stages.*=x"])
+    # A check that fails after the overrides names the stage it failed in.
+    with pytest.raises(ConfigError, match=r"^stages.teacher.optim: optim.warmup_epochs \(5\) must be in \[0, optim.epochs=3\)"):
+        apply_overrides(ssd, ["stages.*.optim.epochs=3"])
 
 
 def test_malformed_overrides_are_rejected(ssd):

@@ -155,17 +155,24 @@ def _replace(obj: Any, name: str, value: Any) -> Any:
     return updated
 
 
-def validate(config: Any) -> None:
-    """Run every ``__post_init__`` check in the tree, innermost first."""
+def validate(config: Any, path: str = "") -> None:
+    """Run every ``__post_init__`` check in the tree, innermost first; an error names where it is."""
     if isinstance(config, dict):
-        for value in config.values():
-            validate(value)
+        for key, value in config.items():
+            validate(value, f"{path}.{key}" if path else str(key))
     elif dataclasses.is_dataclass(config) and not isinstance(config, type):
         for f in dataclasses.fields(config):
-            validate(getattr(config, f.name))
+            validate(getattr(config, f.name), f"{path}.{f.name}" if path else f.name)
         check = getattr(config, "__post_init__", None)
         if check is not None:
-            check()
+            try:
+                check()
+            except ConfigError:
+                raise
+            except ValueError as error:
+                if not path:
+                    raise
+                raise ConfigError(f"{path}: {error}") from None
 
 
 def apply_overrides(config: Any, overrides: typing.Iterable[str]) -> Any:
