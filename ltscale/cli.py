@@ -2,6 +2,7 @@
 
     ltscale recipes                         list recipes
     ltscale run RECIPE [--set key=value]    run a pipeline (typed overrides, unknown keys rejected)
+    ltscale run RECIPE --plan               what a run would reuse, resume or train, without running
     ltscale demo                            SSD, DiVE and CE on the generated dataset, with a table
     ltscale data stats DATASET ...          per-class counts, groups and totals as JSON
     ltscale data verify DATASET ...         decode every image file, list the unreadable ones
@@ -76,9 +77,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ltscale.report import print_results
 
     config = _pipeline_config(args.recipe, args)
+    if args.plan:
+        return _print_plan(config)
     result = run_pipeline(config)
     if _is_main():
         print_results([result])
+    return 0
+
+
+def _print_plan(config) -> int:
+    from ltscale.stages.pipeline import plan_pipeline
+
+    plans = plan_pipeline(config)
+    actions = {"finished": "reuse", "partial": "resume", "new": "run"}
+    print(f"{config.name}: output_dir {config.output_dir}")
+    width = max(len(plan.name) for plan in plans)
+    for plan in plans:
+        inputs = ", ".join(f"{role}={stage}" for role, stage in plan.inputs.items()) or "-"
+        print(f"  {plan.name:<{width}}  {actions[plan.state]:<6}  {plan.kind}-{plan.key}  <- {inputs}")
     return 0
 
 
@@ -196,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe's pipeline")
     p.add_argument("recipe")
     _common_run_arguments(p)
+    p.add_argument("--plan", action="store_true",
+                   help="print each stage's output key and whether it would be reused, resumed or trained; run nothing")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="SSD, DiVE and CE on the generated long-tailed dataset (CPU minutes)")

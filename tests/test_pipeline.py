@@ -193,3 +193,33 @@ def test_evaluate_cli_reports_groups(tmp_path, capsys):
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["heads"]["cls"]["test/top1"] == pytest.approx(result.metrics()["test/top1"])
+
+
+def test_plan_names_what_a_run_would_reuse_resume_or_train(tmp_path, capsys):
+    from ltscale.config import apply_overrides
+    from ltscale.stages.pipeline import plan_pipeline
+
+    config = tiny("dive", tmp_path)
+    before = plan_pipeline(config)
+    assert [(p.name, p.state) for p in before] == [("teacher", "new"), ("virtual_examples", "new"), ("student", "new")]
+    assert before[1].inputs == {"source": "teacher"} and before[2].inputs == {"teacher": "teacher"}
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()  # a plan writes nothing
+
+    result = run_pipeline(config)
+    after = plan_pipeline(config)
+    assert [p.state for p in after] == ["finished"] * 3
+    assert [p.key for p in after] == [p.key for p in before] == [result.outputs[p.name].key for p in after]
+
+    # A changed student: the teacher and its distribution are reused, the student trains; a stage with a
+    # progress checkpoint resumes.
+    changed = apply_overrides(config, ["stages.student.alpha=0.25"])
+    plan = plan_pipeline(changed)
+    assert [p.state for p in plan] == ["finished", "finished", "new"]
+    plan[2].directory.mkdir(parents=True)
+    (plan[2].directory / "progress.pt").write_bytes(b"")
+    assert plan_pipeline(changed)[2].state == "partial"
+
+    assert main(["run", "demo/dive", "--plan", "--output-dir", str(tmp_path / "cli"), "--set", "device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "demo/dive" in out and " run " in out and "<- teacher=teacher" in out and "reuse" not in out
+    assert not (tmp_path / "cli" / "store").exists()

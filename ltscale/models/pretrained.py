@@ -93,11 +93,19 @@ def resolve(spec: str, download: bool = True, identify: bool = True) -> InitWeig
                     f"Without internet access, download it elsewhere and put it at {path}, "
                     "or set model.init_from to the file's path"
                 ) from None
-        return InitWeights(spec, path, f"torchvision/{filename}")
+        return InitWeights(spec, path, identity(spec))
     path = Path(spec).expanduser()
     if not path.is_file():
         raise PretrainedWeightsError(f"model.init_from={spec!r}: no such file ({path.resolve()})")
     return InitWeights(spec, path.resolve(), f"sha256/{_sha256(path)}" if identify else "")
+
+
+def identity(spec: str) -> str:
+    """What goes into a stage key for ``spec``, without downloading: torchvision's file name (it
+    embeds the weights' hash), or the sha256 of a local file (which must exist)."""
+    if spec.startswith(TORCHVISION_PREFIX):
+        return f"torchvision/{os.path.basename(urllib.parse.urlparse(_torchvision_weights(spec).url).path)}"
+    return resolve(spec).identity
 
 
 def _hash_prefix(filename: str) -> str | None:

@@ -32,7 +32,7 @@ from ltscale.models import pretrained
 from ltscale.stages import distill, evaluate, rebalance, soft_labels, teacher, virtual_examples
 from ltscale.stages.config import PipelineConfig, StageConfig, stage_inputs
 from ltscale.stages.context import StageContext
-from ltscale.stages.store import StageOutput, Store
+from ltscale.stages.store import PROGRESS, StageOutput, Store
 from ltscale.tracking import (
     TAG_CACHED,
     TAG_CODE_VERSION,
@@ -110,6 +110,46 @@ def _resolve_init_weights(config: PipelineConfig) -> dict[str, pretrained.InitWe
         return resolved
     local = {spec: pretrained.resolve(spec, identify=False) for spec in set(specs.values())}
     return {name: dataclasses.replace(local[spec], identity=answer[0][name].identity) for name, spec in specs.items()}
+
+
+@dataclass
+class StagePlan:
+    """What running the pipeline now would do with one stage."""
+
+    name: str
+    kind: str
+    key: str
+    inputs: dict[str, str]  # role -> stage name
+    state: str  # "finished" (reused), "partial" (resumes from its progress checkpoint) or "new"
+    directory: Path
+
+
+def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
+    """Each stage's key and whether a run now would reuse, resume or train it; trains nothing.
+
+    Reads the split lists (and checks the files they name) and hashes local ``init_from`` files:
+    the same keys :func:`run_pipeline` computes. One process; nothing is downloaded or written.
+    """
+    bundle = build_dataset(config.data)
+    fingerprint = bundle.train.fingerprint()
+    store = Store(Path(config.output_dir).expanduser())
+    keys: dict[str, str] = {}
+    plans = []
+    for name, stage in config.stages.items():
+        inputs = stage_inputs(stage)
+        parents = {role: StageOutput(parent, config.stages[parent].kind, keys[parent], Path(), {}) for role, parent in inputs.items()}
+        spec = getattr(getattr(stage, "model", None), "init_from", "")
+        init = pretrained.InitWeights(spec, Path(), pretrained.identity(spec)) if spec else None
+        keys[name] = key = stage_key(stage, parents, fingerprint, config, init)
+        directory = store.directory(stage.kind, key)
+        if store.finished(name, stage.kind, key) is not None:
+            state = "finished"
+        elif (directory / PROGRESS).is_file() or (directory / "deepspeed-progress" / "progress.json").is_file():
+            state = "partial"
+        else:
+            state = "new"
+        plans.append(StagePlan(name, stage.kind, key, dict(inputs), state, directory))
+    return plans
 
 
 def run_pipeline(config: PipelineConfig, progress: Progress | None = None) -> PipelineResult:
