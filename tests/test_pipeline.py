@@ -223,3 +223,26 @@ def test_plan_names_what_a_run_would_reuse_resume_or_train(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "demo/dive" in out and " run " in out and "<- teacher=teacher" in out and "reuse" not in out
     assert not (tmp_path / "cli" / "store").exists()
+
+
+def test_large_soft_labels_are_stored_in_fp16_and_distilled_from(tmp_path, monkeypatch):
+    """iNat18's 437k x 8142 soft labels are 14 GB in fp32: above FP16_ABOVE values they are made
+    (batch by batch, so the peak halves too), stored and used in fp16."""
+    import torch
+
+    from ltscale.stages import soft_labels
+    from ltscale.stages.context import load_model
+
+    assert soft_labels.storage_dtype(437_513, 8142) == torch.float16 and soft_labels.storage_dtype(10_847, 100) == torch.float32
+    monkeypatch.setattr(soft_labels, "FP16_ABOVE", 10)
+    result = run_pipeline(tiny("ssd", tmp_path))
+    assert result.executed == ["teacher", "teacher_lws", "soft_labels", "student", "student_lws"]
+    payload = torch.load(result.outputs["soft_labels"].file("soft_labels"), weights_only=True)
+    assert payload["logits"].dtype == torch.float16
+    from ltscale.data import LoaderConfig, build_dataset, build_loader
+
+    bundle = build_dataset(tiny("ssd", tmp_path).data)
+    loader = build_loader(bundle.train, bundle, train=False, batch_size=512, loader=LoaderConfig(), device="cpu", seed=0)
+    teacher = load_model(result.outputs["teacher_lws"].file("model"), torch.device("cpu"))
+    exact = soft_labels.predict_logits(teacher, loader, torch.device("cpu"), None)
+    torch.testing.assert_close(payload["logits"].float(), exact, rtol=1e-3, atol=1e-3)  # fp16 rounding only

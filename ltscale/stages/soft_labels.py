@@ -16,26 +16,34 @@ FP16_ABOVE = 50_000_000
 
 
 @torch.no_grad()
-def predict_logits(network, loader, device, autocast) -> torch.Tensor:
-    """(N, C) logits of the network's predicted head, in dataset order, on the device.
+def predict_logits(network, loader, device, autocast, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, C) logits of the network's predicted head, in dataset order, on the device, as ``dtype``.
 
     ``loader`` is a sequential evaluation loader over an N-image split; in a multi-process run it
     reads this rank's round-robin shard, and the shards are gathered so every rank gets all N rows.
+    Each batch is cast as it comes, so fp16 halves the peak memory, gathered copy included.
     """
     network.eval()
     chunks = []
     for batch in loader:
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             out = network(batch["image"].to(device), heads=(network.predict_head,))
-        chunks.append(out[network.predict_head].float())
+        chunks.append(out[network.predict_head].to(dtype))
     return gather_strided_rows(torch.cat(chunks), len(loader.split))
+
+
+def storage_dtype(rows: int, classes: int) -> torch.dtype:
+    """fp16 above ``FP16_ABOVE`` values (logits of a trained network are far inside fp16's range)."""
+    return torch.float16 if rows * classes > FP16_ABOVE else torch.float32
 
 
 def run(config: SoftLabelsConfig, ctx: StageContext, inputs: dict[str, StageOutput]) -> dict[str, str]:
     network = load_model(inputs["source"].file("model"), ctx.device)
-    logits = predict_logits(network, ctx.eval_loader(ctx.bundle.train), ctx.device, ctx.autocast)
-    if logits.numel() > FP16_ABOVE:
-        logits = logits.half()
+    dtype = storage_dtype(len(ctx.bundle.train), ctx.bundle.num_classes)
+    logits = predict_logits(network, ctx.eval_loader(ctx.bundle.train), ctx.device, ctx.autocast, dtype)
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"stage {ctx.name}: the soft labels of {inputs['source'].name!r} are not all finite "
+                         f"(stored as {dtype}); the source model diverged or overflows {dtype}")
     if ctx.is_main:  # every rank has gathered the same logits; one writer
         atomic_save(
             {"kind": SOFT_LABELS_KIND, "logits": logits.cpu(), "train_fingerprint": ctx.bundle.train.fingerprint()},
