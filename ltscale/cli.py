@@ -89,7 +89,7 @@ def _print_plan(config) -> int:
     from ltscale.stages.pipeline import plan_pipeline
 
     plans = plan_pipeline(config)
-    actions = {"finished": "reuse", "partial": "resume", "new": "run"}
+    actions = {"finished": "reuse", "busy": "wait", "partial": "resume", "new": "run"}
     print(f"{config.name}: output_dir {config.output_dir}")
     width = max(len(plan.name) for plan in plans)
     for plan in plans:

@@ -218,6 +218,11 @@ def test_plan_names_what_a_run_would_reuse_resume_or_train(tmp_path, capsys):
     plan[2].directory.mkdir(parents=True)
     (plan[2].directory / "progress.pt").write_bytes(b"")
     assert plan_pipeline(changed)[2].state == "partial"
+    from ltscale.stages.locks import StageLock
+
+    lock = StageLock.try_acquire(plan[2].directory)  # another pipeline producing it right now
+    assert plan_pipeline(changed)[2].state == "busy"
+    lock.release()
 
     assert main(["run", "demo/dive", "--plan", "--output-dir", str(tmp_path / "cli"), "--set", "device=cpu"]) == 0
     out = capsys.readouterr().out

@@ -15,7 +15,10 @@ take the same path. The output directory must be one shared directory for all of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,7 @@ from ltscale.dist import runtime
 from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process
 from ltscale.engine.progress import Progress
 from ltscale.models import pretrained
-from ltscale.stages import distill, evaluate, rebalance, soft_labels, teacher, virtual_examples
+from ltscale.stages import distill, evaluate, locks, rebalance, soft_labels, teacher, virtual_examples
 from ltscale.stages.config import PipelineConfig, StageConfig, stage_inputs
 from ltscale.stages.context import StageContext
 from ltscale.stages.store import PROGRESS, StageOutput, Store
@@ -46,6 +49,8 @@ from ltscale.tracking import (
     code_version,
     join_run_ids,
 )
+
+logger = logging.getLogger(__name__)
 
 RUNNERS: dict[str, Callable[..., dict[str, str]]] = {
     "teacher": teacher.run,
@@ -120,7 +125,7 @@ class StagePlan:
     kind: str
     key: str
     inputs: dict[str, str]  # role -> stage name
-    state: str  # "finished" (reused), "partial" (resumes from its progress checkpoint) or "new"
+    state: str  # "finished" (reused), "busy" (another pipeline is producing it), "partial" (resumes) or "new"
     directory: Path
 
 
@@ -144,6 +149,8 @@ def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
         directory = store.directory(stage.kind, key)
         if store.finished(name, stage.kind, key) is not None:
             state = "finished"
+        elif locks.holder(directory):
+            state = "busy"
         elif (directory / PROGRESS).is_file() or (directory / "deepspeed-progress" / "progress.json").is_file():
             state = "partial"
         else:
@@ -181,6 +188,50 @@ def _check_shared_directory(output_dir: Path) -> None:
         )
 
 
+POLL_S = 5.0
+"""How often a pipeline waiting for another one's stage output looks again."""
+
+
+def _finished_or_claimed(store: Store, name: str, kind: str, key: str) -> tuple[StageOutput | None, locks.StageLock | None]:
+    """The finished output, or (rank 0 only) the lock to produce it; waits while another pipeline does.
+
+    Every rank goes round the loop, so a long wait is many short collectives rather than one that
+    would outlast the process group's timeout.
+    """
+    main = is_main_process()
+    directory = store.directory(kind, key)
+    announced = -math.inf
+    while True:
+        finished, lock, holder = None, None, ""
+        if main:
+            finished = store.finished(name, kind, key)
+            if finished is None:
+                lock = locks.StageLock.try_acquire(directory)
+                if lock is None:
+                    holder = locks.holder(directory) or "another pipeline"
+                else:
+                    finished = store.finished(name, kind, key)  # finished between our look and our lock
+                    if finished is not None:
+                        lock.release()
+                        lock = None
+        finished, waiting = broadcast_object((finished, bool(holder)))
+        if not waiting:
+            return finished, lock
+        if main and time.monotonic() - announced > 600:
+            logger.warning("stage %s: its output %s is being produced by %s; waiting to reuse it", name, directory, holder)
+            announced = time.monotonic()
+        time.sleep(POLL_S)
+
+
+@contextlib.contextmanager
+def _releasing(lock: locks.StageLock | None):
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progress | None) -> PipelineResult:
     torch.manual_seed(config.seed)
     output_dir = Path(config.output_dir).expanduser()
@@ -214,8 +265,8 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
             if name in init_weights:
                 tags["ltscale.init_weights"] = init_weights[name].identity
             params = flatten_config(stage) | {f"input.{role}": f"{p.name}:{p.key}" for role, p in parents.items()}
-            finished = broadcast_object(store.finished(name, stage.kind, key) if main else None)
-            with tracker.stage_run(name, params, tags) as run:
+            finished, lock = _finished_or_claimed(store, name, stage.kind, key)
+            with _releasing(lock), tracker.stage_run(name, params, tags) as run:
                 run.log_dataset(bundle.name, fingerprint, config.data.root or "generated", "training", len(bundle.train))
                 if finished is not None:
                     run.set_tags({TAG_CACHED: "true", TAG_PRODUCED_BY: finished.run_id})
