@@ -380,3 +380,27 @@ def test_pipeline_killed_without_unwinding_is_marked_killed_by_the_next_run(tmp_
         assert run.info.status == "KILLED"
         assert f"process {victim.pid} on " in run.data.tags[TAG_ERROR] and "has exited" in run.data.tags[TAG_ERROR]
     assert client.get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_pipelines_starting_together_on_a_new_local_store_all_record(tmp_path: Path) -> None:
+    """MLflow creates a SQLite store's schema on first use; processes racing to do it all failed
+    (alembic errors) before the tracker serialised that first use."""
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import sys\nfrom pathlib import Path\nfrom ltscale.tracking import Tracker, TrackingConfig\n"
+              "tracker = Tracker(TrackingConfig(), Path(sys.argv[1]))\n"
+              "with tracker.pipeline_run(f'p{sys.argv[2]}', {'i': sys.argv[2]}, {}) as run:\n"
+              "    with tracker.stage_run('s', {}, {}) as stage:\n"
+              "        for step in range(20):\n"
+              "            stage.log_metrics({'loss': step / 10}, step=step)\n")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out"), str(i)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
+    client = MlflowClient(default_tracking_uri(tmp_path / "out"))
+    runs = client.search_runs([client.get_experiment_by_name("ltscale").experiment_id])
+    assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}

@@ -287,6 +287,29 @@ def _close_figure(figure: Any) -> None:
         figure.clear()
 
 
+@contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Hold ``<db>.init-lock`` (flock) around the first use of a SQLite store.
+
+    MLflow creates and migrates a new SQLite store's schema on first use; several processes doing
+    that at once (pipelines of a sweep starting together on one output directory) all fail with
+    alembic errors. Other URIs (a server, a database server) need no lock.
+    """
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(uri[len("sqlite:///") :] + ".init-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Tracker:
     """Records a pipeline as one MLflow parent run with a child run per stage.
 
@@ -302,8 +325,9 @@ class Tracker:
         else:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._uri = default_tracking_uri(self.output_dir)
-        self.client = MlflowClient(tracking_uri=self._uri)
-        self.experiment_id = self._ensure_experiment()
+        with _sqlite_init_lock(self._uri):
+            self.client = MlflowClient(tracking_uri=self._uri)
+            self.experiment_id = self._ensure_experiment()
         self.code_version = code_version()
         self._active: list[tuple[str, RunHandle]] = []  # (run name, handle), outermost first
 
