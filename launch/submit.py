@@ -1,8 +1,9 @@
 """Submit an ltscale pipeline through submitit: on SLURM, as a local subprocess, or in this process.
 
-    python -m launch.submit RECIPE [--set key=value ...] --executor {local,slurm,debug}
-        [--partition P] [--nodes N] [--tasks-per-node N] [--gpus-per-node N] [--cpus-per-task N]
-        [--mem-gb N] [--timeout-min N] [--folder DIR] [--wait] [--dry-run]
+    python -m launch.submit RECIPE [RECIPE ...] [--set key=value ...] [--seeds 0,1,2]
+        --executor {local,slurm,debug} [--partition P] [--nodes N] [--tasks-per-node N]
+        [--gpus-per-node N] [--cpus-per-task N] [--mem-gb N] [--timeout-min N] [--folder DIR]
+        [--array-parallelism N] [--wait] [--dry-run]
 
 The recipe and its overrides are resolved here, before anything is submitted, so a misspelt key or
 a wrong type fails on the login node instead of after hours in the queue. The job is a pickled
@@ -19,6 +20,9 @@ each learns its rank from submitit's job environment and the pipeline trains dat
 all of them (``ltscale/dist/runtime.py``), rank 0 writing the outputs and the MLflow record. The
 recipes' batch sizes are global, so each must split evenly over the processes; that is checked
 here, before submitting.
+
+Several recipes, or ``--seeds``, make a sweep: one job per recipe and seed, submitted together
+(one SLURM job array), sharing the output directory, so a stage two of them need is trained once.
 
 Executors: ``slurm`` (sbatch), ``local`` (subprocesses on this machine, with the same
 signal/requeue handling), ``debug`` (runs in this process when waited on, so always waits; an
@@ -147,6 +151,7 @@ class Resources:
     timeout_min: int = DEFAULT_TIMEOUT_MIN
     max_timeouts: int = DEFAULT_MAX_TIMEOUTS
     slurm_options: tuple[tuple[str, str], ...] = ()
+    array_parallelism: int | None = None  # a sweep's job array: at most this many jobs at once
 
 
 def check_resources(kind: str, resources: Resources, config: PipelineConfig) -> None:
@@ -194,6 +199,8 @@ def build_executor(kind: str, folder: str | Path, resources: Resources, name: st
         parameters["mem_gb"] = resources.mem_gb
     if resources.partition:
         parameters["slurm_partition"] = resources.partition
+    if resources.array_parallelism is not None:
+        parameters["slurm_array_parallelism"] = resources.array_parallelism
     parameters.update({f"slurm_{key}": value for key, value in resources.slurm_options})
     executor.update_parameters(**parameters)
     return executor
@@ -218,9 +225,14 @@ def job_name(config: PipelineConfig) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="a recipe name (`ltscale recipes` lists them), e.g. cifar100-lt-if100/ssd")
+    parser.add_argument("recipes", nargs="+", metavar="recipe",
+                        help="recipe names (`ltscale recipes` lists them), e.g. cifar100-lt-if100/ssd; several make a sweep")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="typed override of the recipe config, as for `ltscale run` (repeatable)")
+    parser.add_argument("--seeds", type=_seeds, default=None, metavar="S1,S2,...",
+                        help="run each recipe once per seed (a sweep); default: the recipe's seed")
+    parser.add_argument("--array-parallelism", type=int, default=None,
+                        help="a sweep on SLURM is one job array; at most this many of its jobs run at once (default: submitit's)")
     parser.add_argument("--executor", choices=EXECUTORS, required=True,
                         help="slurm: sbatch; local: a subprocess here; debug: in this process (always waits)")
     parser.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
@@ -247,6 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected distinct integers, e.g. 0,1,2")
+    return seeds
+
+
+def sweep_configs(recipes: Sequence[str], overrides: Sequence[str], seeds: Sequence[int] | None) -> list[PipelineConfig]:
+    """One resolved config per recipe and seed, all checked before anything is submitted.
+
+    The jobs of a sweep share the output directory (and its MLflow store): a stage two of them
+    need (the CE teacher of the CE and LWS baselines) is trained once and reused, the other job
+    waiting for it (``ltscale/stages/locks.py``).
+    """
+    return [resolve_config(recipe, [*overrides, *([f"seed={seed}"] if seed is not None else [])])
+            for recipe in recipes for seed in (seeds or [None])]
+
+
 def _slurm_options(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
     options = []
     for item in items:
@@ -260,51 +293,65 @@ def _slurm_options(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = resolve_config(args.recipe, args.overrides)
+        configs = sweep_configs(args.recipes, args.overrides, args.seeds)
+        first = configs[0]
         gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus(args.executor, args.tasks_per_node)
-        cpus = args.cpus_per_task if args.cpus_per_task is not None else config.data.loader.num_workers + 1
+        cpus = args.cpus_per_task if args.cpus_per_task is not None else first.data.loader.num_workers + 1
+        if args.array_parallelism is not None and args.array_parallelism < 1:
+            raise ConfigError(f"--array-parallelism {args.array_parallelism}: must be at least 1")
         resources = Resources(partition=args.partition, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
                               gpus_per_node=gpus, cpus_per_task=cpus,
                               mem_gb=args.mem_gb, timeout_min=args.timeout_min, max_timeouts=args.max_timeouts,
-                              slurm_options=_slurm_options(args.slurm_options))
-        check_resources(args.executor, resources, config)
-        folder = Path(args.folder or Path(config.output_dir) / "submitit").expanduser().absolute()
+                              slurm_options=_slurm_options(args.slurm_options), array_parallelism=args.array_parallelism)
+        for config in configs:
+            check_resources(args.executor, resources, config)
+        name = job_name(first) if len(configs) == 1 else f"ltscale-sweep-{len(configs)}"
+        folder = Path(args.folder or Path(first.output_dir) / "submitit").expanduser().absolute()
         # Build once in a scratch folder: submitit validates the parameters (and creates its folder)
         # when the executor is built, and a dry run or a refused request should leave no trace.
         with tempfile.TemporaryDirectory() as scratch:
-            parameters = build_executor(args.executor, scratch, resources, job_name(config)).parameters
+            parameters = build_executor(args.executor, scratch, resources, name).parameters
         if args.dry_run:
-            print(json.dumps({
-                "executor": args.executor, "folder": str(folder), "parameters": parameters,
-                "pipeline": config.name, "stages": list(config.stages), "output_dir": config.output_dir,
-                "device": config.device, "tracking_uri": config.tracking.tracking_uri or "(local store in output_dir)",
-            }, indent=2, default=str))
+            described = [{"pipeline": c.name, "seed": c.seed, "stages": list(c.stages), "output_dir": c.output_dir,
+                          "device": c.device, "tracking_uri": c.tracking.tracking_uri or "(local store in output_dir)"}
+                         for c in configs]
+            print(json.dumps({"executor": args.executor, "folder": str(folder), "parameters": parameters,
+                              **(described[0] if len(described) == 1 else {"jobs": described})}, indent=2, default=str))
             return 0
-        executor = build_executor(args.executor, folder, resources, job_name(config))
+        executor = build_executor(args.executor, folder, resources, name)
     except (ConfigError, ValueError, NameError) as error:  # NameError: submitit's unknown-parameter error
         print(f"launch.submit: error: {error}", file=sys.stderr)
         return 2
 
     try:
-        job = executor.submit(PipelineJob(config))
+        if len(configs) == 1:
+            jobs = [executor.submit(PipelineJob(first))]
+        else:
+            with executor.batch():  # one SLURM job array
+                jobs = [executor.submit(PipelineJob(config)) for config in configs]
     except submitit.core.utils.FailedJobError as error:  # sbatch refused it (unknown partition, limits...)
         print(f"launch.submit: submission failed: {error}", file=sys.stderr)
         return 1
-    print(f"submitted {config.name} as {args.executor} job {job.job_id}")
-    print(f"logs: {job.paths.folder}")
+    for job, config in zip(jobs, configs):
+        print(f"submitted {config.name}" + (f" (seed {config.seed})" if args.seeds else "") + f" as {args.executor} job {job.job_id}")
+    print(f"logs: {jobs[0].paths.folder}")
     if not (args.wait or args.executor == "debug"):
         return 0
+    summaries, failed = [], False
     try:
-        summary = job.results()[0]  # one result per task; rank 0's holds the run (they all report it)
-    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
-        print(f"launch.submit: job {job.job_id} failed: {error}", file=sys.stderr)
-        return 1
+        for job in jobs:
+            try:
+                summaries.append(job.results()[0])  # one result per task; rank 0's holds the run (they all report it)
+            except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
+                print(f"launch.submit: job {job.job_id} failed: {error}", file=sys.stderr)
+                failed = True
     except KeyboardInterrupt:
         if args.executor == "slurm":
-            print(f"\nstopped waiting; job {job.job_id} keeps running (scancel {job.job_id} to stop it)", file=sys.stderr)
+            ids = " ".join(str(job.job_id) for job in jobs)
+            print(f"\nstopped waiting; the jobs keep running (scancel {ids} to stop them)", file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=2))
-    return 0
+    print(json.dumps(summaries[0] if len(jobs) == 1 and summaries else summaries, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

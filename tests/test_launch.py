@@ -262,3 +262,47 @@ def test_two_tasks_train_data_parallel_on_slurm(slurm, tmp_path, capsys):
     job_id = out.splitlines()[0].rsplit(" ", 1)[1]
     _check_two_task_summary(_summary_from(out), output, job_id)
     assert "NumTasks=2" in slurm.run("scontrol", "-o", "show", "job", job_id)
+
+
+def test_a_sweep_is_resolved_and_checked_job_by_job_before_submitting(tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main(["demo/ce", "demo/lws", "--seeds", "0,1", "--executor", "slurm", "--array-parallelism", "2", "--dry-run",
+                 "--set", f"output_dir={output}"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["parameters"]["job_name"] == "ltscale-sweep-4" and report["parameters"]["array_parallelism"] == 2
+    assert [(job["pipeline"], job["seed"]) for job in report["jobs"]] == [
+        ("demo/ce", 0), ("demo/ce", 1), ("demo/lws", 0), ("demo/lws", 1)]
+    assert {job["output_dir"] for job in report["jobs"]} == {str(output)}  # one store: shared stages are shared
+    # One bad job stops the whole sweep before anything is submitted.
+    assert main(["demo/ce", "demo/lwss", "--executor", "slurm", "--set", f"output_dir={output}"]) == 2
+    assert "demo/lws" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo/ce", "--seeds", "1,1", "--executor", "slurm"])
+    assert "expected distinct integers" in capsys.readouterr().err
+    assert not output.exists()
+
+
+@pytest.mark.timeout(420)
+def test_a_sweep_runs_as_one_slurm_array_and_trains_a_shared_stage_once(slurm, tmp_path, capsys):
+    """CE and LWS share their CE teacher: submitted together, the teacher is trained by one job and
+    reused by the other (stage lock), and both record into one new local MLflow store."""
+    output = tmp_path / "out"
+    code = main(["demo/ce", "demo/lws", "--executor", "slurm", "--partition", slurm.partition, "--gpus-per-node", "0",
+                 "--cpus-per-task", "1", "--timeout-min", "60", "--wait",
+                 *_set_args([*TINY_RECIPE_OVERRIDES, f"output_dir={output}"])])
+    out = capsys.readouterr().out
+    assert code == 0, out + slurm.logs()
+    submitted = [line for line in out.splitlines() if line.startswith("submitted ")]
+    assert [line.split(" as ")[0] for line in submitted] == ["submitted demo/ce", "submitted demo/lws"]
+    ids = [line.rsplit(" ", 1)[1] for line in submitted]
+    assert len({job_id.split("_")[0] for job_id in ids}) == 1 and all("_" in job_id for job_id in ids)  # one array
+    summaries = json.loads(out[out.index("["):])
+    ce, lws = summaries
+    assert lws["executed"][-1] == "lws"
+    trained = [s for s in summaries if "teacher" in s["executed"]]
+    assert len(trained) == 1 and "teacher" in (ce["cached"] + lws["cached"])  # one trained it, the other reused it
+    client = mlflow.MlflowClient(ce["tracking_uri"])
+    assert ce["tracking_uri"] == lws["tracking_uri"]
+    for summary in summaries:
+        assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    assert not list(output.glob("store/*/.lock"))
