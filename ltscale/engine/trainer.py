@@ -33,7 +33,7 @@ from ltscale.engine.checkpoint import atomic_save, load_checkpoint, load_state_s
 from ltscale.engine.fast_step import FastStep, resolve_step
 from ltscale.engine.progress import Progress
 from ltscale.engine.schedule import OptimConfig, lr_schedule
-from ltscale.engine.zero import DeepSpeedConfig, ZeroEngine
+from ltscale.engine.zero import PROGRESS_DIR, DeepSpeedConfig, ZeroEngine
 
 
 class Task(Protocol):
@@ -128,7 +128,7 @@ class Trainer:
 
     @property
     def _zero_progress(self) -> Path:
-        return self.progress_path.parent / "deepspeed-progress"
+        return self.progress_path.parent / PROGRESS_DIR
 
     def _resume(self) -> int:
         if self.zero is not None:

@@ -41,6 +41,8 @@ from ltscale.dist.runtime import detect
 from ltscale.engine.checkpoint import CheckpointError, atomic_write_json
 
 POINTER = "progress.json"
+PROGRESS_DIR = "deepspeed-progress"
+"""Beside a stage's ``progress.pt``: each rank's ZeRO partitions per epoch and the ``POINTER`` file."""
 
 
 @dataclass(frozen=True)

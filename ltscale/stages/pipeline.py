@@ -30,6 +30,7 @@ from ltscale.config import config_hash, flatten_config
 from ltscale.data import build_dataset
 from ltscale.dist import runtime
 from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process
+from ltscale.engine import zero
 from ltscale.engine.progress import Progress
 from ltscale.models import pretrained
 from ltscale.stages import distill, evaluate, locks, rebalance, soft_labels, teacher, virtual_examples
@@ -151,7 +152,7 @@ def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
             state = "finished"
         elif locks.holder(directory):
             state = "busy"
-        elif (directory / PROGRESS).is_file() or (directory / "deepspeed-progress" / "progress.json").is_file():
+        elif (directory / PROGRESS).is_file() or (directory / zero.PROGRESS_DIR / zero.POINTER).is_file():
             state = "partial"
         else:
             state = "new"
