@@ -8,6 +8,7 @@
     ltscale data verify DATASET ...         decode every image file, list the unreadable ones
     ltscale evaluate CHECKPOINT ...         top-1/top-5, many/medium/few of a model checkpoint
     ltscale virtual CHECKPOINT ...          DiVE's virtual-example distribution and (T, p) choice
+    ltscale runs                            recorded pipelines: status, time, top-1 / few, run ids
     ltscale ui                              the MLflow UI over the local store
 """
 
@@ -195,6 +196,45 @@ def cmd_virtual(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    """The pipelines recorded in an MLflow store, newest first (for clusters without the UI)."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from ltscale.tracking import TAG_ERROR, TAG_PIPELINE, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(Path(args.output_dir))
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        print(f"ltscale runs: no MLflow store at {uri[len('sqlite:///'):]} (run a pipeline first, or pass --output-dir)",
+              file=sys.stderr)
+        return 2
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(args.experiment)
+    if experiment is None:
+        print(f"ltscale runs: no experiment {args.experiment!r} at {uri}", file=sys.stderr)
+        return 2
+    runs = [run for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
+                                              max_results=max(args.limit * 20, 200))
+            if TAG_PIPELINE in run.data.tags and MLFLOW_PARENT_RUN_ID not in run.data.tags][: args.limit]
+    if not runs:
+        print(f"no pipelines recorded in experiment {args.experiment!r} at {uri}")
+        return 0
+    print(f"{'started':<16}  {'pipeline':<28} {'seed':>4}  {'status':<8} {'time':>8}  {'top1':>6} {'few':>6}  run id")
+    for run in runs:
+        info, data = run.info, run.data
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.start_time / 1000))
+        seconds = ((info.end_time or time.time() * 1000) - info.start_time) / 1000
+        duration = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} m"
+        metric = lambda name: f"{data.metrics[name]:.2f}" if name in data.metrics else "-"  # noqa: E731
+        print(f"{started:<16}  {data.tags[TAG_PIPELINE]:<28} {data.params.get('seed', '-'):>4}  {info.status:<8} "
+              f"{duration:>8}  {metric('test/top1'):>6} {metric('test/few'):>6}  {info.run_id}")
+        if info.status in ("FAILED", "KILLED") and TAG_ERROR in data.tags:
+            print(f"{'':<18}{data.tags[TAG_ERROR][:200]}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from ltscale.tracking import ui
 
@@ -241,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--powers", type=float, nargs="+", default=[1.0, 0.5])
             p.add_argument("--full", action="store_true", help="include the per-class distributions")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("runs", help="the pipelines recorded in the MLflow store: status, time, top-1 / few")
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help=f"whose local store to read (default: {DEFAULT_OUTPUT})")
+    p.add_argument("--tracking-uri", default=None, help="an MLflow URI instead of the local store")
+    p.add_argument("--experiment", default="ltscale", help="MLflow experiment (default: ltscale)")
+    p.add_argument("--limit", type=int, default=20, help="newest N pipelines (default 20)")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("ui", help="open the MLflow UI on the local store")
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT)

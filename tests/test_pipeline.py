@@ -251,3 +251,24 @@ def test_large_soft_labels_are_stored_in_fp16_and_distilled_from(tmp_path, monke
     teacher = load_model(result.outputs["teacher_lws"].file("model"), torch.device("cpu"))
     exact = soft_labels.predict_logits(teacher, loader, torch.device("cpu"), None)
     torch.testing.assert_close(payload["logits"].float(), exact, rtol=1e-3, atol=1e-3)  # fp16 rounding only
+
+
+def test_runs_lists_recorded_pipelines_with_status_and_results(tmp_path, capsys):
+    assert main(["runs", "--output-dir", str(tmp_path)]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    result = run_pipeline(tiny("ce", tmp_path))
+    from ltscale.stages.config import RebalanceConfig
+
+    failing = tiny("ce", tmp_path)  # a tau search on a dataset without a validation split fails in its stage
+    failing = dataclasses.replace(failing, name="tiny/tau", stages={
+        **failing.stages, "tau": RebalanceConfig(source="teacher", method="tau_norm", tau_search=True)})
+    with pytest.raises(ValueError, match="validation split"):
+        run_pipeline(failing)
+    assert main(["runs", "--output-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["started", "pipeline", "seed"]
+    finished = next(line for line in lines if result.run_id in line)
+    assert "tiny/ce" in finished and "FINISHED" in finished and f"{result.metrics()['test/top1']:.2f}" in finished
+    assert sum("FAILED" in line for line in lines) == 1
+    failed_at = next(i for i, line in enumerate(lines) if "FAILED" in line)
+    assert "tiny/tau" in lines[failed_at] and "validation split" in lines[failed_at + 1]
