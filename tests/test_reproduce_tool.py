@@ -31,6 +31,18 @@ def test_dry_run_prints_the_full_table_plan(tmp_path):
     assert "/runs/if50-ce-seed2 " in lws
 
 
+def test_past_the_papers_runs_are_planned_with_their_overrides(tmp_path):
+    done = run_tool("--dry-run", "--data", str(tmp_path / "c.npz"), "--methods", "ssd,ssd-dive", "--imbalance-factors", "100",
+                    "--seeds", "0", "--set", "data.loader.cutout=16", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    commands = [line for line in done.stdout.splitlines() if line.startswith("ltscale run ")]
+    assert [c.split()[2] for c in commands] == ["cifar100-lt-if100/ssd", "cifar100-lt-if100/ssd-dive"]
+    # SSD-DiVE shares SSD's lane: its self-supervised teacher and stage II come from the stage cache.
+    assert all("/runs/if100-ssd-seed0 " in c and c.endswith("--set data.loader.cutout=16") for c in commands)
+    refused = run_tool("--dry-run", "--data", "x.npz", "--methods", "ssd-dvie", cwd=tmp_path)
+    assert refused.returncode != 0 and "choose from ce, bsce, lws, ldam-drw, dive, ssd, ssd-dive" in refused.stderr
+
+
 def test_cifar_without_data_is_refused(tmp_path):
     done = run_tool("--dry-run", "--methods", "ce", cwd=tmp_path)
     assert done.returncode != 0 and "pass --data" in done.stderr

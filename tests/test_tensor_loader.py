@@ -16,7 +16,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from ltscale.data.base import ArraySplit, Normalization
-from ltscale.data.loaders.tensor import TensorLoader, random_crop_flip
+from ltscale.data.loaders.tensor import TensorLoader, cutout, random_crop_flip
 from ltscale.data.samplers import ClassBalancedSampler, InstanceBalancedSampler
 from ltscale.stages.tasks import rotate_batch
 
@@ -193,3 +193,48 @@ def test_rotate_batch_turns_counter_clockwise():
     assert quarter.tolist() == [[2.0, 4.0], [1.0, 3.0]]  # the top-right corner moves to the top-left
     assert rotate_batch(image, torch.tensor([2]))[0, 0].tolist() == [[4.0, 3.0], [2.0, 1.0]]
     assert rotate_batch(image, torch.tensor([0]))[0, 0].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+@pytest.mark.parametrize("size", [16, 5])
+def test_cutout_matches_the_per_sample_definition(size):
+    images = torch.randn(6, 3, 32, 32, generator=_gen(3))
+    centres = torch.tensor([[0, 0], [31, 31], [16, 16], [3, 28], [30, 2], [10, 20]])
+    expected = images.clone()
+    for i, (row, col) in enumerate(centres.tolist()):
+        top, left = max(row - size // 2, 0), max(col - size // 2, 0)
+        bottom, right = min(row + size - size // 2, 32), min(col + size - size // 2, 32)
+        expected[i, :, top:bottom, left:right] = 0.0  # the dataset's mean colour after normalisation
+    torch.testing.assert_close(cutout(images, centres, size), expected, rtol=0, atol=0)
+    assert (cutout(images, centres, size)[2] == 0).all(dim=0).sum() == size * size  # a full square inside
+
+
+def test_loader_cutout_leaves_crops_and_flips_alone_and_removes_the_expected_area():
+    split = _split([400, 300, 100], height=32, width=32)
+    plain = list(_loader(split, InstanceBalancedSampler(len(split.targets), seed=0), augment=True, batch_size=64))
+    cut = list(_loader(split, InstanceBalancedSampler(len(split.targets), seed=0), augment=True, batch_size=64, cutout=16))
+    zeroed, total = 0, 0
+    for a, b in zip(plain, cut, strict=True):
+        torch.testing.assert_close(a["index"], b["index"])
+        kept = (b["image"] != 0).any(dim=1, keepdim=True)  # pixels outside the square
+        torch.testing.assert_close(b["image"], torch.where(kept, a["image"], torch.zeros_like(a["image"])), rtol=0, atol=0)
+        removed = (~kept).flatten(1).sum(1)
+        assert (removed <= 256).all() and (removed >= 64).all()  # a corner centre still removes 8 x 8
+        zeroed, total = zeroed + int(removed.sum()), total + removed.numel()
+    # Mean removed area for a uniform centre: the mean clipped extent along one axis, squared (independent axes).
+    expected = (sum(min(c + 8, 32) - max(c - 8, 0) for c in range(32)) / 32) ** 2
+    assert abs(zeroed / total - expected) < 0.05 * expected
+    # Evaluation batches are never cut.
+    evaluation = next(iter(_loader(split, InstanceBalancedSampler(len(split.targets), seed=0), augment=False, cutout=16)))
+    assert evaluation["image"].ne(0).flatten(1).all(1).float().mean() > 0.99
+
+
+def test_cutout_is_refused_for_image_files(tmp_path):
+    from ltscale.data import LoaderConfig, build_loader
+    from ltscale.data.base import FileSplit
+
+    split = FileSplit(name="files/train", targets=np.array([0, 1]), num_classes=2, root=tmp_path, paths=["a.jpg", "b.jpg"])
+    bundle = type("B", (), {"image_size": 224, "normalization": NORMALIZATION, "name": "imagenet_lt"})()
+    with pytest.raises(ValueError, match="data.loader.cutout=16: Cutout is a CIFAR-scale augmentation"):
+        build_loader(split, bundle, train=True, batch_size=2, loader=LoaderConfig(cutout=16), device=CPU, seed=0)
+    with pytest.raises(ValueError, match="data.loader.cutout must be >= 0"):
+        LoaderConfig(cutout=-1)

@@ -79,11 +79,14 @@ def build_loader(
 
         return TensorLoader(
             split, sampler=index_sampler, batch_size=batch_size, normalization=bundle.normalization,
-            device=device, augment=augment, seed=seed, views=views, rank=rank,
+            device=device, augment=augment, seed=seed, views=views, rank=rank, cutout=loader.cutout,
         )
     if isinstance(split, FileSplit):
         if loader.backend == "tensor":
             raise ValueError("data.loader.backend=tensor needs an in-memory dataset; image-file datasets use 'torch', 'dali', 'ffcv' or 'auto'")
+        if loader.cutout:
+            raise ValueError(f"data.loader.cutout={loader.cutout}: Cutout is a CIFAR-scale augmentation of the in-memory "
+                             "loader; image-file datasets do not use it (set data.loader.cutout=0)")
         from ltscale.data.image_list import DATASET_SPECS
         from ltscale.data.loaders.dali import DaliLoader, dali_available
         from ltscale.data.loaders.files import FileLoader

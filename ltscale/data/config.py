@@ -77,6 +77,9 @@ class LoaderConfig:
     backend: Literal["auto", "tensor", "torch", "dali", "ffcv"] = "auto"
     num_workers: int = 4
     ffcv: FfcvConfig = field(default_factory=FfcvConfig)
+    # Cutout square side for training batches of in-memory datasets (16 on CIFAR in DeVries &
+    # Taylor 2017; 0 = off, as in the papers' recipes). Image-file datasets refuse it.
+    cutout: int = 0
     # A few unreadable JPEGs in a 437k-image set should not kill a run hours in; more than this
     # fraction means the data is broken and the run stops with the list of files.
     max_bad_image_fraction: float = 0.001
@@ -86,6 +89,8 @@ class LoaderConfig:
             raise ValueError(f"data.loader.num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.max_bad_image_fraction < 1:
             raise ValueError("data.loader.max_bad_image_fraction must be in [0, 1)")
+        if self.cutout < 0:
+            raise ValueError(f"data.loader.cutout must be >= 0 (pixels; 0 = off), got {self.cutout}")
 
 
 @dataclass(frozen=True)

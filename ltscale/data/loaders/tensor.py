@@ -37,13 +37,31 @@ def random_crop_flip(
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def cutout(images: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Tensor:
+    """Batched Cutout (DeVries & Taylor, 2017): zero a ``size`` x ``size`` square of each image.
+
+    images: (B, C, H, W) normalised float, so zero is the dataset's mean colour; centres: (B, 2)
+    int64 (row, column) anywhere in the image, the square clipped at the borders as in the
+    paper's code (a square centred near an edge removes less).
+    """
+    height, width = images.shape[-2:]
+    low, high = centres - size // 2, centres + size - size // 2  # [low, high) per axis
+    rows = torch.arange(height, device=images.device)
+    cols = torch.arange(width, device=images.device)
+    inside_rows = (rows >= low[:, 0, None]) & (rows < high[:, 0, None])  # (B, H)
+    inside_cols = (cols >= low[:, 1, None]) & (cols < high[:, 1, None])  # (B, W)
+    square = inside_rows[:, :, None] & inside_cols[:, None, :]  # (B, H, W)
+    return images.masked_fill(square[:, None], 0.0)
+
+
 class TensorLoader:
     """Batches of ``{"image", "target", "index"}`` from an :class:`ArraySplit` held on ``device``.
 
     ``sampler`` supplies this rank's indices per epoch (instance- or class-balanced).
     ``augment``: random crop with ``padding`` and horizontal flip (training), or none (evaluation).
     ``views=2`` (with ``augment``) adds ``image_key``: the same images under a second, independently
-    drawn crop and flip (MoCo's key view).
+    drawn crop and flip (MoCo's key view). ``cutout`` > 0 (with ``augment``) also zeroes a
+    ``cutout``-pixel square of each training image (of the first view), from its own random stream.
     """
 
     def __init__(
@@ -60,6 +78,7 @@ class TensorLoader:
         seed: int = 0,
         views: int = 1,
         rank: int = 0,
+        cutout: int = 0,
     ) -> None:
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
@@ -75,6 +94,7 @@ class TensorLoader:
         self.seed = seed
         self.views = views
         self.rank = rank
+        self.cutout = cutout if augment else 0
         self.epoch = 0
         self.bad_files: list[str] = []  # in-memory arrays cannot be corrupt; kept for the loader interface
         # (N, 3, H, W) contiguous uint8 on the device: 150 MB for all of CIFAR-100.
@@ -119,15 +139,27 @@ class TensorLoader:
         flips = rng.random(count) < 0.5
         return torch.from_numpy(offsets).to(self.device, non_blocking=True), torch.from_numpy(flips).to(self.device, non_blocking=True)
 
+    def _cutout_plan(self, count: int) -> torch.Tensor:
+        """Square centres (count, 2), uniform over the image; a stream of their own, so the crops
+        and flips of a run with Cutout are those of the same run without it."""
+        rng = np.random.default_rng(self._seed_words(9))
+        height, width = self.images.shape[-2:]
+        centres = np.stack([rng.integers(0, height, size=count), rng.integers(0, width, size=count)], axis=1)
+        return torch.from_numpy(centres).to(self.device, non_blocking=True)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         order, offsets, flips = self._epoch_plan()
         key_offsets, key_flips = self._key_view_plan(len(order)) if self.views == 2 else (None, None)
+        centres = self._cutout_plan(len(order)) if self.cutout else None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
             source = images = self.images[index]  # (B, 3, H, W) uint8; each view crops it anew
             if offsets is not None and flips is not None:
                 images = random_crop_flip(images, offsets[start : start + self.batch_size], flips[start : start + self.batch_size], self.padding)
-            batch = {"image": self.normalize(images), "target": self.targets[index], "index": index}
+            image = self.normalize(images)
+            if centres is not None:
+                image = cutout(image, centres[start : start + self.batch_size], self.cutout)
+            batch = {"image": image, "target": self.targets[index], "index": index}
             if key_offsets is not None and key_flips is not None:
                 stop = start + self.batch_size
                 batch["image_key"] = self.normalize(random_crop_flip(source, key_offsets[start:stop], key_flips[start:stop], self.padding))
