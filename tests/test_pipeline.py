@@ -272,3 +272,28 @@ def test_runs_lists_recorded_pipelines_with_status_and_results(tmp_path, capsys)
     assert sum("FAILED" in line for line in lines) == 1
     failed_at = next(i for i, line in enumerate(lines) if "FAILED" in line)
     assert "tiny/tau" in lines[failed_at] and "validation split" in lines[failed_at + 1]
+
+
+def test_a_stage_builds_each_evaluation_loader_once(tmp_path, monkeypatch):
+    """LWS evaluates before and after re-balancing, a teacher with eval_every at several epochs:
+    one loader each (FFCV compiles, DataLoader workers start, once per stage), closed at its end."""
+    import ltscale.stages.context as context
+    from ltscale.config import apply_overrides
+
+    built, closed = [], []
+    real = context.build_loader
+
+    def counting(split, *args, train, **kwargs):
+        loader = real(split, *args, train=train, **kwargs)
+        if not train:
+            built.append(split.name)
+            loader.close = lambda: closed.append(split.name)  # what close() releases (DALI pipelines)
+        return loader
+
+    monkeypatch.setattr(context, "build_loader", counting)
+    config = apply_overrides(tiny("lws", tmp_path), ["stages.teacher.eval_every=1", "stages.teacher.optim.epochs=3"])
+    result = run_pipeline(config)
+    assert result.executed == ["teacher", "lws"]
+    test_split = [name for name in built if name.endswith("test")]
+    assert len(test_split) == 2, built  # one per stage, however many evaluations each made
+    assert sorted(closed) == sorted(built)

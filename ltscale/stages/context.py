@@ -38,6 +38,7 @@ class StageContext:
     step: str = "auto"  # the trainer's step: auto, eager or fast (PipelineConfig.step)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # PipelineConfig.deepspeed
     init_weights: InitWeights | None = None  # this stage's model.init_from, resolved by the pipeline
+    _eval_loaders: dict = field(default_factory=dict, repr=False)
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -63,8 +64,23 @@ class StageContext:
                             loader=self.loader_config, device=self.device, seed=self.seed, views=views)
 
     def eval_loader(self, split: Split, batch_size: int = 512):
-        return build_loader(split, self.bundle, train=False, batch_size=batch_size, loader=self.loader_config,
-                            device=self.device, seed=self.seed)
+        """A sequential loader over ``split``, built once per stage and reused by every evaluation
+        of it (``eval_every``, before and after re-balancing): FFCV compiles its pipeline and the
+        DataLoader starts its workers once, not per evaluation. :meth:`close` releases them."""
+        key = (id(split), batch_size)
+        if key not in self._eval_loaders:
+            loader = build_loader(split, self.bundle, train=False, batch_size=batch_size, loader=self.loader_config,
+                                  device=self.device, seed=self.seed)
+            self._eval_loaders[key] = (split, loader)  # the split kept alive, so its id stays its own
+        return self._eval_loaders[key][1]
+
+    def close(self) -> None:
+        """Release the stage's evaluation loaders (worker processes, DALI pipelines)."""
+        loaders, self._eval_loaders = self._eval_loaders, {}
+        for _, loader in loaders.values():
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
 
     def evaluate(self, network: Network, step: int | None = None, final: bool = True) -> dict[str, EvalResult]:
         """Evaluate every classifier head on the test split; log ``test/*`` for the predicted head

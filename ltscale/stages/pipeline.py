@@ -283,7 +283,10 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                                    init_weights=init_weights.get(name))
                 ctx.directory.mkdir(parents=True, exist_ok=True)
                 run.log_dict(_stage_record(name, stage, parents, key, version), "stage_config.json")
-                files = RUNNERS[stage.kind](stage, ctx, parents)
+                try:
+                    files = RUNNERS[stage.kind](stage, ctx, parents)
+                finally:
+                    ctx.close()
                 manifest = {
                     "stage": name, "config": dataclasses.asdict(stage), "run_id": run.run_id, "pipeline": config.name,
                     "parents": {role: {"stage": p.name, "key": p.key, "run_id": p.run_id} for role, p in parents.items()},
