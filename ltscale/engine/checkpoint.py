@@ -8,6 +8,7 @@ filtered.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -81,3 +82,12 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
         problems.append(f"unexpected keys {result.unexpected_keys[:8]}{' ...' if len(result.unexpected_keys) > 8 else ''}")
     if problems:
         raise CheckpointError(f"checkpoint {source} does not match the model: {'; '.join(problems)}")
+
+
+def file_checksum(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (stage outputs, pretrained weights)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

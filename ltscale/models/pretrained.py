@@ -19,7 +19,6 @@ weights' hash, or the sha256 of a local file), so replacing the file at the same
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.parse
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from ltscale.engine.checkpoint import file_checksum
 
 TORCHVISION_PREFIX = "torchvision:"
 _CLASSIFIER_PREFIXES = ("fc.",)
@@ -61,14 +62,6 @@ def _torchvision_weights(spec: str):
         ) from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve(spec: str, download: bool = True, identify: bool = True) -> InitWeights:
     """The local file ``spec`` names (downloading torchvision weights into the hub cache if allowed).
 
@@ -97,7 +90,7 @@ def resolve(spec: str, download: bool = True, identify: bool = True) -> InitWeig
     path = Path(spec).expanduser()
     if not path.is_file():
         raise PretrainedWeightsError(f"model.init_from={spec!r}: no such file ({path.resolve()})")
-    return InitWeights(spec, path.resolve(), f"sha256/{_sha256(path)}" if identify else "")
+    return InitWeights(spec, path.resolve(), f"sha256/{file_checksum(path)}" if identify else "")
 
 
 def identity(spec: str) -> str:

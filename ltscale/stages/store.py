@@ -9,7 +9,6 @@ without a manifest is unfinished and never trusted; its ``progress.pt`` lets the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ltscale.engine.checkpoint import atomic_write_json
+from ltscale.engine.checkpoint import atomic_write_json, file_checksum
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +43,6 @@ class StageOutput:
         if role not in files:
             raise KeyError(f"stage output {self.directory} has no {role!r} file (it has {sorted(files)})")
         return self.directory / files[role]
-
-
-def file_checksum(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Store:
