@@ -15,11 +15,11 @@ ImageNet-LT / Places-LT recipe), from the same list of JPEG files (the folder's 
   ``RandomHorizontalFlip``, ``ColorJitter``, ``ToTensor``, ``Normalize`` per sample in
   ``DataLoader(num_workers=--workers, pin_memory, persistent_workers)``, then ``.to(device)``.
 - ``ltscale-torch``: ltscale's DataLoader backend (:class:`FileLoader`: libjpeg-turbo decode,
-  uint8 transforms in workers, normalisation on the device).
+  uint8 crop and flip in workers, colour jitter and normalisation batched on the device).
 - ``ltscale-dali``: ltscale's DALI backend (:class:`DaliLoader`: nvJPEG / hardware decode on the
   GPU with ``--device cuda``, DALI's CPU threads otherwise).
 - ``ltscale-ffcv``: ltscale's FFCV backend (:class:`FfcvLoader`: one ``.beton`` file, numba-compiled
-  decode and crop in threads). Writing the file is a one-off per dataset, reported separately as
+  decode, crop and flip in threads, colour jitter and normalisation batched on the device). Writing the file is a one-off per dataset, reported separately as
   ``prepare_seconds`` and not in the epoch times.
 
 Each variant runs ``--warmup-epochs`` (worker start-up, pipeline build) and then ``--epochs``

@@ -15,7 +15,9 @@ it. A refused or interrupted write leaves no file under the final name.
 Sampling stays ltscale's: a traversal order hands FFCV the loader's sampler's indices for the
 epoch, so instance / class-balanced sampling and rank shards behave as in the other backends and
 ``index`` names the image of each row. Augmentations: FFCV's RandomResizedCrop decoder (scale
-0.08-1, ratio 3/4-4/3), flip and brightness / contrast / saturation jitter for training; centre
+0.08-1, ratio 3/4-4/3) and flip for training, then brightness / contrast / saturation jitter on
+the device, on the whole batch, as the torch backend does (:mod:`ltscale.data.loaders.jitter`:
+FFCV's own numba jitter operators halved this loader's throughput on a 2-core machine); centre
 crop of ``224 / 256`` of the shorter side, resized, for evaluation (FFCV decodes crop-then-resize,
 torchvision resizes then crops the same region). FFCV has one pipeline per field, so MoCo's
 second view (``views=2``) is not available here; use the ``dali`` or ``torch`` backend for it.
@@ -38,6 +40,7 @@ from ltscale.data.base import FileSplit, Normalization
 from ltscale.data.config import FfcvConfig
 from ltscale.data.errors import DatasetError
 from ltscale.data.loaders import ImageFileLoader
+from ltscale.data.loaders.jitter import EpochColorJitter
 from ltscale.data.loaders.bad_images import BadImageLedger, SameClassCandidates
 from ltscale.data.loaders.files import decode_image_file, describe_error
 from ltscale.engine.checkpoint import atomic_write_json
@@ -195,7 +198,9 @@ class FfcvLoader(ImageFileLoader):
 
     Same interface and batch contents as :class:`ltscale.data.loaders.files.FileLoader` (one view:
     ``views=2`` is refused). The ``.beton`` is written on first use (by rank 0 in a multi-process
-    run, the others wait for it); ``num_workers`` is FFCV's decoding threads.
+    run, the others wait for it); ``num_workers`` is FFCV's decoding threads. Colour jitter is
+    drawn per epoch from ``seed``, ``rank`` and the epoch; the crops and flips are not
+    reproducible (FFCV 1.0.2 draws them from numba's unseeded per-thread generators).
     """
 
     def __init__(
@@ -231,7 +236,10 @@ class FfcvLoader(ImageFileLoader):
         self.ledger.bad.update({int(k): v for k, v in json.loads(_sidecar(self.path).read_text()).get("bad", {}).items()})
         self._mean = torch.tensor(normalization.mean, device=self.device).mul(255).view(1, 3, 1, 1)
         self._std = torch.tensor(normalization.std, device=self.device).mul(255).view(1, 3, 1, 1)
-        self._loader = self._build(image_size, color_jitter, max(1, num_workers), seed * 1_000_003 + rank)
+        self._jitter = (
+            EpochColorJitter(color_jitter, seed=seed, rank=rank, device=self.device) if train and color_jitter > 0 else None
+        )
+        self._loader = self._build(image_size, max(1, num_workers), seed * 1_000_003 + rank)
 
     def _shared_write(self, max_bad_image_fraction: float) -> Path:
         """Rank 0 writes (or finds) the file; the others get its path or its error."""
@@ -252,12 +260,11 @@ class FfcvLoader(ImageFileLoader):
             raise DatasetError(error)
         return Path(path)
 
-    def _build(self, image_size: int, color_jitter: float, workers: int, seed: int) -> Any:
+    def _build(self, image_size: int, workers: int, seed: int) -> Any:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.traversal_order.base import TraversalOrder
-        from ffcv.transforms import (RandomBrightness, RandomContrast, RandomHorizontalFlip, RandomSaturation, Squeeze,
-                                     ToDevice, ToTensor, ToTorchImage)
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         owner = self
 
@@ -280,9 +287,6 @@ class FfcvLoader(ImageFileLoader):
 
         if self.train:
             image: list[Any] = [RandomResizedCropRGBImageDecoder((image_size, image_size)), RandomHorizontalFlip()]
-            if color_jitter > 0:
-                image += [RandomBrightness(color_jitter, p=1.0), RandomContrast(color_jitter, p=1.0),
-                          RandomSaturation(color_jitter, p=1.0)]
         else:
             image = [CenterCropRGBImageDecoder((image_size, image_size), ratio=224 / 256)]
         non_blocking = self.device.type == "cuda"
@@ -296,11 +300,16 @@ class FfcvLoader(ImageFileLoader):
         return loader
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._jitter is not None:
+            self._jitter.start(self._epoch, len(self.sampler))
         for position, (image, target, served) in enumerate(self._loader):
             if position == 0:  # the epoch thread has set its thread count by the first batch
                 _KeepTorchThreads.restore()
+            image = image.float()  # (B, 3, H, W) in [0, 255], a copy: FFCV reuses its buffers
+            if self._jitter is not None:
+                image = self._jitter(image)
             yield {
-                "image": image.float().sub_(self._mean).div_(self._std),  # (B, 3, H, W)
+                "image": image.sub_(self._mean).div_(self._std),  # (B, 3, H, W)
                 "target": target.long(),
                 "index": served.long(),
             }

@@ -1,9 +1,10 @@
 """The torch DataLoader backend for image files (:class:`FileSplit`: ImageNet-LT, Places-LT, iNat).
 
 Workers read and decode JPEGs (``torchvision.io.decode_jpeg``, PIL for anything else), crop and
-flip uint8 tensors, and the main process moves each uint8 batch to the device and normalises it
-there: a uint8 batch is a quarter of the bytes of a float one to pin and copy, and the arithmetic
-is free on the GPU.
+flip uint8 tensors, and the main process moves each uint8 batch to the device, where colour
+jitter (:mod:`ltscale.data.loaders.jitter`) and normalisation run on the whole batch: a uint8 batch
+is a quarter of the bytes of a float one to pin and copy, and the arithmetic is free on the GPU
+while the workers' cores are what decoding is short of.
 
 Unreadable images follow :mod:`ltscale.data.loaders.bad_images` (same-class substitutes in
 training, an error naming the file in evaluation). Workers report failures inside the batch
@@ -27,6 +28,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from ltscale.data.base import FileSplit, Normalization
 from ltscale.data.loaders import ImageFileLoader
 from ltscale.data.loaders.bad_images import SameClassCandidates
+from ltscale.data.loaders.jitter import EpochColorJitter
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +58,14 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
 
-def build_transform(train: bool, image_size: int, color_jitter: float = 0.4) -> transforms.Transform:
-    """The per-sample uint8 transform: ImageNet-style random-resized-crop + flip (+ colour jitter)
-    for training, resize to ``image_size * 256 / 224`` + centre crop for evaluation."""
+def build_transform(train: bool, image_size: int) -> transforms.Transform:
+    """The per-sample uint8 transform of the workers: ImageNet-style random-resized-crop + flip for
+    training (colour jitter follows on the device), resize to ``image_size * 256 / 224`` + centre
+    crop for evaluation."""
     if train:
-        steps: list[transforms.Transform] = [
-            transforms.RandomResizedCrop(image_size, antialias=True),
-            transforms.RandomHorizontalFlip(),
-        ]
-        if color_jitter > 0:
-            steps.append(transforms.ColorJitter(color_jitter, color_jitter, color_jitter))
-        return transforms.Compose(steps)
+        return transforms.Compose(
+            [transforms.RandomResizedCrop(image_size, antialias=True), transforms.RandomHorizontalFlip()]
+        )
     return transforms.Compose(
         [transforms.Resize(int(image_size * 256 / 224), antialias=True), transforms.CenterCrop(image_size)]
     )
@@ -151,9 +150,10 @@ class FileLoader(ImageFileLoader):
     ``views=2`` (training only) adds ``image_key``: the same images under an independent second
     augmentation, MoCo v2's (:func:`build_key_transform`), normalised like ``image``.
 
-    Augmentation randomness comes from torch's RNG: the DataLoader seeds each worker from the
-    main process's generator, so ``torch.manual_seed`` before building the loader fixes it (ranks
-    other than 0 draw from their own generator, seeded from ``seed`` and ``rank``).
+    Crops and flips come from torch's RNG: the DataLoader seeds each worker from the main
+    process's generator, so ``torch.manual_seed`` before building the loader fixes them (ranks
+    other than 0 draw from their own generator, seeded from ``seed`` and ``rank``). Colour jitter
+    is drawn per epoch from ``seed``, ``rank`` and the epoch (:class:`EpochColorJitter`).
     ``max_bad_image_fraction`` is checked against this process's count, so under DDP each rank
     stops on its own share of bad files.
     """
@@ -179,7 +179,7 @@ class FileLoader(ImageFileLoader):
         super().__init__(split, train=train, batch_size=batch_size, sampler=sampler, drop_last=drop_last, device=device,
                          views=views, max_bad_image_fraction=max_bad_image_fraction)
         self.dataset = _FileDataset(
-            split, build_transform(train, image_size, color_jitter), image_size, substitute=train,
+            split, build_transform(train, image_size), image_size, substitute=train,
             key_transform=build_key_transform(image_size) if views == 2 else None,
         )
         pin = self.device.type == "cuda"
@@ -199,17 +199,24 @@ class FileLoader(ImageFileLoader):
             generator=torch.Generator().manual_seed(seed * 1_000_003 + rank) if rank else None,
         )
         self._non_blocking = pin
+        self._jitter = (
+            EpochColorJitter(color_jitter, seed=seed, rank=rank, device=self.device) if train and color_jitter > 0 else None
+        )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._jitter is not None:
+            self._jitter.start(self._epoch, len(self.sampler))
         for batch in self._loader:
             # Both checks read CPU tensors and lists the workers built: no device sync.
             if batch["failures"]:
                 self.ledger.record(batch["failures"])
             if not bool(batch["ok"].all()):
                 raise self.ledger.unusable(int(batch["index"][int(torch.nonzero(~batch["ok"])[0])]))
-            image = batch["image"].to(self.device, non_blocking=self._non_blocking)
+            image = batch["image"].to(self.device, non_blocking=self._non_blocking).float()  # (B, 3, H, W) in [0, 255]
+            if self._jitter is not None:
+                image = self._jitter(image)
             out = {
-                "image": image.float().sub_(self._mean).div_(self._std),  # (B, 3, H, W)
+                "image": image.sub_(self._mean).div_(self._std),  # (B, 3, H, W)
                 "target": batch["target"].to(self.device, non_blocking=self._non_blocking),
                 "index": batch["index"].to(self.device, non_blocking=self._non_blocking),
             }
