@@ -1,10 +1,10 @@
 """Colour jitter for whole batches on the training device, shared by the torch and FFCV backends.
 
 Why not in the decoding workers: colour jitter is pure arithmetic on every pixel, which the GPU
-does for free on a batch, while on the CPU it costs decoding throughput the loader needs. Measured
-on 2 cores (250 ImageNet JPEGs, 224 px crops, batch 256): FFCV's numba jitter operators cut its
-loader from 530 to 236 images/s, torchvision's ``ColorJitter`` in DataLoader workers from 398
-to 355. Drawing every image's parameters once per epoch from a seed (as the tensor loader does
+does for free on a batch, while in the decoding threads it costs throughput the loader needs:
+on 2 CPU cores, moving it here took the FFCV backend from 241 to 359 images/s
+(``tools/bench/jpeg_loader.py``, RESULTS.md): its numba jitter operators had taken a third of
+its time. Drawing every image's parameters once per epoch from a seed (as the tensor loader does
 for its crops) also makes an epoch's colours independent of the workers and of what ran before.
 
 The definition is torchvision's ``ColorJitter(brightness=s, contrast=s, saturation=s)`` on float
