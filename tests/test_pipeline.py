@@ -61,6 +61,9 @@ def test_ssd_pipeline_end_to_end_with_lineage_in_mlflow_server(tmp_path, mlflow_
     parent = client.get_run(result.run_id)
     assert parent.data.metrics["test/top1"] == pytest.approx(result.metrics()["test/top1"])
     assert parent.data.params["stages.student.temperature"] == "2.0"
+    # The run's name tells a sweep's seeds apart; the pipeline tag (on every run) is the bare name.
+    assert parent.info.run_name == f"{config.name} seed {config.seed}"
+    assert parent.data.tags["ltscale.pipeline"] == config.name
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
     by_stage = {run.data.tags["ltscale.stage"]: run for run in children}
     assert set(by_stage) == set(config.stages)
@@ -71,6 +74,7 @@ def test_ssd_pipeline_end_to_end_with_lineage_in_mlflow_server(tmp_path, mlflow_
         assert split_run_ids(run.data.tags.get(TAG_PARENT_RUNS, "")) == [by_stage[p].info.run_id for p in parents]
         assert run.data.tags[TAG_CONFIG_HASH] == result.outputs[stage].key
         assert run.info.status == "FINISHED"
+        assert run.data.tags["ltscale.pipeline"] == config.name
     teacher_run = by_stage["teacher"]
     assert "train/loss" in teacher_run.data.metrics and "test/few" in teacher_run.data.metrics
     assert len(client.get_metric_history(teacher_run.info.run_id, "train/loss")) == TINY.optim.epochs

@@ -247,7 +247,10 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
     progress = progress or Progress(enabled=config.progress and main)
     version = code_version()
     pipeline_tags = {TAG_PIPELINE: config.name, TAG_CODE_VERSION: version, "ltscale.result_stage": config.result}
-    with tracker.pipeline_run(config.name, flatten_config(config), pipeline_tags) as parent:
+    # The seed is in the run's name because a sweep's runs are otherwise the same name in a row
+    # of the MLflow UI; the pipeline tag stays the bare name, for grouping and look-ups.
+    run_name = f"{config.name} seed {config.seed}"
+    with tracker.pipeline_run(run_name, flatten_config(config), pipeline_tags) as parent:
         counts = bundle.train.class_counts()
         parent.log_dataset(bundle.name, fingerprint, config.data.root or "generated", "training", len(bundle.train),
                            extra={"class_counts": counts.tolist(), "num_classes": int(bundle.num_classes)})

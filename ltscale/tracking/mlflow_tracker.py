@@ -330,6 +330,7 @@ class Tracker:
             self.experiment_id = self._ensure_experiment()
         self.code_version = code_version()
         self._active: list[tuple[str, RunHandle]] = []  # (run name, handle), outermost first
+        self._pipeline_tag = ""  # TAG_PIPELINE of the active pipeline run
 
     @property
     def tracking_uri(self) -> str:
@@ -451,7 +452,9 @@ class Tracker:
             self.end_abandoned_runs()
         except Exception:  # noqa: BLE001 - tidying the record of dead runs must not stop a live one
             logger.exception("could not check %s for runs abandoned by earlier attempts", self._uri)
-        with self._run(name, params, {**self._default_tags(), TAG_PIPELINE: name, **tags}) as handle:
+        all_tags = {**self._default_tags(), TAG_PIPELINE: name, **tags}
+        self._pipeline_tag = all_tags[TAG_PIPELINE]  # its stage runs carry the same (the run name may differ)
+        with self._run(name, params, all_tags) as handle:
             yield handle
 
     @contextmanager
@@ -462,10 +465,10 @@ class Tracker:
         """
         if not self._active:
             raise RuntimeError(f"stage_run({stage!r}) needs an active pipeline_run")
-        pipeline_name, parent = self._active[0][0], self._active[-1][1]
+        parent = self._active[-1][1]
         all_tags = {
             **self._default_tags(),
-            TAG_PIPELINE: pipeline_name,
+            TAG_PIPELINE: self._pipeline_tag,
             TAG_STAGE: stage,
             MLFLOW_PARENT_RUN_ID: parent.run_id,
             **tags,
