@@ -141,15 +141,20 @@ def _loader(cls, split, color_jitter: float, **extra):
     )
 
 
-def test_torch_backend_jitters_exactly_the_images_it_delivers(tmp_path):
-    """Same worker seed with and without jitter: the same crops, then the epoch's jitter draws."""
-    from ltscale.data.loaders.files import FileLoader
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_backend_jitters_exactly_the_images_it_delivers(tmp_path, backend):
+    """Same seeds with and without jitter: the same crops, then the epoch's jitter draws."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install 'ltscale[dali]')")
+        from ltscale.data.loaders.dali import DaliLoader as Loader
+    else:
+        from ltscale.data.loaders.files import FileLoader as Loader
 
     split = _image_tree_split(tmp_path)
 
     def epoch_batches(color_jitter: float, epoch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        torch.manual_seed(0)  # the workers' crops and flips
-        loader = _loader(FileLoader, split, color_jitter)
+        torch.manual_seed(0)  # the torch backend's worker crops and flips (DALI's come from seed=5)
+        loader = _loader(Loader, split, color_jitter)
         loader.set_epoch(epoch)
         batches = list(loader)
         return [b["image"] for b in batches], [b["index"] for b in batches]

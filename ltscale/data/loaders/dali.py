@@ -19,12 +19,14 @@ is lost or repeated. A failure no CPU decoder reproduces is raised with DALI's m
 
 Augmentations, as the torch backend's (:func:`ltscale.data.loaders.files.build_transform` and
 ``build_key_transform``) in DALI operators: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, fused
-into the decoder so only the crop is decoded) + flip + colour jitter for training; shorter side
-to ``image_size * 256 / 224`` + centre crop for evaluation; MoCo v2's key view (scale 0.2-1,
-jitter 0.4/0.4/0.4/0.1 with p 0.8, greyscale p 0.2, blur p 0.5, flip). Differences in detail:
-DALI's colour twist applies brightness, contrast, saturation and hue as one linear map in a fixed
-order (torchvision: random order, contrast around the image mean), and its resampling filters
-differ from torchvision's by about a grey level.
+into the decoder so only the crop is decoded) + flip for training, then the same colour jitter as
+the torch and FFCV backends, applied to DALI's output batch on the device
+(:mod:`ltscale.data.loaders.jitter`: torchvision's definition, random order, contrast around the
+image's mean; DALI's ``color_twist`` is one linear map in a fixed order with contrast around mid
+grey, a different augmentation from the papers' recipes); shorter side to
+``image_size * 256 / 224`` + centre crop for evaluation; MoCo v2's key view (scale 0.2-1,
+jitter 0.4/0.4/0.4/0.1 with p 0.8, greyscale p 0.2, blur p 0.5, flip), whose jitter stays DALI's
+``color_twist``. DALI's resampling filters differ from torchvision's by about a grey level.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from ltscale.data.base import FileSplit, Normalization
 from ltscale.data.errors import DatasetError
 from ltscale.data.loaders import ImageFileLoader
 from ltscale.data.loaders.files import decode_image_file, describe_error
+from ltscale.data.loaders.jitter import EpochColorJitter
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +169,6 @@ class DaliLoader(ImageFileLoader):
                          views=views, max_bad_image_fraction=max_bad_image_fraction)
         self.image_size = image_size
         self.normalization = normalization
-        self.color_jitter = color_jitter
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.threads = max(1, num_workers)
@@ -179,6 +181,11 @@ class DaliLoader(ImageFileLoader):
         self._source: _EpochSource | None = None
         self._pipe_seed: int | None = None
         self._reusable = False
+        self._jitter = (
+            EpochColorJitter(color_jitter, seed=seed, rank=rank, device=self.device) if train and color_jitter > 0 else None
+        )
+        self._mean = torch.tensor(normalization.mean, device=self.device).mul(255).view(1, 3, 1, 1)
+        self._std = torch.tensor(normalization.std, device=self.device).mul(255).view(1, 3, 1, 1)
 
     # ------------------------------------------------------------------ reading
 
@@ -250,15 +257,13 @@ class DaliLoader(ImageFileLoader):
             query = fn.random_resized_crop(
                 decoded, size=[size, size], random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
             )
-        if self.color_jitter > 0:
-            jitter = [max(0.0, 1 - self.color_jitter), 1 + self.color_jitter]
-            query = fn.color_twist(
-                query,
-                brightness=fn.random.uniform(range=jitter),
-                contrast=fn.random.uniform(range=jitter),
-                saturation=fn.random.uniform(range=jitter),
-            )
-        outputs = [normalize(query, mirror=fn.random.coin_flip(probability=0.5))]
+        flip = fn.random.coin_flip(probability=0.5)
+        if self._jitter is not None:
+            # Colour jitter and normalisation follow in torch, on the device (see the module doc):
+            # the query leaves DALI as float in [0, 255].
+            outputs = [fn.crop_mirror_normalize(query, dtype=types.FLOAT, output_layout="CHW", mirror=flip)]
+        else:
+            outputs = [normalize(query, mirror=flip)]
         if decoded is not None:
             outputs.append(normalize(self._moco_key(decoded), mirror=fn.random.coin_flip(probability=0.5)))
         return outputs
@@ -384,6 +389,8 @@ class DaliLoader(ImageFileLoader):
         batches = [indices[i : min(i + self.batch_size, stop)] for i in range(0, stop, self.batch_size)]
         if not batches:
             return
+        if self._jitter is not None:
+            self._jitter.start(self._epoch, stop)  # rows in delivery order, across pipeline rebuilds
         delivered, attempt = 0, 0
         pipe, source = self._start(batches, 0, attempt)
         self._reusable = False
@@ -405,8 +412,11 @@ class DaliLoader(ImageFileLoader):
             served = source.served.pop(delivered)
             delivered += 1
             index = torch.from_numpy(served)
+            image = self._to_torch(outputs[0])  # (B, 3, S, S)
+            if self._jitter is not None:
+                image = self._jitter(image).sub_(self._mean).div_(self._std)
             batch = {
-                "image": self._to_torch(outputs[0]),
+                "image": image,
                 "target": torch.from_numpy(self.split.targets[served]).to(self.device, non_blocking=True),
                 "index": index.to(self.device, non_blocking=True),
             }
