@@ -2,9 +2,9 @@
 
 Why not in the decoding workers: colour jitter is pure arithmetic on every pixel, which the GPU
 does for free on a batch, while in the decoding threads it costs throughput the loader needs:
-on 2 CPU cores, moving it here took the FFCV backend from 241 to 359 images/s
-(``tools/bench/jpeg_loader.py``, RESULTS.md): its numba jitter operators had taken a third of
-its time. Drawing every image's parameters once per epoch from a seed (as the tensor loader does
+on 2 CPU cores, moving it here took the FFCV backend from ~230 to ~390 images/s
+(``tools/bench/jpeg_loader.py``, interleaved runs in RESULTS.md): its numba jitter operators had
+taken 40 % of its time. Drawing every image's parameters once per epoch from a seed (as the tensor loader does
 for its crops) also makes an epoch's colours independent of the workers and of what ran before.
 
 The definition is torchvision's ``ColorJitter(brightness=s, contrast=s, saturation=s)`` on float
