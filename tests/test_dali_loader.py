@@ -290,7 +290,7 @@ def test_jpeg_loader_benchmark_cpu_smoke(tmp_path):
     done = subprocess.run(
         [sys.executable, str(repo / "tools" / "bench" / "jpeg_loader.py"), "--images", str(images), "--count", "24",
          "--batch-size", "8", "--image-size", "32", "--workers", "1", "--epochs", "1", "--warmup-epochs", "0",
-         "--device", "cpu", "--variants", "usual,ltscale-torch,ltscale-dali", "--out", str(out)],
+         "--device", "cpu", "--variants", "usual,ltscale-torch,ltscale-dali", "--color-jitter", "0", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -300,3 +300,4 @@ def test_jpeg_loader_benchmark_cpu_smoke(tmp_path):
         assert summary["images_per_epoch"] == 24 and summary["images_per_second"] > 0
     assert report["environment"]["code_version"] and report["dali_version"]
     assert "| ltscale-dali |" in report["markdown"] and "| ltscale-dali |" in done.stdout
+    assert "colour jitter 0," in report["markdown"]  # iNaturalist's setting, as asked

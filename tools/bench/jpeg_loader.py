@@ -7,7 +7,7 @@ Usage (from the repository root; on a CUDA machine for the numbers that matter):
 
 All variants produce the same thing, a training batch of ``--batch-size`` normalised float
 (B, 3, 224, 224) images on ``--device`` with RandomResizedCrop + flip + ColorJitter(0.4) (the
-ImageNet-LT / Places-LT recipe), from the same list of JPEG files (the folder's images repeated to
+ImageNet-LT / Places-LT recipe; ``--color-jitter 0`` for iNaturalist's, which has none), from the same list of JPEG files (the folder's images repeated to
 ``--count``, so the files sit in the page cache: decoding and augmentation are measured, not disk):
 
 - ``usual``: what the public long-tail code does (classifier-balancing, BBN, SSD, DiVE):
@@ -71,8 +71,9 @@ def usual_loader(split, args: argparse.Namespace, device: torch.device) -> Calla
 
     class Folder(torch.utils.data.Dataset):
         def __init__(self) -> None:
+            jitter = [T.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter)] if args.color_jitter > 0 else []
             self.transform = T.Compose([
-                T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4),
+                T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), *jitter,
                 T.ToTensor(), T.Normalize(norm.mean, norm.std),
             ])
 
@@ -116,7 +117,7 @@ def ltscale_loader(split, args: argparse.Namespace, device: torch.device, backen
     loader = Loader(
         split, train=True, batch_size=args.batch_size, sampler=InstanceBalancedSampler(len(split), seed=0),
         image_size=args.image_size, normalization=IMAGENET_NORMALIZATION, num_workers=args.workers,
-        max_bad_image_fraction=0.0, drop_last=False, device=device, color_jitter=0.4, **extra,
+        max_bad_image_fraction=0.0, drop_last=False, device=device, color_jitter=args.color_jitter, **extra,
     )
     args.prepare_seconds[backend] = time.perf_counter() - started
     state = {"epoch": 0}
@@ -151,6 +152,7 @@ def timed(epoch: Callable[[], int], device: torch.device, warmup: int, epochs: i
 def markdown(report: dict[str, Any]) -> str:
     env, arguments = report["environment"], report["arguments"]
     lines = [f"JPEG loading, {report['dataset']} ({arguments['image_size']} px, batch {arguments['batch_size']}, "
+             f"colour jitter {arguments.get('color_jitter', 0.4):g}, "
              f"{arguments['workers']} workers/threads), {env.get('gpu', env['device'])}, {env['cpu_count']} CPUs, "
              f"torch {env['torch']}, DALI {report.get('dali_version', '—')}, code {env['code_version']}", "",
              "| pipeline | images/s | s/epoch | x usual |", "|---|---:|---:|---:|"]
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=5000, help="images per epoch, the folder's repeated (default 5000)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--color-jitter", type=float, default=0.4,
+                        help="ColorJitter strength (0.4: ImageNet-LT / Places-LT; 0: iNaturalist, no jitter)")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers / DALI threads (default 8)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--warmup-epochs", type=int, default=1)
