@@ -5,17 +5,22 @@ from __future__ import annotations
 import torch
 import torch.utils.data
 
-from ltscale.data.base import FileSplit
+from ltscale.data.base import FileSplit, Normalization
 
 
 class ImageFileLoader:
     """What every image-file backend (torch DataLoader, DALI, FFCV) shares: the sampler's epoch
-    cut into batches of ``batch_size``, the arguments' checks, and the bad files met so far
-    (:mod:`ltscale.data.loaders.bad_images`; a backend records into ``self.ledger``)."""
+    cut into batches of ``batch_size``, the arguments' checks, the bad files met so far
+    (:mod:`ltscale.data.loaders.bad_images`; a backend records into ``self.ledger``), and the
+    device-side end of the training augmentation: colour jitter of the first view
+    (:mod:`ltscale.data.loaders.jitter`, drawn per epoch from ``seed`` and ``rank``) and
+    normalisation (:meth:`_on_device`)."""
 
     def __init__(self, split: FileSplit, *, train: bool, batch_size: int, sampler: torch.utils.data.Sampler | None,
-                 drop_last: bool, device: torch.device | str, views: int, max_bad_image_fraction: float) -> None:
+                 drop_last: bool, device: torch.device | str, views: int, max_bad_image_fraction: float,
+                 normalization: Normalization, color_jitter: float, seed: int, rank: int) -> None:
         from ltscale.data.loaders.bad_images import BadImageLedger
+        from ltscale.data.loaders.jitter import EpochColorJitter
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -28,10 +33,18 @@ class ImageFileLoader:
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # DALI needs the device id
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.views = views
         self.sampler = sampler if sampler is not None else torch.utils.data.SequentialSampler(range(len(split)))
         self.ledger = BadImageLedger(split, substitute=train, max_bad_image_fraction=max_bad_image_fraction)
         self._epoch = 0
+        self.normalization = normalization
+        self._mean = torch.tensor(normalization.mean, device=self.device).mul(255).view(1, 3, 1, 1)
+        self._std = torch.tensor(normalization.std, device=self.device).mul(255).view(1, 3, 1, 1)
+        self._jitter = (
+            EpochColorJitter(color_jitter, seed=seed, rank=rank, device=self.device) if train and color_jitter > 0 else None
+        )
 
     def __len__(self) -> int:
         samples = len(self.sampler)
@@ -41,6 +54,19 @@ class ImageFileLoader:
         self._epoch = epoch
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+
+    def _start_epoch(self, count: int) -> None:
+        """Draw the colour jitter of the ``count`` images this epoch delivers, in delivery order."""
+        if self._jitter is not None:
+            self._jitter.start(self._epoch, count)
+
+    def _on_device(self, images: torch.Tensor, *, jitter: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) uint8, or float in [0, 255], on the device -> the epoch's next colour
+        jitter (with ``jitter``, training only) and normalisation; a float input is modified."""
+        images = images.float()
+        if jitter and self._jitter is not None:
+            images = self._jitter(images)
+        return images.sub_(self._mean).div_(self._std)
 
     @property
     def bad_files(self) -> list[str]:

@@ -46,7 +46,6 @@ from ltscale.data.base import FileSplit, Normalization
 from ltscale.data.errors import DatasetError
 from ltscale.data.loaders import ImageFileLoader
 from ltscale.data.loaders.files import decode_image_file, describe_error
-from ltscale.data.loaders.jitter import EpochColorJitter
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +165,9 @@ class DaliLoader(ImageFileLoader):
     ) -> None:
         _require_dali()
         super().__init__(split, train=train, batch_size=batch_size, sampler=sampler, drop_last=drop_last, device=device,
-                         views=views, max_bad_image_fraction=max_bad_image_fraction)
+                         views=views, max_bad_image_fraction=max_bad_image_fraction, normalization=normalization,
+                         color_jitter=color_jitter, seed=seed, rank=rank)
         self.image_size = image_size
-        self.normalization = normalization
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         self.threads = max(1, num_workers)
         self.seed = seed
         self.rank = rank
@@ -181,11 +178,6 @@ class DaliLoader(ImageFileLoader):
         self._source: _EpochSource | None = None
         self._pipe_seed: int | None = None
         self._reusable = False
-        self._jitter = (
-            EpochColorJitter(color_jitter, seed=seed, rank=rank, device=self.device) if train and color_jitter > 0 else None
-        )
-        self._mean = torch.tensor(normalization.mean, device=self.device).mul(255).view(1, 3, 1, 1)
-        self._std = torch.tensor(normalization.std, device=self.device).mul(255).view(1, 3, 1, 1)
 
     # ------------------------------------------------------------------ reading
 
@@ -389,8 +381,7 @@ class DaliLoader(ImageFileLoader):
         batches = [indices[i : min(i + self.batch_size, stop)] for i in range(0, stop, self.batch_size)]
         if not batches:
             return
-        if self._jitter is not None:
-            self._jitter.start(self._epoch, stop)  # rows in delivery order, across pipeline rebuilds
+        self._start_epoch(stop)  # rows in delivery order, across pipeline rebuilds
         delivered, attempt = 0, 0
         pipe, source = self._start(batches, 0, attempt)
         self._reusable = False
@@ -413,8 +404,8 @@ class DaliLoader(ImageFileLoader):
             delivered += 1
             index = torch.from_numpy(served)
             image = self._to_torch(outputs[0])  # (B, 3, S, S)
-            if self._jitter is not None:
-                image = self._jitter(image).sub_(self._mean).div_(self._std)
+            if self._jitter is not None:  # DALI left it in [0, 255] (see _graph)
+                image = self._on_device(image)
             batch = {
                 "image": image,
                 "target": torch.from_numpy(self.split.targets[served]).to(self.device, non_blocking=True),

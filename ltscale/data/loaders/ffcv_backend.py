@@ -17,7 +17,7 @@ epoch, so instance / class-balanced sampling and rank shards behave as in the ot
 ``index`` names the image of each row. Augmentations: FFCV's RandomResizedCrop decoder (scale
 0.08-1, ratio 3/4-4/3) and flip for training, then brightness / contrast / saturation jitter on
 the device, on the whole batch, as the torch backend does (:mod:`ltscale.data.loaders.jitter`:
-FFCV's own numba jitter operators halved this loader's throughput on a 2-core machine); centre
+FFCV's own numba jitter operators took 40 % of this loader's time on a 2-core machine); centre
 crop of ``224 / 256`` of the shorter side, resized, for evaluation (FFCV decodes crop-then-resize,
 torchvision resizes then crops the same region). FFCV has one pipeline per field, so MoCo's
 second view (``views=2``) is not available here; use the ``dali`` or ``torch`` backend for it.
@@ -40,7 +40,6 @@ from ltscale.data.base import FileSplit, Normalization
 from ltscale.data.config import FfcvConfig
 from ltscale.data.errors import DatasetError
 from ltscale.data.loaders import ImageFileLoader
-from ltscale.data.loaders.jitter import EpochColorJitter
 from ltscale.data.loaders.bad_images import BadImageLedger, SameClassCandidates
 from ltscale.data.loaders.files import decode_image_file, describe_error
 from ltscale.engine.checkpoint import atomic_write_json
@@ -224,7 +223,8 @@ class FfcvLoader(ImageFileLoader):
     ) -> None:
         _require_ffcv()
         super().__init__(split, train=train, batch_size=batch_size, sampler=sampler, drop_last=drop_last, device=device,
-                         views=views, max_bad_image_fraction=max_bad_image_fraction)
+                         views=views, max_bad_image_fraction=max_bad_image_fraction, normalization=normalization,
+                         color_jitter=color_jitter, seed=seed, rank=rank)
         if views != 1:
             raise ValueError(
                 "data.loader.backend=ffcv gives one augmented view per image (FFCV has one pipeline per field); "
@@ -234,11 +234,6 @@ class FfcvLoader(ImageFileLoader):
         self.path = self._shared_write(max_bad_image_fraction)
         # The images the write found unreadable (and replaced), for bad_files.
         self.ledger.bad.update({int(k): v for k, v in json.loads(_sidecar(self.path).read_text()).get("bad", {}).items()})
-        self._mean = torch.tensor(normalization.mean, device=self.device).mul(255).view(1, 3, 1, 1)
-        self._std = torch.tensor(normalization.std, device=self.device).mul(255).view(1, 3, 1, 1)
-        self._jitter = (
-            EpochColorJitter(color_jitter, seed=seed, rank=rank, device=self.device) if train and color_jitter > 0 else None
-        )
         self._loader = self._build(image_size, max(1, num_workers), seed * 1_000_003 + rank)
 
     def _shared_write(self, max_bad_image_fraction: float) -> Path:
@@ -300,16 +295,12 @@ class FfcvLoader(ImageFileLoader):
         return loader
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._jitter is not None:
-            self._jitter.start(self._epoch, len(self.sampler))
+        self._start_epoch(len(self.sampler))
         for position, (image, target, served) in enumerate(self._loader):
             if position == 0:  # the epoch thread has set its thread count by the first batch
                 _KeepTorchThreads.restore()
-            image = image.float()  # (B, 3, H, W) in [0, 255], a copy: FFCV reuses its buffers
-            if self._jitter is not None:
-                image = self._jitter(image)
             yield {
-                "image": image.sub_(self._mean).div_(self._std),  # (B, 3, H, W)
+                "image": self._on_device(image),  # (B, 3, H, W); a float copy of FFCV's uint8 buffer
                 "target": target.long(),
                 "index": served.long(),
             }

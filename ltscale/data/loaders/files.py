@@ -28,7 +28,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from ltscale.data.base import FileSplit, Normalization
 from ltscale.data.loaders import ImageFileLoader
 from ltscale.data.loaders.bad_images import SameClassCandidates
-from ltscale.data.loaders.jitter import EpochColorJitter
 
 logger = logging.getLogger(__name__)
 
@@ -177,14 +176,13 @@ class FileLoader(ImageFileLoader):
         rank: int = 0,
     ) -> None:
         super().__init__(split, train=train, batch_size=batch_size, sampler=sampler, drop_last=drop_last, device=device,
-                         views=views, max_bad_image_fraction=max_bad_image_fraction)
+                         views=views, max_bad_image_fraction=max_bad_image_fraction, normalization=normalization,
+                         color_jitter=color_jitter, seed=seed, rank=rank)
         self.dataset = _FileDataset(
             split, build_transform(train, image_size), image_size, substitute=train,
             key_transform=build_key_transform(image_size) if views == 2 else None,
         )
         pin = self.device.type == "cuda"
-        self._mean = torch.tensor(normalization.mean, device=self.device).mul(255).view(1, 3, 1, 1)
-        self._std = torch.tensor(normalization.std, device=self.device).mul(255).view(1, 3, 1, 1)
         self._loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=batch_size,
@@ -199,30 +197,24 @@ class FileLoader(ImageFileLoader):
             generator=torch.Generator().manual_seed(seed * 1_000_003 + rank) if rank else None,
         )
         self._non_blocking = pin
-        self._jitter = (
-            EpochColorJitter(color_jitter, seed=seed, rank=rank, device=self.device) if train and color_jitter > 0 else None
-        )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._jitter is not None:
-            self._jitter.start(self._epoch, len(self.sampler))
+        self._start_epoch(len(self.sampler))
         for batch in self._loader:
             # Both checks read CPU tensors and lists the workers built: no device sync.
             if batch["failures"]:
                 self.ledger.record(batch["failures"])
             if not bool(batch["ok"].all()):
                 raise self.ledger.unusable(int(batch["index"][int(torch.nonzero(~batch["ok"])[0])]))
-            image = batch["image"].to(self.device, non_blocking=self._non_blocking).float()  # (B, 3, H, W) in [0, 255]
-            if self._jitter is not None:
-                image = self._jitter(image)
+            image = batch["image"].to(self.device, non_blocking=self._non_blocking)
             out = {
-                "image": image.sub_(self._mean).div_(self._std),  # (B, 3, H, W)
+                "image": self._on_device(image),  # (B, 3, H, W)
                 "target": batch["target"].to(self.device, non_blocking=self._non_blocking),
                 "index": batch["index"].to(self.device, non_blocking=self._non_blocking),
             }
             if "image_key" in batch:
                 key = batch["image_key"].to(self.device, non_blocking=self._non_blocking)
-                out["image_key"] = key.float().sub_(self._mean).div_(self._std)  # (B, 3, H, W)
+                out["image_key"] = self._on_device(key, jitter=False)  # (B, 3, H, W): MoCo's own augmentation
             yield out
 
 

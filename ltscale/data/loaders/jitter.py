@@ -1,18 +1,19 @@
-"""Colour jitter for whole batches on the training device, shared by the torch and FFCV backends.
+"""Colour jitter for whole batches on the training device, shared by the torch, DALI and FFCV backends.
 
 Why not in the decoding workers: colour jitter is pure arithmetic on every pixel, which the GPU
 does for free on a batch, while in the decoding threads it costs throughput the loader needs:
 on 2 CPU cores, moving it here took the FFCV backend from ~230 to ~390 images/s
 (``tools/bench/jpeg_loader.py``, interleaved runs in RESULTS.md): its numba jitter operators had
-taken 40 % of its time. Drawing every image's parameters once per epoch from a seed (as the tensor loader does
-for its crops) also makes an epoch's colours independent of the workers and of what ran before.
+taken 40 % of its time. Drawing every image's parameters once per epoch from a seed (as the
+tensor loader does for its crops) also makes an epoch's colours independent of the workers and of
+what ran before.
 
 The definition is torchvision's ``ColorJitter(brightness=s, contrast=s, saturation=s)`` on float
 images: each image gets factors b, c, t uniform in [max(0, 1 - s), 1 + s] and a random order of
 the three operations, each a blend ``clamp(f * x + (1 - f) * reference)`` with reference 0
 (brightness), the mean of the image's greyscale (contrast) or its greyscale (saturation), where
-greyscale is 0.2989 R + 0.587 G + 0.114 B. DALI's backend keeps its own ``color_twist`` (one
-linear map in a fixed order, already on the GPU in its graph).
+greyscale is 0.2989 R + 0.587 G + 0.114 B. (DALI's ``color_twist``, one linear map in a fixed
+order with contrast around mid grey, is a different augmentation; MoCo's key view keeps it.)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, orders: torch.Tens
     batch, _, height, width = images.shape
     # One (B, 1, H, W) buffer, reused by every step, and in-place arithmetic throughout: on a CPU,
     # fresh 50 MB temporaries cost more in page faults than the arithmetic (0.6 s per 256-image
-    # batch written with out-of-place ops, against 0.2 s like this, on 2 cores).
+    # batch written with out-of-place ops, against 0.15 s like this, on 2 cores).
     grey = torch.empty(batch, 1, height, width, device=images.device, dtype=images.dtype)
     for position in range(3):
         operation = orders[:, position]  # (B,)
