@@ -13,7 +13,7 @@ import functools
 
 from configs.methods import METHODS, Recipe
 from ltscale.config import recipe
-from ltscale.data.config import DataConfig
+from ltscale.data.config import DataConfig, SamplerConfig
 from ltscale.engine.schedule import OptimConfig
 from ltscale.models.network import ModelConfig
 from ltscale.stages.config import PipelineConfig
@@ -22,8 +22,10 @@ INAT18_RECIPE = Recipe(
     model=ModelConfig(arch="resnet50"),
     optim=OptimConfig(epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4, warmup_epochs=0, schedule="cosine",
                       milestones=(), decay_factors=()),
-    rebalance_optim=OptimConfig(epochs=5, batch_size=512, lr=0.2, weight_decay=5e-4, warmup_epochs=0, schedule="cosine",
+    rebalance_optim=OptimConfig(epochs=10, batch_size=512, lr=0.2, weight_decay=5e-4, warmup_epochs=0, schedule="cosine",
                                 milestones=(), decay_factors=()),
+    rebalance_sampler=SamplerConfig(kind="class_balanced", samples_per_class=4),
+    lws_epochs=5,  # cRT 10; no validation split, so tau-norm keeps a fixed tau
     ldam_drw_epoch=60,
     ssd_self_supervision=0.0,
     ssd_moco_weight=1.0,
@@ -31,11 +33,7 @@ INAT18_RECIPE = Recipe(
 
 
 def inat18(method: str, epochs: int = 90) -> PipelineConfig:
-    base = dataclasses.replace(
-        INAT18_RECIPE,
-        optim=dataclasses.replace(INAT18_RECIPE.optim, epochs=epochs),
-        rebalance_sampler=dataclasses.replace(INAT18_RECIPE.rebalance_sampler, samples_per_class=4),
-    )
+    base = dataclasses.replace(INAT18_RECIPE, optim=dataclasses.replace(INAT18_RECIPE.optim, epochs=epochs))
     name = f"inat18/{method}" if epochs == 90 else f"inat18-{epochs}ep/{method}"  # the registered recipe name
     return PipelineConfig(name=name, data=DataConfig(dataset="inat2018", image_size=224), stages=METHODS[method](base))
 

@@ -28,8 +28,10 @@ class Recipe:
 
     model: ModelConfig
     optim: OptimConfig
-    rebalance_optim: OptimConfig
+    rebalance_optim: OptimConfig  # cRT (and the tau-norm stage, which does not train)
     rebalance_sampler: SamplerConfig = SamplerConfig(kind="class_balanced")
+    lws_epochs: int | None = None  # LWS's epochs where they differ from cRT's (large data: 5 vs 10)
+    tau_search: bool = False  # tau-norm's tau swept on the validation split (datasets that have one)
     ldam_drw_epoch: int = 160
     dive_temperature: float = 3.0
     dive_power: float = 0.5
@@ -45,7 +47,11 @@ def teacher(recipe: Recipe, loss: str = "ce", rotation: float = 0.0, moco: float
 
 
 def rebalance(recipe: Recipe, method: str, source: str = "teacher", head: str = "cls") -> RebalanceConfig:
-    return RebalanceConfig(source=source, head=head, method=method, optim=recipe.rebalance_optim, sampler=recipe.rebalance_sampler)  # type: ignore[arg-type]
+    optim = recipe.rebalance_optim
+    if method == "lws" and recipe.lws_epochs is not None:
+        optim = dataclasses.replace(optim, epochs=recipe.lws_epochs)
+    return RebalanceConfig(source=source, head=head, method=method, optim=optim, sampler=recipe.rebalance_sampler,  # type: ignore[arg-type]
+                           tau_search=method == "tau_norm" and recipe.tau_search)
 
 
 def ce(recipe: Recipe) -> dict[str, StageConfig]:

@@ -5,7 +5,8 @@ the protocol the long-tail literature uses for it: torchvision's ImageNet weight
 (``model.init_from``, downloaded once into the torch hub cache, or a local file via
 ``--set 'stages.*.model.init_from=/path/resnet152.pth'``), batch 128,
 lr 0.01 cosine, wd 5e-4, 30 epochs; the re-balancing stages as on ImageNet-LT (10 epochs, 5 for
-LWS). Students start from the same pretrained weights. Set ``data.root`` to the Places-365 root and
+LWS, 4 samples per class per draw; tau-norm's tau swept on ``Places_LT_val.txt``). Students start
+from the same pretrained weights. Set ``data.root`` to the Places-365 root and
 ``data.train_list`` / ``data.val_list`` / ``data.test_list`` to the Places-LT split lists.
 """
 
@@ -32,11 +33,8 @@ PLACES_LT_RECIPE = dataclasses.replace(
 
 
 def places_lt(method: str) -> PipelineConfig:
-    base = PLACES_LT_RECIPE
-    if method in ("lws", "ssd"):  # as on ImageNet-LT: LWS trains 5 epochs with 4 samples per class per draw
-        base = dataclasses.replace(base, rebalance_optim=dataclasses.replace(base.rebalance_optim, epochs=5))
-    base = dataclasses.replace(base, rebalance_sampler=dataclasses.replace(base.rebalance_sampler, samples_per_class=4))
-    return PipelineConfig(name=f"places-lt/{method}", data=DataConfig(dataset="places_lt", image_size=224), stages=METHODS[method](base))
+    return PipelineConfig(name=f"places-lt/{method}", data=DataConfig(dataset="places_lt", image_size=224),
+                          stages=METHODS[method](PLACES_LT_RECIPE))
 
 
 for _method in METHODS:

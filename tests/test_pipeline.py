@@ -263,10 +263,10 @@ def test_runs_lists_recorded_pipelines_with_status_and_results(tmp_path, capsys)
     result = run_pipeline(tiny("ce", tmp_path))
     from ltscale.stages.config import RebalanceConfig
 
-    failing = tiny("ce", tmp_path)  # a tau search on a dataset without a validation split fails in its stage
+    failing = tiny("ce", tmp_path)  # re-balancing a head the teacher does not have fails in that stage
     failing = dataclasses.replace(failing, name="tiny/tau", stages={
-        **failing.stages, "tau": RebalanceConfig(source="teacher", method="tau_norm", tau_search=True)})
-    with pytest.raises(ValueError, match="validation split"):
+        **failing.stages, "tau": RebalanceConfig(source="teacher", method="tau_norm", head="hard")})
+    with pytest.raises(ValueError, match="does not exist in the model"):
         run_pipeline(failing)
     assert main(["runs", "--output-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -275,7 +275,7 @@ def test_runs_lists_recorded_pipelines_with_status_and_results(tmp_path, capsys)
     assert "tiny/ce" in finished and "FINISHED" in finished and f"{result.metrics()['test/top1']:.2f}" in finished
     assert sum("FAILED" in line for line in lines) == 1
     failed_at = next(i for i, line in enumerate(lines) if "FAILED" in line)
-    assert "tiny/tau" in lines[failed_at] and "validation split" in lines[failed_at + 1]
+    assert "tiny/tau" in lines[failed_at] and "does not exist in the model" in lines[failed_at + 1]
 
 
 def test_a_stage_builds_each_evaluation_loader_once(tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ from ltscale.engine.schedule import OptimConfig
 from ltscale.models.heads import HeadSpec, LinearHead, LWSHead, TauNormHead, rebalanced_head
 from ltscale.stages.config import PipelineConfig, RebalanceConfig, TeacherConfig
 from ltscale.stages.context import load_model
-from ltscale.stages.pipeline import run_pipeline
+from ltscale.data.errors import DatasetError
+from ltscale.stages.pipeline import plan_pipeline, run_pipeline
 from ltscale.stages.tasks import RebalanceTask
 from ltscale.models.network import ModelConfig, Network, replace_head
 from tests.test_pipeline import TINY, TINY_DATA
@@ -112,8 +113,13 @@ def test_tau_search_without_validation_split_is_a_clear_error(tmp_path):
         "tau": RebalanceConfig(source="teacher", method="tau_norm", tau_search=True),
     }
     config = PipelineConfig(name="tiny/tau", data=TINY_DATA, stages=stages, output_dir=str(tmp_path), progress=False, device="cpu")
-    with pytest.raises(ValueError, match="validation split"):
+    # Refused before the teacher trains (not after hours of it), by --plan too, naming both fixes.
+    fixes = r"stages\.tau\.tau_search is true.*has none: set data\.val_list.*stages\.tau\.tau_search=false"
+    with pytest.raises(DatasetError, match=fixes):
+        plan_pipeline(config)
+    with pytest.raises(DatasetError, match=fixes):
         run_pipeline(config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no stage directory, no MLflow run
 
 
 class _Recorder:

@@ -28,6 +28,7 @@ import torch
 
 from ltscale.config import config_hash, flatten_config
 from ltscale.data import build_dataset
+from ltscale.data.errors import DatasetError
 from ltscale.dist import runtime
 from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process
 from ltscale.engine import zero
@@ -118,6 +119,18 @@ def _resolve_init_weights(config: PipelineConfig) -> dict[str, pretrained.InitWe
     return {name: dataclasses.replace(local[spec], identity=answer[0][name].identity) for name, spec in specs.items()}
 
 
+def _check_stage_data(config: PipelineConfig, bundle: DatasetBundle) -> None:
+    """Refuse, before anything trains, a stage that needs a split the data does not have."""
+    for name, stage in config.stages.items():
+        if getattr(stage, "tau_search", False) and bundle.val is None:
+            raise DatasetError(
+                f"stages.{name}.tau_search is true, so tau-norm sweeps tau on a validation split, and "
+                f"{bundle.name} has none: set data.val_list to the validation list (for {config.data.dataset} "
+                f"the standard one is looked for in data.root), or --set stages.{name}.tau_search=false "
+                f"to keep the fixed stages.{name}.tau."
+            )
+
+
 @dataclass
 class StagePlan:
     """What running the pipeline now would do with one stage."""
@@ -137,6 +150,7 @@ def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
     the same keys :func:`run_pipeline` computes. One process; nothing is downloaded or written.
     """
     bundle = build_dataset(config.data)
+    _check_stage_data(config, bundle)
     fingerprint = bundle.train.fingerprint()
     store = Store(Path(config.output_dir).expanduser())
     keys: dict[str, str] = {}
@@ -239,6 +253,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_shared_directory(output_dir)
     bundle = build_dataset(config.data)
+    _check_stage_data(config, bundle)
     fingerprint = bundle.train.fingerprint()
     init_weights = _resolve_init_weights(config)
     store = Store(output_dir)

@@ -22,7 +22,7 @@ def run(config: RebalanceConfig, ctx: StageContext, inputs: dict[str, StageOutpu
     if config.head not in network.heads:
         raise ValueError(
             f"stage {ctx.name}: head {config.head!r} does not exist in the model of stage {source.name!r} "
-            f"(heads: {sorted(network.heads)}); set {ctx.name}.head"
+            f"(heads: {sorted(network.heads)}); set stages.{ctx.name}.head"
         )
     old_spec = network.head_specs[config.head]
     if config.method == "crt":
