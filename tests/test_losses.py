@@ -137,6 +137,27 @@ def test_teacher_distribution_is_the_power_normalised_softmax():
         assert row_got == pytest.approx(_power_target(row, 3.0, 0.5), rel=RTOL, abs=ATOL)
 
 
+def test_virtual_example_rule_picks_the_least_flattening_that_lifts_the_tail():
+    """Two classes, head (200 images) and tail (10). Three images score [1.5, 0] and one [0, 10]:
+    v_tail - v_head = tanh(5 / tau) - 3 tanh(0.75 / tau) at tau = T / p, negative below tau ~2.25,
+    positive above. The rule must take tau = 3 (T = 3, p = 1), not the first meeting setting in T
+    order (T = 2, p = 0.5: tau = 4) and not a larger T at an equal tau."""
+    from ltscale.stages.virtual_examples import choose_setting
+
+    logits = torch.tensor([[1.5, 0.0]] * 3 + [[0.0, 10.0]])
+    chosen, rows = choose_setting(logits, np.array([200, 10]), temperatures=range(1, 11), powers=(1.0, 0.5))
+    assert (chosen["temperature"], chosen["power"]) == (3.0, 1.0)
+    assert len(rows) == 20 and chosen["tail_mean"] >= chosen["head_mean"]
+    for row in rows:  # the brute-force reading of the rule, and the distribution depends on T / p only
+        tau = row["temperature"] / row["power"]
+        difference = math.tanh(5 / tau) - 3 * math.tanh(0.75 / tau)
+        assert row["tail_mean"] - row["head_mean"] == pytest.approx(difference, abs=1e-5)
+        assert (difference >= 0) == (tau >= 3)
+    # Equal tau: the power-normalised setting (smaller T) is taken.
+    chosen, _ = choose_setting(logits, np.array([200, 10]), temperatures=(4, 2), powers=(1.0, 0.5))
+    assert (chosen["temperature"], chosen["power"]) == (2.0, 0.5)
+
+
 def test_dive_hand_computed():
     temperature, power, alpha = 3.0, 0.5, 0.5
     expected = alpha * _kd(STUDENT, TEACHER, temperature, power) + (1 - alpha) * _bsce(STUDENT, TARGETS, COUNTS)

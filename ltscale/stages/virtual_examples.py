@@ -1,10 +1,13 @@
 """DiVE's virtual-example distribution and its rule-of-thumb temperature choice.
 
-v_c(T, p) = sum over training images of p_t[c], p_t = softmax(z_t / T)^p normalised. The rule:
-going through T = 1, 2, ... (at each T first without, then with power normalisation), pick the
-first setting whose mean v_c over few-shot classes is at least that over many-shot classes, i.e.
-the least flattening that makes the tail slightly heavier than the head. One pass of teacher
-logits, no training.
+v_c(T, p) = sum over training images of p_t[c], p_t = softmax(z_t / T)^p normalised, which is
+softmax(z_t / (T / p)): the flattening depends on the effective temperature T / p alone. The rule:
+going through the settings from the least flattening (smallest T / p) up, pick the first whose
+mean v_c over few-shot classes is at least that over many-shot classes, i.e. the least flattening
+that makes the tail slightly heavier than the head. Settings with the same T / p (T = 2, p = 0.5
+and T = 4, p = 1) give the same distribution; the one with power normalisation (the smaller T) is
+taken, as in the paper's example (teacher flattened with p = 0.5, student temperature T). One
+pass of teacher logits, no training.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def choose_setting(logits: torch.Tensor, class_counts: np.ndarray, temperatures,
                 "head_mean": float(v[head].mean()), "tail_mean": float(v[tail].mean()),
                 "distribution": v.tolist(),
             })
-    chosen = next((r for r in rows if r["tail_mean"] >= r["head_mean"]), rows[-1])
+    by_flattening = sorted(rows, key=lambda r: (r["temperature"] / r["power"], r["temperature"]))
+    chosen = next((r for r in by_flattening if r["tail_mean"] >= r["head_mean"]), by_flattening[-1])
     return chosen, rows
 
 
