@@ -344,6 +344,42 @@ def test_cifar_baseline_recipes():
     _assert_cifar_training(ldam.optim)
 
 
+@pytest.mark.parametrize("imbalance", [100, 50, 10])
+@pytest.mark.parametrize("method", ["dive", "ssd", "ssd-dive"])
+def test_cifar_bbn_recipes_differ_only_in_the_lr_schedule(method, imbalance):
+    """SSD and DiVE say they follow BBN's schedule: x0.01 after 120 and x1e-4 after 160 (absolute)."""
+    default, bbn = get_recipe(f"cifar100-lt-if{imbalance}/{method}"), get_recipe(f"cifar100-lt-if{imbalance}-bbn/{method}")
+    assert bbn.name == f"cifar100-lt-if{imbalance}-bbn/{method}" and bbn.data == default.data
+    assert list(bbn.stages) == list(default.stages)
+    for name, stage in bbn.stages.items():
+        optim = getattr(stage, "optim", None)
+        if optim is not None and optim.schedule == "step":  # the teacher and the student
+            assert (optim.milestones, optim.decay_factors) == ((120, 160), (0.01, 1e-4))
+            stage = dataclasses.replace(stage, optim=dataclasses.replace(optim, milestones=(160, 180)))
+        assert stage == default.stages[name], name
+    np.testing.assert_allclose(lr_schedule(bbn.stages["teacher"].optim, 1)[[119, 120, 159, 160, 199]],
+                               [0.1, 1e-3, 1e-3, 1e-5, 1e-5], rtol=1e-12)
+
+
+@pytest.mark.parametrize("prefix", ["imagenet-lt", "imagenet-lt-135ep", "inat18", "inat18-200ep", "places-lt"])
+def test_large_data_rebalancing_recipes(prefix):
+    """METHODS.md: cRT 10 epochs, LWS 5 (in every method that uses it), lr 0.2, batch 512, cosine,
+    4 samples per class per draw; tau-norm's tau swept on validation where a validation split exists."""
+    for method, stage_names in {"crt": ["crt"], "lws": ["lws"], "ssd": ["teacher_lws", "student_lws"],
+                                "ssd-dive": ["teacher_lws", "student_lws"], "tau-norm": ["tau_norm"]}.items():
+        config = get_recipe(f"{prefix}/{method}")
+        for name in stage_names:
+            stage = config.stages[name]
+            epochs = {"crt": 10, "lws": 5, "tau_norm": 10}[stage.method]
+            assert (stage.optim.epochs, stage.optim.lr, stage.optim.batch_size, stage.optim.schedule) == (epochs, 0.2, 512, "cosine")
+            assert (stage.sampler.kind, stage.sampler.samples_per_class) == ("class_balanced", 4), (method, name)
+            assert stage.tau_search == (stage.method == "tau_norm" and not prefix.startswith("inat18")), (method, name)
+    teacher = get_recipe(f"{prefix}/ssd").stages["teacher"]
+    epochs = {"imagenet-lt": 90, "imagenet-lt-135ep": 135, "inat18": 90, "inat18-200ep": 200, "places-lt": 30}[prefix]
+    assert teacher.optim.epochs == get_recipe(f"{prefix}/ssd").stages["student"].optim.epochs == epochs
+    assert teacher.moco_weight == 1.0 and teacher.rotation_weight == 0.0
+
+
 # ---- lr schedules -------------------------------------------------------------------------------------
 
 
