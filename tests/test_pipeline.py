@@ -278,6 +278,55 @@ def test_runs_lists_recorded_pipelines_with_status_and_results(tmp_path, capsys)
     assert "tiny/tau" in lines[failed_at] and "does not exist in the model" in lines[failed_at + 1]
 
 
+def test_stage_keys_follow_what_changes_results_and_only_that(tmp_path):
+    """Augmentation settings and every split's contents (the test split's metrics are part of a
+    stage's output) change the keys; where the data lives and how fast it is read do not."""
+    from ltscale.stages.pipeline import plan_pipeline
+
+    config = dataclasses.replace(tiny("ce", tmp_path), stages={"teacher": METHODS["ce"](TINY)["teacher"]})
+    key = plan_pipeline(config)[0].key
+    changed = {
+        "data.loader.cutout=4": True,  # different pixels
+        "data.synthetic.test_per_class=5": True,  # a different test split: the stored metrics would be stale
+        "data.synthetic.noise=0.5": True,
+        "data.loader.num_workers=0": False,
+        "data.loader.max_bad_image_fraction=0.01": False,
+        "data.loader.backend=torch": False,  # the backends deliver the same augmentation
+        "data.loader.ffcv.cache_dir=/elsewhere": False,
+        "tracking.experiment=other": False,
+    }
+    for override, expect_new in changed.items():
+        assert (plan_pipeline(apply_overrides(config, [override]))[0].key != key) == expect_new, override
+
+
+def test_image_file_stage_keys_cover_test_and_validation_lists_not_the_root(tmp_path):
+    from PIL import Image
+
+    from ltscale.stages.pipeline import plan_pipeline
+
+    rows = []
+    for root in (tmp_path / "a", tmp_path / "b"):  # the same tree twice: a copy on node-local disk
+        for label in range(2):
+            for i in range(3):
+                path = root / f"c{label}" / f"{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), (40 * i, 90 * label, 7)).save(path)
+                if root.name == "a":
+                    rows.append(f"c{label}/{i}.jpg {label}")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("\n".join(rows) + "\n")
+    (lists / "test.txt").write_text("\n".join(rows[:4]) + "\n")
+    (lists / "test2.txt").write_text("\n".join(rows[2:]) + "\n")
+    data = DataConfig(dataset="imagenet_lt", root=str(tmp_path / "a"), train_list=str(lists / "train.txt"),
+                      test_list=str(lists / "test.txt"), image_size=8)
+    config = dataclasses.replace(tiny("ce", tmp_path / "out"), data=data, stages={"teacher": METHODS["ce"](TINY)["teacher"]})
+    key = plan_pipeline(config)[0].key
+    assert plan_pipeline(apply_overrides(config, [f"data.root={tmp_path / 'b'}"]))[0].key == key
+    for override in (f"data.test_list={lists / 'test2.txt'}", f"data.val_list={lists / 'test.txt'}", "data.image_size=16"):
+        assert plan_pipeline(apply_overrides(config, [override]))[0].key != key, override
+
+
 def test_a_stage_builds_each_evaluation_loader_once(tmp_path, monkeypatch):
     """LWS evaluates before and after re-balancing, a teacher with eval_every at several epochs:
     one loader each (FFCV compiles, DataLoader workers start, once per stage), closed at its end."""

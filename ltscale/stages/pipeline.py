@@ -28,6 +28,7 @@ import torch
 
 from ltscale.config import config_hash, flatten_config
 from ltscale.data import build_dataset
+from ltscale.data.base import DatasetBundle
 from ltscale.data.errors import DatasetError
 from ltscale.dist import runtime
 from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process
@@ -83,9 +84,33 @@ def resolve_device(name: str) -> torch.device:
     return runtime.device_for(runtime.detect(), name)
 
 
-def stage_key(stage: StageConfig, parents: dict[str, StageOutput], data_fingerprint: str, config: PipelineConfig,
+def data_identity(config: PipelineConfig, bundle: DatasetBundle) -> str:
+    """What a stage's result depends on in the data: every split's contents (the test split's too:
+    a stage's output includes its test metrics; the validation split's: tau-norm picks tau on it)
+    and the settings that change the pixels a model sees.
+
+    Left out on purpose: where the data lives (``data.root``, the list and annotation paths; the
+    contents are in the fingerprints), so a copy on node-local disk reuses the stages; and how fast
+    it is read (backend, workers, bad-image budget): the backends deliver the same augmentation.
+    FFCV's stored resolution and quality do change the pixels, so they count when it is the backend.
+    """
+    data, loader = config.data, config.data.loader
+    settings: dict[str, Any] = {"dataset": data.dataset, "imbalance_factor": data.imbalance_factor,
+                                "image_size": data.image_size, "cutout": loader.cutout}
+    if data.dataset == "synthetic":
+        settings["synthetic"] = data.synthetic
+    if loader.backend == "ffcv":
+        settings["ffcv"] = (loader.ffcv.max_resolution, loader.ffcv.jpeg_quality)
+    splits = {role: split.fingerprint() for role, split in (("train", bundle.train), ("val", bundle.val), ("test", bundle.test))
+              if split is not None}
+    return config_hash(settings, splits)
+
+
+def stage_key(stage: StageConfig, parents: dict[str, StageOutput], data: str, config: PipelineConfig,
               init: pretrained.InitWeights | None = None) -> str:
-    parts = [stage, {role: out.key for role, out in sorted(parents.items())}, data_fingerprint, config.seed, config.precision]
+    """The identity of a stage's output: its config, its inputs' keys, ``data`` (:func:`data_identity`),
+    the seed and the precision (and the weights it starts from)."""
+    parts = [stage, {role: out.key for role, out in sorted(parents.items())}, data, config.seed, config.precision]
     if init is not None:  # the weights themselves, not only the path that named them
         parts.append(init.identity)
     return config_hash(*parts)
@@ -151,7 +176,7 @@ def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
     """
     bundle = build_dataset(config.data)
     _check_stage_data(config, bundle)
-    fingerprint = bundle.train.fingerprint()
+    identity = data_identity(config, bundle)
     store = Store(Path(config.output_dir).expanduser())
     keys: dict[str, str] = {}
     plans = []
@@ -160,7 +185,7 @@ def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
         parents = {role: StageOutput(parent, config.stages[parent].kind, keys[parent], Path(), {}) for role, parent in inputs.items()}
         spec = getattr(getattr(stage, "model", None), "init_from", "")
         init = pretrained.InitWeights(spec, Path(), pretrained.identity(spec)) if spec else None
-        keys[name] = key = stage_key(stage, parents, fingerprint, config, init)
+        keys[name] = key = stage_key(stage, parents, identity, config, init)
         directory = store.directory(stage.kind, key)
         if store.finished(name, stage.kind, key) is not None:
             state = "finished"
@@ -255,6 +280,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
     bundle = build_dataset(config.data)
     _check_stage_data(config, bundle)
     fingerprint = bundle.train.fingerprint()
+    identity = data_identity(config, bundle)
     init_weights = _resolve_init_weights(config)
     store = Store(output_dir)
     main = is_main_process()
@@ -272,7 +298,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
         result = PipelineResult(config.name, parent.run_id, tracker.tracking_uri, config.result)
         for name, stage in config.stages.items():
             parents = {role: result.outputs[parent_name] for role, parent_name in stage_inputs(stage).items()}
-            key = stage_key(stage, parents, fingerprint, config, init_weights.get(name))
+            key = stage_key(stage, parents, identity, config, init_weights.get(name))
             tags = {
                 TAG_PIPELINE: config.name,
                 TAG_CONFIG_HASH: key,
@@ -308,7 +334,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                 manifest = {
                     "stage": name, "config": dataclasses.asdict(stage), "run_id": run.run_id, "pipeline": config.name,
                     "parents": {role: {"stage": p.name, "key": p.key, "run_id": p.run_id} for role, p in parents.items()},
-                    "data_fingerprint": fingerprint, "code_version": version, "files": files, "metrics": ctx.metrics,
+                    "data_fingerprint": fingerprint, "data_identity": identity, "code_version": version, "files": files, "metrics": ctx.metrics,
                 }
                 # Rank 0 writes the manifest; the broadcast also holds the other ranks until it has.
                 output = broadcast_object(store.finish(name, stage.kind, key, manifest) if main else None)
