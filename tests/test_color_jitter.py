@@ -130,13 +130,13 @@ def _image_tree_split(tmp_path):
     return build_image_list_dataset(_make_tree(tmp_path / "tree")).train
 
 
-def _loader(cls, split, color_jitter: float, **extra):
+def _loader(cls, split, color_jitter: float, num_workers: int = 1, **extra):
     from ltscale.data.samplers import InstanceBalancedSampler
     from tests.test_image_list import IMAGE_SIZE
 
     return cls(
         split, train=True, batch_size=4, sampler=InstanceBalancedSampler(len(split), seed=0),
-        image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=1, max_bad_image_fraction=0.0,
+        image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=num_workers, max_bad_image_fraction=0.0,
         drop_last=False, device="cpu", color_jitter=color_jitter, seed=5, **extra,
     )
 
@@ -153,7 +153,6 @@ def test_backend_jitters_exactly_the_images_it_delivers(tmp_path, backend):
     split = _image_tree_split(tmp_path)
 
     def epoch_batches(color_jitter: float, epoch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        torch.manual_seed(0)  # the torch backend's worker crops and flips (DALI's come from seed=5)
         loader = _loader(Loader, split, color_jitter)
         loader.set_epoch(epoch)
         batches = list(loader)
@@ -202,3 +201,31 @@ def test_ffcv_backend_jitters_its_crops_with_the_epoch_draws(tmp_path, monkeypat
                 torch.testing.assert_close(_unnormalise(got), want, atol=2e-3, rtol=0)
     finally:
         torch.set_num_threads(threads)  # importing FFCV sets it to 1 for the process
+
+
+def test_torch_backend_epochs_do_not_depend_on_workers_or_history(tmp_path):
+    """Crops, flips and the MoCo key view are seeded per sample from (seed, epoch, rank): epoch 1
+    is the same batches with 0 or 2 workers, after epoch 0 or straight away (a resumed run), and
+    the training process's RNG is not touched."""
+    from ltscale.data.loaders.files import FileLoader
+
+    split = _image_tree_split(tmp_path)
+
+    def epoch(workers: int, number: int, history: tuple[int, ...] = (), rank: int = 0) -> list[dict]:
+        loader = _loader(FileLoader, split, 0.4, num_workers=workers, views=2, rank=rank)
+        for earlier in history:
+            loader.set_epoch(earlier)
+            list(loader)
+        loader.set_epoch(number)
+        return list(loader)
+
+    def same(a: list[dict], b: list[dict]) -> bool:
+        return all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in ("image", "image_key", "index"))
+
+    state = torch.get_rng_state()
+    reference = epoch(0, 1)
+    assert torch.equal(torch.get_rng_state(), state)  # in-process decoding gave the RNG back
+    assert same(reference, epoch(2, 1)) and same(reference, epoch(0, 1, history=(0,)))
+    assert same(reference, epoch(2, 1, history=(0,)))
+    assert not same(reference, epoch(0, 2))  # each epoch has its own draws (same order, new crops)
+    assert not same(reference, epoch(0, 1, rank=1))

@@ -86,6 +86,28 @@ def build_key_transform(image_size: int) -> transforms.Transform:
     )
 
 
+class _EpochDraws(torch.utils.data.Sampler):
+    """The sampler's indices, each paired with the seed of that sample's crop and flip.
+
+    The seeds are drawn per epoch from ``(seed, epoch, rank)`` in delivery order, so an epoch's
+    augmentation depends neither on the workers (how many, which one decodes what) nor on what
+    ran before it: a run resumed at epoch k crops epoch k as an unbroken run does.
+    """
+
+    def __init__(self, sampler: torch.utils.data.Sampler, seed: int, rank: int) -> None:
+        self.sampler = sampler
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        draws = np.random.default_rng([self.seed, self.epoch, 11, self.rank]).integers(0, 2**63 - 1, len(self.sampler))
+        return zip((int(i) for i in self.sampler), draws.tolist())
+
+
 class _FileDataset(torch.utils.data.Dataset):
     """Map-style dataset over a FileSplit; an item is ``(image, target, index, ok, failures, key)``.
 
@@ -109,7 +131,9 @@ class _FileDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool, list[tuple[int, str]], torch.Tensor | None]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, bool, list[tuple[int, str]], torch.Tensor | None]:
+        # Training items come with the seed of their augmentation (_EpochDraws); evaluation's are plain.
+        index, draw = item if isinstance(item, tuple) else (item, None)
         failures: list[tuple[int, str]] = []
         tries = [index] + (self.candidates(index) if self.substitute else [])
         for candidate in tries:
@@ -118,8 +142,14 @@ class _FileDataset(torch.utils.data.Dataset):
             except Exception as error:  # any decoder failure is a bad file, reported below
                 failures.append((candidate, describe_error(error)))
                 continue
-            key = self.key_transform(image) if self.key_transform is not None else None
-            return self.transform(image), int(self.targets[index]), candidate, True, failures, key
+            if draw is None:
+                return self.transform(image), int(self.targets[index]), candidate, True, failures, None
+            # torchvision's transforms draw from the global RNG: seed it for this sample, and give
+            # it back afterwards (with num_workers=0 this runs in the training process).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(draw)
+                key = self.key_transform(image) if self.key_transform is not None else None
+                return self.transform(image), int(self.targets[index]), candidate, True, failures, key
         blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
         return blank, int(self.targets[index]), index, False, failures, blank if self.key_transform is not None else None
 
@@ -149,10 +179,10 @@ class FileLoader(ImageFileLoader):
     ``views=2`` (training only) adds ``image_key``: the same images under an independent second
     augmentation, MoCo v2's (:func:`build_key_transform`), normalised like ``image``.
 
-    Crops and flips come from torch's RNG: the DataLoader seeds each worker from the main
-    process's generator, so ``torch.manual_seed`` before building the loader fixes them (ranks
-    other than 0 draw from their own generator, seeded from ``seed`` and ``rank``). Colour jitter
-    is drawn per epoch from ``seed``, ``rank`` and the epoch (:class:`EpochColorJitter`).
+    Crops and flips (and the key view's augmentation) are seeded per sample from ``seed``,
+    ``rank`` and the epoch (:class:`_EpochDraws`), colour jitter per epoch from the same
+    (:class:`EpochColorJitter`): an epoch's batches are the same whatever the number of workers
+    and whether the run was resumed, and the training process's RNG is left alone.
     ``max_bad_image_fraction`` is checked against this process's count, so under DDP each rank
     stops on its own share of bad files.
     """
@@ -183,23 +213,26 @@ class FileLoader(ImageFileLoader):
             key_transform=build_key_transform(image_size) if views == 2 else None,
         )
         pin = self.device.type == "cuda"
+        self._draws = _EpochDraws(self.sampler, seed, rank) if train else None
         self._loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=batch_size,
-            sampler=self.sampler,
+            sampler=self._draws if train else self.sampler,
             num_workers=num_workers,
             collate_fn=_collate,
             pin_memory=pin,
             persistent_workers=num_workers > 0,
             drop_last=drop_last,
-            # Rank 0 keeps the global RNG's stream (a single-process run is unchanged); the other
-            # ranks get their own, or every rank would crop and flip its images the same way.
-            generator=torch.Generator().manual_seed(seed * 1_000_003 + rank) if rank else None,
+            # The augmentation is seeded per sample; this only keeps the DataLoader's own draw of
+            # worker seeds off the training process's global RNG.
+            generator=torch.Generator().manual_seed(seed * 1_000_003 + rank),
         )
         self._non_blocking = pin
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self._start_epoch(len(self.sampler))
+        if self._draws is not None:
+            self._draws.epoch = self._epoch
         for batch in self._loader:
             # Both checks read CPU tensors and lists the workers built: no device sync.
             if batch["failures"]:
