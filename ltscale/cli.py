@@ -25,6 +25,7 @@ from ltscale.config import ConfigError, apply_overrides, get_recipe, list_recipe
 from ltscale.data.config import DataConfig
 
 DEFAULT_OUTPUT = "runs"
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
 
 def _common_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +65,27 @@ def _pipeline_config(name: str, args: argparse.Namespace):
     return apply_overrides(config, overrides)
 
 
+def _check_output_dir(config, create: bool) -> None:
+    """Refuse an ``output_dir`` that cannot be a directory, naming it and what is in the way,
+    before anything is loaded; with ``create``, make it (as the pipeline would) here, where a
+    failure can still be reported as a config problem."""
+    output_dir = Path(config.output_dir).expanduser()
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == output_dir else f"is under {existing}, which is a file"
+        raise ConfigError(f"output_dir={config.output_dir!r} {where}, not a directory: choose another output_dir")
+    if create:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(
+                f"output_dir={config.output_dir!r}: cannot create the directory ({error.strerror or error}): "
+                "choose another output_dir"
+            ) from None
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     recipes = list_recipes()
     width = max(len(n) for n in recipes)
@@ -78,6 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ltscale.report import print_results
 
     config = _pipeline_config(args.recipe, args)
+    _check_output_dir(config, create=not args.plan)
     if args.plan:
         return _print_plan(config)
     result = run_pipeline(config)
@@ -115,6 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results = []
     for method in DEMO_METHODS:
         config = _pipeline_config(f"demo/{method}", args)
+        _check_output_dir(config, create=True)
         results.append(run_pipeline(config))
     if not _is_main():
         return 0
@@ -309,6 +333,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # config validation (__post_init__) raises ValueError with the fix
         print(f"ltscale: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Finished stages have their outputs and manifests on disk, and a training stage writes its
+        # progress checkpoint atomically after every epoch (ltscale/engine/trainer.py), so the same
+        # command picks up where this one stopped; a traceback would only hide that.
+        if args.func in (cmd_run, cmd_demo):
+            print("ltscale: interrupted; finished stages are kept, and rerunning the same command reuses them and "
+                  "resumes an interrupted training stage from its last completed epoch", file=sys.stderr)
+        else:
+            print("ltscale: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
 
 
 if __name__ == "__main__":

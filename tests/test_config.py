@@ -435,3 +435,113 @@ def test_coupled_fields_can_change_together(ssd):
     assert changed.stages["teacher"].optim.milestones == (120, 160)
     with pytest.raises(ValueError, match="same length"):
         apply_overrides(ssd, ["stages.teacher.optim.milestones=120"])
+
+
+# ---- value ranges: nan / inf, negative counts, and the CLI's one-line errors -----------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stages.teacher.optim.lr=nan", r"optim.lr must be a finite number > 0, got nan"),
+        ("stages.teacher.optim.lr=inf", r"optim.lr must be a finite number > 0, got inf"),
+        ("stages.teacher.optim.momentum=nan", r"optim.momentum must be in \[0, 1\), got nan"),
+        ("stages.teacher.optim.momentum=1", r"optim.momentum must be in \[0, 1\), got 1.0"),
+        ("stages.teacher.optim.momentum=-0.1", r"optim.momentum must be in \[0, 1\), got -0.1"),
+        ("stages.teacher.optim.weight_decay=-1e-4", r"optim.weight_decay must be a finite number >= 0, got -0.0001"),
+        ("stages.teacher.optim.weight_decay=inf", r"optim.weight_decay must be a finite number >= 0, got inf"),
+        ("stages.teacher.optim.decay_factors=(0.01,nan)", r"optim.decay_factors must be finite numbers > 0"),
+        ("stages.teacher.optim.milestones=(-1,180)", r"optim.milestones must be epochs >= 0"),
+        ("stages.teacher.rotation_weight=inf", r"rotation_weight must be a finite number >= 0, got inf"),
+        ("stages.teacher.rotation_weight=nan", r"rotation_weight must be a finite number >= 0, got nan"),
+        ("stages.teacher.eval_every=-3", r"stages.teacher: eval_every must be >= 0 .*got -3"),
+        ("stages.student.temperature=nan", r"temperature must be a finite number > 0, got nan"),
+        ("stages.student.hard_weight=-1", r"hard_weight must be a finite number >= 0, got -1.0"),
+        ("stages.student.soft_weight=inf", r"soft_weight must be a finite number >= 0, got inf"),
+        ("stages.student.eval_every=-1", r"stages.student: eval_every must be >= 0"),
+        ("stages.teacher_lws.tau=nan", r"tau must be a finite number >= 0, got nan"),
+        ("seed=-1", r"seed must be >= 0"),
+        # fields of configs defined outside ltscale/stages are caught by the pipeline's sweep, by key
+        ("stages.teacher.loss.ldam_scale=nan", r"stages.teacher.loss.ldam_scale must be a finite number, got nan"),
+        ("stages.teacher.moco.temperature=inf", r"stages.teacher.moco.temperature must be a finite number, got inf"),
+    ],
+)
+def test_out_of_range_values_are_rejected_naming_the_key(ssd, override, message):
+    assert "teacher_lws" in ssd.stages and "student" in ssd.stages
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(ssd, [override])
+
+
+def test_distill_and_virtual_example_ranges():
+    with pytest.raises(ValueError, match=r"power must be in \(0, 1\], got nan"):
+        DistillConfig(power=math.nan)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got nan"):
+        DistillConfig(alpha=math.nan)
+    with pytest.raises(ValueError, match=r"temperatures must be one or more finite numbers > 0"):
+        VirtualExamplesConfig(temperatures=(1.0, 0.0))
+    with pytest.raises(ValueError, match=r"temperatures must be one or more"):
+        VirtualExamplesConfig(temperatures=())
+    with pytest.raises(ValueError, match=r"powers must be one or more numbers in \(0, 1\]"):
+        VirtualExamplesConfig(powers=(math.nan,))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.synthetic.noise=-5", r"data.synthetic.noise must be a finite number >= 0 .*got -5.0"),
+        ("data.synthetic.noise=nan", r"data.synthetic.noise must be a finite number >= 0 .*got nan"),
+        ("data.synthetic.max_per_class=0", r"data.synthetic.max_per_class must be >= 1, got 0"),
+        ("data.synthetic.test_per_class=0", r"data.synthetic.test_per_class must be >= 1, got 0"),
+        ("data.synthetic.imbalance_factor=nan", r"data.synthetic.imbalance_factor must be a finite number >= 1, got nan"),
+        ("data.synthetic.seed=-2", r"data.synthetic.seed must be >= 0, got -2"),
+        ("data.loader.max_bad_image_fraction=nan", r"max_bad_image_fraction must be in \[0, 1\), got nan"),
+    ],
+)
+def test_synthetic_data_fields_are_checked(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(get_recipe("demo/ce"), [override])
+
+
+def test_cifar_imbalance_factor_must_be_finite(ssd):
+    with pytest.raises(ValueError, match=r"data.imbalance_factor must be a finite number >= 1, got nan"):
+        apply_overrides(ssd, ["data.imbalance_factor=nan"])
+
+
+def _cli(capsys, *argv):
+    from ltscale.cli import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_cli_reports_a_nan_override_in_one_line(capsys, tmp_path):
+    code, err = _cli(capsys, "run", "demo/ce", "--plan", "--set", f"output_dir={tmp_path}",
+                     "--set", "stages.teacher.optim.lr=nan")
+    assert code == 2
+    assert err.strip() == "ltscale: error: stages.teacher.optim: optim.lr must be a finite number > 0, got nan"
+
+
+def test_cli_rejects_an_output_dir_under_a_file(capsys, tmp_path):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a directory")
+    for plan in (["--plan"], []):
+        code, err = _cli(capsys, "run", "demo/ce", *plan, "--set", f"output_dir={blocker}/run")
+        assert code == 2, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert f"output_dir='{blocker}/run'" in err and f"under {blocker}, which is a file" in err
+    code, err = _cli(capsys, "run", "demo/ce", "--set", f"output_dir={blocker}")
+    assert code == 2 and f"output_dir='{blocker}' is a file, not a directory" in err
+
+
+def test_cli_ctrl_c_is_one_line_and_exit_130(capsys, tmp_path, monkeypatch):
+    import ltscale.stages.pipeline as pipeline
+
+    def interrupted(config, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_pipeline", interrupted)
+    code, err = _cli(capsys, "run", "demo/ce", "--set", f"output_dir={tmp_path / 'out'}")
+    assert code == 130
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("ltscale: interrupted; finished stages are kept")
+    assert "resumes an interrupted training stage from its last completed epoch" in err

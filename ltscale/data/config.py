@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,8 +25,16 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if self.num_classes < 2:
             raise ValueError(f"data.synthetic.num_classes must be >= 2, got {self.num_classes}")
-        if self.imbalance_factor < 1:
-            raise ValueError(f"data.synthetic.imbalance_factor must be >= 1, got {self.imbalance_factor}")
+        if self.max_per_class < 1:
+            raise ValueError(f"data.synthetic.max_per_class must be >= 1, got {self.max_per_class}")
+        if not (math.isfinite(self.imbalance_factor) and self.imbalance_factor >= 1):
+            raise ValueError(f"data.synthetic.imbalance_factor must be a finite number >= 1, got {self.imbalance_factor}")
+        if self.test_per_class < 1:
+            raise ValueError(f"data.synthetic.test_per_class must be >= 1, got {self.test_per_class}")
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise ValueError(f"data.synthetic.noise must be a finite number >= 0 (pixel noise scale), got {self.noise}")
+        if self.seed < 0:
+            raise ValueError(f"data.synthetic.seed must be >= 0, got {self.seed}")
         if self.max_per_class / self.imbalance_factor < 1:
             raise ValueError(
                 "data.synthetic: the rarest class would have no image "
@@ -88,7 +97,7 @@ class LoaderConfig:
         if self.num_workers < 0:
             raise ValueError(f"data.loader.num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.max_bad_image_fraction < 1:
-            raise ValueError("data.loader.max_bad_image_fraction must be in [0, 1)")
+            raise ValueError(f"data.loader.max_bad_image_fraction must be in [0, 1), got {self.max_bad_image_fraction}")
         if self.cutout < 0:
             raise ValueError(f"data.loader.cutout must be >= 0 (pixels; 0 = off), got {self.cutout}")
 
@@ -117,8 +126,12 @@ class DataConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 
     def __post_init__(self) -> None:
-        if self.dataset in ("cifar100_lt", "cifar10_lt") and self.imbalance_factor < 1:
-            raise ValueError(f"data.imbalance_factor must be >= 1, got {self.imbalance_factor}")
+        if self.dataset in ("cifar100_lt", "cifar10_lt") and not (
+            math.isfinite(self.imbalance_factor) and self.imbalance_factor >= 1
+        ):
+            raise ValueError(f"data.imbalance_factor must be a finite number >= 1, got {self.imbalance_factor}")
+        if self.image_size < 1:
+            raise ValueError(f"data.image_size must be >= 1 (pixels), got {self.image_size}")
         if self.dataset in ("cifar100_lt", "cifar10_lt", "imagenet_lt", "places_lt", "inat2018") and not self.root:
             # Checked at build time rather than here so recipes can be listed without data present.
             pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,8 +34,14 @@ class OptimConfig:
             raise ValueError(f"optim.epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"optim.batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        # ``not x > 0`` rather than ``x <= 0``: nan compares False both ways and must be rejected here,
+        # not as a JSON error when the config is recorded.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.warmup_epochs < 0 or (self.warmup_epochs and self.warmup_epochs >= self.epochs):
             raise ValueError(f"optim.warmup_epochs ({self.warmup_epochs}) must be in [0, optim.epochs={self.epochs})")
         if self.schedule == "step":
@@ -45,6 +52,10 @@ class OptimConfig:
                 )
             if list(self.milestones) != sorted(self.milestones):
                 raise ValueError(f"optim.milestones must be increasing, got {self.milestones}")
+            if any(m < 0 for m in self.milestones):
+                raise ValueError(f"optim.milestones must be epochs >= 0, got {self.milestones}")
+            if not all(math.isfinite(f) and f > 0 for f in self.decay_factors):
+                raise ValueError(f"optim.decay_factors must be finite numbers > 0 (lr multipliers), got {self.decay_factors}")
 
 
 def lr_schedule(config: OptimConfig, iterations_per_epoch: int) -> np.ndarray:

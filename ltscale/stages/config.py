@@ -6,8 +6,10 @@ it consumes (``source`` / ``teacher``), which makes the pipeline a DAG that is c
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, Iterator, Literal, Union
 
 from ltscale.data.config import DataConfig, SamplerConfig
 from ltscale.engine.schedule import OptimConfig
@@ -16,6 +18,19 @@ from ltscale.losses.modules import LossBackend, LossConfig
 from ltscale.models.moco import MoCoConfig
 from ltscale.models.network import ModelConfig
 from ltscale.tracking import TrackingConfig
+
+
+def _check_number(name: str, value: float, minimum: float, *, strict: bool = False) -> None:
+    """``value`` must be finite and >= ``minimum`` (> with ``strict``); nan fails every comparison,
+    so the checks are written to reject it rather than let it through."""
+    ok = math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {value}")
+
+
+def _check_eval_every(value: int) -> None:
+    if value < 0:
+        raise ValueError(f"eval_every must be >= 0 (epochs between test evaluations; 0: only at the end), got {value}")
 
 
 @dataclass(frozen=True)
@@ -39,10 +54,9 @@ class TeacherConfig:
     eval_every: int = 0  # evaluate on the test set every N epochs (0: only at the end)
 
     def __post_init__(self) -> None:
-        if self.rotation_weight < 0:
-            raise ValueError(f"rotation_weight must be >= 0, got {self.rotation_weight}")
-        if self.moco_weight < 0:
-            raise ValueError(f"moco_weight must be >= 0, got {self.moco_weight}")
+        _check_number("rotation_weight", self.rotation_weight, 0)
+        _check_number("moco_weight", self.moco_weight, 0)
+        _check_eval_every(self.eval_every)
         if self.rotation_weight > 0 and self.moco_weight > 0:
             raise ValueError(
                 f"rotation_weight ({self.rotation_weight}) and moco_weight ({self.moco_weight}) are both on; SSD uses one "
@@ -78,6 +92,9 @@ class RebalanceConfig:
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="class_balanced"))
     tau: float = 1.0
     tau_search: bool = False
+
+    def __post_init__(self) -> None:
+        _check_number("tau", self.tau, 0)
 
 
 @dataclass(frozen=True)
@@ -118,12 +135,14 @@ class DistillConfig:
     eval_every: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.power <= 1:
+        _check_number("temperature", self.temperature, 0, strict=True)
+        if not 0 < self.power <= 1:  # nan fails the comparison: rejected too
             raise ValueError(f"power must be in (0, 1], got {self.power}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        _check_number("hard_weight", self.hard_weight, 0)
+        _check_number("soft_weight", self.soft_weight, 0)
+        _check_eval_every(self.eval_every)
 
 
 @dataclass(frozen=True)
@@ -136,6 +155,12 @@ class VirtualExamplesConfig:
     temperatures: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
     powers: tuple[float, ...] = (1.0, 0.5)
 
+    def __post_init__(self) -> None:
+        if not self.temperatures or not all(math.isfinite(t) and t > 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be one or more finite numbers > 0, got {self.temperatures}")
+        if not self.powers or not all(0 < p <= 1 for p in self.powers):
+            raise ValueError(f"powers must be one or more numbers in (0, 1], got {self.powers}")
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -143,6 +168,21 @@ class EvaluateConfig:
 
     kind: Literal["evaluate"] = "evaluate"
     source: str = "teacher"
+
+
+def _float_leaves(config: Any, path: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float in a config tree (tuple elements included)."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            yield from _float_leaves(value, f"{path}.{key}" if path else str(key))
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        for f in dataclasses.fields(config):
+            yield from _float_leaves(getattr(config, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(config, (tuple, list)):
+        for value in config:
+            yield from _float_leaves(value, path)
+    elif isinstance(config, float):
+        yield path, config
 
 
 StageConfig = Union[TeacherConfig, RebalanceConfig, SoftLabelsConfig, DistillConfig, VirtualExamplesConfig, EvaluateConfig]
@@ -187,6 +227,13 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError(f"pipeline {self.name!r} has no stages")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy's generators take no negative seeds), got {self.seed}")
+        # Every float anywhere in the tree, including the fields of configs defined elsewhere (loss,
+        # moco, data): nan / inf pass most range checks and only fail when the config is recorded.
+        for key, value in _float_leaves(self):
+            if not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {value}")
         seen: list[str] = []
         for name, stage in self.stages.items():
             for role, parent in stage_inputs(stage).items():
