@@ -362,3 +362,24 @@ def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match=r"loss backend 'triton' needs a CUDA device \(or TRITON_INTERPRET=1 on CPU\)"):
         distillation_losses("triton", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("drw_epoch", -3, "drw_epoch must be >= 0"),
+    ("ldam_max_margin", 0.0, "ldam_max_margin must be a finite number > 0"),
+    ("ldam_max_margin", float("nan"), "ldam_max_margin must be a finite number > 0"),
+    ("ldam_scale", -1.0, "ldam_scale must be a finite number > 0"),
+    ("ldam_scale", float("inf"), "ldam_scale must be a finite number > 0"),
+    ("drw_beta", float("nan"), "drw_beta must be in"),
+])
+def test_loss_config_refuses_out_of_range_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LossConfig(kind="ldam", **{field: value})
+
+
+def test_moco_config_refuses_a_nan_temperature():
+    from ltscale.models.moco import MoCoConfig
+
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="moco.temperature must be a finite number > 0"):
+            MoCoConfig(temperature=bad)

@@ -7,6 +7,8 @@ references in :mod:`ltscale.losses.functional`), ``triton`` (the fused kernels i
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -33,8 +35,15 @@ class LossConfig:
     drw_beta: float = 0.9999
 
     def __post_init__(self) -> None:
+        if self.drw_epoch < 0:
+            raise ValueError(f"loss.drw_epoch must be >= 0 (the epoch DRW starts; 0: no DRW), got {self.drw_epoch}")
         if self.drw_epoch and self.kind != "ldam":
             raise ValueError("loss.drw_epoch applies to loss.kind=ldam only; set it to 0 or use ldam")
+        # Written as ``not x > 0`` so that nan is refused too.
+        if not self.ldam_max_margin > 0 or not math.isfinite(self.ldam_max_margin):
+            raise ValueError(f"loss.ldam_max_margin must be a finite number > 0, got {self.ldam_max_margin}")
+        if not self.ldam_scale > 0 or not math.isfinite(self.ldam_scale):
+            raise ValueError(f"loss.ldam_scale must be a finite number > 0, got {self.ldam_scale}")
         if not 0 < self.drw_beta < 1:
             raise ValueError(f"loss.drw_beta must be in (0, 1), got {self.drw_beta}")
 

@@ -68,8 +68,8 @@ class MoCoConfig:
             raise ValueError(f"moco.queue_size must be >= 1, got {self.queue_size}")
         if not 0 <= self.momentum <= 1:
             raise ValueError(f"moco.momentum must be in [0, 1], got {self.momentum}")
-        if self.temperature <= 0:
-            raise ValueError(f"moco.temperature must be > 0, got {self.temperature}")
+        if not self.temperature > 0 or self.temperature == float("inf"):  # nan fails ``> 0``
+            raise ValueError(f"moco.temperature must be a finite number > 0, got {self.temperature}")
         if self.projection_dim < 1 or self.hidden_dim < 0:
             raise ValueError("moco.projection_dim must be >= 1 and moco.hidden_dim >= 0 (0: the backbone's feature dim)")
         if self.sub_batches < 1:
