@@ -113,6 +113,59 @@ def test_malformed_line_names_file_line_number_and_text(tmp_path, bad_line, prob
     assert str(list_path) in message and "line 3" in message and repr(bad_line) in message and problem in message
 
 
+@pytest.mark.parametrize(
+    ("lines", "found"),
+    [
+        (["train/a/x.jpg 3", "train/b/y.jpg 1", "train/a/x.jpg 3"], "'train/a/x.jpg' is listed twice, both times with label 3"),
+        (["train/a/x.jpg 3", "train/b/y.jpg 1", "train/a/x.jpg 5"], "listed twice with different labels, 3 and 5"),
+        # Two spellings of one file are one image.
+        (["train/a/x.jpg 3", "train/b/y.jpg 1", "./train//a/x.jpg 3"], "'train/a/x.jpg' (written './train//a/x.jpg' on line 3)"),
+    ],
+)
+def test_image_listed_twice_names_both_lines(tmp_path, lines, found):
+    list_path = tmp_path / "dup.txt"
+    list_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as caught:
+        read_split_list(list_path)
+    message = str(caught.value)
+    assert str(list_path) in message and "lines 1 and 3" in message and found in message
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("/etc/passwd", "is absolute"),
+        ("train/../../etc/passwd", "leaves the image root"),
+        ("../x.jpg", "leaves the image root"),
+    ],
+)
+def test_path_outside_the_root_names_line_and_path(tmp_path, path, problem):
+    list_path = tmp_path / "escape.txt"
+    list_path.write_text(f"train/a/x.jpg 0\n{path} 3\n")
+    with pytest.raises(DatasetError) as caught:
+        read_split_list(list_path)
+    message = str(caught.value)
+    assert str(list_path) in message and "line 2" in message and repr(path) in message and problem in message
+    assert "relative to data.root and stay inside it" in message
+
+
+def test_dot_dot_inside_the_root_is_kept(tmp_path):
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("train/../val/a/x.jpg 0\n")
+    assert read_split_list(list_path)[0] == ["train/../val/a/x.jpg"]
+
+
+def test_list_errors_reach_the_dataset_builder(tmp_path):
+    # `ltscale data stats` / `data verify` build the dataset: the list's error must surface there.
+    (tmp_path / "ImageNet_LT_train.txt").write_text("train/a/x.jpg 0\ntrain/a/x.jpg 1\n")
+    (tmp_path / "ImageNet_LT_test.txt").write_text("/etc/passwd 0\n")
+    with pytest.raises(DatasetError, match=r"ImageNet_LT_train\.txt, lines 1 and 2: .*different labels, 0 and 1"):
+        build_image_list_dataset(DataConfig(dataset="imagenet_lt", root=str(tmp_path)), check_files=False)
+    (tmp_path / "ImageNet_LT_train.txt").write_text("train/a/x.jpg 0\n")
+    with pytest.raises(DatasetError, match=r"ImageNet_LT_test\.txt, line 1: path '/etc/passwd' is absolute"):
+        build_image_list_dataset(DataConfig(dataset="imagenet_lt", root=str(tmp_path)), check_files=False)
+
+
 def test_label_out_of_range_names_line(tmp_path):
     (tmp_path / "ImageNet_LT_train.txt").write_text("train/a/x.jpg 0\ntrain/a/y.jpg 1000\n")
     (tmp_path / "ImageNet_LT_test.txt").write_text("val/a/x.jpg 0\n")
@@ -198,6 +251,54 @@ def test_inat_json_errors_name_file_and_key(tmp_path):
     no_categories.write_text(json.dumps(data))
     with pytest.raises(DatasetError, match=r"no_categories\.json: the top-level object has no key 'categories'"):
         read_inat_annotations(no_categories)
+
+
+def _write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_inat_json_image_id_listed_twice_is_named(tmp_path):
+    data = _coco([0, 1, 1])
+    data["images"][2]["id"] = data["images"][0]["id"]  # entry 2 repeats image 100; its annotation is left over
+    del data["annotations"][2]
+    with pytest.raises(DatasetError) as caught:
+        read_inat_annotations(_write_json(tmp_path / "dup_image.json", data))
+    message = str(caught.value)
+    assert "dup_image.json" in message and "entries 0 and 2 of 'images' both have id 100" in message
+
+    data = _coco([0, 1])
+    data["annotations"][1]["image_id"] = 100
+    with pytest.raises(DatasetError, match=r"dup_annotation\.json: image 100 has more than one annotation \(entries 0 and 1"):
+        read_inat_annotations(_write_json(tmp_path / "dup_annotation.json", data))
+
+    data = _coco([0, 1])
+    data["categories"].append({"id": 0, "name": "again"})
+    with pytest.raises(DatasetError, match=r"dup_category\.json: entries 1 and 2 of 'categories' both have id 0"):
+        read_inat_annotations(_write_json(tmp_path / "dup_category.json", data))
+
+
+@pytest.mark.parametrize(
+    ("section", "index", "key", "value"),
+    [
+        ("categories", 1, "id", "1"),  # mixed with int ids: sorted() used to raise TypeError
+        ("categories", 0, "id", [1]),
+        ("images", 1, "id", [101]),
+        ("images", 0, "id", 1.5),
+        ("annotations", 1, "image_id", [101]),
+        ("annotations", 0, "category_id", [0]),
+        ("annotations", 1, "category_id", True),  # JSON true is not category 1
+        ("annotations", 0, "image_id", None),
+    ],
+)
+def test_inat_json_non_integer_id_names_section_entry_and_value(tmp_path, section, index, key, value):
+    data = _coco([0, 1])  # categories are listed in reverse: entry 0 has id 1, entry 1 has id 0
+    data[section][index][key] = value
+    with pytest.raises(DatasetError) as caught:
+        read_inat_annotations(_write_json(tmp_path / "bad_id.json", data))
+    message = str(caught.value)
+    assert str(tmp_path / "bad_id.json") in message
+    assert f"entry {index} of '{section}' has {key} {value!r}" in message and "expected an integer" in message
 
 
 def test_inat_dataset_from_annotation_files(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,17 +92,36 @@ def _malformed(path: Path, number: int, text: str, problem: str) -> DatasetError
     )
 
 
+def _listed_twice(path: Path, first: tuple[int, str, int], second: tuple[int, str, int]) -> DatasetError:
+    (first_number, first_path, first_label), (number, relative, label) = first, second
+    image = repr(first_path) if relative == first_path else f"{first_path!r} (written {relative!r} on line {number})"
+    if label == first_label:
+        found = f"image {image} is listed twice, both times with label {label}"
+    else:
+        found = f"image {image} is listed twice with different labels, {first_label} and {label}"
+    return DatasetError(
+        f"{path}, lines {first_number} and {number}: {found}; every image must appear on exactly one "
+        "line with one label (a repeated image would be counted twice in the class counts and in training)."
+    )
+
+
 def read_split_list(path: str | Path, num_classes: int | None = None) -> tuple[list[str], np.ndarray]:
     """Parse a ``<relative path> <label>`` split list into (paths, labels (N,) int64).
 
     Each line is split on its *last* run of whitespace, so a path containing spaces still parses.
     Blank lines are skipped. A line without a label, with a non-integer or negative label, or (when
     ``num_classes`` is given) with a label >= ``num_classes`` raises :class:`DatasetError` naming
-    the file, the line number and the line.
+    the file, the line number and the line. So does an absolute path or one whose ``..`` leaves
+    the image root, and an image listed twice (naming both lines, and both labels if they differ):
+    a repeated line would count the image twice in the class counts and in training.
     """
     path = Path(path)
     paths: list[str] = []
     labels: list[int] = []
+    # Normalised path -> (line number, path as written, label) of its first line. Normalising
+    # catches 'train/a/x.jpg' and 'train/./a/x.jpg' naming one image; a dict keeps this O(N) for
+    # iNat's 437k lines.
+    first_seen: dict[str, tuple[int, str, int]] = {}
     try:
         with open(path, encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
@@ -124,6 +144,18 @@ def read_split_list(path: str | Path, num_classes: int | None = None) -> tuple[l
                         f"{path}, line {number}: label {label} in {text!r} is out of range; this "
                         f"dataset has {num_classes} classes, so labels must lie in 0..{num_classes - 1}."
                     )
+                # Lexical normalisation, without the file system: the list is checked before (or, for
+                # `ltscale data stats`, without) the images.
+                normal = posixpath.normpath(relative)
+                if normal.startswith("/") or normal == ".." or normal.startswith("../"):
+                    where = "is absolute" if normal.startswith("/") else "leaves the image root through '..'"
+                    raise DatasetError(
+                        f"{path}, line {number}: path {relative!r} {where}; the list's paths must be relative "
+                        "to data.root and stay inside it (as in 'train/n01440764/n01440764_762.JPEG')."
+                    )
+                if normal in first_seen:
+                    raise _listed_twice(path, first_seen[normal], (number, relative, label))
+                first_seen[normal] = (number, relative, label)
                 paths.append(relative)
                 labels.append(label)
     except UnicodeDecodeError as error:
@@ -145,6 +177,19 @@ def _require_list(data: dict, key: str, path: Path) -> list:
     value = _require(data, key, path, "the top-level object")
     if not isinstance(value, list):
         raise DatasetError(f"{path}: top-level {key!r} must be a list, got {type(value).__name__}.")
+    return value
+
+
+def _entry_id(entry: object, key: str, path: Path, section: str, index: int) -> int:
+    """``entry[key]`` of entry ``index`` of ``section``, which must be an integer id."""
+    value = _require(entry, key, path, f"an entry of {section!r}")
+    # The iNat 2018 files use integer ids. Anything else would reach sorted() or a dict as a
+    # TypeError (mixed types, lists), or be taken for 0/1 (JSON true/false, a bool in Python).
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DatasetError(
+            f"{path}: entry {index} of {section!r} has {key} {value!r} ({type(value).__name__}); "
+            "expected an integer, as every id in the iNaturalist 2018 COCO-style files is."
+        )
     return value
 
 
@@ -184,39 +229,55 @@ def read_inat_annotations(json_path: str | Path) -> tuple[list[str], np.ndarray,
     if not categories:
         raise DatasetError(f"{path}: 'categories' is empty; expected one entry per class.")
 
-    category_ids = [_require(entry, "id", path, "an entry of 'categories'") for entry in categories]
-    names_by_id = {
-        category_id: str(_require(entry, "name", path, "an entry of 'categories'"))
-        for category_id, entry in zip(category_ids, categories)
-    }
-    if len(names_by_id) != len(category_ids):
-        raise DatasetError(f"{path}: 'categories' lists some category id more than once.")
-    sorted_ids = sorted(category_ids)
+    names_by_id: dict[int, str] = {}
+    category_index: dict[int, int] = {}
+    for index, entry in enumerate(categories):
+        category_id = _entry_id(entry, "id", path, "categories", index)
+        if category_id in category_index:
+            raise DatasetError(
+                f"{path}: entries {category_index[category_id]} and {index} of 'categories' both have id "
+                f"{category_id}; expected one entry per category id."
+            )
+        category_index[category_id] = index
+        names_by_id[category_id] = str(_require(entry, "name", path, "an entry of 'categories'"))
+    sorted_ids = sorted(names_by_id)
     # iNat 2018 ids are already 0..8141 and the split lists use them as labels: keep id == label
     # then, so JSON- and list-built splits agree. Sorting gives the same result in that case.
     label_of = {category_id: label for label, category_id in enumerate(sorted_ids)}
     class_names = [names_by_id[category_id] for category_id in sorted_ids]
 
-    label_of_image: dict[object, int] = {}
-    for annotation in annotations:
-        image_id = _require(annotation, "image_id", path, "an entry of 'annotations'")
-        category_id = _require(annotation, "category_id", path, "an entry of 'annotations'")
+    label_of_image: dict[int, int] = {}
+    annotation_index: dict[int, int] = {}
+    for index, annotation in enumerate(annotations):
+        image_id = _entry_id(annotation, "image_id", path, "annotations", index)
+        category_id = _entry_id(annotation, "category_id", path, "annotations", index)
         if category_id not in label_of:
             raise DatasetError(
-                f"{path}: an annotation of image {image_id!r} has category_id {category_id!r}, "
+                f"{path}: entry {index} of 'annotations' (image {image_id}) has category_id {category_id}, "
                 "which is not among 'categories'."
             )
         if image_id in label_of_image:
             raise DatasetError(
-                f"{path}: image {image_id!r} has more than one annotation; expected exactly one label per image."
+                f"{path}: image {image_id} has more than one annotation (entries {annotation_index[image_id]} and "
+                f"{index} of 'annotations'); expected exactly one label per image."
             )
         label_of_image[image_id] = label_of[category_id]
+        annotation_index[image_id] = index
 
     paths: list[str] = []
     labels = np.empty(len(images), dtype=np.int64)
-    unlabelled: list[object] = []
+    unlabelled: list[int] = []
+    image_index: dict[int, int] = {}
     for position, image in enumerate(images):
-        image_id = _require(image, "id", path, "an entry of 'images'")
+        image_id = _entry_id(image, "id", path, "images", position)
+        # A repeated id would take the same annotation twice: one image counted twice, or two
+        # images sharing one label.
+        if image_id in image_index:
+            raise DatasetError(
+                f"{path}: entries {image_index[image_id]} and {position} of 'images' both have id {image_id}; "
+                "expected each image id once, with exactly one annotation."
+            )
+        image_index[image_id] = position
         paths.append(str(_require(image, "file_name", path, "an entry of 'images'")))
         label = label_of_image.get(image_id)
         if label is None:
@@ -229,7 +290,7 @@ def read_inat_annotations(json_path: str | Path) -> tuple[list[str], np.ndarray,
             f"(first ids: {unlabelled[:_MAX_LISTED]}); expected exactly one label per image."
         )
     if len(label_of_image) != len(images):
-        unknown = sorted(set(label_of_image) - {image["id"] for image in images}, key=str)
+        unknown = sorted(set(label_of_image) - set(image_index))
         raise DatasetError(
             f"{path}: {len(unknown)} annotations refer to image ids that are not among 'images' "
             f"(first: {unknown[:_MAX_LISTED]})."
