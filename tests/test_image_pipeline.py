@@ -68,3 +68,36 @@ def test_ce_then_lws_on_jpeg_files(image_tree, tmp_path, backend):
     # 1000 ImageNet-LT classes, 3 present in this tree: accuracy is over the 3 test images only.
     assert min(abs(metrics["test/top1"] - v) for v in (0.0, 100 / 3, 200 / 3, 100.0)) < 1e-3
     assert "test/few" in metrics
+
+
+def test_corrupt_test_image_stops_the_run_before_any_training(image_tree, tmp_path, monkeypatch):
+    """Evaluation cannot substitute images, so a corrupt test JPEG is reported before the first
+    stage trains, not after it; a verified split is not decoded again on the next run."""
+    from ltscale.data.errors import DatasetError
+    from ltscale.stages import teacher
+
+    test_image = next((image_tree / "val").rglob("*.JPEG"))
+    good = test_image.read_bytes()
+    test_image.write_bytes(good[: len(good) // 3])  # truncated, as an interrupted copy leaves it
+    optim = OptimConfig(epochs=1, batch_size=4, lr=0.05, warmup_epochs=0, milestones=(), decay_factors=())
+    config = PipelineConfig(
+        name="tiny-jpeg/ce", data=DataConfig(dataset="imagenet_lt", root=str(image_tree), image_size=32,
+                                             loader=LoaderConfig(backend="torch", num_workers=0)),
+        stages={"teacher": TeacherConfig(model=ModelConfig(arch="resnet8", width=4), optim=optim)},
+        output_dir=str(tmp_path / "runs"), progress=False, device="cpu",
+    )
+    trained = []
+    real = teacher.train_and_evaluate
+    monkeypatch.setattr(teacher, "train_and_evaluate", lambda *a, **k: trained.append(1) or real(*a, **k))
+    with pytest.raises(DatasetError, match=rf"1 of the 3 images of imagenet_lt/test cannot be decoded: .*{test_image.name}"):
+        run_pipeline(config)
+    assert not trained and not (tmp_path / "runs" / "store").exists()
+
+    test_image.write_bytes(good)
+    run_pipeline(config)
+    markers = list((tmp_path / "runs" / "verified").glob("imagenet_lt-test-*.json"))
+    assert len(markers) == 1
+    import ltscale.data.loaders.files as files
+
+    monkeypatch.setattr(files, "verify_images", lambda *a, **k: pytest.fail("a verified split was decoded again"))
+    assert run_pipeline(config).cached == ["teacher"]

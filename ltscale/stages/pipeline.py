@@ -33,6 +33,7 @@ from ltscale.data.errors import DatasetError
 from ltscale.dist import runtime
 from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process
 from ltscale.engine import zero
+from ltscale.engine.checkpoint import atomic_write_json
 from ltscale.engine.progress import Progress
 from ltscale.models import pretrained
 from ltscale.stages import distill, evaluate, locks, rebalance, soft_labels, teacher, virtual_examples
@@ -154,6 +155,42 @@ def _check_stage_data(config: PipelineConfig, bundle: DatasetBundle) -> None:
                 f"the standard one is looked for in data.root), or --set stages.{name}.tau_search=false "
                 f"to keep the fixed stages.{name}.tau."
             )
+
+
+def _verify_evaluation_images(config: PipelineConfig, bundle: DatasetBundle, output_dir: Path) -> None:
+    """Decode every validation and test image once, before any stage trains.
+
+    Evaluation has no substitute for a corrupt image (its accuracy would be over other images), so
+    one would stop the run; found after the first stage's hours of training, that helps no one.
+    Training images are not decoded here: a bad one is replaced as it is met. A verified split is
+    remembered in ``<output_dir>/verified/`` (by its contents and root), so reruns skip the pass.
+    """
+    from ltscale.data.base import FileSplit
+    from ltscale.data.loaders.files import verify_images
+
+    problem = None
+    if is_main_process():
+        for split in (bundle.val, bundle.test):
+            if not isinstance(split, FileSplit):
+                continue
+            marker = output_dir / "verified" / f"{split.name.replace('/', '-')}-{config_hash(str(split.root), split.fingerprint())}.json"
+            if marker.is_file():
+                continue
+            started = time.monotonic()
+            # Worker processes only pay for themselves on more than a few thousand files.
+            bad = verify_images(split, num_workers=config.data.loader.num_workers if len(split) > 2000 else 0)
+            if bad:
+                shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+                problem = (f"{len(bad)} of the {len(split)} images of {split.name} cannot be decoded: {shown}. "
+                           "Evaluation never substitutes images; repair them or remove them from the split list "
+                           "(`ltscale data verify` lists every unreadable file).")
+                break
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json({"split": split.name, "root": str(split.root), "images": len(split),
+                               "fingerprint": split.fingerprint(), "seconds": round(time.monotonic() - started, 1)}, marker)
+    problem = broadcast_object(problem)
+    if problem:
+        raise DatasetError(problem)
 
 
 @dataclass
@@ -279,6 +316,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
     _check_shared_directory(output_dir)
     bundle = build_dataset(config.data)
     _check_stage_data(config, bundle)
+    _verify_evaluation_images(config, bundle, output_dir)
     fingerprint = bundle.train.fingerprint()
     identity = data_identity(config, bundle)
     init_weights = _resolve_init_weights(config)
