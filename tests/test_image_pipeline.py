@@ -101,3 +101,30 @@ def test_corrupt_test_image_stops_the_run_before_any_training(image_tree, tmp_pa
 
     monkeypatch.setattr(files, "verify_images", lambda *a, **k: pytest.fail("a verified split was decoded again"))
     assert run_pipeline(config).cached == ["teacher"]
+
+
+def test_replaced_training_images_are_recorded_with_the_stage(image_tree, tmp_path):
+    """A corrupt training JPEG is replaced by one of its class; the stage's manifest (so a reused
+    stage still shows it) and its MLflow run record which file it was."""
+    import json
+
+    import mlflow
+
+    broken = sorted((image_tree / "train" / "n00000000").glob("*.JPEG"))[0]
+    broken.write_bytes(b"not a jpeg")
+    optim = OptimConfig(epochs=1, batch_size=4, lr=0.05, warmup_epochs=0, milestones=(), decay_factors=())
+    config = PipelineConfig(
+        name="tiny-jpeg/ce", data=DataConfig(dataset="imagenet_lt", root=str(image_tree), image_size=32,
+                                             loader=LoaderConfig(backend="torch", num_workers=0, max_bad_image_fraction=0.2)),
+        stages={"teacher": TeacherConfig(model=ModelConfig(arch="resnet8", width=4), optim=optim)},
+        output_dir=str(tmp_path / "runs"), progress=False, device="cpu",
+    )
+    result = run_pipeline(config)
+    assert result.outputs["teacher"].manifest["metrics"]["data/unreadable_train_images"] == 1.0
+    run_id = result.outputs["teacher"].run_id
+    client = mlflow.MlflowClient(result.tracking_uri)
+    assert client.get_run(run_id).data.metrics["data/unreadable_train_images"] == 1.0
+    listed = json.loads(Path(client.download_artifacts(run_id, "unreadable_train_images.json", str(tmp_path))).read_text())
+    assert listed == {"replaced_by_same_class_images": [str(broken)]}
+    again = run_pipeline(config)  # reused: the parent's record still carries it
+    assert again.cached == ["teacher"] and again.metrics("teacher")["data/unreadable_train_images"] == 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ltscale.dist.gather import all_gather_object
 from ltscale.engine.trainer import EpochMetrics, Trainer
 from ltscale.models.network import Network
 from ltscale.stages.context import StageContext
@@ -23,4 +24,18 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
     resumed_from = trainer.fit()
     if resumed_from:
         ctx.run.set_tags({"ltscale.resumed_from_epoch": str(resumed_from)})
+    _record_unreadable_images(loader, ctx)
     ctx.evaluate(network, step=optim.epochs - 1)
+
+
+def _record_unreadable_images(loader, ctx: StageContext) -> None:
+    """The training images that were replaced by same-class substitutes (every rank's), as a metric
+    in the stage's manifest, so a reused stage still shows it, and a list in its MLflow run.
+    Only images met since the stage last (re)started are known: a resumed stage counts from there."""
+    unreadable = sorted(set().union(*all_gather_object(list(getattr(loader, "bad_files", [])))))
+    if not unreadable:
+        return
+    ctx.metrics["data/unreadable_train_images"] = float(len(unreadable))
+    ctx.run.log_metrics({"data/unreadable_train_images": float(len(unreadable))})
+    if ctx.is_main:
+        ctx.run.log_dict({"replaced_by_same_class_images": unreadable}, "unreadable_train_images.json")
