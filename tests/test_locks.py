@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import random
 import subprocess
 import sys
 import time
@@ -96,3 +98,138 @@ def test_two_pipelines_sharing_a_stage_train_it_once(tmp_path):
     assert a["teacher"] == b["teacher"]
     assert "is being produced by process" in second_err and "waiting to reuse it" in second_err
     assert not list(out.glob(f"store/*/{locks.LOCK}"))  # every lock released
+
+
+def _dead_pid() -> str:
+    child = subprocess.Popen(["sleep", "30"])
+    child.kill()
+    child.wait()
+    return str(child.pid)
+
+
+def _dead_lock(directory: Path, token: str = "theirs") -> Path:
+    path = _lock_file(directory, **{"ltscale.attempt.pid": _dead_pid(), "ltscale.attempt.process_start": "1"})
+    path.write_text(json.dumps({**json.loads(path.read_text()), "token": token}))
+    return path
+
+
+def _hook_replace(monkeypatch, before=None, after=None) -> None:
+    """Run ``before``/``after`` around the first move of a ``.lock`` file aside (the window of the race)."""
+    real, done = os.replace, []
+
+    def replace(src, dst, **kwargs):
+        if Path(src).name != locks.LOCK or done:
+            return real(src, dst, **kwargs)
+        done.append(1)
+        if before:
+            before()
+        real(src, dst, **kwargs)
+        if after:
+            after()
+
+    monkeypatch.setattr(locks.os, "replace", replace)
+
+
+def test_takers_of_one_dead_lock_never_both_acquire(tmp_path, monkeypatch):
+    """Two pipelines judge the same dead lock dead; one is slow between its check and moving the lock
+    aside; meanwhile the other takes over (and a third finds no lock at all). Exactly one holds it."""
+    directory = tmp_path / "stage"
+    _dead_lock(directory)
+    others: list = []
+    _hook_replace(monkeypatch, before=lambda: others.append(StageLock.try_acquire(directory)),
+                  after=lambda: others.append(StageLock.try_acquire(directory)))
+    slow = StageLock.try_acquire(directory)
+    holders = [lock for lock in [slow, *others] if lock is not None]
+    assert len(others) == 2 and len(holders) == 1, f"{len(holders)} processes acquired the lock"
+    assert json.loads((directory / locks.LOCK).read_text())["token"] == holders[0].token
+    holders[0].release()
+    assert not list(directory.iterdir())  # no claim or stale file left
+
+
+def test_a_live_lock_moved_aside_by_mistake_is_put_back(tmp_path, monkeypatch):
+    """A silent owner's lock is judged dead, but before it is moved aside its owner (only stalled)
+    releases it and another pipeline's fresh lock takes its place: that one must survive."""
+    directory = tmp_path / "stage"
+    stalled = _lock_file(directory, **{"ltscale.attempt.machine": "node9/boot/pid:[1]"})
+    old = time.time() - 120
+    os.utime(stalled, (old, old))
+    fresh = {"token": "fresh", "since": time.time(), "ltscale.attempt.machine": "node8/boot/pid:[1]", "ltscale.attempt.pid": "7"}
+
+    def release_and_recreate():
+        stalled.unlink()
+        stalled.write_text(json.dumps(fresh))
+
+    _hook_replace(monkeypatch, before=release_and_recreate)
+    assert StageLock.try_acquire(directory, stale_s=60) is None
+    assert json.loads(stalled.read_text()) == fresh and list(directory.iterdir()) == [stalled]
+    monkeypatch.undo()
+    inode = stalled.stat().st_ino
+    assert StageLock.try_acquire(directory, stale_s=60) is None and stalled.stat().st_ino == inode
+
+
+def test_a_taker_that_died_while_taking_over_does_not_block_the_stage(tmp_path):
+    directory = tmp_path / "stage"
+    path = _dead_lock(directory, token="deadbeef")
+    claim = directory / f"{locks.LOCK}.takeover-deadbeef"
+    # A claim of a live taker (another machine, fresh): it is taking the lock over, others wait.
+    claim.write_text(json.dumps({"token": "taker", "ltscale.attempt.machine": "node9/boot/pid:[1]"}))
+    assert StageLock.try_acquire(directory) is None and json.loads(path.read_text())["token"] == "deadbeef"
+    # A claim whose maker died: its right to take over passes on, and no file is left behind.
+    claim.write_text(json.dumps({"token": "taker", **Attempt.current().tags(), "ltscale.attempt.pid": _dead_pid(),
+                                 "ltscale.attempt.process_start": "1"}))
+    lock = StageLock.try_acquire(directory)
+    assert lock is not None and json.loads(path.read_text())["token"] == lock.token
+    assert sorted(directory.iterdir()) == [path]
+    lock.release()
+
+
+def test_live_holder_ignores_a_lock_that_would_be_taken_over(tmp_path):
+    _dead_lock(tmp_path / "dead")
+    assert locks.holder(tmp_path / "dead") and locks.live_holder(tmp_path / "dead") == ""
+    live = StageLock.try_acquire(tmp_path / "live")
+    assert locks.live_holder(tmp_path / "live") == locks.holder(tmp_path / "live") != ""
+    live.release()
+    assert locks.live_holder(tmp_path / "live") == ""
+    foreign = _lock_file(tmp_path / "foreign", **{"ltscale.attempt.machine": "node9/boot/pid:[1]"})
+    assert "node9" in locks.live_holder(tmp_path / "foreign", stale_s=60)
+    os.utime(foreign, (time.time() - 120, time.time() - 120))
+    assert locks.live_holder(tmp_path / "foreign", stale_s=60) == "" and "node9" in locks.holder(tmp_path / "foreign")
+
+
+def _contend(barrier, queue, directories: list[Path]) -> None:
+    """One of several processes that all find each directory's dead lock at the same moment."""
+    real = os.replace
+
+    def slow_replace(src, dst, **kwargs):  # widen the window between judging a lock dead and moving it
+        time.sleep(random.uniform(0, 0.02))
+        return real(src, dst, **kwargs)
+
+    os.replace = slow_replace
+    held = []
+    for directory in directories:
+        barrier.wait()
+        time.sleep(random.uniform(0, 0.01))
+        lock = StageLock.try_acquire(directory)
+        queue.put((str(directory), os.getpid(), lock.token if lock else None))
+        held.append(lock)
+    barrier.wait()  # every lock kept until all have tried
+
+
+def test_many_processes_racing_for_dead_locks_acquire_each_once(tmp_path):
+    directories = [tmp_path / f"stage{i}" for i in range(12)]
+    for directory in directories:
+        _dead_lock(directory)
+    context = multiprocessing.get_context("fork")
+    barrier, queue = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_contend, args=(barrier, queue, directories)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=60) for _ in range(len(directories) * len(workers))]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    for directory in directories:
+        tokens = [token for where, _, token in results if where == str(directory) and token]
+        assert len(tokens) == 1, f"{directory.name}: {len(tokens)} processes acquired the lock"
+        assert json.loads((directory / locks.LOCK).read_text())["token"] == tokens[0]
+        assert [p.name for p in directory.iterdir()] == [locks.LOCK]

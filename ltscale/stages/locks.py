@@ -11,13 +11,36 @@ and holds its owner (:mod:`ltscale.tracking.attempts`: machine, PID, SLURM job).
 refreshes the file's modification time every ``HEARTBEAT_S`` seconds. A lock is taken over when its
 owner is certainly gone (an exited process of this machine, an earlier attempt of this SLURM job)
 or, for owners elsewhere, when its heartbeat is older than ``STALE_S`` (a killed job, a lost node).
+
+Taking a lock over must never remove a live one. Waiting pipelines poll, so several of them judge a
+lock dead at about the same moment; had each moved ``.lock`` aside and created its own, a slow one
+would move aside the fresh lock of the first and both would train the stage. Only operations that
+are atomic on NFS as well are used (exclusive create, rename within the directory; no ``flock``):
+
+1. The right to remove the lock judged dead is itself taken by exclusive create of
+   ``.lock.takeover-<its token>``: of all processes that judged that very lock dead, one wins; the
+   others wait (poll again). A claim whose maker died is judged like a lock (owner gone, or older
+   than ``stale_s``) and taken over through ``.lock.takeover-<token>+`` (and so on): claims are
+   removed only once ``.lock`` is no longer the lock they name.
+2. The winner checks again that ``.lock`` is still the lock judged dead (same token) and still dead:
+   any other taker of that lock would need the claim, and nobody creates ``.lock`` while it exists,
+   so nothing can have replaced it. It then renames it aside to a unique name, checks that the moved
+   file is that lock, deletes it and races for a new one by exclusive create (against pipelines
+   that find no lock at all: exactly one of them wins). Then it removes its claims; a late taker of
+   the old lock that wins the claim afterwards finds another lock there and leaves it alone.
+3. Should the moved file not be the lock judged dead after all (its owner, judged dead by a stale
+   heartbeat, was only stalled, released it, and another pipeline's fresh lock took its place), it is
+   put back under ``.lock`` with ``link`` (which does not replace an existing file), so its owner keeps
+   it, and the caller does not acquire.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -49,22 +72,12 @@ class StageLock:
         path = directory / LOCK
         token = uuid.uuid4().hex
         owner = {"token": token, "since": time.time(), **Attempt.current().tags()}
-        for _ in range(2):  # a second try after taking over a dead owner's lock
+        for _ in range(3):  # again after a dead owner's lock was moved away (or released meanwhile)
             try:
                 descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                current = _read(path)
-                reason = _gone(path, current, stale_s)
-                if reason is None:
+                if not _take_over(path, token, owner, stale_s):
                     return None
-                # Move that exact file aside (if it is still the one judged dead), then race for a new one.
-                if _read(path) == current:
-                    log.warning("taking over %s: %s", path, reason)
-                    try:
-                        os.replace(path, path.with_name(f"{LOCK}.stale-{token}"))
-                        path.with_name(f"{LOCK}.stale-{token}").unlink(missing_ok=True)
-                    except FileNotFoundError:
-                        pass
                 continue
             with os.fdopen(descriptor, "w") as handle:
                 json.dump(owner, handle)
@@ -73,6 +86,9 @@ class StageLock:
 
     def _beat(self, period: float) -> None:
         while not self._stop.wait(period):
+            if (_read(self.path) or {}).get("token", self.token) != self.token:
+                log.warning("%s was taken over while this process was stalled", self.path)
+                return  # another holder's lock now: not ours to keep fresh
             try:
                 os.utime(self.path)
             except OSError:  # removed under us (taken over after a long stall): nothing left to refresh
@@ -88,13 +104,125 @@ class StageLock:
 
 def holder(directory: Path) -> str:
     """Who holds ``directory``'s lock, for messages ("" if nobody)."""
-    owner = _read(directory / LOCK)
+    return _describe(_read(directory / LOCK))
+
+
+def live_holder(directory: Path, stale_s: float = STALE_S) -> str:
+    """Who holds ``directory``'s lock while that owner may still be working: like :func:`holder`, but
+    "" also for a lock that :meth:`StageLock.try_acquire` would take over (its owner has exited, or
+    its heartbeat is older than ``stale_s``). For plans ("busy" or not) rather than messages."""
+    path = directory / LOCK
+    owner = _read(path)
+    if owner is None or _gone(path, owner, stale_s) is not None:
+        return ""
+    return _describe(owner) or "another process (its lock is being written)"
+
+
+def _describe(owner: dict | None) -> str:
     if not owner:
         return ""
-    host = owner.get("ltscale.attempt.machine", "?").split("/", 1)[0]
+    host = str(owner.get("ltscale.attempt.machine", "?")).split("/", 1)[0]
     job = owner.get("ltscale.attempt.slurm_job", "")
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
     return f"process {owner.get('ltscale.attempt.pid', '?')} on {host}" + (f" (SLURM job {job})" if job else "") + f" since {since}"
+
+
+def _take_over(path: Path, token: str, owner: dict, stale_s: float) -> bool:
+    """Remove the lock at ``path`` if its owner is gone (see the module's notes); True if the caller
+    should try to create the lock again, False while a live owner, or another taker, has it."""
+    current = _read(path)
+    identity = _identity(path, current)
+    if identity is None:
+        return True  # released meanwhile
+    reason = _gone(path, current, stale_s)
+    if reason is None:
+        return False
+    claims = _claim(path, identity, owner, stale_s)
+    if claims is None:
+        return False  # another process is taking it over right now
+    try:
+        # With the claim, nobody else may move this lock: check that it is still there and still dead.
+        now = _read(path)
+        if _identity(path, now) != identity:
+            return True  # released, or already replaced by a successor: look again
+        reason = _gone(path, now, stale_s)
+        if reason is None:
+            return False  # its heartbeat resumed
+        log.warning("taking over %s: %s", path, reason)
+        aside = path.with_name(f"{LOCK}.stale-{token}")
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            return True
+        if _identity(aside, _read(aside)) == identity:
+            aside.unlink(missing_ok=True)
+            return True
+        _put_back(aside, path)
+        return False
+    finally:
+        for claim in reversed(claims):
+            claim.unlink(missing_ok=True)
+
+
+TAKEOVER_LEVELS = 8
+"""How many dead claims in a row (takers that died while taking one lock over) are taken over."""
+
+
+def _claim(path: Path, identity: str, owner: dict, stale_s: float) -> list[Path] | None:
+    """The exclusive right to remove the lock ``identity`` at ``path``: the claim files to remove once
+    done (this process's and the dead ones it took over), or None while another process has it."""
+    name, dead = f"{LOCK}.takeover-{identity}", []
+    for _ in range(TAKEOVER_LEVELS):
+        claim = path.with_name(name)
+        try:
+            descriptor = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            other = _read(claim)
+            if other is None or _gone(claim, other, stale_s) is None:
+                return None  # being taken over (or just taken over) by another process
+            dead.append(claim)
+            name += "+"  # the right to succeed that dead taker
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(owner, handle)
+        return dead + [claim]
+    return None
+
+
+def _identity(path: Path, owner: dict | None) -> str | None:
+    """What tells the lock file at ``path`` (read as ``owner``) from any other: its token; for a file
+    without one (damaged), its inode. None if there is no file."""
+    if owner is None:
+        return None
+    token = str(owner.get("token") or "")
+    if token:  # also names the claim file: kept to safe characters
+        return token if re.fullmatch(r"[0-9A-Za-z_-]{1,64}", token) else hashlib.sha256(token.encode()).hexdigest()[:32]
+    try:
+        return f"inode-{path.stat().st_ino}"
+    except FileNotFoundError:
+        return None
+
+
+def _put_back(aside: Path, path: Path) -> None:
+    """Return a live lock moved aside by mistake to ``path``, without replacing a lock created there since."""
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        if not _same_file(aside, path):  # (over NFS a retried link reports EEXIST although it worked)
+            log.error("a live lock moved aside from %s could not be put back: %s was created meanwhile", path, _describe(_read(path)))
+    except OSError:  # no hard links on this file system: rename back unless a lock was created meanwhile
+        if not path.exists():
+            os.replace(aside, path)
+            return
+        log.error("a live lock moved aside from %s could not be put back: %s was created meanwhile", path, _describe(_read(path)))
+    aside.unlink(missing_ok=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _read(path: Path) -> dict | None:
