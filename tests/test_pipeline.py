@@ -227,6 +227,17 @@ def test_plan_names_what_a_run_would_reuse_resume_or_train(tmp_path, capsys):
     lock = StageLock.try_acquire(plan[2].directory)  # another pipeline producing it right now
     assert plan_pipeline(changed)[2].state == "busy"
     lock.release()
+    # A lock whose owner has exited is taken over by a run, so the plan says resume, not wait.
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = StageLock.try_acquire(plan[2].directory)
+    owner = json.loads((plan[2].directory / ".lock").read_text())
+    owner["ltscale.attempt.pid"] = int(dead.stdout)
+    (plan[2].directory / ".lock").write_text(json.dumps(owner))
+    assert plan_pipeline(changed)[2].state == "partial"
+    lock.release()
 
     assert main(["run", "demo/dive", "--plan", "--output-dir", str(tmp_path / "cli"), "--set", "device=cpu"]) == 0
     out = capsys.readouterr().out
@@ -304,26 +315,26 @@ def test_image_file_stage_keys_cover_test_and_validation_lists_not_the_root(tmp_
 
     from ltscale.stages.pipeline import plan_pipeline
 
-    rows = []
+    rows: dict[int, list[str]] = {i: [] for i in range(5)}
     for root in (tmp_path / "a", tmp_path / "b"):  # the same tree twice: a copy on node-local disk
         for label in range(2):
-            for i in range(3):
+            for i in range(5):
                 path = root / f"c{label}" / f"{i}.jpg"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", (8, 8), (40 * i, 90 * label, 7)).save(path)
                 if root.name == "a":
-                    rows.append(f"c{label}/{i}.jpg {label}")
+                    rows[i].append(f"c{label}/{i}.jpg {label}")
     lists = tmp_path / "lists"
     lists.mkdir()
-    (lists / "train.txt").write_text("\n".join(rows) + "\n")
-    (lists / "test.txt").write_text("\n".join(rows[:4]) + "\n")
-    (lists / "test2.txt").write_text("\n".join(rows[2:]) + "\n")
+    (lists / "train.txt").write_text("\n".join(rows[0] + rows[1] + rows[2]) + "\n")
+    (lists / "test.txt").write_text("\n".join(rows[3]) + "\n")
+    (lists / "test2.txt").write_text("\n".join(rows[4]) + "\n")
     data = DataConfig(dataset="imagenet_lt", root=str(tmp_path / "a"), train_list=str(lists / "train.txt"),
                       test_list=str(lists / "test.txt"), image_size=8)
     config = dataclasses.replace(tiny("ce", tmp_path / "out"), data=data, stages={"teacher": METHODS["ce"](TINY)["teacher"]})
     key = plan_pipeline(config)[0].key
     assert plan_pipeline(apply_overrides(config, [f"data.root={tmp_path / 'b'}"]))[0].key == key
-    for override in (f"data.test_list={lists / 'test2.txt'}", f"data.val_list={lists / 'test.txt'}", "data.image_size=16"):
+    for override in (f"data.test_list={lists / 'test2.txt'}", f"data.val_list={lists / 'test2.txt'}", "data.image_size=16"):
         assert plan_pipeline(apply_overrides(config, [override]))[0].key != key, override
 
 

@@ -226,7 +226,7 @@ def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
         directory = store.directory(stage.kind, key)
         if store.finished(name, stage.kind, key) is not None:
             state = "finished"
-        elif locks.holder(directory):
+        elif locks.live_holder(directory):  # a dead owner's lock would be taken over, not waited for
             state = "busy"
         elif (directory / PROGRESS).is_file() or (directory / zero.PROGRESS_DIR / zero.POINTER).is_file():
             state = "partial"
