@@ -495,3 +495,15 @@ def test_decoder_fallbacks_and_verify_images(tmp_path):
     names = ["cmyk.JPEG", "png_named.JPEG", "truncated.JPEG", "text.JPEG", "missing.JPEG"]
     split = FileSplit(name="verify", targets=np.zeros(len(names), dtype=np.int64), num_classes=1, root=tmp_path, paths=names)
     assert verify_images(split, num_workers=0) == sorted(str(tmp_path / n) for n in names[2:])
+
+
+def test_splits_must_not_share_images(tmp_path):
+    """A test image that is also a training image turns the test accuracy into a training one."""
+    config = _make_tree(tmp_path / "tree")
+    root = Path(config.root)
+    train = (root / "ImageNet_LT_train.txt").read_text().splitlines()
+    test = (root / "ImageNet_LT_test.txt").read_text().splitlines()
+    (root / "ImageNet_LT_test.txt").write_text("\n".join(test[:-1] + ["./" + train[3]]) + "\n")  # written another way
+    with pytest.raises(DatasetError, match=r"1 image\(s\) of .*ImageNet_LT_test.txt .* are also in .*ImageNet_LT_train.txt"
+                                           r".*must not share images"):
+        build_image_list_dataset(config)

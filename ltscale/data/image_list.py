@@ -406,6 +406,26 @@ def _load_role(
     return paths, labels, None, source
 
 
+def _check_disjoint(loaded: dict[str, tuple | None]) -> None:
+    """No image may be in two splits: a test (or validation) image that is also trained on makes
+    the reported accuracy a training accuracy, silently. The standard lists are disjoint."""
+    seen: dict[str, str] = {}
+    for role, entry in loaded.items():
+        if entry is None:
+            continue
+        paths, _, _, source = entry
+        normal = [posixpath.normpath(path) for path in paths]
+        shared = [path for path in normal if path in seen]
+        if shared:
+            other = seen[shared[0]]
+            raise DatasetError(
+                f"{len(shared)} image(s) of {source} are also in {other}, e.g. {shared[0]!r}; the training, "
+                "validation and test splits must not share images (an image that is trained on and tested on "
+                "inflates the test accuracy)."
+            )
+        seen.update(dict.fromkeys(normal, source))
+
+
 def build_image_list_dataset(config: DataConfig, check_files: bool = True) -> DatasetBundle:
     """The train / (val) / test splits of ImageNet-LT, Places-LT or iNaturalist 2018.
 
@@ -426,6 +446,7 @@ def build_image_list_dataset(config: DataConfig, check_files: bool = True) -> Da
         raise DatasetError(f"data.root = {config.root!r} {state}. {expected}")
 
     loaded = {role: _load_role(config, role, spec, root) for role in SPLIT_ROLES}
+    _check_disjoint(loaded)
     train_paths, train_labels, json_names, _ = loaded["train"]
     class_names = json_names or _class_names_from_paths(train_paths, train_labels, spec.num_classes)
 
