@@ -7,6 +7,7 @@ them skip, saying so, when it is absent. Image trees are built in tmp_path from 
 from __future__ import annotations
 
 import json
+import re
 import logging
 import shutil
 from pathlib import Path
@@ -507,3 +508,19 @@ def test_splits_must_not_share_images(tmp_path):
     with pytest.raises(DatasetError, match=r"1 image\(s\) of .*ImageNet_LT_test.txt .* are also in .*ImageNet_LT_train.txt"
                                            r".*must not share images"):
         build_image_list_dataset(config)
+
+
+@pytest.mark.parametrize("file_name,problem", [
+    ("/etc/passwd", r"which is absolute"),
+    ("../outside/0.jpg", r"which leaves the image root through '\.\.'"),
+    ("train_val2018/Plantae/0/1.jpg", r"entries 1 and 2 of 'images' both have file_name"),  # entry 1's, written again
+])
+def test_inat_json_file_names_stay_inside_the_root_and_appear_once(tmp_path, file_name, problem):
+    data = _coco([0, 0, 1])
+    data["images"][1]["file_name"] = "train_val2018/Plantae/0/1.jpg"
+    data["images"][2]["file_name"] = file_name
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(path))}: entr.*2 of 'images'.*{problem}|"
+                                           rf"{re.escape(str(path))}: {problem}"):
+        read_inat_annotations(path)

@@ -105,6 +105,18 @@ def _listed_twice(path: Path, first: tuple[int, str, int], second: tuple[int, st
     )
 
 
+def _inside_root(relative: str) -> tuple[str, str]:
+    """``relative`` normalised, and what is wrong with it ("" if nothing): absolute, or leaving the
+    image root through '..'. Lexical only: lists are checked before (or, for ``ltscale data
+    stats``, without) the images."""
+    normal = posixpath.normpath(relative)
+    if normal.startswith("/"):
+        return normal, "is absolute"
+    if normal == ".." or normal.startswith("../"):
+        return normal, "leaves the image root through '..'"
+    return normal, ""
+
+
 def read_split_list(path: str | Path, num_classes: int | None = None) -> tuple[list[str], np.ndarray]:
     """Parse a ``<relative path> <label>`` split list into (paths, labels (N,) int64).
 
@@ -144,11 +156,8 @@ def read_split_list(path: str | Path, num_classes: int | None = None) -> tuple[l
                         f"{path}, line {number}: label {label} in {text!r} is out of range; this "
                         f"dataset has {num_classes} classes, so labels must lie in 0..{num_classes - 1}."
                     )
-                # Lexical normalisation, without the file system: the list is checked before (or, for
-                # `ltscale data stats`, without) the images.
-                normal = posixpath.normpath(relative)
-                if normal.startswith("/") or normal == ".." or normal.startswith("../"):
-                    where = "is absolute" if normal.startswith("/") else "leaves the image root through '..'"
+                normal, where = _inside_root(relative)
+                if where:
                     raise DatasetError(
                         f"{path}, line {number}: path {relative!r} {where}; the list's paths must be relative "
                         "to data.root and stay inside it (as in 'train/n01440764/n01440764_762.JPEG')."
@@ -268,6 +277,7 @@ def read_inat_annotations(json_path: str | Path) -> tuple[list[str], np.ndarray,
     labels = np.empty(len(images), dtype=np.int64)
     unlabelled: list[int] = []
     image_index: dict[int, int] = {}
+    file_position: dict[str, int] = {}
     for position, image in enumerate(images):
         image_id = _entry_id(image, "id", path, "images", position)
         # A repeated id would take the same annotation twice: one image counted twice, or two
@@ -278,7 +288,20 @@ def read_inat_annotations(json_path: str | Path) -> tuple[list[str], np.ndarray,
                 "expected each image id once, with exactly one annotation."
             )
         image_index[image_id] = position
-        paths.append(str(_require(image, "file_name", path, "an entry of 'images'")))
+        file_name = str(_require(image, "file_name", path, "an entry of 'images'"))
+        normal, where = _inside_root(file_name)
+        if where:
+            raise DatasetError(
+                f"{path}: entry {position} of 'images' has file_name {file_name!r}, which {where}; file names "
+                "must be relative to data.root and stay inside it (as in 'train_val2018/Plantae/7291/<hash>.jpg')."
+            )
+        if normal in file_position:
+            raise DatasetError(
+                f"{path}: entries {file_position[normal]} and {position} of 'images' both have file_name "
+                f"{file_name!r}; each image file must be listed once."
+            )
+        file_position[normal] = position
+        paths.append(file_name)
         label = label_of_image.get(image_id)
         if label is None:
             unlabelled.append(image_id)
