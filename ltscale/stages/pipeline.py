@@ -28,7 +28,7 @@ import torch
 
 from ltscale.config import config_hash, flatten_config
 from ltscale.data import build_dataset
-from ltscale.data.base import DatasetBundle
+from ltscale.data.base import DatasetBundle, FileSplit
 from ltscale.data.errors import DatasetError
 from ltscale.dist import runtime
 from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process
@@ -165,7 +165,6 @@ def _verify_evaluation_images(config: PipelineConfig, bundle: DatasetBundle, out
     Training images are not decoded here: a bad one is replaced as it is met. A verified split is
     remembered in ``<output_dir>/verified/`` (by its contents and root), so reruns skip the pass.
     """
-    from ltscale.data.base import FileSplit
     from ltscale.data.loaders.files import verify_images
 
     problem = None
@@ -173,7 +172,8 @@ def _verify_evaluation_images(config: PipelineConfig, bundle: DatasetBundle, out
         for split in (bundle.val, bundle.test):
             if not isinstance(split, FileSplit):
                 continue
-            marker = output_dir / "verified" / f"{split.name.replace('/', '-')}-{config_hash(str(split.root), split.fingerprint())}.json"
+            fingerprint = split.fingerprint()
+            marker = output_dir / "verified" / f"{split.name.replace('/', '-')}-{config_hash(str(split.root), fingerprint)}.json"
             if marker.is_file():
                 continue
             started = time.monotonic()
@@ -187,7 +187,7 @@ def _verify_evaluation_images(config: PipelineConfig, bundle: DatasetBundle, out
                 break
             marker.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json({"split": split.name, "root": str(split.root), "images": len(split),
-                               "fingerprint": split.fingerprint(), "seconds": round(time.monotonic() - started, 1)}, marker)
+                               "fingerprint": fingerprint, "seconds": round(time.monotonic() - started, 1)}, marker)
     problem = broadcast_object(problem)
     if problem:
         raise DatasetError(problem)

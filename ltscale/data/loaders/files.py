@@ -13,6 +13,7 @@ training, an error naming the file in evaluation). Workers report failures insid
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from pathlib import Path
@@ -108,6 +109,19 @@ class _EpochDraws(torch.utils.data.Sampler):
         return zip((int(i) for i in self.sampler), draws.tolist())
 
 
+@contextlib.contextmanager
+def _seeded(draw: int | None) -> Iterator[None]:
+    """torchvision's transforms draw from the global RNG: seed it with ``draw`` for one sample and
+    give it back afterwards (with num_workers=0 this runs in the training process). ``None``
+    (evaluation, which draws nothing) leaves it alone."""
+    if draw is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(draw)
+        yield
+
+
 class _FileDataset(torch.utils.data.Dataset):
     """Map-style dataset over a FileSplit; an item is ``(image, target, index, ok, failures, key)``.
 
@@ -142,12 +156,7 @@ class _FileDataset(torch.utils.data.Dataset):
             except Exception as error:  # any decoder failure is a bad file, reported below
                 failures.append((candidate, describe_error(error)))
                 continue
-            if draw is None:
-                return self.transform(image), int(self.targets[index]), candidate, True, failures, None
-            # torchvision's transforms draw from the global RNG: seed it for this sample, and give
-            # it back afterwards (with num_workers=0 this runs in the training process).
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(draw)
+            with _seeded(draw):
                 key = self.key_transform(image) if self.key_transform is not None else None
                 return self.transform(image), int(self.targets[index]), candidate, True, failures, key
         blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
