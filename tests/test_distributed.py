@@ -214,6 +214,46 @@ def test_sharded_evaluation_and_gather_equal_one_process(tmp_path):
         torch.testing.assert_close(got["rows"], torch.arange(37, dtype=torch.float32)[:, None] * torch.tensor([[1.0, -1.0]]))
 
 
+def _shared_check_worker(rank: int, world: int, port: int, directories: list[str], rounds: int, out: str) -> None:
+    from ltscale.stages.pipeline import _check_shared_directory
+
+    _init(rank, world, port)
+    outcome = "ok"
+    for _ in range(rounds):
+        try:
+            _check_shared_directory(Path(directories[rank]))
+        except RuntimeError as error:
+            outcome = str(error)
+            break
+    Path(out, f"rank{rank}-{port}.txt").write_text(outcome)
+
+
+def test_shared_directory_check_of_concurrent_pipelines_on_one_output_dir(tmp_path):
+    """A sweep's pipelines start together on one output_dir: their checks must not see (or delete)
+    each other's marker. Two 2-rank groups, 40 checks each, at the same time."""
+    shared = tmp_path / "out"
+    shared.mkdir()
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=_shared_check_worker, args=(rank, 2, port, [str(shared)] * 2, 40, str(tmp_path)))
+                 for port in (free_port(), free_port()) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    outcomes = [path.read_text() for path in sorted(tmp_path.glob("rank*.txt"))]
+    assert outcomes == ["ok"] * 4
+    assert list(shared.iterdir()) == []  # every marker removed
+
+
+def test_shared_directory_check_names_the_rank_that_sees_another_directory(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _spawn(_shared_check_worker, 2, [str(tmp_path / "a"), str(tmp_path / "b")], 1, str(tmp_path))
+    outcomes = [path.read_text() for path in sorted(tmp_path.glob("rank*.txt"))]
+    assert len(outcomes) == 2 and all("rank(s) [1] do not see rank 0's files" in o for o in outcomes), outcomes
+
+
 # --- whole pipelines under torchrun -----------------------------------------------------------------
 
 DRIVER = r"""

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +32,7 @@ from ltscale.data import build_dataset
 from ltscale.data.base import DatasetBundle, FileSplit
 from ltscale.data.errors import DatasetError
 from ltscale.dist import runtime
-from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process
+from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process, rank_and_world_size
 from ltscale.engine import zero
 from ltscale.engine.checkpoint import atomic_write_json
 from ltscale.engine.progress import Progress
@@ -248,11 +249,19 @@ def run_pipeline(config: PipelineConfig, progress: Progress | None = None) -> Pi
 
 def _check_shared_directory(output_dir: Path) -> None:
     """Every rank must see rank 0's files (it reads the models rank 0 saves): fail at the start,
-    with the reason, rather than at the first stage boundary."""
-    marker = output_dir / ".ltscale-shared-check"
+    with the reason, rather than at the first stage boundary.
+
+    The marker's name is this pipeline's own (rank 0's random token): the pipelines of a sweep
+    share ``output_dir`` and start together, and with one fixed name they wrote and deleted each
+    other's marker and failed this check on a directory that was shared.
+    """
+    if rank_and_world_size()[1] == 1:
+        return
+    token = uuid.uuid4().hex
     if is_main_process():
-        marker.write_text(str(time.time_ns()))
-    token = broadcast_object(marker.read_text() if is_main_process() else None)
+        (output_dir / f".ltscale-shared-check-{token}").write_text(token)
+    token = broadcast_object(token if is_main_process() else None)  # after the write: the others look next
+    marker = output_dir / f".ltscale-shared-check-{token}"
     sees = all_gather_object(marker.is_file() and marker.read_text() == token)  # every rank learns who cannot see it
     barrier()
     if is_main_process():
