@@ -552,3 +552,26 @@ def test_cli_ctrl_c_is_one_line_and_exit_130(capsys, tmp_path, monkeypatch):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith("ltscale: interrupted; finished stages are kept")
     assert "resumes an interrupted training stage from its last completed epoch" in err
+
+
+def _documented_recipes(text: str) -> set[str]:
+    """Every recipe a shell block of ``text`` runs (``ltscale run R``, ``launch.submit R ...``, ``{a,b}`` expanded)."""
+    names = set()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for match in re.finditer(r"(?:\brun|launch\.submit)\s+((?:[\w.{},-]+/[\w.{},-]+\s+)+)", block):
+            for word in match.group(1).split():
+                braces = re.fullmatch(r"(.*)\{(.*)\}(.*)", word)
+                names.update([braces.group(1) + part + braces.group(3) for part in braces.group(2).split(",")]
+                             if braces else [word])
+    return names
+
+
+def test_every_recipe_the_docs_run_exists():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    known = list_recipes()
+    for doc in ("README.md", "tools/README.md"):
+        named = _documented_recipes((root / doc).read_text())
+        assert doc != "README.md" or {"imagenet-lt/ssd", "places-lt/ce", "cifar100-lt-if100/lws", "demo/dive"} <= named
+        assert sorted(named - set(known)) == [], f"{doc} runs recipes that do not exist"

@@ -82,6 +82,34 @@ def test_broken_launcher_environment_is_named(environ, message):
         runtime.detect(environ)
 
 
+@pytest.mark.parametrize("visible, local_rank, expected", [
+    (4, 2, "cuda:2"),  # torchrun / srun --gpus-per-node: every process sees the node's GPUs
+    (1, 0, "cuda:0"),
+    (1, 3, "cuda:0"),  # srun --gpus-per-task 1: each task sees only its own GPU, as device 0
+    (2, 3, None),      # neither layout: refused, with what this process sees
+])
+def test_each_rank_takes_its_own_gpu(monkeypatch, visible, local_rank, expected):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    env = runtime.DistEnv(rank=local_rank, world_size=8, local_rank=local_rank, source="slurm")
+    if expected is None:
+        with pytest.raises(runtime.DistributedEnvError, match=f"local rank 3 has no GPU of its own: this process sees {visible} GPUs"):
+            runtime.device_for(env, "auto")
+        return
+    assert str(runtime.device_for(env, "auto")) == expected
+    assert str(runtime.device_for(env, "cuda")) == expected
+    assert [str(d) for d in chosen] == [expected] * 2
+    assert str(runtime.device_for(env, "cuda:1")) == "cuda:1"  # an explicit index is the user's choice
+
+
+def test_ranks_sharing_a_gpu_are_found():
+    placements = [("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a"), ("n1", "GPU-a"), ("n2", "GPU-a")]
+    assert runtime.shared_gpus(placements) == [[0, 3], [2, 4]]  # same UUID on another host is another GPU
+    assert runtime.shared_gpus(placements[:3]) == []
+
+
 def test_fast_step_refuses_several_processes():
     from ltscale.engine.fast_step import resolve_step
 

@@ -18,6 +18,7 @@ import datetime
 import gc
 import os
 import re
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -110,8 +111,15 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
 
 
 def device_for(env: DistEnv, requested: str) -> torch.device:
-    """The device this process trains on: ``auto`` is this rank's own GPU (``cuda:<local_rank>``)
-    when there are GPUs, else the CPU. A bare ``cuda`` likewise means this rank's GPU."""
+    """The device this process trains on: ``auto`` is this rank's own GPU when there are GPUs, else
+    the CPU. A bare ``cuda`` likewise means this rank's GPU.
+
+    This rank's GPU is ``cuda:<local_rank>`` when the process sees all of its node's GPUs
+    (torchrun, ``srun --gpus-per-node``), and the only one it sees when the launcher bound one GPU
+    to each process (``srun --gpus-per-task 1``, a per-process ``CUDA_VISIBLE_DEVICES``): there
+    every rank's GPU is device 0. Two ranks of one node landing on the same GPU are found once the
+    process group exists (:func:`check_distinct_gpus`).
+    """
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
@@ -119,13 +127,47 @@ def device_for(env: DistEnv, requested: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"device={requested!r} was requested but CUDA is not available on this machine; use device=cpu or auto")
         if device.index is None:
-            if env.local_rank >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            if env.local_rank < count:
+                device = torch.device("cuda", env.local_rank)
+            elif count == 1:
+                device = torch.device("cuda", 0)  # bound to this process alone (checked after the group forms)
+            else:
                 raise DistributedEnvError(
-                    f"local rank {env.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
-                    "start at most one process per GPU")
-            device = torch.device("cuda", env.local_rank)
+                    f"local rank {env.local_rank} has no GPU of its own: this process sees {count} GPUs "
+                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); start at most "
+                    "one process per GPU, and let each see either all of the node's GPUs or only its own")
         torch.cuda.set_device(device)
     return device
+
+
+def shared_gpus(placements: list[tuple[str, str]]) -> list[list[int]]:
+    """Groups of ranks (two or more) whose ``(host, GPU UUID)`` placements are the same GPU."""
+    ranks: dict[tuple[str, str], list[int]] = {}
+    for rank, placement in enumerate(placements):
+        ranks.setdefault(placement, []).append(rank)
+    return [group for group in ranks.values() if len(group) > 1]
+
+
+def check_distinct_gpus(device: torch.device) -> None:
+    """Refuse a layout in which several ranks train on one GPU (every rank raises the same error).
+
+    NCCL refuses it too, but only at the first collective and in its own words; several processes
+    of a node each seeing "their" device 0 (one GPU bound to the node, not to each task) is the
+    usual cause.
+    """
+    if device.type != "cuda" or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    placement = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, placement)
+    groups = shared_gpus(gathered)
+    if groups:
+        described = "; ".join(f"ranks {group} on {gathered[group[0]][0]}" for group in groups)
+        raise DistributedEnvError(
+            f"several processes train on one GPU ({described}): start one process per GPU and bind each to its "
+            "own (srun --gpus-per-task 1, or torchrun --nproc_per_node <GPUs of the node> without CUDA_VISIBLE_DEVICES "
+            "narrowed to one GPU)")
 
 
 def ensure_process_group(env: DistEnv, device: torch.device, timeout_minutes: float = 30.0) -> None:
@@ -146,6 +188,7 @@ def ensure_process_group(env: DistEnv, device: torch.device, timeout_minutes: fl
         device_id=device if device.type == "cuda" else None,
     )
     atexit.register(_destroy)
+    check_distinct_gpus(device)
 
 
 EXIT_DRAIN_S = 0.2
