@@ -116,9 +116,14 @@ def _print_plan(config) -> int:
     actions = {"finished": "reuse", "busy": "wait", "partial": "resume", "new": "run"}
     print(f"{config.name}: output_dir {config.output_dir}")
     width = max(len(plan.name) for plan in plans)
+    wanted = "deepspeed" if config.deepspeed.enabled else "plain"
     for plan in plans:
         inputs = ", ".join(f"{role}={stage}" for role, stage in plan.inputs.items()) or "-"
         print(f"  {plan.name:<{width}}  {actions[plan.state]:<6}  {plan.kind}-{plan.key}  <- {inputs}")
+        if plan.state == "partial" and wanted not in plan.progress:
+            print(f"  {'':<{width}}  its progress was saved {'without' if config.deepspeed.enabled else 'with'} DeepSpeed: "
+                  f"it resumes only with --set deepspeed.enabled={str(not config.deepspeed.enabled).lower()}; "
+                  "this run would stop there")
     return 0
 
 
@@ -323,17 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ltscale.data.errors import DatasetError
+    from ltscale.dist.runtime import DistributedEnvError
     from ltscale.engine.checkpoint import CheckpointError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetError, CheckpointError) as error:
+    except (ConfigError, DatasetError, CheckpointError, DistributedEnvError) as error:
         print(f"ltscale: error: {error}", file=sys.stderr)
         return 2
     except ValueError as error:  # config validation (__post_init__) raises ValueError with the fix
         print(f"ltscale: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if not _is_main():
+            return INTERRUPTED_EXIT  # every rank gets the Ctrl-C; one line is enough
         # Finished stages have their outputs and manifests on disk, and a training stage writes its
         # progress checkpoint atomically after every epoch (ltscale/engine/trainer.py), so the same
         # command picks up where this one stopped; a traceback would only hide that.

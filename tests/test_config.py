@@ -554,6 +554,27 @@ def test_cli_ctrl_c_is_one_line_and_exit_130(capsys, tmp_path, monkeypatch):
     assert "resumes an interrupted training stage from its last completed epoch" in err
 
 
+def test_cli_ctrl_c_prints_nothing_on_other_ranks(capsys, tmp_path, monkeypatch):
+    import ltscale.cli as cli
+    import ltscale.stages.pipeline as pipeline
+
+    def interrupted(config, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_pipeline", interrupted)
+    monkeypatch.setattr(cli, "_is_main", lambda: False)
+    code, err = _cli(capsys, "run", "demo/ce", "--set", f"output_dir={tmp_path / 'out'}")
+    assert code == 130 and err == ""
+
+
+def test_cli_reports_a_broken_launcher_environment_in_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code, err = _cli(capsys, "run", "demo/ce", "--set", f"output_dir={tmp_path / 'out'}")
+    assert code == 2
+    assert err.strip() == "ltscale: error: WORLD_SIZE not set while RANK is: set both (torchrun does)"
+
+
 def _documented_recipes(text: str) -> set[str]:
     """Every recipe a shell block of ``text`` runs (``ltscale run R``, ``launch.submit R ...``, ``{a,b}`` expanded)."""
     names = set()

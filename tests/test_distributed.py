@@ -182,9 +182,13 @@ def _train(bundle: DatasetBundle, batch_size: int, progress: Path) -> tuple[nn.M
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import warnings
+
     _init(rank, world, port)
     bundle = _dataset()
-    task, seen = _train(bundle, 16 // world, Path(out) / "progress.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # DDP built with the current torch's arguments
+        task, seen = _train(bundle, 16 // world, Path(out) / "progress.pt")
     torch.save({"state": task.network.state_dict(), "loss": [m.loss for m in seen], "top1": [m.top1 for m in seen]},
                Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()

@@ -221,7 +221,7 @@ def test_plan_names_what_a_run_would_reuse_resume_or_train(tmp_path, capsys):
     assert [p.state for p in plan] == ["finished", "finished", "new"]
     plan[2].directory.mkdir(parents=True)
     (plan[2].directory / "progress.pt").write_bytes(b"")
-    assert plan_pipeline(changed)[2].state == "partial"
+    assert plan_pipeline(changed)[2].state == "partial" and plan_pipeline(changed)[2].progress == {"plain"}
     from ltscale.stages.locks import StageLock
 
     lock = StageLock.try_acquire(plan[2].directory)  # another pipeline producing it right now

@@ -104,6 +104,47 @@ def test_zero_resume_continues_exactly_and_refuses_another_layout(tmp_path):
         _spawn(_worker, 2, str(interrupted), 1, 4, "two")
     assert "CheckpointError" in str(caught.value) and "saved by 1 rank(s) under ZeRO stage 1" in str(caught.value)
 
+    # Nor does a run without DeepSpeed start the stage over beside them (the stage key, and so the
+    # directory, is the same with and without DeepSpeed): it stops and says how to resume.
+    with pytest.raises(Exception) as caught:
+        _spawn(_worker, 1, str(interrupted), -1, 3, "plain")
+    assert "progress.json holds this stage's progress saved with DeepSpeed, and this run has deepspeed.enabled=false" in str(caught.value)
+    assert "--set deepspeed.enabled=true to resume" in str(caught.value)
+    assert not (interrupted / "stage" / "progress.pt").exists() and not (interrupted / "plain-rank0.pt").exists()
+
+
+def test_zero_run_refuses_progress_saved_without_deepspeed(tmp_path, capsys):
+    _train(1, tmp_path / "stage" / "progress.pt", None, epochs=2)  # a plain run interrupted after epoch 2
+    with pytest.raises(Exception) as caught:
+        _spawn(_worker, 1, str(tmp_path), 1, 3, "zero")
+    message = str(caught.value)
+    assert "progress.pt holds this stage's progress saved without DeepSpeed, and this run has deepspeed.enabled=true" in message
+    assert "--set deepspeed.enabled=false to resume" in message and f"delete {tmp_path / 'stage' / 'progress.pt'}" in message
+    assert not (tmp_path / "stage" / "deepspeed-progress").exists()
+
+
+def test_plan_says_a_partial_stage_resumes_only_in_its_format(tmp_path, capsys):
+    from ltscale.cli import main
+    from ltscale.config import apply_overrides
+    from ltscale.stages.pipeline import plan_pipeline
+    from tests.test_pipeline import tiny
+
+    config = tiny("ce", tmp_path)
+    stage = plan_pipeline(config)[0].directory
+    (stage / "deepspeed-progress").mkdir(parents=True)
+    (stage / "deepspeed-progress" / "progress.json").write_text("{}")
+    assert plan_pipeline(config)[0].progress == {"deepspeed"}
+    zero = apply_overrides(config, ["deepspeed.enabled=true"])
+    assert plan_pipeline(zero)[0].key == plan_pipeline(config)[0].key  # one directory for both
+
+    import ltscale.cli as cli
+
+    for overrides, warned in (([], True), (["deepspeed.enabled=true"], False)):
+        cli._print_plan(apply_overrides(config, overrides))
+        out = capsys.readouterr().out
+        assert "resume" in out
+        assert ("resumes only with --set deepspeed.enabled=true" in out) == warned, out
+
 
 DRIVER = r"""
 import json, sys

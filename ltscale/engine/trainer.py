@@ -19,6 +19,7 @@ stage 2 the gradients) partitioned over the ranks, each rank saving its part of 
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -29,11 +30,11 @@ import torch
 import torch.nn as nn
 
 from ltscale.dist.gather import all_reduce_sum, broadcast_from_rank0, is_main_process, rank_and_world_size
-from ltscale.engine.checkpoint import atomic_save, load_checkpoint, load_state_strict
+from ltscale.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_strict
 from ltscale.engine.fast_step import FastStep, resolve_step
 from ltscale.engine.progress import Progress
 from ltscale.engine.schedule import OptimConfig, lr_schedule
-from ltscale.engine.zero import PROGRESS_DIR, DeepSpeedConfig, ZeroEngine
+from ltscale.engine.zero import POINTER, PROGRESS_DIR, DeepSpeedConfig, ZeroEngine
 
 
 class Task(Protocol):
@@ -131,6 +132,7 @@ class Trainer:
         return self.progress_path.parent / PROGRESS_DIR
 
     def _resume(self) -> int:
+        self._refuse_other_format()
         if self.zero is not None:
             return self.zero.load(self._zero_progress)
         if not self.progress_path.exists():
@@ -139,6 +141,22 @@ class Trainer:
         load_state_strict(self.task.network, state["network"], self.progress_path)
         self.optimizer.load_state_dict(state["optimizer"])
         return int(state["epoch"])
+
+    def _refuse_other_format(self) -> None:
+        """A stage's directory is shared by runs with and without DeepSpeed (the key leaves it out:
+        the finished result is the same), but their progress is not interchangeable (ZeRO's is
+        partitioned per rank). Starting over beside the other's progress would silently discard it."""
+        saved = saved_progress(self.progress_path)
+        wanted = "deepspeed" if self.zero is not None else "plain"
+        if not saved or wanted in saved:
+            return
+        where = self._zero_progress / POINTER if self.zero is None else self.progress_path
+        raise CheckpointError(
+            f"stage {self.name}: {where} holds this stage's progress saved {'with' if self.zero is None else 'without'} "
+            f"DeepSpeed, and this run has deepspeed.enabled={str(self.zero is not None).lower()}. A stage resumes in "
+            f"the format it was saved in: rerun with --set deepspeed.enabled={str(self.zero is None).lower()} to resume "
+            f"it, or delete {where if self.zero is not None else where.parent} to train the stage from epoch 0."
+        )
 
     def _save_progress(self, next_epoch: int) -> None:
         if self.zero is not None:
@@ -229,6 +247,17 @@ class Trainer:
         )
 
 
+def saved_progress(progress_path: Path) -> set[str]:
+    """Which trainers left progress for the stage whose plain progress file is ``progress_path``:
+    ``"plain"`` (``progress.pt``) and / or ``"deepspeed"`` (``deepspeed-progress/progress.json``)."""
+    kinds = set()
+    if Path(progress_path).is_file():
+        kinds.add("plain")
+    if (Path(progress_path).parent / PROGRESS_DIR / POINTER).is_file():
+        kinds.add("deepspeed")
+    return kinds
+
+
 def _distributed(task: nn.Module, trainable: list[nn.Parameter], device: torch.device) -> nn.Module:
     """``task`` under DistributedDataParallel, averaging the gradients of ``trainable`` only.
 
@@ -245,9 +274,14 @@ def _distributed(task: nn.Module, trainable: list[nn.Parameter], device: torch.d
     others = [p for p in task.parameters() if p.requires_grad and id(p) not in chosen]
     for parameter in others:
         parameter.requires_grad_(False)
+    # torch >= 2.13 names "no buffer sync in forward" forward_sync_buffers (and warns on the old
+    # name); it still syncs them once at construction, which is what rank 0's broadcast does anyway.
+    no_forward_sync = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
     try:
         return DistributedDataParallel(
-            task, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False, static_graph=True,
+            task, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True, **no_forward_sync,
         )
     finally:
         for parameter in others:

@@ -33,9 +33,9 @@ from ltscale.data.base import DatasetBundle, FileSplit
 from ltscale.data.errors import DatasetError
 from ltscale.dist import runtime
 from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process, rank_and_world_size
-from ltscale.engine import zero
 from ltscale.engine.checkpoint import atomic_write_json
 from ltscale.engine.progress import Progress
+from ltscale.engine.trainer import saved_progress
 from ltscale.models import pretrained
 from ltscale.stages import distill, evaluate, locks, rebalance, soft_labels, teacher, virtual_examples
 from ltscale.stages.config import PipelineConfig, StageConfig, stage_inputs
@@ -204,6 +204,7 @@ class StagePlan:
     inputs: dict[str, str]  # role -> stage name
     state: str  # "finished" (reused), "busy" (another pipeline is producing it), "partial" (resumes) or "new"
     directory: Path
+    progress: frozenset[str] = frozenset()  # a partial stage's saved progress: "plain" and / or "deepspeed"
 
 
 def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
@@ -225,15 +226,16 @@ def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
         init = pretrained.InitWeights(spec, Path(), pretrained.identity(spec)) if spec else None
         keys[name] = key = stage_key(stage, parents, identity, config, init)
         directory = store.directory(stage.kind, key)
+        progress = saved_progress(directory / PROGRESS)
         if store.finished(name, stage.kind, key) is not None:
             state = "finished"
         elif locks.live_holder(directory):  # a dead owner's lock would be taken over, not waited for
             state = "busy"
-        elif (directory / PROGRESS).is_file() or (directory / zero.PROGRESS_DIR / zero.POINTER).is_file():
+        elif progress:
             state = "partial"
         else:
             state = "new"
-        plans.append(StagePlan(name, stage.kind, key, dict(inputs), state, directory))
+        plans.append(StagePlan(name, stage.kind, key, dict(inputs), state, directory, frozenset(progress)))
     return plans
 
 
