@@ -206,9 +206,13 @@ def build_executor(kind: str, folder: str | Path, resources: Resources, name: st
     return executor
 
 
-def default_gpus(kind: str, tasks_per_node: int = 1) -> int | None:
+def default_gpus(kind: str, tasks_per_node: int = 1, device: str = "auto") -> int | None:
     """A GPU per task on SLURM; on the local executor a GPU per task if this machine has GPUs (it
-    hides the GPUs it is not given); the debug executor runs in this process and requests nothing."""
+    hides the GPUs it is not given); the debug executor runs in this process and requests nothing.
+    No GPU (0) for a pipeline that runs on the CPU (``device=cpu``): a CPU-only partition refuses a
+    request for GPUs ("Invalid generic resource specification")."""
+    if device == "cpu" and kind != "debug":
+        return 0
     if kind == "slurm":
         return tasks_per_node
     if kind == "local":
@@ -295,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         configs = sweep_configs(args.recipes, args.overrides, args.seeds)
         first = configs[0]
-        gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus(args.executor, args.tasks_per_node)
+        gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus(args.executor, args.tasks_per_node, first.device)
         cpus = args.cpus_per_task if args.cpus_per_task is not None else first.data.loader.num_workers + 1
         if args.array_parallelism is not None and args.array_parallelism < 1:
             raise ConfigError(f"--array-parallelism {args.array_parallelism}: must be at least 1")

@@ -113,6 +113,9 @@ def test_dry_run_prints_the_resolved_executor_parameters(tmp_path, capsys, monke
     assert main(["demo/ce", "--executor", "slurm", "--nodes", "2", "--tasks-per-node", "4", "--dry-run"]) == 0
     parameters = json.loads(capsys.readouterr().out)["parameters"]
     assert (parameters["nodes"], parameters["ntasks_per_node"], parameters["gpus_per_node"]) == (2, 4, 4)
+    # A CPU pipeline asks for no GPU (a CPU-only partition refuses a GPU request).
+    assert main(["demo/ce", "--executor", "slurm", "--tasks-per-node", "2", "--set", "device=cpu", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"]["gpus_per_node"] == 0
 
 
 def test_pipeline_job_pickles_and_checkpoints_to_itself(tmp_path):
