@@ -215,7 +215,8 @@ def cmd_virtual(args: argparse.Namespace) -> int:
     from ltscale.stages.virtual_examples import choose_setting
 
     config, device, network, bundle, _ = _model_and_data(args)
-    loader = build_loader(bundle.train, bundle, train=False, batch_size=512, loader=config.data.loader, device=device, seed=0)
+    loader = build_loader(bundle.train, bundle, train=False, batch_size=512, loader=config.data.loader, device=device, seed=0,
+                          substitute=True)  # as training and the virtual_examples stage: a replaced file does not stop it
     logits = predict_logits(network, loader, device, autocast_dtype(config.precision, device))
     chosen, rows = choose_setting(logits, bundle.train.class_counts(), args.temperatures, args.powers)
     for row in rows:

@@ -40,12 +40,12 @@ def cache(tmp_path_factory) -> FfcvConfig:
 
 
 def _loader(cls, split: FileSplit, *, train: bool, shuffle: bool = True, fraction: float = 0.001, ffcv: FfcvConfig | None = None,
-            views: int = 1):
+            views: int = 1, substitute: bool | None = None):
     extra = {"ffcv": ffcv} if cls is FfcvLoader else {}
     return cls(
         split, train=train, batch_size=4, sampler=InstanceBalancedSampler(len(split), seed=0, shuffle=shuffle),
         image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=1, max_bad_image_fraction=fraction,
-        drop_last=False, device="cpu", views=views, **extra,
+        drop_last=False, device="cpu", views=views, substitute=substitute, **extra,
     )
 
 
@@ -100,6 +100,13 @@ def test_corrupt_training_image_is_replaced_when_writing(tmp_path, caplog):
     assert loader.bad_files == [str(bad_path)]
     # Remembered with the file: a later loader still names the bad image.
     assert _loader(FfcvLoader, split, train=True, shuffle=False, fraction=0.2, ffcv=config).bad_files == [str(bad_path)]
+    # The file holds a substitute: an evaluation loader over this split must not serve it ...
+    with pytest.raises(DatasetError, match="never substitutes") as caught:
+        _loader(FfcvLoader, split, train=False, shuffle=False, fraction=0.2, ffcv=config)
+    assert str(bad_path) in str(caught.value)
+    # ... an unaugmented pass that substitutes (soft labels) does, as training did.
+    passed = _loader(FfcvLoader, split, train=False, shuffle=False, fraction=0.2, ffcv=config, substitute=True)
+    assert torch.cat([b["index"] for b in passed]).tolist() == [0, 1, 2, 3, 4, 5, 7, 7, 8, 9]
 
 
 def test_refused_writes_name_the_files_and_leave_nothing(tmp_path):

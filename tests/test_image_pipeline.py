@@ -128,3 +128,42 @@ def test_replaced_training_images_are_recorded_with_the_stage(image_tree, tmp_pa
     assert listed == {"replaced_by_same_class_images": [str(broken)]}
     again = run_pipeline(config)  # reused: the parent's record still carries it
     assert again.cached == ["teacher"] and again.metrics("teacher")["data/unreadable_train_images"] == 1.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
+@pytest.mark.parametrize("method", ["ssd", "dive"])
+def test_distillation_passes_over_a_training_split_with_a_replaced_image(image_tree, tmp_path, backend, method):
+    """The teacher trains past a corrupt training JPEG (replaced by one of its class); the passes
+    over the training split after it (SSD's soft labels, DiVE's virtual examples) substitute the
+    same way rather than stop the pipeline after the teacher, and the student trains."""
+    import dataclasses
+
+    from configs.methods import METHODS, Recipe
+    from ltscale.losses import LossConfig
+
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'ltscale[dali]')")
+    if backend == "ffcv":
+        threads = torch.get_num_threads()
+        pytest.importorskip("ffcv", reason="FFCV is not installed (pip install 'ltscale[ffcv]' after its apt packages)")
+        torch.set_num_threads(threads)
+    broken = sorted((image_tree / "train" / "n00000000").glob("*.JPEG"))[0]
+    broken.write_bytes(broken.read_bytes()[:300])  # truncated mid-scan
+    optim = OptimConfig(epochs=1, batch_size=4, lr=0.05, warmup_epochs=0, milestones=(), decay_factors=())
+    recipe = Recipe(model=ModelConfig(arch="resnet8", width=4), optim=optim, rebalance_optim=optim)
+    stages = METHODS[method](recipe)
+    if method == "ssd":  # stage IV re-balances again; the chain up to the student is what this is about
+        stages.pop("student_lws")
+    else:  # balanced softmax needs all 1000 ImageNet-LT classes present; this tree has 3
+        stages["teacher"] = dataclasses.replace(stages["teacher"], loss=LossConfig(kind="ce"))
+    config = PipelineConfig(
+        name=f"tiny-jpeg/{method}",
+        data=DataConfig(dataset="imagenet_lt", root=str(image_tree), image_size=32, loader=LoaderConfig(
+            backend=backend, num_workers=0 if backend == "torch" else 1, max_bad_image_fraction=0.2,
+            ffcv=FfcvConfig(cache_dir=str(tmp_path / "ffcv"), write_workers=1))),
+        stages=stages, output_dir=str(tmp_path / "runs"), progress=False, device="cpu",
+    )
+    result = run_pipeline(config)
+    assert result.executed[-1] == "student"
+    assert "test/top1" in result.metrics("student")
+    assert result.outputs["teacher"].manifest["metrics"]["data/unreadable_train_images"] == 1.0

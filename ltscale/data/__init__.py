@@ -54,10 +54,13 @@ def build_loader(
     sampler: SamplerConfig | None = None,
     augment: bool | None = None,
     views: int = 1,
+    substitute: bool | None = None,
 ):
     """A loader over ``split``: shuffled with ``sampler`` and augmented when ``train``, else
     sequential, unaugmented and unpadded (for evaluation and soft labels). ``views=2`` adds
     ``image_key``, a second independent augmentation of the same images (MoCo's key view).
+    ``substitute`` (image files): replace unreadable images as training does (default: when
+    ``train``); an inference pass over the training split sets it, evaluation never does.
 
     In a multi-process run each rank gets its own part of the data: a training loader this rank's
     share of the epoch (``batch_size`` is then per rank), an evaluation loader the unpadded
@@ -96,7 +99,7 @@ def build_loader(
             normalization=bundle.normalization, num_workers=loader.num_workers,
             max_bad_image_fraction=loader.max_bad_image_fraction, drop_last=False, device=device,
             color_jitter=DATASET_SPECS[bundle.name].train_color_jitter if bundle.name in DATASET_SPECS else 0.0,
-            views=views, seed=seed, rank=rank,
+            views=views, seed=seed, rank=rank, substitute=substitute,
         )
         if loader.backend == "ffcv":
             from ltscale.data.loaders.ffcv_backend import FfcvLoader

@@ -63,14 +63,20 @@ class StageContext:
         return build_loader(self.bundle.train, self.bundle, train=True, batch_size=batch_size // world_size, sampler=sampler,
                             loader=self.loader_config, device=self.device, seed=self.seed, views=views)
 
-    def eval_loader(self, split: Split, batch_size: int = 512):
+    def eval_loader(self, split: Split, batch_size: int = 512, substitute: bool = False):
         """A sequential loader over ``split``, built once per stage and reused by every evaluation
         of it (``eval_every``, before and after re-balancing): FFCV compiles its pipeline and the
-        DataLoader starts its workers once, not per evaluation. :meth:`close` releases them."""
-        key = (id(split), batch_size)
+        DataLoader starts its workers once, not per evaluation. :meth:`close` releases them.
+
+        ``substitute``: for passes over the *training* split (soft labels, virtual examples), an
+        unreadable image is replaced by a same-class one as in training, so the file that training
+        replaced does not stop the pipeline there. Its row then holds the substitute's output:
+        never read by distillation, which looks rows up by the index the training loader served
+        (the substitute's)."""
+        key = (id(split), batch_size, substitute)
         if key not in self._eval_loaders:
             loader = build_loader(split, self.bundle, train=False, batch_size=batch_size, loader=self.loader_config,
-                                  device=self.device, seed=self.seed)
+                                  device=self.device, seed=self.seed, substitute=substitute)
             self._eval_loaders[key] = (split, loader)  # the split kept alive, so its id stays its own
         return self._eval_loaders[key][1]
 

@@ -40,7 +40,7 @@ def storage_dtype(rows: int, classes: int) -> torch.dtype:
 def run(config: SoftLabelsConfig, ctx: StageContext, inputs: dict[str, StageOutput]) -> dict[str, str]:
     network = load_model(inputs["source"].file("model"), ctx.device)
     dtype = storage_dtype(len(ctx.bundle.train), ctx.bundle.num_classes)
-    logits = predict_logits(network, ctx.eval_loader(ctx.bundle.train), ctx.device, ctx.autocast, dtype)
+    logits = predict_logits(network, ctx.eval_loader(ctx.bundle.train, substitute=True), ctx.device, ctx.autocast, dtype)
     if not torch.isfinite(logits).all():
         raise ValueError(f"stage {ctx.name}: the soft labels of {inputs['source'].name!r} are not all finite "
                          f"(stored as {dtype}); the source model diverged or overflows {dtype}")

@@ -52,7 +52,7 @@ def choose_setting(logits: torch.Tensor, class_counts: np.ndarray, temperatures,
 
 def run(config: VirtualExamplesConfig, ctx: StageContext, inputs: dict[str, StageOutput]) -> dict[str, str]:
     network = load_model(inputs["source"].file("model"), ctx.device)
-    logits = predict_logits(network, ctx.eval_loader(ctx.bundle.train), ctx.device, ctx.autocast)
+    logits = predict_logits(network, ctx.eval_loader(ctx.bundle.train, substitute=True), ctx.device, ctx.autocast)
     chosen, rows = choose_setting(logits, ctx.class_counts, config.temperatures, config.powers)
     summary = {"chosen": {"temperature": chosen["temperature"], "power": chosen["power"]}, "sweep": rows}
     if ctx.is_main:  # one writer; the other ranks computed the same choice

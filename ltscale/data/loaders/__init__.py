@@ -18,7 +18,8 @@ class ImageFileLoader:
 
     def __init__(self, split: FileSplit, *, train: bool, batch_size: int, sampler: torch.utils.data.Sampler | None,
                  drop_last: bool, device: torch.device | str, views: int, max_bad_image_fraction: float,
-                 normalization: Normalization, color_jitter: float, seed: int, rank: int) -> None:
+                 normalization: Normalization, color_jitter: float, seed: int, rank: int,
+                 substitute: bool | None = None) -> None:
         from ltscale.data.loaders.bad_images import BadImageLedger
         from ltscale.data.loaders.jitter import EpochColorJitter
 
@@ -37,7 +38,10 @@ class ImageFileLoader:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.views = views
         self.sampler = sampler if sampler is not None else torch.utils.data.SequentialSampler(range(len(split)))
-        self.ledger = BadImageLedger(split, substitute=train, max_bad_image_fraction=max_bad_image_fraction)
+        # Substituting follows training unless asked otherwise: an unaugmented pass over the
+        # training split (soft labels, virtual examples) keeps the training policy (``substitute``).
+        self.substitute = train if substitute is None else substitute
+        self.ledger = BadImageLedger(split, substitute=self.substitute, max_bad_image_fraction=max_bad_image_fraction)
         self._epoch = 0
         self.normalization = normalization
         self._mean = torch.tensor(normalization.mean, device=self.device).mul(255).view(1, 3, 1, 1)

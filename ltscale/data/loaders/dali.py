@@ -162,11 +162,12 @@ class DaliLoader(ImageFileLoader):
         views: int = 1,
         seed: int = 0,
         rank: int = 0,
+        substitute: bool | None = None,
     ) -> None:
         _require_dali()
         super().__init__(split, train=train, batch_size=batch_size, sampler=sampler, drop_last=drop_last, device=device,
                          views=views, max_bad_image_fraction=max_bad_image_fraction, normalization=normalization,
-                         color_jitter=color_jitter, seed=seed, rank=rank)
+                         color_jitter=color_jitter, seed=seed, rank=rank, substitute=substitute)
         self.image_size = image_size
         self.threads = max(1, num_workers)
         self.seed = seed

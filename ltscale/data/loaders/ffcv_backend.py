@@ -219,12 +219,13 @@ class FfcvLoader(ImageFileLoader):
         views: int = 1,
         seed: int = 0,
         rank: int = 0,
+        substitute: bool | None = None,
         ffcv: FfcvConfig | None = None,
     ) -> None:
         _require_ffcv()
         super().__init__(split, train=train, batch_size=batch_size, sampler=sampler, drop_last=drop_last, device=device,
                          views=views, max_bad_image_fraction=max_bad_image_fraction, normalization=normalization,
-                         color_jitter=color_jitter, seed=seed, rank=rank)
+                         color_jitter=color_jitter, seed=seed, rank=rank, substitute=substitute)
         if views != 1:
             raise ValueError(
                 "data.loader.backend=ffcv gives one augmented view per image (FFCV has one pipeline per field); "
@@ -232,8 +233,12 @@ class FfcvLoader(ImageFileLoader):
             )
         self.config = ffcv or FfcvConfig()
         self.path = self._shared_write(max_bad_image_fraction)
-        # The images the write found unreadable (and replaced), for bad_files.
-        self.ledger.bad.update({int(k): v for k, v in json.loads(_sidecar(self.path).read_text()).get("bad", {}).items()})
+        # The images the write found unreadable (and replaced), for bad_files. A file written with
+        # substitutes (by a training loader) read by a loader that must not substitute: its error.
+        bad = {int(k): v for k, v in json.loads(_sidecar(self.path).read_text()).get("bad", {}).items()}
+        if bad and not self.substitute:
+            self.ledger.record(sorted(bad.items()))  # raises, naming the first
+        self.ledger.bad.update(bad)
         self._loader = self._build(image_size, max(1, num_workers), seed * 1_000_003 + rank)
 
     def _shared_write(self, max_bad_image_fraction: float) -> Path:
@@ -242,11 +247,11 @@ class FfcvLoader(ImageFileLoader):
 
         _, world_size = rank_and_world_size()
         if world_size == 1:
-            return write_beton(self.split, self.config, substitute=self.train, max_bad_image_fraction=max_bad_image_fraction)
+            return write_beton(self.split, self.config, substitute=self.substitute, max_bad_image_fraction=max_bad_image_fraction)
         outcome: tuple[str, str] = ("", "")
         if is_main_process():
             try:
-                outcome = (str(write_beton(self.split, self.config, substitute=self.train,
+                outcome = (str(write_beton(self.split, self.config, substitute=self.substitute,
                                            max_bad_image_fraction=max_bad_image_fraction)), "")
             except DatasetError as error:
                 outcome = ("", str(error))

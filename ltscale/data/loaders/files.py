@@ -213,12 +213,13 @@ class FileLoader(ImageFileLoader):
         views: int = 1,
         seed: int = 0,
         rank: int = 0,
+        substitute: bool | None = None,
     ) -> None:
         super().__init__(split, train=train, batch_size=batch_size, sampler=sampler, drop_last=drop_last, device=device,
                          views=views, max_bad_image_fraction=max_bad_image_fraction, normalization=normalization,
-                         color_jitter=color_jitter, seed=seed, rank=rank)
+                         color_jitter=color_jitter, seed=seed, rank=rank, substitute=substitute)
         self.dataset = _FileDataset(
-            split, build_transform(train, image_size), image_size, substitute=train,
+            split, build_transform(train, image_size), image_size, substitute=self.substitute,
             key_transform=build_key_transform(image_size) if views == 2 else None,
         )
         pin = self.device.type == "cuda"
