@@ -5,6 +5,7 @@ torch backend's. The first FFCV epoch in a process spends ~10-40 s compiling (nu
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,7 @@ def test_evaluation_pixels_are_close_to_the_torch_backend(bundle, cache):
 def test_corrupt_training_image_is_replaced_when_writing(tmp_path, caplog):
     split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
     bad_path = split.root / split.paths[6]
+    good = bad_path.read_bytes()
     _truncate(bad_path)
     config = FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1)
     with caplog.at_level(logging.WARNING, logger="ltscale.data.loaders"):
@@ -107,6 +109,41 @@ def test_corrupt_training_image_is_replaced_when_writing(tmp_path, caplog):
     # ... an unaugmented pass that substitutes (soft labels) does, as training did.
     passed = _loader(FfcvLoader, split, train=False, shuffle=False, fraction=0.2, ffcv=config, substitute=True)
     assert torch.cat([b["index"] for b in passed]).tolist() == [0, 1, 2, 3, 4, 5, 7, 7, 8, 9]
+    # Repaired, as the warning asks: the stored substitute is stale, and the file is written again.
+    bad_path.write_bytes(good)
+    with caplog.at_level(logging.WARNING, logger="ltscale.data.loaders"):
+        repaired = _loader(FfcvLoader, split, train=True, shuffle=False, fraction=0.2, ffcv=config)
+    assert any("decode now" in r.getMessage() and str(bad_path) in r.getMessage() for r in caplog.records)
+    assert repaired.bad_files == [] and torch.cat([b["index"] for b in repaired]).tolist() == list(range(10))
+    assert len(list(Path(config.cache_dir).glob("*.beton"))) == 1
+
+
+def test_the_file_belongs_to_its_image_root_and_abandoned_partials_are_removed(tmp_path):
+    import dataclasses
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    data = _make_tree(tmp_path / "tree")
+    split = build_image_list_dataset(data).train
+    config = FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1)
+    shutil.copytree(tmp_path / "tree", tmp_path / "copy")
+    copy = build_image_list_dataset(dataclasses.replace(data, root=str(tmp_path / "copy"))).train
+    assert copy.fingerprint() == split.fingerprint()  # same lists ...
+    assert beton_path(copy, config) != beton_path(split, config)  # ... other images, until shown otherwise
+
+    path = beton_path(split, config)
+    path.parent.mkdir(parents=True)
+    host = socket.gethostname()
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    abandoned = path.with_name(f".{path.name}.{host}.{gone}.partial")
+    running = path.with_name(f".{path.name}.{host}.{os.getppid()}.partial")  # a live writer's
+    elsewhere = path.with_name(f".{path.name}.other-node.{gone}.partial")  # another host's: not ours to judge
+    for partial in (abandoned, running, elsewhere):
+        partial.write_bytes(b"\0" * 1024)
+    _loader(FfcvLoader, split, train=True, ffcv=config)
+    assert path.is_file() and not abandoned.exists() and running.exists() and elsewhere.exists()
 
 
 def test_refused_writes_name_the_files_and_leave_nothing(tmp_path):

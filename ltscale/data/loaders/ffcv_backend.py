@@ -4,8 +4,9 @@ Why FFCV: it reads one pre-written ``.beton`` file (images stored as JPEGs at a 
 resolution, labels, indices) with memory-mapped pages and decodes + crops in compiled (numba)
 worker threads, which removes the per-file open and the Python per-sample cost of a DataLoader.
 
-The ``.beton`` is written once per split and image settings (``data.loader.ffcv``), into a cache
-directory, named by the split's fingerprint, and reused by every later run. Writing is where the
+The ``.beton`` is written once per split, image root and image settings (``data.loader.ffcv``),
+into a cache directory, and reused by every later run (written again when an image it stored a
+substitute for has been repaired). Writing is where the
 bad-image policy of :mod:`ltscale.data.loaders.bad_images` applies: every image is decoded then,
 so an unreadable training image is replaced by the next readable image of its class (warned
 about and remembered in the file's sidecar, so ``bad_files`` still names it), more than the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -116,10 +118,17 @@ class _WriterDataset(torch.utils.data.Dataset):
 
 
 def beton_path(split: FileSplit, config: FfcvConfig) -> Path:
-    """Where ``split``'s file lives: named by its content fingerprint and the stored-image settings."""
+    """Where ``split``'s file lives: named by the split's fingerprint (its list: paths and labels),
+    the image root it was read from, and the stored-image settings.
+
+    The root is in the name because the list does not describe the pixels: the same list over
+    another copy of the images (another root) is other data until shown otherwise. Files changed
+    in place under the same root and names are not noticed, except the ones the write found
+    unreadable (:func:`_repaired`); delete the cached file after editing images in place.
+    """
     from ltscale.config.hashing import config_hash
 
-    settings = config_hash(config.max_resolution, config.jpeg_quality)
+    settings = config_hash(config.max_resolution, config.jpeg_quality, str(Path(split.root).resolve()))
     name = split.name.replace("/", "-")  # imagenet_lt/train -> imagenet_lt-train
     return config.directory() / f"{name}-{split.fingerprint()}-{settings}.beton"
 
@@ -137,6 +146,42 @@ def _read_served(path: Path) -> np.ndarray:
     return np.asarray(reader.metadata[f"f{reader.field_names.index('served')}"], dtype=np.int64)
 
 
+def _repaired(split: FileSplit, path: Path) -> list[str]:
+    """The files the write of ``path`` found unreadable (and stored substitutes for) that decode now:
+    repaired or re-downloaded since, as the bad-image error asks. The file is then stale."""
+    bad = json.loads(_sidecar(path).read_text()).get("bad", {})
+    repaired = []
+    for index in sorted(int(k) for k in bad):
+        try:
+            decode_image_file(split.root / split.paths[index])
+        except Exception:  # still unreadable: the stored substitute stands
+            continue
+        repaired.append(str(split.root / split.paths[index]))
+    return repaired
+
+
+def _remove_abandoned_partials(path: Path) -> None:
+    """Delete this host's partial writes of ``path`` whose writer process is gone (a killed write
+    leaves one, as large as the file). Other hosts' are left alone: their processes are not
+    visible from here, and a write there may be running."""
+    host = socket.gethostname()
+    for partial in path.parent.glob(f".{path.name}.{host}.*.partial"):
+        pid = partial.name[len(f".{path.name}.{host}.") : -len(".partial")]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            logger.info("removing %s, left by an interrupted write (process %s is gone)", partial, pid)
+            partial.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_bad_image_fraction: float) -> Path:
     """Write ``split`` to its ``.beton`` (unless a complete one exists) and return its path.
 
@@ -146,9 +191,15 @@ def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_b
 
     path = beton_path(split, config)
     if path.is_file() and _sidecar(path).is_file():
-        return path
+        repaired = _repaired(split, path)
+        if not repaired:
+            return path
+        logger.warning("%d image(s) stored as substitutes in %s decode now (%s%s); writing the file again",
+                       len(repaired), path, ", ".join(repaired[:3]), ", ..." if len(repaired) > 3 else "")
+        _sidecar(path).unlink(missing_ok=True)  # incomplete from here until the new file is in place
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    _remove_abandoned_partials(path)
+    partial = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
     workers = config.write_workers or os.cpu_count() or 1
     logger.info("writing %d images of %s to %s (%d workers)", len(split), split.name, path, workers)
     writer = DatasetWriter(
