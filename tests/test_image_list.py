@@ -493,6 +493,16 @@ def test_decoder_fallbacks_and_verify_images(tmp_path):
     grey = decode_image_file(next(p for p in sorted(SAMPLES.glob("*.JPEG")) if p.name in GREYSCALE_SAMPLES))
     assert grey.shape[0] == 3
 
+    # A 16-bit greyscale PNG is scaled to 8 bits, not clipped to white.
+    values = (np.arange(32 * 64).reshape(32, 64) * 31).astype(np.uint16)
+    PIL.Image.fromarray(values).save(tmp_path / "grey16.png")
+    decoded = decode_image_file(tmp_path / "grey16.png")
+    assert decoded.shape == (3, 32, 64)
+    assert torch.equal(decoded[0], torch.from_numpy((values >> 8).astype(np.uint8))) and torch.equal(decoded[0], decoded[2])
+    # What PIL cannot identify is named by its first bytes, not by PIL's in-memory buffer.
+    with pytest.raises(PIL.UnidentifiedImageError, match="not an image format PIL knows .first bytes b'not an i'"):
+        decode_image_file(tmp_path / "text.JPEG")
+
     names = ["cmyk.JPEG", "png_named.JPEG", "truncated.JPEG", "text.JPEG", "missing.JPEG"]
     split = FileSplit(name="verify", targets=np.zeros(len(names), dtype=np.int64), num_classes=1, root=tmp_path, paths=names)
     assert verify_images(split, num_workers=0) == sorted(str(tmp_path / n) for n in names[2:])

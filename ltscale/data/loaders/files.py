@@ -48,7 +48,19 @@ def decode_image_file(path: str | Path) -> torch.Tensor:
             return decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # PIL below reads some JPEG variants libjpeg rejects, and otherwise gives the error
-    with PIL.Image.open(io.BytesIO(data.tobytes())) as image:
+    try:
+        image = PIL.Image.open(io.BytesIO(data.tobytes()))
+    except PIL.UnidentifiedImageError:
+        # PIL's own message names its in-memory buffer, not the file or what it holds.
+        raise PIL.UnidentifiedImageError(f"not an image format PIL knows (first bytes {data[:8].tobytes()!r})") from None
+    with image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            # 16-bit (and 32-bit integer) greyscale: convert("RGB") would clip every value above
+            # 255 to white. Scale the full range down to 8 bits instead, as DALI's decoder does.
+            values = np.asarray(image, dtype=np.uint32)
+            shift = 8 if image.mode.startswith("I;16") or values.max() < 65536 else 24
+            grey = (values >> shift).astype(np.uint8)
+            return torch.from_numpy(grey).expand(3, *grey.shape).contiguous()
         rgb = image.convert("RGB")  # convert() forces the full decode: a truncated file raises here
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
 
