@@ -129,10 +129,18 @@ def test_rank_shards_are_served_in_order(bundle):
         assert torch.cat([b["index"] for b in loader]).tolist() == list(range(rank, 10, 2))
 
 
+def _garble(path: Path) -> None:
+    """A JPEG that still starts and ends like one (so only decoding finds it bad): the bytes after
+    its first marker zeroed up to the middle of the file."""
+    data = bytearray(path.read_bytes())
+    data[4 : len(data) // 2] = bytes(len(data) // 2 - 4)
+    path.write_bytes(bytes(data))
+
+
 def test_corrupt_training_image_mid_epoch_is_replaced_and_no_batch_is_lost(tmp_path, caplog):
     split = build_image_list_dataset(_make_tree(tmp_path)).train
     bad_path = split.root / split.paths[6]  # class 1, in the second batch: the pipeline dies mid-epoch
-    _truncate(bad_path)
+    _garble(bad_path)
     loader = _loader(DaliLoader, split, train=True, shuffle=False, fraction=0.2)
     with caplog.at_level(logging.WARNING, logger="ltscale.data.loaders"):
         batches = list(loader)
@@ -213,6 +221,33 @@ def test_unusual_files_decode_like_the_torch_backend(tmp_path):
     # CMYK -> RGB conversions differ between decoders by a few levels; PNG and greyscale by one.
     assert (dali[1:] - reference[1:]).abs().max() <= ONE_GREY_LEVEL
     assert (dali[0] - reference[0]).abs().mean() <= 4 * ONE_GREY_LEVEL
+
+
+def test_gif_is_served_and_a_truncated_jpeg_is_caught_whatever_the_crop(tmp_path):
+    """DALI decodes no GIF (PIL does): it is decoded on the CPU and served, as by the torch backend.
+    DALI decodes only a training crop's region, so a JPEG missing its last bytes read cleanly
+    whenever the crop missed the missing rows: it is now checked on the CPU and replaced at once."""
+    samples = _sample_files()
+    with PIL.Image.open(samples[0]) as image:
+        image.convert("P").save(tmp_path / "gif_named.JPEG", "GIF")
+    shutil.copyfile(samples[1], tmp_path / "tail_cut.JPEG")
+    data = (tmp_path / "tail_cut.JPEG").read_bytes()
+    (tmp_path / "tail_cut.JPEG").write_bytes(data[:-200])
+    shutil.copyfile(samples[2], tmp_path / "mate.JPEG")
+    names = ["gif_named.JPEG", "tail_cut.JPEG", "mate.JPEG"]
+    split = FileSplit(name="odd", targets=np.array([0, 1, 1]), num_classes=2, root=tmp_path, paths=names)
+    evaluation = FileSplit(name="odd", targets=np.array([0]), num_classes=1, root=tmp_path, paths=names[:1])
+    dali = torch.cat([b["image"] for b in _loader(DaliLoader, evaluation, train=False, shuffle=False)])
+    reference = torch.cat([b["image"] for b in _loader(FileLoader, evaluation, train=False, shuffle=False)])
+    assert (dali - reference).abs().max() <= ONE_GREY_LEVEL
+    for seed in range(3):  # whatever the crops: replaced in the first epoch
+        loader = _loader(DaliLoader, split, train=True, shuffle=False, fraction=0.5, seed=seed)
+        assert torch.cat([b["index"] for b in loader]).tolist() == [0, 2, 2]
+        assert loader.bad_files == [str(tmp_path / "tail_cut.JPEG")]
+    # A JPEG with bytes after its end marker (some cameras pad files) is not suspected.
+    padded = tmp_path / "padded.JPEG"
+    padded.write_bytes(samples[1].read_bytes() + b"\0" * 100)
+    assert isinstance(dali_module._read_bytes(str(padded)), np.ndarray)
 
 
 def test_moco_key_view_follows_its_definition(tmp_path):

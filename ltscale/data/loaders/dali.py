@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import io
 import logging
 import os
 import weakref
 from typing import Any, Iterator
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.utils.data
 
@@ -73,13 +75,41 @@ def _require_dali() -> None:
         )
 
 
+# Formats DALI's decoders read, by their first bytes (JPEG, PNG, BMP, TIFF, WebP, PNM, JPEG 2000).
+_DALI_FORMATS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"P1", b"P2", b"P3", b"P4",
+                 b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")
+_EOI_WINDOW = 4096  # a JPEG's end-of-image marker is this close to the end (trailing padding allowed)
+
+
 def _read_bytes(path: str) -> np.ndarray | str:
-    """The file's bytes, or why they cannot be had (a string)."""
+    """The file's bytes as DALI should decode them, or why they cannot be had (a string).
+
+    Two kinds of file are looked at on the CPU first, so every backend serves the same images:
+    a JPEG without its end-of-image marker (truncated: DALI decodes only the random crop's region,
+    so it reads a truncated file whenever the crop misses the missing rows, and would train on it
+    for epochs), and a format DALI does not decode (GIF, for one), decoded here and handed over as
+    a PNG rather than failing the pipeline.
+    """
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         return describe_error(error)
-    return data if data.size else "empty file"
+    if not data.size:
+        return "empty file"
+    head = data[:12].tobytes()
+    if head.startswith(_DALI_FORMATS[0]):
+        if b"\xff\xd9" in data[-_EOI_WINDOW:].tobytes():
+            return data
+        return _check_decodes(path) or data  # no end marker: the CPU decoders decide
+    if head.startswith(_DALI_FORMATS) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return data
+    try:
+        image = decode_image_file(path)
+    except Exception as error:  # any decoder failure is a bad file
+        return describe_error(error)
+    encoded = io.BytesIO()
+    PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).save(encoded, "PNG", compress_level=1)
+    return np.frombuffer(encoded.getbuffer(), dtype=np.uint8).copy()
 
 
 def _check_decodes(path: str) -> str:
