@@ -137,10 +137,13 @@ def _garble(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_corrupt_training_image_mid_epoch_is_replaced_and_no_batch_is_lost(tmp_path, caplog):
+def test_corrupt_training_image_mid_epoch_is_replaced_and_no_batch_is_lost(tmp_path, caplog, monkeypatch):
     split = build_image_list_dataset(_make_tree(tmp_path)).train
     bad_path = split.root / split.paths[6]  # class 1, in the second batch: the pipeline dies mid-epoch
     _garble(bad_path)
+    # A file whose damage the pre-checks do not see (here: the header check switched off), so it
+    # reaches DALI and fails the pipeline.
+    monkeypatch.setattr(dali_module, "_jpeg_header_ok", lambda data: True)
     loader = _loader(DaliLoader, split, train=True, shuffle=False, fraction=0.2)
     with caplog.at_level(logging.WARNING, logger="ltscale.data.loaders"):
         batches = list(loader)
@@ -160,8 +163,9 @@ def test_corrupt_training_image_mid_epoch_is_replaced_and_no_batch_is_lost(tmp_p
 
 def test_pipeline_failure_no_cpu_decoder_reproduces_is_raised_with_dalis_message(tmp_path, monkeypatch):
     split = build_image_list_dataset(_make_tree(tmp_path)).train
-    _truncate(split.root / split.paths[6])
-    monkeypatch.setattr(dali_module, "_check_decodes", lambda path: "")  # pretend the CPU decoders read it
+    _garble(split.root / split.paths[6])
+    monkeypatch.setattr(dali_module, "_jpeg_header_ok", lambda data: True)  # it reaches DALI ...
+    monkeypatch.setattr(dali_module, "_check_decodes", lambda path: "")  # ... and the CPU decoders "read" it
     with pytest.raises(RuntimeError, match="decodes with the CPU decoders") as caught:
         list(_loader(DaliLoader, split, train=True, shuffle=False, fraction=0.2))
     assert "DALI said" in str(caught.value) and str(split.root / split.paths[6]) in str(caught.value)
@@ -244,6 +248,15 @@ def test_gif_is_served_and_a_truncated_jpeg_is_caught_whatever_the_crop(tmp_path
         loader = _loader(DaliLoader, split, train=True, shuffle=False, fraction=0.5, seed=seed)
         assert torch.cat([b["index"] for b in loader]).tolist() == [0, 2, 2]
         assert loader.bad_files == [str(tmp_path / "tail_cut.JPEG")]
+    # A JPEG whose segments do not chain up to its scan is decided on the CPU too (DALI 2.4's CPU
+    # decoder could crash the process on one in a batch of 64), whatever the batch size.
+    shutil.copyfile(samples[3], tmp_path / "garbled.JPEG")
+    _garble(tmp_path / "garbled.JPEG")
+    many = FileSplit(name="many", targets=np.repeat([0, 1], 40), num_classes=2, root=tmp_path,
+                     paths=["garbled.JPEG"] + ["mate.JPEG"] * 79)
+    loader = _loader(DaliLoader, many, train=True, shuffle=False, fraction=0.05, batch_size=64)
+    assert torch.cat([b["index"] for b in loader]).tolist()[:2] == [1, 1] and loader.bad_files == [str(tmp_path / "garbled.JPEG")]
+    assert all(dali_module._jpeg_header_ok(np.fromfile(path, dtype=np.uint8)) for path in samples)
     # A JPEG with bytes after its end marker (some cameras pad files) is not suspected.
     padded = tmp_path / "padded.JPEG"
     padded.write_bytes(samples[1].read_bytes() + b"\0" * 100)

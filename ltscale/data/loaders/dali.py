@@ -81,14 +81,57 @@ _DALI_FORMATS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\
 _EOI_WINDOW = 4096  # a JPEG's end-of-image marker is this close to the end (trailing padding allowed)
 
 
+def _jpeg_header_ok(data: np.ndarray) -> bool:
+    """Whether the JPEG's marker segments chain properly from SOI to the first scan (SOS), with a
+    frame header (SOF) before it. A few microseconds: only the segment headers are read."""
+    header = data[: 1 << 20].tobytes()
+    i, frame = 2, False
+    while i + 4 <= len(header):
+        if header[i] != 0xFF:
+            return False
+        marker = header[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            i += 2
+            continue
+        length = (header[i + 2] << 8) | header[i + 3]
+        if length < 2:
+            return False
+        frame |= marker in _FRAME_MARKERS
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return frame
+        i += 2 + length
+    return False
+
+
+_STANDALONE_MARKERS = frozenset([0x01, 0xD8, *range(0xD0, 0xD8)])
+_FRAME_MARKERS = frozenset(m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC))
+
+
+def _decoded_on_cpu(path: str) -> np.ndarray | str:
+    """The image decoded by the CPU decoders and re-encoded losslessly (PNG), or why it cannot be."""
+    try:
+        image = decode_image_file(path)
+    except Exception as error:  # any decoder failure is a bad file
+        return describe_error(error)
+    encoded = io.BytesIO()
+    PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).save(encoded, "PNG", compress_level=1)
+    return np.frombuffer(encoded.getbuffer(), dtype=np.uint8).copy()
+
+
 def _read_bytes(path: str) -> np.ndarray | str:
     """The file's bytes as DALI should decode them, or why they cannot be had (a string).
 
-    Two kinds of file are looked at on the CPU first, so every backend serves the same images:
-    a JPEG without its end-of-image marker (truncated: DALI decodes only the random crop's region,
-    so it reads a truncated file whenever the crop misses the missing rows, and would train on it
-    for epochs), and a format DALI does not decode (GIF, for one), decoded here and handed over as
-    a PNG rather than failing the pipeline.
+    What DALI would mishandle goes through the CPU decoders first (which decide whether the file is
+    bad, as for the torch backend) and reaches DALI as a PNG of their result:
+    - a JPEG without its end-of-image marker (truncated): DALI decodes only a training crop's
+      region, so it read a truncated file whenever the crop missed the missing rows;
+    - a JPEG whose marker segments do not chain up to the scan: DALI 2.4's CPU decoder can crash
+      the process on such a file ("[jpeg_parser] Invalid marker", then a segmentation fault) in
+      batches of 64 and more, instead of failing the pipeline;
+    - a format DALI does not decode (GIF, for one).
     """
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -98,18 +141,12 @@ def _read_bytes(path: str) -> np.ndarray | str:
         return "empty file"
     head = data[:12].tobytes()
     if head.startswith(_DALI_FORMATS[0]):
-        if b"\xff\xd9" in data[-_EOI_WINDOW:].tobytes():
+        if b"\xff\xd9" in data[-_EOI_WINDOW:].tobytes() and _jpeg_header_ok(data):
             return data
-        return _check_decodes(path) or data  # no end marker: the CPU decoders decide
+        return _decoded_on_cpu(path)
     if head.startswith(_DALI_FORMATS) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return data
-    try:
-        image = decode_image_file(path)
-    except Exception as error:  # any decoder failure is a bad file
-        return describe_error(error)
-    encoded = io.BytesIO()
-    PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).save(encoded, "PNG", compress_level=1)
-    return np.frombuffer(encoded.getbuffer(), dtype=np.uint8).copy()
+    return _decoded_on_cpu(path)
 
 
 def _check_decodes(path: str) -> str:
