@@ -210,3 +210,37 @@ def test_jpeg_loader_benchmark_ffcv_variant_cpu_smoke(tmp_path):
     ffcv = report["variants"]["ltscale-ffcv"]
     assert ffcv["images_per_epoch"] == 24 and ffcv["prepare_seconds"] > 0 and "prepare_seconds" not in report["variants"]["usual"]
     assert len(list((tmp_path / "beton").glob("*.beton"))) == 1
+
+
+def _slow_write_worker(rank: int, world: int, port: int, root: str, cache: str, out: str) -> None:
+    import datetime
+    import time as clock
+
+    import torch.distributed as dist
+
+    import ltscale.data.loaders.ffcv_backend as backend
+    from ltscale.data.config import DataConfig
+
+    torch.set_num_threads(1)
+    # A process-group timeout far shorter than the write: one collective waiting for it would fail.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=4))
+    backend.WRITE_POLL_S = 0.5
+    real = backend.write_beton
+    backend.write_beton = lambda *a, **k: (clock.sleep(7), real(*a, **k))[1]
+    split = build_image_list_dataset(DataConfig(dataset="imagenet_lt", root=root, image_size=IMAGE_SIZE)).train
+    loader = _loader(FfcvLoader, split, train=True, ffcv=FfcvConfig(cache_dir=cache, write_workers=1))
+    Path(out, f"rank{rank}.txt").write_text(str(loader.path))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_write_longer_than_the_process_group_timeout_does_not_fail_the_other_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import free_port
+
+    data = _make_tree(tmp_path / "tree")
+    mp.spawn(_slow_write_worker, args=(2, free_port(), data.root, str(tmp_path / "cache"), str(tmp_path)), nprocs=2, join=True)
+    paths = {(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)}
+    assert len(paths) == 1 and Path(paths.pop()).is_file()

@@ -26,10 +26,14 @@ second view (``views=2``) is not available here; use the ``dali`` or ``torch`` b
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 import logging
 import os
 import socket
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,6 +51,9 @@ from ltscale.data.loaders.files import decode_image_file, describe_error
 from ltscale.engine.checkpoint import atomic_write_json
 
 logger = logging.getLogger(__name__)
+
+WRITE_POLL_S = 5.0
+"""How often the ranks of a multi-process run ask whether rank 0's ``.beton`` write is done."""
 
 
 def ffcv_available() -> bool:
@@ -240,6 +247,13 @@ def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_b
     return path
 
 
+def _run_into(future: concurrent.futures.Future, call: Any) -> None:
+    try:
+        future.set_result(call())
+    except BaseException as error:  # handed to the waiting thread, which decides
+        future.set_exception(error)
+
+
 # ---------------------------------------------------------------------- reading
 
 
@@ -293,22 +307,39 @@ class FfcvLoader(ImageFileLoader):
         self._loader = self._build(image_size, max(1, num_workers), seed * 1_000_003 + rank)
 
     def _shared_write(self, max_bad_image_fraction: float) -> Path:
-        """Rank 0 writes (or finds) the file; the others get its path or its error."""
+        """Rank 0 writes (or finds) the file; the others get its path or its error.
+
+        Writing iNaturalist's 437k images can take longer than the process group's timeout, so
+        the others do not wait in one collective: rank 0 writes on a thread and every rank asks
+        "done?" every :data:`WRITE_POLL_S` seconds in a short broadcast.
+        """
         from ltscale.dist.gather import broadcast_object, is_main_process, rank_and_world_size
 
+        write = functools.partial(write_beton, self.split, self.config, substitute=self.substitute,
+                                  max_bad_image_fraction=max_bad_image_fraction)
         _, world_size = rank_and_world_size()
         if world_size == 1:
-            return write_beton(self.split, self.config, substitute=self.substitute, max_bad_image_fraction=max_bad_image_fraction)
-        outcome: tuple[str, str] = ("", "")
+            return write()
+        future: concurrent.futures.Future | None = None
         if is_main_process():
-            try:
-                outcome = (str(write_beton(self.split, self.config, substitute=self.substitute,
-                                           max_bad_image_fraction=max_bad_image_fraction)), "")
-            except DatasetError as error:
-                outcome = ("", str(error))
-        path, error = broadcast_object(outcome)
-        if error:
-            raise DatasetError(error)
+            # A daemon thread: Ctrl-C ends the process without waiting for the write (whose
+            # partial file the next write on this host removes).
+            future = concurrent.futures.Future()
+            threading.Thread(target=_run_into, args=(future, write), name="ltscale-ffcv-write", daemon=True).start()
+        while True:
+            outcome: tuple[str, str] | None = None
+            if future is not None and future.done():
+                error = future.exception()
+                if error is not None and not isinstance(error, DatasetError):
+                    raise error  # a bug or an I/O failure: the others then fail on the lost connection
+                outcome = ("", str(error)) if error is not None else (str(future.result()), "")
+            outcome = broadcast_object(outcome)
+            if outcome is not None:
+                break
+            time.sleep(WRITE_POLL_S)
+        path, message = outcome
+        if message:
+            raise DatasetError(message)
         return Path(path)
 
     def _build(self, image_size: int, workers: int, seed: int) -> Any:
