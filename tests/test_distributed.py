@@ -446,3 +446,41 @@ def test_gloo_ranks_exit_cleanly_with_collectives_in_flight(tmp_path):
                                "127.0.0.1", "--master_port", str(free_port()), str(driver)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _bad_image_budget_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    from ltscale.data.config import DataConfig
+    from ltscale.data.errors import DatasetError
+    from ltscale.data.image_list import IMAGENET_NORMALIZATION, build_image_list_dataset
+    from ltscale.data.loaders.files import FileLoader
+    from tests.test_image_list import IMAGE_SIZE
+
+    _init(rank, world, port)
+    split = build_image_list_dataset(DataConfig(dataset="imagenet_lt", root=root, image_size=IMAGE_SIZE)).train
+    loader = FileLoader(split, train=True, batch_size=1, sampler=ShardSampler(len(split), rank, world), image_size=IMAGE_SIZE,
+                        normalization=IMAGENET_NORMALIZATION, num_workers=0, max_bad_image_fraction=0.1, drop_last=False,
+                        device="cpu")
+    served = [int(i) for batch in loader for i in batch["index"]]  # one bad file per rank: within each rank's count
+    try:
+        loader.check_bad_images_across_ranks()
+        outcome = "ok"
+    except DatasetError as error:
+        outcome = str(error)
+    Path(out, f"budget{rank}.txt").write_text(f"{len(served)}\n{outcome}")
+
+
+def test_bad_image_budget_counts_every_ranks_files(tmp_path):
+    """10 images, 10 % allowed (1 file); ranks 0 and 1 each meet one of the two bad files."""
+    from tests.test_image_list import _make_tree, _truncate
+
+    data = _make_tree(tmp_path / "tree")
+    lines = (Path(data.root) / "ImageNet_LT_train.txt").read_text().split()[::2]
+    bad = [Path(data.root) / lines[i] for i in (2, 7)]  # round-robin shards: index 2 on rank 0, 7 on rank 1
+    for path in bad:
+        _truncate(path)
+    _spawn(_bad_image_budget_worker, 2, data.root, str(tmp_path))
+    for rank in range(2):
+        served, outcome = (tmp_path / f"budget{rank}.txt").read_text().split("\n", 1)
+        assert served == "5"
+        assert "2 images of imagenet_lt/train cannot be decoded, more than the 1 allowed" in outcome, outcome
+        assert str(bad[0]) in outcome and str(bad[1]) in outcome

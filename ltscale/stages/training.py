@@ -15,6 +15,8 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
     loader = ctx.train_loader(optim.batch_size, sampler, views=views)
 
     def on_epoch_end(metrics: EpochMetrics) -> None:
+        if hasattr(loader, "check_bad_images_across_ranks"):  # image files: the run's budget, all ranks' files
+            loader.check_bad_images_across_ranks()
         ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch)
         if eval_every and (metrics.epoch + 1) % eval_every == 0 and metrics.epoch + 1 < optim.epochs:
             ctx.evaluate(network, step=metrics.epoch, final=False)

@@ -76,3 +76,17 @@ class ImageFileLoader:
     def bad_files(self) -> list[str]:
         """Paths (root / relative path) of every image found unreadable so far, sorted."""
         return self.ledger.bad_files
+
+    def check_bad_images_across_ranks(self) -> None:
+        """The bad-image budget against every rank's unreadable images together (a collective:
+        every rank calls it, at the end of an epoch). Each rank's loader counts only the files it
+        met, so W ranks could otherwise pass up to W times the budget between them."""
+        from ltscale.dist.gather import all_gather_object, rank_and_world_size
+
+        if not self.substitute or rank_and_world_size()[1] == 1:
+            return
+        merged: dict[int, str] = {}
+        for bad in all_gather_object(dict(self.ledger.bad)):
+            merged.update(bad)
+        self.ledger.bad.update(merged)
+        self.ledger.record([])  # raises with the whole list when over the budget

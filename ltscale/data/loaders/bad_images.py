@@ -53,8 +53,9 @@ class BadImageLedger:
     """The bad files one loader has met, and the errors the policy above calls for.
 
     ``substitute``: training loaders substitute; evaluation loaders raise on the first bad file.
-    The budget is checked against this process's count, so under DDP each rank stops on its own
-    share of bad files.
+    The budget is checked against this process's count as files are met; under DDP the training
+    loop also checks every rank's files together at the end of each epoch
+    (``ImageFileLoader.check_bad_images_across_ranks``).
     """
 
     def __init__(self, split: FileSplit, *, substitute: bool, max_bad_image_fraction: float) -> None:
