@@ -204,8 +204,8 @@ class FileLoader(ImageFileLoader):
     ``rank`` and the epoch (:class:`_EpochDraws`), colour jitter per epoch from the same
     (:class:`EpochColorJitter`): an epoch's batches are the same whatever the number of workers
     and whether the run was resumed, and the training process's RNG is left alone.
-    ``max_bad_image_fraction`` is checked against this process's count, so under DDP each rank
-    stops on its own share of bad files.
+    ``max_bad_image_fraction`` is checked against this process's count as files are met, and
+    against every rank's together at the end of each epoch (:meth:`check_bad_images_across_ranks`).
     """
 
     def __init__(
