@@ -102,7 +102,7 @@ class Attempt:
         host = self.machine.split("/", 1)[0]
         if not now and not _proc_available():
             # Without /proc only "no such process" is conclusive.
-            return None if _pid_exists(int(pid)) else f"process {pid} on {host} has exited without ending the run"
+            return None if pid_exists(int(pid)) else f"process {pid} on {host} has exited without ending the run"
         if not now:
             return f"process {pid} on {host} has exited without ending the run"
         if started and now != started:
@@ -114,7 +114,8 @@ def _proc_available() -> bool:
     return Path("/proc/self/stat").is_file()
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (anyone's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

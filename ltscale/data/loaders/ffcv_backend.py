@@ -171,22 +171,14 @@ def _remove_abandoned_partials(path: Path) -> None:
     """Delete this host's partial writes of ``path`` whose writer process is gone (a killed write
     leaves one, as large as the file). Other hosts' are left alone: their processes are not
     visible from here, and a write there may be running."""
+    from ltscale.tracking.attempts import pid_exists
+
     host = socket.gethostname()
     for partial in path.parent.glob(f".{path.name}.{host}.*.partial"):
         pid = partial.name[len(f".{path.name}.{host}.") : -len(".partial")]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not pid_exists(int(pid)):
             logger.info("removing %s, left by an interrupted write (process %s is gone)", partial, pid)
             partial.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
 
 
 def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_bad_image_fraction: float) -> Path:
