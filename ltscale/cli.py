@@ -326,12 +326,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM (``kill``, ``timeout``, ``docker stop``, a scheduler's preemption without submitit)
+    ends the run as Ctrl-C does: the MLflow runs are marked KILLED, the stage lock released, and
+    the exit status is 143. Only where nobody else handles SIGTERM (submitit installs its own)."""
+    import signal
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminated)
+
+
+def _from_the_tracking_store(error: BaseException) -> bool:
+    """An error raised by MLflow or the HTTP stack under it (the store is down or refuses a call)."""
+    return type(error).__module__.split(".")[0] in ("mlflow", "requests", "urllib3")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ltscale.data.errors import DatasetError
     from ltscale.dist.runtime import DistributedEnvError
     from ltscale.engine.checkpoint import CheckpointError
 
+    if args.func in (cmd_run, cmd_demo):
+        _terminate_like_ctrl_c()
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DatasetError, CheckpointError, DistributedEnvError) as error:
@@ -340,6 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # config validation (__post_init__) raises ValueError with the fix
         print(f"ltscale: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if not _from_the_tracking_store(error):
+            raise
+        print(f"ltscale: error: the MLflow tracking store failed: {str(error).splitlines()[0][:300]}. Finished stages "
+              "and the training progress are kept: rerun the same command once the store answers to resume",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if not _is_main():
             return INTERRUPTED_EXIT  # every rank gets the Ctrl-C; one line is enough

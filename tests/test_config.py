@@ -567,6 +567,20 @@ def test_cli_ctrl_c_prints_nothing_on_other_ranks(capsys, tmp_path, monkeypatch)
     assert code == 130 and err == ""
 
 
+def test_cli_reports_a_tracking_store_failure_in_one_line(capsys, tmp_path, monkeypatch):
+    import ltscale.stages.pipeline as pipeline
+    from mlflow.exceptions import MlflowException
+
+    def store_down(config, progress=None):
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with exception\nretries")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", store_down)
+    code, err = _cli(capsys, "run", "demo/ce", "--set", f"output_dir={tmp_path / 'out'}")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith("ltscale: error: the MLflow tracking store failed: API request to endpoint")
+    assert "rerun the same command once the store answers to resume" in err
+
+
 def test_cli_reports_a_broken_launcher_environment_in_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("WORLD_SIZE", raising=False)

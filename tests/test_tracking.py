@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.artifacts import download_artifacts
 
 from ltscale.tracking import (
@@ -404,3 +405,78 @@ def test_pipelines_starting_together_on_a_new_local_store_all_record(tmp_path: P
     client = MlflowClient(default_tracking_uri(tmp_path / "out"))
     runs = client.search_runs([client.get_experiment_by_name("ltscale").experiment_id])
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+class _FlakyClient:
+    """An MlflowClient stand-in whose store refuses the first ``failures`` batches."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.logged: list[list[tuple[str, int]]] = []
+
+    def log_batch(self, run_id: str, metrics, synchronous: bool) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise MlflowException("API request to http://127.0.0.1:5917 failed: Connection refused")
+        self.logged.append([(m.key, m.step) for m in metrics])
+
+
+def test_training_metrics_outlive_an_unreachable_store(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """Per-epoch metrics go through a sender thread: an outage neither blocks nor stops training,
+    and they arrive in order when the store answers again; a run's end waits for them."""
+    import logging
+    import time
+
+    import ltscale.tracking.mlflow_tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "RETRY_S", 0.05)
+    client = _FlakyClient(failures=3)
+    handle = tracker_module.RunHandle(client, "run-1")  # type: ignore[arg-type]
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="ltscale.tracking"):
+        for epoch in range(5):
+            handle.log_metrics({"train/loss": 1.0 / (epoch + 1), "train/top1": 10.0 * epoch}, step=epoch, background=True)
+        assert time.monotonic() - started < 0.5  # the training thread never waited for the store
+        handle.flush()
+    assert client.logged == [[("train/loss", epoch), ("train/top1", epoch)] for epoch in range(5)]
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("not taking metrics" in m for m in messages) == 1 and any("answers again" in m for m in messages)
+
+    dead = tracker_module.RunHandle(_FlakyClient(failures=10**9), "run-2")  # type: ignore[arg-type]
+    dead.FLUSH_TIMEOUT_S = 0.3
+    dead.log_metrics({"train/loss": 1.0}, step=0, background=True)
+    with pytest.raises(MlflowException, match="1 batch.es. of training metrics could not be sent in 0 s"):
+        dead.flush()
+
+
+def test_sigterm_ends_the_runs_as_killed_and_releases_the_stage(tmp_path: Path) -> None:
+    """``kill`` / ``timeout`` / a scheduler's SIGTERM: the CLI unwinds as for Ctrl-C (exit 143)."""
+    import os
+    import signal
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    victim = subprocess.Popen([sys.executable, "-m", "ltscale.cli", "run", "demo/ce", "--output-dir", str(tmp_path),
+                               "--set", "device=cpu", "--set", "stages.teacher.optim.epochs=400"], cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    deadline = time.monotonic() + 240
+    try:
+        while True:  # until the teacher trains (its progress file exists)
+            assert victim.poll() is None, victim.stderr.read().decode()[-3000:] if victim.stderr else ""
+            assert time.monotonic() < deadline, "the teacher stage did not start training"
+            if list(tmp_path.glob("store/*/progress.pt")):
+                break
+            time.sleep(0.5)
+        victim.send_signal(signal.SIGTERM)
+        assert victim.wait(timeout=120) == 143
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    experiment = client.get_experiment_by_name("ltscale")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+    assert {r.data.tags[TAG_ERROR] for r in runs} == {"SystemExit: terminated (SIGTERM)"}
+    assert not list(tmp_path.glob("store/*/.lock"))  # the stage is free for the rerun

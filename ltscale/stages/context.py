@@ -97,7 +97,7 @@ class StageContext:
         for head, result in results.items():
             metrics.update(result.metrics(f"test/{head}"))
         metrics.update(results[network.predict_head].metrics("test"))
-        self.run.log_metrics(metrics, step=step)
+        self.run.log_metrics(metrics, step=step, background=not final)  # mid-training: as the epoch metrics
         if final:
             self.metrics.update(metrics)
             for head, result in results.items():

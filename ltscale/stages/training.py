@@ -17,7 +17,7 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
     def on_epoch_end(metrics: EpochMetrics) -> None:
         if hasattr(loader, "check_bad_images_across_ranks"):  # image files: the run's budget, all ranks' files
             loader.check_bad_images_across_ranks()
-        ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch)
+        ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch, background=True)  # an unreachable store does not stop training
         if eval_every and (metrics.epoch + 1) % eval_every == 0 and metrics.epoch + 1 < optim.epochs:
             ctx.evaluate(network, step=metrics.epoch, final=False)
 

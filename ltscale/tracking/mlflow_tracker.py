@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -123,23 +124,116 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
 
 
-class RunHandle:
-    """One MLflow run: what a pipeline or stage logs through.
+RETRY_S = 30.0
+"""How long the metric sender waits before trying an unreachable tracking server again."""
 
-    Every method logs synchronously and raises on failure; nothing is dropped silently.
+
+class _MetricSender:
+    """Training-time metrics (per epoch, mid-training evaluations), sent in order on a thread.
+
+    A tracking server that is down for a while (restarted, its network flapping) must not stop a
+    training run that has hours to go: MLflow's client retries a failed call for about four
+    minutes and then raises. Here those calls happen off the training thread; a batch that fails
+    stays at the head of the queue and is tried again every :data:`RETRY_S` seconds, so nothing is
+    dropped or reordered, and the stage waits for the queue (:meth:`flush`) before it ends.
     """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self._client = client
+        self._run_id = run_id
+        self._queue: list[list[Metric]] = []
+        self._cond = threading.Condition()
+        self._failing_since: float | None = None
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def put(self, entries: list[Metric]) -> None:
+        with self._cond:
+            self._queue.extend(_chunks(entries, MAX_METRICS_PER_BATCH))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ltscale-metrics", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch = self._queue[0]
+                self._busy = True
+            try:
+                self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
+            except Exception as error:  # noqa: BLE001 - any failure of the store: keep the batch, try later
+                with self._cond:
+                    self._busy = False
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
+                        logger.warning("MLflow run %s: the tracking store is not taking metrics (%s); training "
+                                       "continues and the metrics are sent when it answers", self._run_id,
+                                       str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+                    self._cond.notify_all()
+                time.sleep(RETRY_S)
+                continue
+            with self._cond:
+                self._queue.pop(0)
+                self._busy = False
+                if self._failing_since is not None:
+                    logger.warning("MLflow run %s: the tracking store answers again after %.0f s; queued metrics sent",
+                                   self._run_id, time.monotonic() - self._failing_since)
+                    self._failing_since = None
+                self._cond.notify_all()
+
+    def flush(self, timeout: float) -> None:
+        """Wait until every queued batch is sent; raise when that takes longer than ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MlflowException(
+                        f"MLflow run {self._run_id}: {len(self._queue)} batch(es) of training metrics could not be sent "
+                        f"in {timeout:.0f} s (the tracking store has not answered since "
+                        f"{time.monotonic() - (self._failing_since or time.monotonic()):.0f} s ago)")
+                self._cond.wait(min(left, 1.0))
+
+
+def _describe_end(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "KeyboardInterrupt: interrupted (Ctrl-C)"
+    if isinstance(error, SystemExit) and error.code == 143:
+        return "SystemExit: terminated (SIGTERM)"
+    return f"{type(error).__name__}: {error}"
+
+
+class RunHandle:
+    """One MLflow run: what a pipeline or stage logs through.
+
+    Every method logs synchronously and raises on failure; nothing is dropped silently. The one
+    exception is ``log_metrics(..., background=True)``, for what training logs while it runs: sent
+    on a thread, retried while the store is unreachable, waited for when the run ends.
+    """
+
+    FLUSH_TIMEOUT_S = 1800.0  # how long a finished stage waits for an unreachable store to take its metrics
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self._client = client
         self.run_id = run_id
+        self._sender: _MetricSender | None = None
+
+    def flush(self) -> None:
+        """Send what ``background`` logging still holds (raises if the store does not take it in time)."""
+        if self._sender is not None:
+            self._sender.flush(self.FLUSH_TIMEOUT_S)
 
     def __repr__(self) -> str:
         return f"RunHandle(run_id={self.run_id!r})"
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, background: bool = False) -> None:
         """Log ``{key: value}`` at ``step`` (0 when None). Keys may contain ``/`` (``test/top1``).
 
         Raises ValueError naming the key if any value is NaN or infinite; then nothing is logged.
+        ``background``: queue them for the sender thread (:class:`_MetricSender`) and return.
         """
         timestamp = int(time.time() * 1000)
         step = 0 if step is None else int(step)
@@ -152,6 +246,11 @@ class RunHandle:
             if not math.isfinite(number):
                 raise ValueError(f"metric {key!r} is {number} at step {step}: not finite, refusing to log it")
             entries.append(Metric(key=str(key), value=number, timestamp=timestamp, step=step))
+        if background:
+            if self._sender is None:
+                self._sender = _MetricSender(self._client, self.run_id)
+            self._sender.put(entries)
+            return
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
 
@@ -393,6 +492,7 @@ class Tracker:
             handle.set_tags(tags)
             handle.log_params(params)
             yield handle
+            handle.flush()  # a run that finishes has all its metrics
         except BaseException as error:
             status = RunStatus.KILLED if isinstance(error, (KeyboardInterrupt, SystemExit)) else RunStatus.FAILED
             self._end(handle, RunStatus.to_string(status), error)
@@ -404,8 +504,13 @@ class Tracker:
 
     def _end(self, handle: RunHandle, status: str, error: BaseException) -> None:
         """Mark a run as ended by ``error``; a failure here must not hide the original exception."""
+        if handle._sender is not None:
+            try:
+                handle._sender.flush(10.0)  # what training queued, if the store takes it at once
+            except Exception:  # noqa: BLE001
+                logger.warning("run %s ends with training metrics the tracking store did not take", handle.run_id)
         try:
-            handle.set_tags({TAG_ERROR: f"{type(error).__name__}: {error}"})
+            handle.set_tags({TAG_ERROR: _describe_end(error)})
         except Exception:  # noqa: BLE001
             logger.exception("could not record the error of run %s", handle.run_id)
         try:
@@ -489,7 +594,8 @@ class NullRunHandle:
     def __repr__(self) -> str:
         return "NullRunHandle()"
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, background: bool = False) -> None: ...
+    def flush(self) -> None: ...
     def log_params(self, params: dict[str, Any]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_dict(self, obj: Any, artifact_file: str) -> None: ...
