@@ -147,9 +147,12 @@ def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.get_run(result.outputs["teacher"].run_id)
     assert run.data.tags["ltscale.resumed_from_epoch"] == "2"
-    # The failed attempt is recorded as FAILED in MLflow.
+    # The failed attempt is recorded as FAILED in MLflow, and the resumed run links to it (its
+    # learning curve holds epochs 0 and 1).
     experiment = client.get_experiment_by_name("ltscale").experiment_id
-    assert any(r.info.status == "FAILED" for r in client.search_runs([experiment]))
+    earlier = client.get_run(run.data.tags["ltscale.resumed_from_run"])
+    assert earlier.info.status == "FAILED" and earlier.data.tags["ltscale.stage"] == "teacher"
+    assert [m.step for m in client.get_metric_history(earlier.info.run_id, "train/loss")] == [0, 1]
 
 
 def test_corrupt_checkpoint_is_recomputed_and_cli_names_it(tmp_path, capsys):

@@ -9,6 +9,10 @@ from ltscale.stages.context import StageContext
 from ltscale.stages.store import PROGRESS
 
 
+TRAINING_RUN = "training_run.txt"
+"""In a stage directory: the MLflow run id of the attempt training it (for a resumed attempt's link)."""
+
+
 def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, ctx: StageContext, views: int = 1) -> None:
     """The shared tail of every training stage: fit with per-epoch logging, then a final evaluation.
     ``views``: augmented views per image in each batch (2 for MoCo: ``image`` and ``image_key``)."""
@@ -23,9 +27,18 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
 
     trainer = Trainer(task, loader, optim, ctx.device, ctx.precision, ctx.directory / PROGRESS, ctx.name,
                       on_epoch_end=on_epoch_end, progress=ctx.progress, step=ctx.step, deepspeed=ctx.deepspeed)
+    # The run that trained the epochs a resumed stage starts after holds their learning curve:
+    # link it. The file names the run whose progress the stage directory holds.
+    run_file = ctx.directory / TRAINING_RUN
+    earlier = run_file.read_text().strip() if run_file.is_file() else ""
+    if ctx.is_main and ctx.run.run_id:
+        run_file.write_text(ctx.run.run_id)
     resumed_from = trainer.fit()
     if resumed_from:
-        ctx.run.set_tags({"ltscale.resumed_from_epoch": str(resumed_from)})
+        tags = {"ltscale.resumed_from_epoch": str(resumed_from)}
+        if earlier and earlier != ctx.run.run_id:
+            tags["ltscale.resumed_from_run"] = earlier
+        ctx.run.set_tags(tags)
     _record_unreadable_images(loader, ctx)
     ctx.evaluate(network, step=optim.epochs - 1)
 
