@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -22,10 +24,13 @@ def _rows(result, detail: bool) -> list[tuple[str, dict[str, float]]]:
 
 
 def print_results(results, detail: bool = False, console: Console | None = None) -> None:
-    console = console or Console()
+    # Not a terminal (a log file, tee, a SLURM output file): rich would assume 80 columns and cut the
+    # run ids, which are what a reader copies from there.
+    console = console or (Console() if sys.stdout.isatty() else Console(width=200))
     table = Table(title="top-1 accuracy (%) on the balanced test set")
-    for column in ("pipeline / stage", "many", "medium", "few", "all", "MLflow run"):
-        table.add_column(column, justify="left" if column in ("pipeline / stage", "MLflow run") else "right")
+    for column in ("pipeline / stage", "many", "medium", "few", "all"):
+        table.add_column(column, justify="left" if column == "pipeline / stage" else "right")
+    table.add_column("MLflow run", no_wrap=True, min_width=32)
     for result in results:
         for label, metrics in _rows(result, detail):
             cells = [f"{metrics[f'test/{g}']:.2f}" if f"test/{g}" in metrics else "-" for g in ("many", "medium", "few", "top1")]

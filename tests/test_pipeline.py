@@ -364,3 +364,18 @@ def test_a_stage_builds_each_evaluation_loader_once(tmp_path, monkeypatch):
     test_split = [name for name in built if name.endswith("test")]
     assert len(test_split) == 2, built  # one per stage, however many evaluations each made
     assert sorted(closed) == sorted(built)
+
+
+def test_results_table_keeps_whole_run_ids_when_not_a_terminal(capsys):
+    """Logs, tee and SLURM output files are not terminals: the run ids must not be cut there."""
+    from ltscale.report import print_results
+    from ltscale.stages.pipeline import PipelineResult
+    from ltscale.stages.store import StageOutput
+
+    metrics = {"test/many": 70.0, "test/medium": 50.0, "test/few": 20.5, "test/top1": 51.25}
+    run_id = "04e55b23a6a8477096493430a1b2c3d4"
+    result = PipelineResult(name="imagenet-lt/ssd-with-a-long-name", run_id=run_id, tracking_uri="", result_stage="student",
+                            outputs={"student": StageOutput("student", "distill", "k", Path(), {"metrics": metrics})})
+    print_results([result])
+    out = capsys.readouterr().out
+    assert run_id in out and "20.50" in out and "imagenet-lt/ssd-with-a-long-name" in out
