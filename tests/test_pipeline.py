@@ -163,7 +163,18 @@ def test_corrupt_checkpoint_is_recomputed_and_cli_names_it(tmp_path, capsys):
     # The CLI refuses it with a message naming the file.
     code = main(["evaluate", str(model), "--recipe", "demo/ce", "--device", "cpu", "--output-dir", str(tmp_path)])
     assert code == 2
-    assert str(model) in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (the run above logged to stderr too)
+    assert err.startswith(f"ltscale: error: {model} is not a torch checkpoint")
+    assert "delete" not in err  # other files passed by mistake (the MLflow database, say) must not be deleted
+    code = main(["evaluate", str(model.parent), "--recipe", "demo/ce", "--device", "cpu", "--output-dir", str(tmp_path)])
+    assert code == 2 and "is a directory, not a file; it holds model.pt" in capsys.readouterr().err
+    truncated = tmp_path / "truncated.pt"
+    import torch
+
+    torch.save({"kind": "x", "weights": torch.zeros(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    code = main(["evaluate", str(truncated), "--recipe", "demo/ce", "--device", "cpu", "--output-dir", str(tmp_path)])
+    assert code == 2 and "is damaged; if it is in a stage directory, delete it" in capsys.readouterr().err
     # A rerun does not trust the damaged output: the checksum no longer matches, so it recomputes.
     again = run_pipeline(config)
     assert again.executed == ["teacher"]

@@ -53,14 +53,25 @@ def atomic_write_json(obj: Any, path: Path) -> None:
 def load_checkpoint(path: Path, kind: str | None = None, required: tuple[str, ...] = ()) -> dict:
     """Load a checkpoint dict; ``kind`` and ``required`` keys are checked with clear errors."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file"
+                              + (f"; it holds {', '.join(inside[:5])}" if inside else ""))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as stream:
+        zip_file = stream.read(4) == b"PK\x03\x04"  # torch.save's format since torch 1.6
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated/corrupt zips
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+        if not zip_file:  # not a torch checkpoint at all: say so, and do not suggest deleting it
+            # (torch's own message then talks about weights_only, which is beside the point)
+            raise CheckpointError(f"{path} is not a torch checkpoint (it does not start as a torch.save file does); pass "
+                                  "a model.pt of a stage directory (<output_dir>/store/<stage>-<key>/model.pt)") from None
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}: {error}). It is corrupt or not a "
-            "torch checkpoint; delete it and re-run the stage that produced it."
+            f"checkpoint {path} cannot be read ({reason}). It is damaged; if it is in a stage directory, delete it "
+            "and re-run the stage that produced it."
         ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, expected a dict")
