@@ -234,6 +234,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     from ltscale.tracking import TAG_ERROR, TAG_PIPELINE, default_tracking_uri
+    from ltscale.tracking.attempts import TAG_PID, Attempt
 
     uri = args.tracking_uri or default_tracking_uri(Path(args.output_dir))
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
@@ -252,16 +253,25 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"no pipelines recorded in experiment {args.experiment!r} at {uri}")
         return 0
     print(f"{'started':<16}  {'pipeline':<28} {'seed':>4}  {'status':<8} {'time':>8}  {'top1':>6} {'few':>6}  run id")
+    here = Attempt.current()
     for run in runs:
         info, data = run.info, run.data
+        # A RUNNING run whose process is certainly gone (killed outright) is marked KILLED by the next
+        # pipeline; until then say so here rather than show it running, with a growing time.
+        gone = here.owner_gone(data.tags) if info.status == "RUNNING" and TAG_PID in data.tags else None
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.start_time / 1000))
         seconds = ((info.end_time or time.time() * 1000) - info.start_time) / 1000
         duration = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} m"
         metric = lambda name: f"{data.metrics[name]:.2f}" if name in data.metrics else "-"  # noqa: E731
-        print(f"{started:<16}  {data.tags[TAG_PIPELINE]:<28} {data.params.get('seed', '-'):>4}  {info.status:<8} "
+        status = "GONE" if gone else info.status
+        if gone:
+            duration = "-"
+        print(f"{started:<16}  {data.tags[TAG_PIPELINE]:<28} {data.params.get('seed', '-'):>4}  {status:<8} "
               f"{duration:>8}  {metric('test/top1'):>6} {metric('test/few'):>6}  {info.run_id}")
         if info.status in ("FAILED", "KILLED") and TAG_ERROR in data.tags:
             print(f"{'':<18}{data.tags[TAG_ERROR][:200]}")
+        elif gone:
+            print(f"{'':<18}recorded as RUNNING, but {gone}; the next pipeline on this store marks it KILLED")
     return 0
 
 

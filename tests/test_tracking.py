@@ -341,7 +341,7 @@ def test_end_abandoned_runs_marks_only_certainly_dead_ones_killed(tmp_path: Path
     assert client.get_run(dead).info.end_time is not None
 
 
-def test_pipeline_killed_without_unwinding_is_marked_killed_by_the_next_run(tmp_path: Path) -> None:
+def test_pipeline_killed_without_unwinding_is_marked_killed_by_the_next_run(tmp_path: Path, capsys) -> None:
     """SIGKILL mid-stage (the OOM killer, SLURM past KillWait): the rerun ends the orphaned runs."""
     import os
     import signal
@@ -372,14 +372,28 @@ def test_pipeline_killed_without_unwinding_is_marked_killed_by_the_next_run(tmp_
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
+    killed_at = time.time() * 1000
     orphans = client.search_runs([experiment.experiment_id])
     assert len(orphans) == 2 and {r.info.status for r in orphans} == {"RUNNING"}
+    # Before any pipeline cleans up, `ltscale runs` does not show the dead pipeline as running.
+    from ltscale.cli import main
 
+    assert main(["runs", "--output-dir", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out
+    assert " GONE " in listing and " RUNNING " not in listing
+    assert f"recorded as RUNNING, but process {victim.pid} on " in listing and "marks it KILLED" in listing
+
+    time.sleep(1.5)
     result = run_pipeline(tiny("ce", tmp_path))  # a shorter teacher: a new stage key, a fresh stage
     for orphan in orphans:
         run = client.get_run(orphan.info.run_id)
         assert run.info.status == "KILLED"
         assert f"process {victim.pid} on " in run.data.tags[TAG_ERROR] and "has exited" in run.data.tags[TAG_ERROR]
+        assert run.info.end_time <= killed_at  # when it was last heard of, not when the next run noticed
+    ended = {o.info.run_id: client.get_run(o.info.run_id) for o in orphans}
+    parent = next(r for r in ended.values() if "ltscale.stage" not in r.data.tags)
+    child = next(r for r in ended.values() if "ltscale.stage" in r.data.tags)
+    assert parent.info.end_time >= child.info.start_time  # the pipeline lasted at least into its stage
     assert client.get_run(result.run_id).info.status == "FINISHED"
 
 

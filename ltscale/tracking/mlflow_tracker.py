@@ -206,6 +206,13 @@ def _describe_end(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _last_sign_of_life(run: Any) -> int:
+    """When a run whose process vanished was last heard of (ms): its newest metric, else its start.
+    Ending it "now" would count the hours between the crash and the next pipeline as run time."""
+    stamps = [metric.timestamp for metric in getattr(run.data, "_metric_objs", []) or []]
+    return max([run.info.start_time, *stamps])
+
+
 class RunHandle:
     """One MLflow run: what a pipeline or stage logs through.
 
@@ -525,7 +532,7 @@ class Tracker:
         job, or an exited process of this machine). Each gets ``ltscale.error`` saying why.
         """
         here = Attempt.current()
-        ended, token = [], None
+        abandoned, token = [], None
         while True:
             page = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                            max_results=1000, page_token=token)
@@ -533,14 +540,23 @@ class Tracker:
                 if TAG_PID not in run.data.tags:
                     continue  # not an ltscale run, or from a version that did not record its owner
                 reason = here.owner_gone(run.data.tags)
-                if reason is None:
-                    continue
-                self.client.set_tag(run.info.run_id, TAG_ERROR, f"ProcessGone: {reason}")
-                self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
-                ended.append(run.info.run_id)
+                if reason is not None:
+                    abandoned.append((run, reason))
             token = page.token
             if not token:
                 break
+        # Each ends when it was last heard of; a pipeline's parent logs nothing while its stages run,
+        # so it ends with the latest of its abandoned stage runs.
+        last = {run.info.run_id: _last_sign_of_life(run) for run, _ in abandoned}
+        for run, _ in abandoned:
+            parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+            if parent in last:
+                last[parent] = max(last[parent], last[run.info.run_id])
+        ended = []
+        for run, reason in abandoned:
+            self.client.set_tag(run.info.run_id, TAG_ERROR, f"ProcessGone: {reason}")
+            self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED), end_time=last[run.info.run_id])
+            ended.append(run.info.run_id)
         if ended:
             logger.warning("marked %d MLflow run(s) of abandoned attempts as KILLED: %s", len(ended), ", ".join(ended))
         return ended
