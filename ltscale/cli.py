@@ -377,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               "and the training progress are kept: rerun the same command once the store answers to resume",
               file=sys.stderr)
         return 1
+    except SystemExit as exit:
+        if exit.code == 128 + 15 and args.func in (cmd_run, cmd_demo) and _is_main():  # _terminate_like_ctrl_c
+            print("ltscale: terminated (SIGTERM); finished stages are kept, and rerunning the same command reuses "
+                  "them and resumes an interrupted training stage from its last completed epoch", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
         if not _is_main():
             return INTERRUPTED_EXIT  # every rank gets the Ctrl-C; one line is enough

@@ -125,7 +125,14 @@ def test_pipeline_job_pickles_and_checkpoints_to_itself(tmp_path):
     assert job.config.progress is False
     again = pickle.loads(pickle.dumps(job))
     assert type(again) is PipelineJob and again.config == job.config
-    delayed = job.checkpoint()
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        delayed = job.checkpoint()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # so scontrol's reply is not lost (see checkpoint)
+    finally:
+        signal.signal(signal.SIGTERM, before)  # an ignored SIGTERM would be inherited by later tests' subprocesses
     assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function is job
 
 

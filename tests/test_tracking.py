@@ -471,21 +471,26 @@ def test_sigterm_ends_the_runs_as_killed_and_releases_the_stage(tmp_path: Path) 
     import time
 
     root = Path(__file__).resolve().parents[1]
-    victim = subprocess.Popen([sys.executable, "-m", "ltscale.cli", "run", "demo/ce", "--output-dir", str(tmp_path),
-                               "--set", "device=cpu", "--set", "stages.teacher.optim.epochs=400"], cwd=root,
-                              env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "run"
+    log = tmp_path / "stderr.log"  # a file, not a pipe: an unread pipe fills up and blocks the victim's writes
+    with open(log, "wb") as stderr:
+        victim = subprocess.Popen([sys.executable, "-m", "ltscale.cli", "run", "demo/ce", "--output-dir", str(out),
+                                   "--set", "device=cpu", "--set", "stages.teacher.optim.epochs=400"], cwd=root,
+                                  env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+                                  stdout=subprocess.DEVNULL, stderr=stderr,
+                                  # as from a shell: an ignored SIGTERM of this process must not be inherited
+                                  preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     deadline = time.monotonic() + 240
     try:
         while True:  # until the teacher trains (its progress file exists)
-            assert victim.poll() is None, victim.stderr.read().decode()[-3000:] if victim.stderr else ""
+            assert victim.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the teacher stage did not start training"
-            if list(tmp_path.glob("store/*/progress.pt")):
+            if list(out.glob("store/*/progress.pt")):
                 break
             time.sleep(0.5)
         victim.send_signal(signal.SIGTERM)
-        assert victim.wait(timeout=120) == 143
+        assert victim.wait(timeout=120) == 143, log.read_text()[-3000:]
     finally:
         if victim.poll() is None:
             victim.kill()
@@ -493,4 +498,5 @@ def test_sigterm_ends_the_runs_as_killed_and_releases_the_stage(tmp_path: Path) 
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
     assert {r.data.tags[TAG_ERROR] for r in runs} == {"SystemExit: terminated (SIGTERM)"}
-    assert not list(tmp_path.glob("store/*/.lock"))  # the stage is free for the rerun
+    assert not list(out.glob("store/*/.lock"))  # the stage is free for the rerun
+    assert log.read_text().strip().splitlines()[-1].startswith("ltscale: terminated (SIGTERM); finished stages are kept")
