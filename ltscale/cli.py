@@ -373,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if not _from_the_tracking_store(error):
             raise
-        print(f"ltscale: error: the MLflow tracking store failed: {str(error).splitlines()[0][:300]}. Finished stages "
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        print(f"ltscale: error: the MLflow tracking store failed: {first}. Finished stages "
               "and the training progress are kept: rerun the same command once the store answers to resume",
               file=sys.stderr)
         return 1
