@@ -228,10 +228,11 @@ class RunHandle:
         self.run_id = run_id
         self._sender: _MetricSender | None = None
 
-    def flush(self) -> None:
-        """Send what ``background`` logging still holds (raises if the store does not take it in time)."""
+    def flush(self, timeout: float | None = None) -> None:
+        """Send what ``background`` logging still holds; raises if the store does not take it within
+        ``timeout`` seconds (:attr:`FLUSH_TIMEOUT_S` when None)."""
         if self._sender is not None:
-            self._sender.flush(self.FLUSH_TIMEOUT_S)
+            self._sender.flush(self.FLUSH_TIMEOUT_S if timeout is None else timeout)
 
     def __repr__(self) -> str:
         return f"RunHandle(run_id={self.run_id!r})"
@@ -511,11 +512,10 @@ class Tracker:
 
     def _end(self, handle: RunHandle, status: str, error: BaseException) -> None:
         """Mark a run as ended by ``error``; a failure here must not hide the original exception."""
-        if handle._sender is not None:
-            try:
-                handle._sender.flush(10.0)  # what training queued, if the store takes it at once
-            except Exception:  # noqa: BLE001
-                logger.warning("run %s ends with training metrics the tracking store did not take", handle.run_id)
+        try:
+            handle.flush(10.0)  # what training queued, if the store takes it at once
+        except Exception:  # noqa: BLE001
+            logger.warning("run %s ends with training metrics the tracking store did not take", handle.run_id)
         try:
             handle.set_tags({TAG_ERROR: _describe_end(error)})
         except Exception:  # noqa: BLE001

@@ -47,7 +47,7 @@ import torch.utils.data
 from ltscale.data.base import FileSplit, Normalization
 from ltscale.data.errors import DatasetError
 from ltscale.data.loaders import ImageFileLoader
-from ltscale.data.loaders.files import decode_image_file, describe_error
+from ltscale.data.loaders.files import _JPEG_MAGIC, decode_image_file, describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _require_dali() -> None:
 
 
 # Formats DALI's decoders read, by their first bytes (JPEG, PNG, BMP, TIFF, WebP, PNM, JPEG 2000).
-_DALI_FORMATS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"P1", b"P2", b"P3", b"P4",
+_DALI_FORMATS = (_JPEG_MAGIC, b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"P1", b"P2", b"P3", b"P4",
                  b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")
 _EOI_WINDOW = 4096  # a JPEG's end-of-image marker is this close to the end (trailing padding allowed)
 
@@ -140,7 +140,7 @@ def _read_bytes(path: str) -> np.ndarray | str:
     if not data.size:
         return "empty file"
     head = data[:12].tobytes()
-    if head.startswith(_DALI_FORMATS[0]):
+    if head.startswith(_JPEG_MAGIC):
         if b"\xff\xd9" in data[-_EOI_WINDOW:].tobytes() and _jpeg_header_ok(data):
             return data
         return _decoded_on_cpu(path)

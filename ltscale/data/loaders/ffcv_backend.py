@@ -153,12 +153,16 @@ def _read_served(path: Path) -> np.ndarray:
     return np.asarray(reader.metadata[f"f{reader.field_names.index('served')}"], dtype=np.int64)
 
 
+def _stored_bad(path: Path) -> dict[int, str]:
+    """The images the write of ``path`` found unreadable (dataset index -> reason), from its sidecar."""
+    return {int(k): v for k, v in json.loads(_sidecar(path).read_text()).get("bad", {}).items()}
+
+
 def _repaired(split: FileSplit, path: Path) -> list[str]:
     """The files the write of ``path`` found unreadable (and stored substitutes for) that decode now:
     repaired or re-downloaded since, as the bad-image error asks. The file is then stale."""
-    bad = json.loads(_sidecar(path).read_text()).get("bad", {})
     repaired = []
-    for index in sorted(int(k) for k in bad):
+    for index in sorted(_stored_bad(path)):
         try:
             decode_image_file(split.root / split.paths[index])
         except Exception:  # still unreadable: the stored substitute stands
@@ -292,7 +296,7 @@ class FfcvLoader(ImageFileLoader):
         self.path = self._shared_write(max_bad_image_fraction)
         # The images the write found unreadable (and replaced), for bad_files. A file written with
         # substitutes (by a training loader) read by a loader that must not substitute: its error.
-        bad = {int(k): v for k, v in json.loads(_sidecar(self.path).read_text()).get("bad", {}).items()}
+        bad = _stored_bad(self.path)
         if bad and not self.substitute:
             self.ledger.record(sorted(bad.items()))  # raises, naming the first
         self.ledger.bad.update(bad)
