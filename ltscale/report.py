@@ -15,6 +15,9 @@ def _rows(result, detail: bool) -> list[tuple[str, dict[str, float]]]:
         for stage, output in result.outputs.items():
             metrics = output.manifest.get("metrics", {})
             heads = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2 and k.startswith("test/")})
+            config = output.manifest.get("config", {})
+            if config.get("kind") == "rebalance" and config.get("head") in heads:
+                heads = [config["head"]]  # the other heads are the source's, unchanged: rows already shown
             for head in heads if len(heads) > 1 else []:
                 prefix = f"test/{head}/"
                 rows.append((f"  {stage} ({head})", {"test/" + k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}))

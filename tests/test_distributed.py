@@ -101,7 +101,11 @@ def test_each_rank_takes_its_own_gpu(monkeypatch, visible, local_rank, expected)
     assert str(runtime.device_for(env, "auto")) == expected
     assert str(runtime.device_for(env, "cuda")) == expected
     assert [str(d) for d in chosen] == [expected] * 2
-    assert str(runtime.device_for(env, "cuda:1")) == "cuda:1"  # an explicit index is the user's choice
+    if visible > 1:
+        assert str(runtime.device_for(env, "cuda:1")) == "cuda:1"  # an explicit index is the user's choice
+    else:  # ...among the GPUs this process sees
+        with pytest.raises(ValueError, match=r"device='cuda:1': this process sees 1 GPU\(s\) \(indices 0..0"):
+            runtime.device_for(env, "cuda:1")
 
 
 def test_ranks_sharing_a_gpu_are_found():

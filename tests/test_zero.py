@@ -43,11 +43,14 @@ def _train(world: int, progress: Path, deepspeed: DeepSpeedConfig | None, epochs
     loader = build_loader(bundle.train, bundle, train=True, augment=False, batch_size=16 // world, loader=LoaderConfig(),
                           device=torch.device("cpu"), seed=3, sampler=SamplerConfig(kind="class_balanced", samples_per_class=2))
     optim = OptimConfig(epochs=epochs, batch_size=16, lr=0.5, warmup_epochs=1, milestones=(2,), decay_factors=(0.1,), weight_decay=1e-3)
-    seen = []
+    seen, resumed = [], []
     trainer = Trainer(task, loader, optim, torch.device("cpu"), "fp32", progress, "toy", on_epoch_end=seen.append,
-                      deepspeed=deepspeed)
+                      deepspeed=deepspeed, on_resume=resumed.append)
     started = trainer.fit()
-    return task, seen, started
+    assert len(resumed) == (1 if started else 0)
+    if resumed:  # the metrics of the epoch it resumes after, as that epoch's on_epoch_end got them
+        assert resumed[0].epoch == started - 1
+    return task, seen + resumed, started
 
 
 def _worker(rank: int, world: int, port: int, out: str, stage: int, epochs: int, tag: str) -> None:
@@ -57,7 +60,8 @@ def _worker(rank: int, world: int, port: int, out: str, stage: int, epochs: int,
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     deepspeed = DeepSpeedConfig(enabled=True, zero_stage=stage) if stage >= 0 else None
     task, seen, started = _train(world, Path(out) / "stage" / "progress.pt", deepspeed, epochs)
-    torch.save({"state": task.network.state_dict(), "loss": [m.loss for m in seen], "started": started},
+    torch.save({"state": task.network.state_dict(), "loss": [m.loss for m in seen if m.epoch >= started], "started": started,
+                "resumed_loss": [m.loss for m in seen if m.epoch < started]},
                Path(out) / f"{tag}-rank{rank}.pt")
 
 
@@ -73,7 +77,9 @@ def test_zero_on_two_ranks_equals_one_plain_process(tmp_path, stage):
     # Each rank wrote its optimiser partition; the pointer names the last epoch.
     progress = tmp_path / "stage" / "deepspeed-progress"
     pointer = json.loads((progress / "progress.json").read_text())
+    metrics = pointer.pop("metrics")
     assert pointer == {"kind": "ltscale.deepspeed_progress", "tag": "epoch-0003", "epoch": 3, "world_size": 2, "zero_stage": stage}
+    assert metrics["epoch"] == 2 and metrics["loss"] == pytest.approx(seen[2].loss, rel=1e-5)
     assert [p.name for p in progress.glob("epoch-*")] == ["epoch-0003"]  # older epochs removed
     if stage:
         # ZeRO really partitions: each rank's file holds half of the 772 fp32 master values (and
@@ -98,6 +104,7 @@ def test_zero_resume_continues_exactly_and_refuses_another_layout(tmp_path):
     for name, value in full["state"].items():
         torch.testing.assert_close(resumed["state"][name], value, rtol=1e-6, atol=1e-7)  # momentum restored too
     assert resumed["loss"][0] == pytest.approx(full["loss"][2], rel=1e-6)
+    assert resumed["resumed_loss"] == pytest.approx([full["loss"][1]], rel=1e-6)  # epoch 1's, kept with the progress
 
     # Two ranks cannot pick up a single rank's ZeRO partitions.
     with pytest.raises(Exception) as caught:  # the CheckpointError comes back inside mp.spawn's error

@@ -137,6 +137,10 @@ def device_for(env: DistEnv, requested: str) -> torch.device:
                     f"local rank {env.local_rank} has no GPU of its own: this process sees {count} GPUs "
                     f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); start at most "
                     "one process per GPU, and let each see either all of the node's GPUs or only its own")
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={requested!r}: this process sees {torch.cuda.device_count()} GPU(s) "
+                             f"(indices 0..{torch.cuda.device_count() - 1}; CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
         torch.cuda.set_device(device)
     return device
 

@@ -75,7 +75,8 @@ class HitCounter:
                 per_class_top1=per_class,
                 per_class_count=counts.astype(np.int64),
                 top1=float(h1.sum() / max(counts.sum(), 1)),
-                top5=float(h5.sum() / max(counts.sum(), 1)),
+                # With 5 classes or fewer every image is in its top 5: 100 % says nothing, so none.
+                top5=float(h5.sum() / max(counts.sum(), 1)) if self.num_classes > 5 else float("nan"),
                 many=_group_mean(per_class, groups.many),
                 medium=_group_mean(per_class, groups.medium),
                 few=_group_mean(per_class, groups.few),

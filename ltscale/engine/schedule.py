@@ -43,7 +43,8 @@ class OptimConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.warmup_epochs < 0 or (self.warmup_epochs and self.warmup_epochs >= self.epochs):
-            raise ValueError(f"optim.warmup_epochs ({self.warmup_epochs}) must be in [0, optim.epochs={self.epochs})")
+            raise ValueError(f"optim.warmup_epochs ({self.warmup_epochs}) must be in [0, optim.epochs={self.epochs}); "
+                             "shortening a schedule, set warmup_epochs too (e.g. --set 'stages.*.optim.warmup_epochs=0')")
         if self.schedule == "step":
             if len(self.milestones) != len(self.decay_factors):
                 raise ValueError(

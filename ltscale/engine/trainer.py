@@ -19,7 +19,9 @@ stage 2 the gradients) partitioned over the ranks, each rank saving its part of 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ from ltscale.engine.fast_step import FastStep, resolve_step
 from ltscale.engine.progress import Progress
 from ltscale.engine.schedule import OptimConfig, lr_schedule
 from ltscale.engine.zero import POINTER, PROGRESS_DIR, DeepSpeedConfig, ZeroEngine
+
+logger = logging.getLogger(__name__)
 
 
 class Task(Protocol):
@@ -90,6 +94,7 @@ class Trainer:
         name: str,
         on_epoch_end: Callable[[EpochMetrics], None] | None = None,
         progress: Progress | None = None,
+        on_resume: Callable[[EpochMetrics], None] | None = None,
         step: str = "auto",
         deepspeed: DeepSpeedConfig | None = None,
     ) -> None:
@@ -101,6 +106,9 @@ class Trainer:
         self.progress_path = Path(progress_path)
         self.name = name
         self.on_epoch_end = on_epoch_end
+        # Called once when a stage resumes, with the metrics of the last epoch its progress holds:
+        # a stop between saving an epoch and logging it must not lose that epoch's point.
+        self.on_resume = on_resume
         self.progress = progress or Progress(enabled=False)
         _, self.world_size = rank_and_world_size()
         use_zero = deepspeed is not None and deepspeed.enabled
@@ -131,16 +139,25 @@ class Trainer:
     def _zero_progress(self) -> Path:
         return self.progress_path.parent / PROGRESS_DIR
 
-    def _resume(self) -> int:
+    def _resume(self) -> tuple[int, dict | None]:
+        """(the epoch to start from, the saved metrics of the epoch before it or None)."""
         self._refuse_other_format()
         if self.zero is not None:
             return self.zero.load(self._zero_progress)
         if not self.progress_path.exists():
-            return 0
+            return 0, None
         state = load_checkpoint(self.progress_path, kind="ltscale.progress", required=("network", "optimizer", "epoch"))
         load_state_strict(self.task.network, state["network"], self.progress_path)
         self.optimizer.load_state_dict(state["optimizer"])
-        return int(state["epoch"])
+        saved_world = state.get("world_size")
+        if saved_world is not None and int(saved_world) != self.world_size:
+            # Valid (the state is an epoch boundary and the samplers deal the epoch over the new
+            # ranks), but the result will match neither an unbroken run with the old number of
+            # processes nor one with the new: say so rather than let it pass unnoticed.
+            logger.warning("stage %s: resuming epoch %d with %d process(es); %s was saved by %d. Training continues; "
+                           "the result will differ from an unbroken run with either number", self.name,
+                           int(state["epoch"]), self.world_size, self.progress_path, int(saved_world))
+        return int(state["epoch"]), state.get("metrics")
 
     def _refuse_other_format(self) -> None:
         """A stage's directory is shared by runs with and without DeepSpeed (the key leaves it out:
@@ -158,9 +175,9 @@ class Trainer:
             f"it, or delete {where if self.zero is not None else where.parent} to train the stage from epoch 0."
         )
 
-    def _save_progress(self, next_epoch: int) -> None:
+    def _save_progress(self, next_epoch: int, metrics: EpochMetrics) -> None:
         if self.zero is not None:
-            self.zero.save(self._zero_progress, next_epoch)  # every rank writes its partition
+            self.zero.save(self._zero_progress, next_epoch, dataclasses.asdict(metrics))  # every rank writes its partition
             return
         if not is_main_process():
             return  # every rank holds the same state; one writer
@@ -170,13 +187,17 @@ class Trainer:
                 "network": self.task.network.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "epoch": next_epoch,
+                "metrics": dataclasses.asdict(metrics),  # the epoch just finished, for on_resume
+                "world_size": self.world_size,
             },
             self.progress_path,
         )
 
     def fit(self) -> int:
         """Train to the last epoch; returns the epoch it started from (> 0 when resumed)."""
-        start_epoch = self._resume()
+        start_epoch, saved_metrics = self._resume()
+        if start_epoch and saved_metrics is not None and self.on_resume is not None:
+            self.on_resume(EpochMetrics(**saved_metrics))
         if self.step == "fast":  # built after the resume: it adopts the restored momentum buffers
             self.fast_step = FastStep(self.task, self.optimizer, self.device, self.dtype)
         steps = len(self.loader)
@@ -191,7 +212,7 @@ class Trainer:
                         f"stage {self.name}: the training loss is {metrics.loss} in epoch {epoch}; lower optim.lr "
                         "or check the data. The last good epoch's progress checkpoint is kept for inspection."
                     )
-                self._save_progress(epoch + 1)
+                self._save_progress(epoch + 1, metrics)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(metrics)
         if self.fast_step is not None:

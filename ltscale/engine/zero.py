@@ -143,8 +143,9 @@ class ZeroEngine:
         self.engine.backward(loss)
         self.engine.step()
 
-    def save(self, directory: Path, next_epoch: int) -> None:
-        """Every rank writes its part for ``next_epoch``; the pointer moves once all are written."""
+    def save(self, directory: Path, next_epoch: int, metrics: dict | None = None) -> None:
+        """Every rank writes its part for ``next_epoch``; the pointer moves once all are written.
+        ``metrics``: the finished epoch's, kept in the pointer for :meth:`load`."""
         directory = Path(directory)
         tag = f"epoch-{next_epoch:04d}"
         self.engine.save_checkpoint(str(directory), tag=tag, client_state={"epoch": next_epoch}, save_latest=False)
@@ -152,18 +153,19 @@ class ZeroEngine:
         if is_main_process():
             _, world_size = rank_and_world_size()
             atomic_write_json({"kind": "ltscale.deepspeed_progress", "tag": tag, "epoch": next_epoch,
-                               "world_size": world_size, "zero_stage": self.config.zero_stage}, directory / POINTER)
+                               "world_size": world_size, "zero_stage": self.config.zero_stage, "metrics": metrics},
+                              directory / POINTER)
             for old in directory.glob("epoch-*"):
                 if old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
         barrier()
 
-    def load(self, directory: Path) -> int:
-        """Restore the last complete epoch's state from ``directory``; the epoch to start from (0
-        when there is none)."""
+    def load(self, directory: Path) -> tuple[int, dict | None]:
+        """Restore the last complete epoch's state from ``directory``; (the epoch to start from, 0
+        when there is none; the metrics :meth:`save` was given, or None)."""
         pointer = Path(directory) / POINTER
         if not pointer.is_file():
-            return 0
+            return 0, None
         try:
             state = json.loads(pointer.read_text())
             tag, epoch, saved_world, saved_stage = state["tag"], int(state["epoch"]), int(state["world_size"]), int(state["zero_stage"])
@@ -180,4 +182,4 @@ class ZeroEngine:
                                                 load_lr_scheduler_states=False)
         if loaded is None:
             raise CheckpointError(f"{Path(directory) / tag}: DeepSpeed found no checkpoint there although {pointer} names it")
-        return epoch
+        return epoch, state.get("metrics")

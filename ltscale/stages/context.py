@@ -90,13 +90,14 @@ class StageContext:
 
     def evaluate(self, network: Network, step: int | None = None, final: bool = True) -> dict[str, EvalResult]:
         """Evaluate every classifier head on the test split; log ``test/*`` for the predicted head
-        and ``test/<head>/*`` for each head. ``final`` also logs per-class tables and plots."""
+        and, for networks with several (SSD's student), ``test/<head>/*`` for each. ``final`` also
+        logs per-class tables and plots."""
         heads = network.classifier_heads()
         results = evaluate(network, self.eval_loader(self.bundle.test), self.class_counts, heads, self.device, self.autocast)
-        metrics: dict[str, float] = {}
-        for head, result in results.items():
-            metrics.update(result.metrics(f"test/{head}"))
-        metrics.update(results[network.predict_head].metrics("test"))
+        metrics = results[network.predict_head].metrics("test")
+        if len(results) > 1:  # one head: test/<head>/* would repeat test/*
+            for head, result in results.items():
+                metrics.update(result.metrics(f"test/{head}"))
         self.run.log_metrics(metrics, step=step, background=not final)  # mid-training: as the epoch metrics
         if final:
             self.metrics.update(metrics)

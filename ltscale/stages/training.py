@@ -25,8 +25,14 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
         if eval_every and (metrics.epoch + 1) % eval_every == 0 and metrics.epoch + 1 < optim.epochs:
             ctx.evaluate(network, step=metrics.epoch, final=False)
 
+    def on_resume(metrics: EpochMetrics) -> None:
+        # The epoch the stage resumes after, again in this run: its point is lost if the stop came
+        # between saving it and sending it, and the resumed curve then starts where it continues.
+        ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch, background=True)
+
     trainer = Trainer(task, loader, optim, ctx.device, ctx.precision, ctx.directory / PROGRESS, ctx.name,
-                      on_epoch_end=on_epoch_end, progress=ctx.progress, step=ctx.step, deepspeed=ctx.deepspeed)
+                      on_epoch_end=on_epoch_end, progress=ctx.progress, step=ctx.step, deepspeed=ctx.deepspeed,
+                      on_resume=on_resume)
     # The run that trained the epochs a resumed stage starts after holds their learning curve:
     # link it. The file names the run whose progress the stage directory holds.
     run_file = ctx.directory / TRAINING_RUN
