@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from ltscale.tracking import (
     split_run_ids,
     start_local_server,
     ui_command,
+    uncommitted_changes,
 )
 from ltscale.tracking.plots import per_class_accuracy_figure, shot_group, virtual_example_figure
 
@@ -183,6 +185,7 @@ def test_runs_must_nest_properly(mlflow_server: str, tmp_path: Path) -> None:
 def test_default_local_store_and_two_trackers(mlflow_server: str, tmp_path: Path) -> None:
     global_uri = mlflow.get_tracking_uri()
     local = Tracker(TrackingConfig(), tmp_path / "out")
+    local.code_version = "f" * 40  # as a clean checkout: no patch artifact whatever state this tree is in
     remote = Tracker(TrackingConfig(tracking_uri=mlflow_server, experiment=_experiment()), tmp_path)
     assert local.tracking_uri == default_tracking_uri(tmp_path / "out")
     assert local.tracking_uri == f"sqlite:///{(tmp_path / 'out' / 'mlflow.db').resolve()}"
@@ -245,9 +248,52 @@ def test_code_version_reads_git(tmp_path: Path) -> None:
     git("commit", "-q", "-m", "init")
     commit = git("rev-parse", "HEAD")
     assert code_version(tmp_path) == commit
+    assert uncommitted_changes(tmp_path) is None  # clean: nothing to record
     (tmp_path / "module.py").write_text("x = 2\n")
     assert code_version(tmp_path) == f"{commit}-dirty"
     assert isinstance(code_version(), str) and code_version()
+
+    # The patch rebuilds the dirty tree on a clean checkout of its commit: edits, new files
+    # (binary ones too), non-UTF-8 text; ignored files stay out.
+    (tmp_path / ".gitignore").write_text("runs/\n")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "big.pt").write_bytes(b"x" * 1000)
+    (tmp_path / "new.py").write_text("y = 3\n")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    patch = uncommitted_changes(tmp_path)
+    assert patch and "runs/big.pt" not in patch
+    clone = tmp_path.parent / f"{tmp_path.name}-clone"
+    subprocess.run(["git", "clone", "-q", str(tmp_path), str(clone)], check=True)
+    subprocess.run(["git", "-C", str(clone), "apply", "--binary", "-"], input=patch.encode(), check=True)
+    for name in ("module.py", "new.py", "blob.bin", ".gitignore"):
+        assert (clone / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    assert (clone / "latin1.txt").exists()
+    cut = uncommitted_changes(tmp_path, max_bytes=100)
+    assert cut.endswith(f"cut at 100 of {len(patch.encode())} bytes\n")
+
+
+def test_dirty_tree_pipeline_run_records_its_patch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ltscale.tracking.mlflow_tracker as mlflow_tracker
+
+    patch = "diff --git a/m.py b/m.py\n--- a/m.py\n+++ b/m.py\n@@ -1 +1 @@\n-x = 1\n+x = 2\n"
+    monkeypatch.setattr(mlflow_tracker, "uncommitted_changes", lambda: patch)
+    tracker = Tracker(TrackingConfig(), tmp_path)
+    runs = {}
+    for version in ("a" * 40 + "-dirty", "a" * 40):
+        tracker.code_version = version
+        with tracker.pipeline_run(version, {}, {}) as pipeline:
+            with tracker.stage_run("teacher", {}, {}) as stage:
+                pass
+        runs[version] = pipeline.run_id, stage.run_id
+    client = MlflowClient(tracker.tracking_uri)
+    dirty, clean = runs["a" * 40 + "-dirty"], runs["a" * 40]
+    assert [a.path for a in client.list_artifacts(dirty[0], "code")] == [mlflow_tracker.UNCOMMITTED_PATCH]
+    assert Path(download_artifacts(run_id=dirty[0], artifact_path=mlflow_tracker.UNCOMMITTED_PATCH,
+                                   tracking_uri=tracker.tracking_uri)).read_text() == patch
+    assert client.get_run(dirty[0]).data.tags["mlflow.source.git.commit"] == "a" * 40
+    assert client.list_artifacts(dirty[1]) == []  # once per pipeline, on its parent run
+    assert client.list_artifacts(clean[0]) == []
 
 
 def test_shot_groups_and_plot_validation() -> None:
@@ -346,7 +392,6 @@ def test_pipeline_killed_without_unwinding_is_marked_killed_by_the_next_run(tmp_
     import os
     import signal
     import sys
-    import time
 
     from ltscale.stages.pipeline import run_pipeline
     from tests.test_pipeline import tiny
@@ -500,3 +545,38 @@ def test_sigterm_ends_the_runs_as_killed_and_releases_the_stage(tmp_path: Path) 
     assert {r.data.tags[TAG_ERROR] for r in runs} == {"SystemExit: terminated (SIGTERM)"}
     assert not list(out.glob("store/*/.lock"))  # the stage is free for the rerun
     assert log.read_text().strip().splitlines()[-1].startswith("ltscale: terminated (SIGTERM); finished stages are kept")
+
+
+def test_an_unreachable_server_is_named_in_seconds(tmp_path: Path, capsys) -> None:
+    import socket
+
+    from ltscale.cli import main
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    with pytest.raises(MlflowException, match=rf"the MLflow server at {uri} does not answer \(.*refused"):
+        Tracker(TrackingConfig(tracking_uri=uri), tmp_path)
+    assert main(["runs", "--tracking-uri", uri]) == 1
+    assert f"the MLflow server at {uri} does not answer" in capsys.readouterr().err
+    assert time.monotonic() - started < 30  # not MLflow's minutes of retries
+
+    # Something that answers, even where the TLS handshake fails (a certificate only MLflow's own
+    # CA settings accept; here a plain-text server behind an https URI), is left to MLflow.
+    import threading
+
+    from ltscale.tracking.mlflow_tracker import check_server_answers
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def answer() -> None:
+            connection, _ = server.accept()
+            with connection:
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        check_server_answers(f"https://127.0.0.1:{server.getsockname()[1]}")

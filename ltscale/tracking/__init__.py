@@ -13,7 +13,7 @@ from ltscale.tracking.tags import (
     join_run_ids,
     split_run_ids,
 )
-from ltscale.tracking.provenance import code_version
+from ltscale.tracking.provenance import code_version, uncommitted_changes
 from ltscale.tracking.mlflow_tracker import NullRunHandle, NullTracker, RunHandle, Tracker, TrackingConfig, default_tracking_uri
 from ltscale.tracking.server import ServerHandle, start_local_server, ui, ui_command
 
@@ -34,6 +34,7 @@ __all__ = [
     "Tracker",
     "TrackingConfig",
     "code_version",
+    "uncommitted_changes",
     "default_tracking_uri",
     "join_run_ids",
     "split_run_ids",

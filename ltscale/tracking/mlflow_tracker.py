@@ -45,7 +45,7 @@ from mlflow.utils.validation import (
 
 from ltscale.config.overrides import config_to_dict
 from ltscale.tracking.attempts import TAG_PID, Attempt
-from ltscale.tracking.provenance import code_version
+from ltscale.tracking.provenance import code_version, uncommitted_changes
 from ltscale.tracking.tags import TAG_CODE_VERSION, TAG_ERROR, TAG_PIPELINE, TAG_STAGE
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ DEFAULT_STORE_FILE = "mlflow.db"
 """The default local store: ``sqlite:///<output_dir>/mlflow.db``."""
 ARTIFACT_DIR = "mlartifacts"
 """Artifacts of experiments created in a local database store live in this directory beside it."""
+UNCOMMITTED_PATCH = "code/uncommitted.patch"
+"""Pipeline-run artifact when the code version is ``<commit>-dirty``: ``git apply`` it on the commit."""
 
 
 def default_tracking_uri(output_dir: Path) -> str:
@@ -70,7 +72,9 @@ class TrackingConfig:
 
     ``tracking_uri``: ``""`` for the local store under the output directory
     (``sqlite:///<output_dir>/mlflow.db``), otherwise any MLflow URI (``http://host:port``,
-    ``sqlite:///path.db``, ``file:/path``).
+    ``sqlite:///path.db``, ``postgresql://...``; ``file:/path`` only with
+    ``MLFLOW_ALLOW_FILE_STORE=true``, MLflow 3 having frozen its file store). A bare path is refused:
+    MLflow would take it for a file store.
     ``experiment``: MLflow experiment name; created on first use.
     """
 
@@ -80,6 +84,36 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if not self.experiment.strip():
             raise ValueError("tracking.experiment is empty: name the MLflow experiment, e.g. 'ltscale'")
+        if self.tracking_uri and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", self.tracking_uri):
+            path = Path(self.tracking_uri).expanduser().resolve()
+            store = path if path.suffix == ".db" else path / DEFAULT_STORE_FILE
+            raise ValueError(f"tracking.tracking_uri {self.tracking_uri!r} is a path, not a URI: for a database "
+                             f"there, use sqlite:///{store.as_posix()}; for a server, http://host:port")
+
+
+SERVER_PROBE_TIMEOUT_S = 10.0
+
+
+def check_server_answers(uri: str) -> None:
+    """Fail in seconds, not after MLflow's ~4 minutes of retries, when an http(s) tracking server
+    cannot be reached at all (refused, unknown host, no answer). Any HTTP answer, even an error
+    status (a proxy asking for credentials), counts as reachable: MLflow's client decides the rest."""
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, ssl.SSLError):
+            return  # something answered with TLS; its certificate is MLflow's to judge (its own CA settings)
+        raise MlflowException(f"the MLflow server at {uri} does not answer ({reason}); check the URI, or start the "
+                              "server first", error_code="TEMPORARILY_UNAVAILABLE") from None
 
 
 def _truncate(value: str, limit: int, what: str) -> str:
@@ -429,6 +463,7 @@ class Tracker:
         self.output_dir = Path(output_dir)
         if config.tracking_uri:
             self._uri = config.tracking_uri
+            check_server_answers(self._uri)
         else:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._uri = default_tracking_uri(self.output_dir)
@@ -576,6 +611,11 @@ class Tracker:
         all_tags = {**self._default_tags(), TAG_PIPELINE: name, **tags}
         self._pipeline_tag = all_tags[TAG_PIPELINE]  # its stage runs carry the same (the run name may differ)
         with self._run(name, params, all_tags) as handle:
+            if self.code_version.endswith("-dirty"):
+                # The commit alone does not say what ran; the patch on top of it does.
+                patch = uncommitted_changes()
+                if patch:
+                    handle.log_text(patch, UNCOMMITTED_PATCH)
             yield handle
 
     @contextmanager

@@ -9,19 +9,22 @@ from pathlib import Path
 _GIT_TIMEOUT_S = 10.0
 
 
-def _git(source_dir: Path, *args: str) -> str | None:
-    """stdout of ``git -C source_dir args``, or None if git is missing or the command fails."""
+def _git(source_dir: Path | str, *args: str, ok_codes: tuple[int, ...] = (0,), strip: bool = True) -> str | None:
+    """stdout of ``git -C source_dir args``, or None if git is missing or exits outside ``ok_codes``."""
     try:
         result = subprocess.run(
             ["git", "-C", str(source_dir), *args],
             capture_output=True,
             text=True,
+            errors="replace",  # a non-UTF-8 file in a patch must not lose the rest of it
             timeout=_GIT_TIMEOUT_S,
             check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() if result.returncode == 0 else None
+    if result.returncode not in ok_codes:
+        return None
+    return result.stdout.strip() if strip else result.stdout
 
 
 def _git_version(source_dir: Path, marker: Path) -> str | None:
@@ -40,6 +43,46 @@ def _git_version(source_dir: Path, marker: Path) -> str | None:
     return f"{commit}-dirty" if status else commit
 
 
+# A run from a dirty tree records what differed from its commit; past this size (a checkpoint
+# committed by mistake, a generated file) the patch is cut and says so rather than bloat the store.
+MAX_PATCH_BYTES = 4 << 20
+
+
+def _source(source_dir: Path | None) -> tuple[Path, Path]:
+    """(directory to run git in, file whose tracking proves it is ltscale's own checkout)."""
+    if source_dir is None:
+        marker = Path(__file__).resolve()
+        return marker.parent, marker
+    source_dir = Path(source_dir).resolve()
+    return source_dir, source_dir
+
+
+def uncommitted_changes(source_dir: Path | None = None, max_bytes: int = MAX_PATCH_BYTES) -> str | None:
+    """The patch from the checkout's commit to its working tree, new (untracked, not ignored) files
+    included, so a ``-dirty`` code version can be reproduced; None for a clean tree, an installed
+    package or when git fails. Cut at ``max_bytes`` with a line saying so. Never raises."""
+    try:
+        directory, marker = _source(source_dir)
+        if _git_version(directory, marker) is None or not _git(directory, "status", "--porcelain"):
+            return None
+        root = _git(directory, "rev-parse", "--show-toplevel")
+        if not root:
+            return None
+        parts = [_git(root, "diff", "HEAD", "--binary", strip=False) or ""]
+        untracked = _git(root, "ls-files", "--others", "--exclude-standard", "-z", strip=False) or ""
+        for name in filter(None, untracked.split("\0")):
+            # --no-index exits 1 when the files differ, which they always do against /dev/null.
+            parts.append(_git(root, "diff", "--binary", "--no-index", "--", "/dev/null", name, ok_codes=(0, 1), strip=False) or "")
+        patch = "".join(parts)
+        data = patch.encode("utf-8", errors="replace")
+        if len(data) > max_bytes:
+            cut = data[:max_bytes].decode("utf-8", errors="ignore")
+            return f"{cut}\n# ltscale: patch cut at {max_bytes} of {len(data)} bytes\n"
+        return patch
+    except Exception:  # noqa: BLE001 - provenance must never break a run
+        return None
+
+
 def code_version(source_dir: Path | None = None) -> str:
     """The git commit (``-dirty`` if the tree has changes) of the ltscale source checkout.
 
@@ -48,13 +91,7 @@ def code_version(source_dir: Path | None = None) -> str:
     this file is used.
     """
     try:
-        if source_dir is None:
-            marker = Path(__file__).resolve()
-            source_dir = marker.parent
-        else:
-            source_dir = Path(source_dir).resolve()
-            marker = source_dir
-        version = _git_version(source_dir, marker)
+        version = _git_version(*_source(source_dir))
         if version:
             return version
     except Exception:  # noqa: BLE001 - provenance must never break a run
