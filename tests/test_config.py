@@ -99,6 +99,18 @@ def test_optional_and_union_annotations():
     assert apply_overrides(Toy(), ["limit=12"]).limit == 12
 
 
+@pytest.mark.parametrize(("value", "message"), [
+    ("[[120,160]]", "lists do not nest"),
+    ("120,,160", "an empty element between commas"),
+    ("[120,160", "'[' is not closed by ']'"),
+])
+def test_malformed_lists_are_refused_not_guessed(ssd, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        apply_overrides(ssd, [f"stages.teacher.optim.milestones={value}"])
+    fine = apply_overrides(ssd, ["stages.teacher.optim.milestones=[120, 160,]"])  # a trailing comma, as in Python
+    assert fine.stages["teacher"].optim.milestones == (120, 160)
+
+
 @pytest.mark.parametrize(
     ("override", "bad_value", "expected_type"),
     [
@@ -211,6 +223,36 @@ def test_a_stage_consuming_a_missing_stage_is_rejected():
                 "student": DistillConfig(method="dive", teacher="teacher", temperature_from="ve"),
             },
         )
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.student.temperature_from=teacher",
+     "stage 'student' takes T and p from a virtual_examples stage, but its temperature_from 'teacher' produces a model"),
+    ("stages.student.method=ssd",
+     "stage 'student' (method=ssd) distils stored soft labels, but its teacher 'teacher' produces a model"),
+    ("stages.student.teacher=virtual_examples",
+     "stage 'student' (method=dive) distils from a teacher model run on each batch, but its teacher 'virtual_examples' "
+     "produces a virtual-example distribution"),
+])
+def test_a_stage_fed_the_wrong_kind_of_output_is_refused_before_anything_trains(override, message):
+    dive = get_recipe("demo/dive")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        apply_overrides(dive, [override])
+
+
+def test_rebalancing_needs_a_model_and_one_of_its_classifier_heads():
+    ssd = get_recipe("demo/ssd")
+    with pytest.raises(ValueError, match=r"'student_lws' re-balances a classifier head \(method=lws\), but its source "
+                                         r"'soft_labels' produces soft labels"):
+        apply_overrides(ssd, ["stages.student_lws.source=soft_labels"])
+    with pytest.raises(ValueError, match=r"re-balances head 'cls', but the model of 'student' has the classifier heads "
+                                         r"\['hard', 'soft'\]"):
+        apply_overrides(ssd, ["stages.student_lws.head=cls"])
+    with pytest.raises(ValueError, match=r"re-balances head 'rotation', but the model of 'teacher' has the classifier heads \['cls'\]"):
+        apply_overrides(ssd, ["stages.teacher_lws.head=rotation"])  # the rotation head is not a classifier
+    assert apply_overrides(ssd, ["stages.student_lws.head=soft"]).stages["student_lws"].head == "soft"
+    with pytest.raises(ValueError, match=r"stage 'lws' consumes 'lws' as its source, but that stage is this stage itself"):
+        apply_overrides(get_recipe("demo/lws"), ["stages.lws.source=lws"])
 
 
 def test_valid_dag_and_result_stage():
@@ -610,3 +652,12 @@ def test_every_recipe_the_docs_run_exists():
         named = _documented_recipes((root / doc).read_text())
         assert doc != "README.md" or {"imagenet-lt/ssd", "places-lt/ce", "cifar100-lt-if100/lws", "demo/dive"} <= named
         assert sorted(named - set(known)) == [], f"{doc} runs recipes that do not exist"
+
+
+def test_settings_that_would_do_nothing_are_refused():
+    with pytest.raises(ValueError, match=r"loss.drw_epoch=160 is not before the last epoch \(optim.epochs=100\): DRW would never start"):
+        apply_overrides(get_recipe("cifar100-lt-if100/ldam-drw"), ["stages.teacher.optim.epochs=100"])
+    with pytest.raises(ValueError, match=r"result_stage 'virtual_examples' has no test metrics \(it produces a virtual-example "
+                                         r"distribution\); name a stage that trains or re-balances a model: \['teacher', 'student'\]"):
+        apply_overrides(get_recipe("demo/dive"), ["result_stage=virtual_examples"])
+    assert apply_overrides(get_recipe("demo/dive"), ["result_stage=teacher"]).result == "teacher"

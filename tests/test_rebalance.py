@@ -113,8 +113,8 @@ def test_tau_search_without_validation_split_is_a_clear_error(tmp_path):
         "tau": RebalanceConfig(source="teacher", method="tau_norm", tau_search=True),
     }
     config = PipelineConfig(name="tiny/tau", data=TINY_DATA, stages=stages, output_dir=str(tmp_path), progress=False, device="cpu")
-    # Refused before the teacher trains (not after hours of it), by --plan too, naming both fixes.
-    fixes = r"stages\.tau\.tau_search is true.*has none: set data\.val_list.*stages\.tau\.tau_search=false"
+    # Refused before the teacher trains (not after hours of it), by --plan too, naming the fix that applies.
+    fixes = r"stages\.tau\.tau_search is true.*has none: --set stages\.tau\.tau_search=false"  # in memory: no val list to set
     with pytest.raises(DatasetError, match=fixes):
         plan_pipeline(config)
     with pytest.raises(DatasetError, match=fixes):

@@ -73,8 +73,20 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
         if origin in (tuple, list):
             args = get_args(annotation)
             element = args[0] if args else str
-            body = text.strip().strip("[]()")
-            items = [item.strip() for item in body.split(",") if item.strip()]
+            body = text.strip()
+            closer = {"[": "]", "(": ")"}.get(body[:1])
+            if closer:  # one optional pair of brackets around the whole list
+                if not body.endswith(closer):
+                    raise ConfigError(f"override {key}={text!r}: {body[0]!r} is not closed by {closer!r}")
+                body = body[1:-1]
+            if any(bracket in body for bracket in "[]()"):
+                raise ConfigError(f"override {key}={text!r}: expected {_type_name(annotation)}, a flat list such as "
+                                  "5,10 or [5,10] (lists do not nest)")
+            items = [item.strip() for item in body.split(",")] if body.strip() else []
+            if items and not items[-1]:
+                items.pop()  # a trailing comma, as Python allows
+            if "" in items:
+                raise ConfigError(f"override {key}={text!r}: an empty element between commas")
             values = [parse_value(item, element, key) for item in items]
             return tuple(values) if origin is tuple else values
         if annotation is bool:
@@ -134,8 +146,15 @@ def _set(obj: Any, path: list[str], text: str, full_key: str) -> Any:
     return _replace(obj, head, value)
 
 
+def has_key(config: Any, key: str) -> bool:
+    """Whether ``config`` has the field a dotted override key names (``*``: any entry of a mapping)."""
+    return _has_path(config, key.strip().split("."))
+
+
 def _has_path(obj: Any, path: list[str]) -> bool:
-    for name in path:
+    for index, name in enumerate(path):
+        if isinstance(obj, dict) and name == "*":
+            return any(_has_path(value, path[index + 1:]) for value in obj.values())
         if isinstance(obj, dict):
             if name not in obj:
                 return False

@@ -102,6 +102,10 @@ class LoaderConfig:
             raise ValueError(f"data.loader.cutout must be >= 0 (pixels; 0 = off), got {self.cutout}")
 
 
+IN_MEMORY_DATASETS = ("synthetic", "cifar100_lt", "cifar10_lt")
+"""Datasets decoded into memory when built (the tensor loader's); the others are image files."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset and where it lives.
@@ -132,6 +136,9 @@ class DataConfig:
             raise ValueError(f"data.imbalance_factor must be a finite number >= 1, got {self.imbalance_factor}")
         if self.image_size < 1:
             raise ValueError(f"data.image_size must be >= 1 (pixels), got {self.image_size}")
+        if self.dataset in IN_MEMORY_DATASETS and self.loader.backend in ("torch", "dali", "ffcv"):
+            raise ValueError(f"data.loader.backend={self.loader.backend} decodes image files; {self.dataset} is held "
+                             "in memory and is read by the 'tensor' backend ('auto' picks it)")
         if self.dataset in ("cifar100_lt", "cifar10_lt", "imagenet_lt", "places_lt", "inat2018") and not self.root:
             # Checked at build time rather than here so recipes can be listed without data present.
             pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Union
 
@@ -54,6 +55,9 @@ class TeacherConfig:
     eval_every: int = 0  # evaluate on the test set every N epochs (0: only at the end)
 
     def __post_init__(self) -> None:
+        if self.loss.drw_epoch >= self.optim.epochs:
+            raise ValueError(f"loss.drw_epoch={self.loss.drw_epoch} is not before the last epoch (optim.epochs="
+                             f"{self.optim.epochs}): DRW would never start; shortening a schedule, move drw_epoch too")
         _check_number("rotation_weight", self.rotation_weight, 0)
         _check_number("moco_weight", self.moco_weight, 0)
         _check_eval_every(self.eval_every)
@@ -201,6 +205,56 @@ def stage_inputs(config: StageConfig) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class _Product:
+    """What a stage leaves for later ones: ``kind`` ("model", "soft_labels", "virtual_examples" or
+    "evaluation") and, for a model, the names of its classifier heads."""
+
+    kind: str
+    heads: frozenset[str] = frozenset()
+
+
+_PRODUCT_WORDS = {"model": "a model", "soft_labels": "soft labels", "virtual_examples": "a virtual-example distribution",
+                  "evaluation": "only test metrics"}
+
+
+def _check_inputs(pipeline: str, name: str, stage: StageConfig, products: dict[str, _Product]) -> _Product:
+    """Refuse, before anything trains, a stage fed the wrong kind of output (found otherwise only
+    when the stage starts, after its parents have trained); return what the stage produces."""
+
+    def need(role: str, parent: str, kind: str, why: str) -> _Product:
+        product = products[parent]
+        if product.kind != kind:
+            raise ValueError(f"pipeline {pipeline!r}: stage {name!r} {why}, but its {role} {parent!r} "
+                             f"produces {_PRODUCT_WORDS[product.kind]}")
+        return product
+
+    if isinstance(stage, TeacherConfig):
+        return _Product("model", frozenset({"cls"}))
+    if isinstance(stage, RebalanceConfig):
+        source = need("source", stage.source, "model", f"re-balances a classifier head (method={stage.method})")
+        if stage.head not in source.heads:
+            raise ValueError(f"pipeline {pipeline!r}: stage {name!r} re-balances head {stage.head!r}, but the model of "
+                             f"{stage.source!r} has the classifier heads {sorted(source.heads)} (set head to one of them)")
+        return source
+    if isinstance(stage, SoftLabelsConfig):
+        need("source", stage.source, "model", "stores a model's logits")
+        return _Product("soft_labels")
+    if isinstance(stage, VirtualExamplesConfig):
+        need("source", stage.source, "model", "measures a teacher model's virtual examples")
+        return _Product("virtual_examples")
+    if isinstance(stage, DistillConfig):
+        if stage.method == "ssd":
+            need("teacher", stage.teacher, "soft_labels", "(method=ssd) distils stored soft labels")
+        else:
+            need("teacher", stage.teacher, "model", "(method=dive) distils from a teacher model run on each batch")
+        if stage.temperature_from:
+            need("temperature_from", stage.temperature_from, "virtual_examples", "takes T and p from a virtual_examples stage")
+        return _Product("model", frozenset({"hard", "soft"} if stage.method == "ssd" else {"cls"}))
+    need("source", stage.source, "model", "evaluates a model")
+    return _Product("evaluation")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """A whole multi-stage run: the data, the ordered stages, and where results go.
 
@@ -229,23 +283,34 @@ class PipelineConfig:
             raise ValueError(f"pipeline {self.name!r} has no stages")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0 (numpy's generators take no negative seeds), got {self.seed}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
+        if not self.output_dir.strip():
+            raise ValueError("output_dir is empty: name the directory for stage outputs and the local MLflow store (default: runs)")
         # Every float anywhere in the tree, including the fields of configs defined elsewhere (loss,
         # moco, data): nan / inf pass most range checks and only fail when the config is recorded.
         for key, value in _float_leaves(self):
             if not math.isfinite(value):
                 raise ValueError(f"{key} must be a finite number, got {value}")
         seen: list[str] = []
+        products: dict[str, _Product] = {}
         for name, stage in self.stages.items():
             for role, parent in stage_inputs(stage).items():
                 if parent not in seen:
-                    where = "comes later" if parent in self.stages else "does not exist"
+                    where = ("is this stage itself" if parent == name else
+                             "comes later" if parent in self.stages else "does not exist")
                     raise ValueError(
                         f"pipeline {self.name!r}: stage {name!r} consumes {parent!r} as its {role}, but that stage "
                         f"{where}; stages run in order and can only consume earlier ones ({seen or 'none before it'})"
                     )
+            products[name] = _check_inputs(self.name, name, stage, products)
             seen.append(name)
         if self.result_stage and self.result_stage not in self.stages:
             raise ValueError(f"result_stage {self.result_stage!r} is not one of the stages {seen}")
+        if self.result_stage and products[self.result_stage].kind not in ("model", "evaluation"):
+            raise ValueError(f"result_stage {self.result_stage!r} has no test metrics (it produces "
+                             f"{_PRODUCT_WORDS[products[self.result_stage].kind]}); name a stage that trains or "
+                             f"re-balances a model: {[n for n, p in products.items() if p.kind == 'model']}")
         if self.deepspeed.enabled and self.step == "fast":
             raise ValueError("step=fast (one CUDA graph per step) cannot run under deepspeed.enabled; use step=auto or eager")
 
