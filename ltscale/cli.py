@@ -15,26 +15,29 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from ltscale.config import ConfigError, apply_overrides, get_recipe, list_recipes
+from ltscale.config.overrides import has_key
 from ltscale.data.config import DataConfig
 
 DEFAULT_OUTPUT = "runs"
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
 
-def _common_run_arguments(parser: argparse.ArgumentParser) -> None:
+def _common_run_arguments(parser: argparse.ArgumentParser, pipeline: bool = True) -> None:
+    """``--set`` and ``--device``; with ``pipeline`` (commands that run stages and record them)
+    also where outputs and the MLflow record go, and the progress switch."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="typed override of the recipe config, e.g. stages.teacher.optim.lr=0.05 (repeatable)")
-    parser.add_argument("--output-dir", default=None, help=f"where stage outputs and the local MLflow store go (default: {DEFAULT_OUTPUT})")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: a local sqlite store in the output dir)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if pipeline:
+        parser.add_argument("--output-dir", default=None, help=f"where stage outputs and the local MLflow store go (default: {DEFAULT_OUTPUT})")
+        parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: a local sqlite store in the output dir)")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,13 +57,13 @@ def _data_config(args: argparse.Namespace) -> DataConfig:
 def _pipeline_config(name: str, args: argparse.Namespace):
     config = get_recipe(name)
     overrides = list(args.overrides)
-    if args.output_dir is not None:
+    if getattr(args, "output_dir", None) is not None:
         overrides.append(f"output_dir={args.output_dir}")
-    if args.tracking_uri is not None:
+    if getattr(args, "tracking_uri", None) is not None:
         overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
     if args.device is not None:
         overrides.append(f"device={args.device}")
-    if args.no_progress:
+    if getattr(args, "no_progress", False):
         overrides.append("progress=false")
     return apply_overrides(config, overrides)
 
@@ -140,9 +143,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ltscale.report import print_results
     from ltscale.stages.pipeline import run_pipeline
 
+    recipes = {f"demo/{method}": get_recipe(f"demo/{method}") for method in DEMO_METHODS}
+    # One --set serves three recipes: a stages.<name>.… (or stages.*.…) key goes to those with such
+    # a stage (the student's temperature to SSD and DiVE, not to CE), and must fit at least one.
+    for item in args.overrides:
+        if not any(_override_applies(item, recipe) for recipe in recipes.values()):
+            raise ConfigError(f"--set {item}: no stage of {', '.join(recipes)} has that field "
+                              f"(their stages: {sorted({s for r in recipes.values() for s in r.stages})})")
+    configs = []
+    for name, recipe in recipes.items():  # every config checked before the first pipeline starts
+        selected = [item for item in args.overrides if _override_applies(item, recipe)]
+        try:
+            configs.append(_pipeline_config(name, argparse.Namespace(**{**vars(args), "overrides": selected})))
+        except (ConfigError, ValueError) as error:
+            raise ConfigError(f"recipe {name}: {error}") from None
     results = []
-    for method in DEMO_METHODS:
-        config = _pipeline_config(f"demo/{method}", args)
+    for config in configs:
         _check_output_dir(config, create=True)
         results.append(run_pipeline(config))
     if not _is_main():
@@ -152,6 +168,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.tracking_uri:
         print(f"Open the UI with: ltscale ui --output-dir {config.output_dir}")
     return 0
+
+
+def _override_applies(override: str, config) -> bool:
+    """Whether ``config`` has what a ``stages.<name>.<field…>=value`` override names (any stage for
+    ``stages.*``); other keys apply to every recipe (a misspelt one is then named by the override's
+    own error, with suggestions)."""
+    key = override.split("=", 1)[0]
+    return not key.strip().startswith("stages.") or has_key(config, key)
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
@@ -211,9 +235,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_virtual(args: argparse.Namespace) -> int:
     from ltscale.data import build_loader
     from ltscale.engine.trainer import autocast_dtype
+    from ltscale.stages.config import VirtualExamplesConfig
     from ltscale.stages.soft_labels import predict_logits
     from ltscale.stages.virtual_examples import choose_setting
 
+    try:  # the virtual_examples stage's own checks, before the model and data are loaded
+        VirtualExamplesConfig(temperatures=tuple(args.temperatures), powers=tuple(args.powers))
+    except ValueError as error:
+        raise ConfigError(f"--temperatures / --powers: {error}") from None
     config, device, network, bundle, _ = _model_and_data(args)
     loader = build_loader(bundle.train, bundle, train=False, batch_size=512, loader=config.data.loader, device=device, seed=0,
                           substitute=True)  # as training and the virtual_examples stage: a replaced file does not stop it
@@ -235,8 +264,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     from ltscale.tracking import TAG_ERROR, TAG_PIPELINE, default_tracking_uri
     from ltscale.tracking.attempts import TAG_PID, Attempt
+    from ltscale.tracking.mlflow_tracker import check_server_answers
 
     uri = args.tracking_uri or default_tracking_uri(Path(args.output_dir))
+    check_server_answers(uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         print(f"ltscale runs: no MLflow store at {uri[len('sqlite:///'):]} (run a pipeline first, or pass --output-dir)",
               file=sys.stderr)
@@ -278,7 +309,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from ltscale.tracking import ui
 
+    if not Path(args.output_dir).is_dir():  # a mistyped path would get a new, empty store
+        raise ConfigError(f"--output-dir {args.output_dir}: no such directory (a pipeline records its runs in "
+                          f"<output_dir>/mlflow.db; pass the --output-dir it ran with, default {DEFAULT_OUTPUT})")
     return ui(Path(args.output_dir), port=args.port)
+
+
+def _count(text: str) -> int:
+    """argparse type of a count: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_stats)
     p = data.add_parser("verify", help="decode every image file and list the unreadable ones")
     _data_arguments(p)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=_count, default=4, help="decoding processes (default 4; 0: in this process)")
     p.set_defaults(func=cmd_data_verify)
 
     for name, func, text in (("evaluate", cmd_evaluate, "evaluate a model checkpoint on a recipe's test set"),
@@ -315,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("checkpoint", help="a model.pt written by a stage")
         p.add_argument("--recipe", required=True, help="the recipe whose data the checkpoint is evaluated on")
-        _common_run_arguments(p)
+        _common_run_arguments(p, pipeline=False)  # prints JSON; records nothing, writes nothing
         if name == "virtual":
             p.add_argument("--temperatures", type=float, nargs="+", default=[float(t) for t in range(1, 11)])
             p.add_argument("--powers", type=float, nargs="+", default=[1.0, 0.5])
@@ -326,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help=f"whose local store to read (default: {DEFAULT_OUTPUT})")
     p.add_argument("--tracking-uri", default=None, help="an MLflow URI instead of the local store")
     p.add_argument("--experiment", default="ltscale", help="MLflow experiment (default: ltscale)")
-    p.add_argument("--limit", type=int, default=20, help="newest N pipelines (default 20)")
+    p.add_argument("--limit", type=_count, default=20, help="newest N pipelines (default 20)")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("ui", help="open the MLflow UI on the local store")
@@ -347,6 +392,14 @@ def _terminate_like_ctrl_c() -> None:
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, terminated)
+
+
+def _store_refused(error: BaseException) -> bool:
+    """A store that answered "no" (an unsupported URI, its file store switched off, a bad value):
+    waiting for it to come back will not help, unlike a store that does not answer."""
+    code = getattr(error, "error_code", "")
+    return type(error).__module__.startswith("mlflow") and code in ("INVALID_PARAMETER_VALUE", "PERMISSION_DENIED",
+                                                                      "UNAUTHENTICATED", "BAD_REQUEST")
 
 
 def _from_the_tracking_store(error: BaseException) -> bool:
@@ -373,10 +426,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if not _from_the_tracking_store(error):
             raise
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        print(f"ltscale: error: the MLflow tracking store failed: {first}. Finished stages "
-              "and the training progress are kept: rerun the same command once the store answers to resume",
-              file=sys.stderr)
+        # MLflow's first line carries the fix (a scheme it supports, MLFLOW_ALLOW_FILE_STORE...):
+        # kept whole, cut only where a proxy's HTML page would follow.
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:2000]
+        if _store_refused(error):
+            print(f"ltscale: error: the MLflow tracking store refused the request: {first}", file=sys.stderr)
+        elif args.func in (cmd_run, cmd_demo):
+            print(f"ltscale: error: the MLflow tracking store failed: {first}. Finished stages "
+                  "and the training progress are kept: rerun the same command once the store answers to resume",
+                  file=sys.stderr)
+        else:
+            print(f"ltscale: error: the MLflow tracking store failed: {first}", file=sys.stderr)
         return 1
     except SystemExit as exit:
         if exit.code == 128 + 15 and args.func in (cmd_run, cmd_demo) and _is_main():  # _terminate_like_ctrl_c

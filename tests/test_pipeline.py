@@ -18,7 +18,7 @@ from ltscale.data.config import DataConfig, SyntheticConfig
 from ltscale.engine.checkpoint import CheckpointError
 from ltscale.engine.schedule import OptimConfig
 from ltscale.models.network import ModelConfig
-from ltscale.stages.config import PipelineConfig
+from ltscale.stages.config import PipelineConfig, RebalanceConfig
 from ltscale.stages.pipeline import run_pipeline
 from ltscale.tracking import TAG_CACHED, TAG_CONFIG_HASH, TAG_PARENT_RUNS, TAG_PRODUCED_BY, TrackingConfig, split_run_ids
 
@@ -56,6 +56,9 @@ def test_ssd_pipeline_end_to_end_with_lineage_in_mlflow_server(tmp_path, mlflow_
     rows = dict(_rows(result, detail=True))
     assert rows["  student (soft)"]["test/top1"] == student["test/soft/top1"]
     assert rows["  student (hard)"]["test/few"] == student["test/hard/few"]
+    # Stage IV re-balances the hard head only, and it is the result: no rows repeating the student's
+    # soft head or the pipeline's own row.
+    assert not any(label.startswith("  student_lws") for label in rows)
 
     client = mlflow.MlflowClient(mlflow_server)
     parent = client.get_run(result.run_id)
@@ -85,7 +88,7 @@ def test_ssd_pipeline_end_to_end_with_lineage_in_mlflow_server(tmp_path, mlflow_
     assert "per_class/cls/per_class_accuracy.png" in per_class
     manifest = json.loads((result.outputs["student"].directory / "manifest.json").read_text())
     assert manifest["parents"]["teacher"]["key"] == result.outputs["soft_labels"].key
-    assert manifest["code_version"]
+    assert manifest["code_version"] and manifest["world_size"] == 1
 
 
 def test_dive_pipeline_and_rerun_skips_unchanged_stages(tmp_path):
@@ -119,7 +122,7 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch):
+def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch, caplog):
     config = tiny("ce", tmp_path)
     config = apply_overrides(config, ["stages.teacher.optim.epochs=4"])
     original = trainer_module.Trainer._epoch
@@ -139,11 +142,18 @@ def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     assert not (store[0] / "manifest.json").exists(), "an interrupted stage must not look finished"
     assert not (store[0] / "model.pt").exists()
     assert (store[0] / "progress.pt").exists()
+    # As if two processes had saved it: a one-process resume goes on, and says the result will differ.
+    import torch
+
+    state = torch.load(store[0] / "progress.pt", weights_only=False)
+    assert state["world_size"] == 1 and state["metrics"]["epoch"] == 1
+    torch.save({**state, "world_size": 2}, store[0] / "progress.pt")
 
     seen.clear()
     monkeypatch.setattr(trainer_module.Trainer, "_epoch", lambda self, e, s, a: (seen.append(e), original(self, e, s, a))[1])
     result = run_pipeline(config)
     assert seen == [2, 3], "resumed training must start at the first unfinished epoch"
+    assert "resuming epoch 2 with 1 process(es)" in caplog.text and "was saved by 2" in caplog.text
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.get_run(result.outputs["teacher"].run_id)
     assert run.data.tags["ltscale.resumed_from_epoch"] == "2"
@@ -153,6 +163,55 @@ def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     earlier = client.get_run(run.data.tags["ltscale.resumed_from_run"])
     assert earlier.info.status == "FAILED" and earlier.data.tags["ltscale.stage"] == "teacher"
     assert [m.step for m in client.get_metric_history(earlier.info.run_id, "train/loss")] == [0, 1]
+    # The resumed run logs again the epoch it resumed after (saved with the progress: a stop between
+    # saving an epoch and logging it would otherwise lose that point), then its own epochs.
+    resumed_curve = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    assert [m.step for m in resumed_curve] == [1, 2, 3]
+    assert resumed_curve[0].value == client.get_metric_history(earlier.info.run_id, "train/loss")[-1].value or \
+        resumed_curve[0].value == pytest.approx(sorted(client.get_metric_history(earlier.info.run_id, "train/loss"),
+                                                       key=lambda m: m.step)[-1].value)
+
+
+def _weights(output) -> dict:
+    import torch
+
+    return torch.load(output.file("model"), map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _same_weights(a, b) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stage_key_gives_the_same_weights_whatever_ran_before_it(tmp_path, monkeypatch):
+    """A stage's random start comes from its key: cRT over a teacher trained in the same process
+    equals cRT over a reused teacher, and a student interrupted before its first saved epoch
+    restarts to the same weights (the runs before it drew different numbers from torch's RNG)."""
+    alone = run_pipeline(tiny("crt", tmp_path / "alone"))
+    run_pipeline(tiny("ce", tmp_path / "shared"))
+    after_ce = run_pipeline(tiny("crt", tmp_path / "shared"))
+    assert after_ce.cached == ["teacher"] and alone.executed == ["teacher", "crt"]
+    assert alone.outputs["crt"].key == after_ce.outputs["crt"].key
+    assert _same_weights(_weights(alone.outputs["crt"]), _weights(after_ce.outputs["crt"]))
+
+    config = tiny("dive", tmp_path / "dive")
+    unbroken = run_pipeline(dataclasses.replace(config, output_dir=str(tmp_path / "dive-unbroken")))
+    original = trainer_module.Trainer._epoch
+
+    def stop_in_the_student(self, epoch, steps, advance):
+        if self.name == "student":
+            raise _Interrupt("simulated preemption before the student saved an epoch")
+        return original(self, epoch, steps, advance)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_epoch", stop_in_the_student)
+    with pytest.raises(_Interrupt):
+        run_pipeline(config)
+    monkeypatch.setattr(trainer_module.Trainer, "_epoch", original)
+    resumed = run_pipeline(config)
+    assert resumed.cached == ["teacher", "virtual_examples"] and resumed.executed == ["student"]
+    assert _same_weights(_weights(unbroken.outputs["student"]), _weights(resumed.outputs["student"]))
+    assert resumed.metrics() == unbroken.metrics()
 
 
 def test_corrupt_checkpoint_is_recomputed_and_cli_names_it(tmp_path, capsys):
@@ -161,19 +220,19 @@ def test_corrupt_checkpoint_is_recomputed_and_cli_names_it(tmp_path, capsys):
     model = first.outputs["teacher"].file("model")
     model.write_bytes(b"not a checkpoint")
     # The CLI refuses it with a message naming the file.
-    code = main(["evaluate", str(model), "--recipe", "demo/ce", "--device", "cpu", "--output-dir", str(tmp_path)])
+    code = main(["evaluate", str(model), "--recipe", "demo/ce", "--device", "cpu"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (the run above logged to stderr too)
     assert err.startswith(f"ltscale: error: {model} is not a torch checkpoint")
     assert "delete" not in err  # other files passed by mistake (the MLflow database, say) must not be deleted
-    code = main(["evaluate", str(model.parent), "--recipe", "demo/ce", "--device", "cpu", "--output-dir", str(tmp_path)])
+    code = main(["evaluate", str(model.parent), "--recipe", "demo/ce", "--device", "cpu"])
     assert code == 2 and "is a directory, not a file; it holds model.pt" in capsys.readouterr().err
     truncated = tmp_path / "truncated.pt"
     import torch
 
     torch.save({"kind": "x", "weights": torch.zeros(1000)}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:300])
-    code = main(["evaluate", str(truncated), "--recipe", "demo/ce", "--device", "cpu", "--output-dir", str(tmp_path)])
+    code = main(["evaluate", str(truncated), "--recipe", "demo/ce", "--device", "cpu"])
     assert code == 2 and "is damaged; if it is in a stage directory, delete it" in capsys.readouterr().err
     # A rerun does not trust the damaged output: the checksum no longer matches, so it recomputes.
     again = run_pipeline(config)
@@ -211,6 +270,12 @@ def test_evaluate_cli_reports_groups(tmp_path, capsys):
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["heads"]["cls"]["test/top1"] == pytest.approx(result.metrics()["test/top1"])
+    assert "test/cls/top1" not in result.outputs["teacher"].manifest["metrics"]  # one head: no copy of test/*
+    # It records nothing, so it takes no MLflow or output options rather than ignoring them.
+    for option in ("--tracking-uri", "--output-dir"):
+        with pytest.raises(SystemExit) as refused:
+            main([*args, option, str(tmp_path)])
+        assert refused.value.code == 2 and f"unrecognized arguments: {option}" in capsys.readouterr().err
 
 
 def test_plan_names_what_a_run_would_reuse_resume_or_train(tmp_path, capsys):
@@ -282,15 +347,19 @@ def test_large_soft_labels_are_stored_in_fp16_and_distilled_from(tmp_path, monke
     torch.testing.assert_close(payload["logits"].float(), exact, rtol=1e-3, atol=1e-3)  # fp16 rounding only
 
 
-def test_runs_lists_recorded_pipelines_with_status_and_results(tmp_path, capsys):
+def test_runs_lists_recorded_pipelines_with_status_and_results(tmp_path, capsys, monkeypatch):
     assert main(["runs", "--output-dir", str(tmp_path)]) == 2
     assert "no MLflow store" in capsys.readouterr().err
     result = run_pipeline(tiny("ce", tmp_path))
-    from ltscale.stages.config import RebalanceConfig
+    from ltscale.stages import pipeline as pipeline_module
 
-    failing = tiny("ce", tmp_path)  # re-balancing a head the teacher does not have fails in that stage
+    def broken(config, ctx, inputs):
+        raise ValueError("the tau stage does not exist in the model (simulated)")
+
+    monkeypatch.setitem(pipeline_module.RUNNERS, "rebalance", broken)
+    failing = tiny("ce", tmp_path)
     failing = dataclasses.replace(failing, name="tiny/tau", stages={
-        **failing.stages, "tau": RebalanceConfig(source="teacher", method="tau_norm", head="hard")})
+        **failing.stages, "tau": RebalanceConfig(source="teacher", method="tau_norm")})
     with pytest.raises(ValueError, match="does not exist in the model"):
         run_pipeline(failing)
     assert main(["runs", "--output-dir", str(tmp_path)]) == 0
@@ -316,12 +385,53 @@ def test_stage_keys_follow_what_changes_results_and_only_that(tmp_path):
         "data.synthetic.noise=0.5": True,
         "data.loader.num_workers=0": False,
         "data.loader.max_bad_image_fraction=0.01": False,
-        "data.loader.backend=torch": False,  # the backends deliver the same augmentation
+        "data.loader.backend=tensor": False,  # what "auto" picks for in-memory data
         "data.loader.ffcv.cache_dir=/elsewhere": False,
         "tracking.experiment=other": False,
+        # Settings this dataset does not use: the generated set has its own size and imbalance.
+        "data.image_size=64": False,
+        "data.imbalance_factor=10": False,
+        "data.synthetic.imbalance_factor=10": True,
+        # Settings that cannot change the output: logging, the loss implementation, MoCo while off.
+        "stages.teacher.eval_every=2": False,
+        "stages.teacher.moco.queue_size=128": False,
+        "stages.teacher.moco_weight=1.0": True,
+        "stages.teacher.optim.lr=0.07": True,
     }
     for override, expect_new in changed.items():
         assert (plan_pipeline(apply_overrides(config, [override]))[0].key != key) == expect_new, override
+    # Settings of parts that are switched off: LDAM's for a CE loss, DRW's without DRW, milestones
+    # under a cosine schedule; they count where they are on.
+    inactive = {
+        "stages.teacher.loss.ldam_scale=10": False,
+        "stages.teacher.loss.drw_beta=0.99": False,
+        "stages.teacher.optim.schedule=cosine": True,
+    }
+    for override, expect_new in inactive.items():
+        assert (plan_pipeline(apply_overrides(config, [override]))[0].key != key) == expect_new, override
+    cosine = apply_overrides(config, ["stages.teacher.optim.schedule=cosine"])
+    cosine_key = plan_pipeline(cosine)[0].key
+    assert plan_pipeline(apply_overrides(cosine, ["stages.teacher.optim.milestones=1", "stages.teacher.optim.decay_factors=0.5"]))[0].key == cosine_key
+    ldam = tiny("ldam-drw", tmp_path)
+    ldam_key = plan_pipeline(ldam)[0].key
+    for override in ("stages.teacher.loss.ldam_scale=10", "stages.teacher.loss.drw_beta=0.99"):
+        assert plan_pipeline(apply_overrides(ldam, [override]))[0].key != ldam_key, override
+    tau = dataclasses.replace(config, stages={**config.stages, "tau": RebalanceConfig(source="teacher", method="tau_norm")})
+    tau_key = plan_pipeline(tau)[1].key
+    assert plan_pipeline(apply_overrides(tau, ["stages.tau.optim.lr=0.5"]))[1].key == tau_key  # tau-norm does not train
+    assert plan_pipeline(apply_overrides(tau, ["stages.tau.tau=0.5"]))[1].key != tau_key
+    lws = dataclasses.replace(config, stages={**config.stages, "lws": RebalanceConfig(source="teacher", method="lws")})
+    lws_key = plan_pipeline(lws)[1].key
+    assert plan_pipeline(apply_overrides(lws, ["stages.lws.tau=0.5"]))[1].key == lws_key  # LWS has no tau
+    assert plan_pipeline(apply_overrides(lws, ["stages.lws.optim.lr=0.5"]))[1].key != lws_key
+
+    dive = tiny("dive", tmp_path)
+    student = plan_pipeline(dive)[-1].key
+    assert plan_pipeline(apply_overrides(dive, ["stages.student.backend=torch"]))[-1].key == student
+    assert plan_pipeline(apply_overrides(dive, ["stages.student.alpha=0.3"]))[-1].key != student
+    # A backend that reads image files is refused for in-memory data when the config is built.
+    with pytest.raises(ValueError, match="data.loader.backend=ffcv decodes image files; synthetic is held in memory"):
+        apply_overrides(config, ["data.loader.backend=ffcv"])
 
 
 def test_image_file_stage_keys_cover_test_and_validation_lists_not_the_root(tmp_path):
@@ -390,3 +500,60 @@ def test_results_table_keeps_whole_run_ids_when_not_a_terminal(capsys):
     print_results([result])
     out = capsys.readouterr().out
     assert run_id in out and "20.50" in out and "imagenet-lt/ssd-with-a-long-name" in out
+
+
+def test_top5_is_left_out_where_every_image_is_in_its_top_5():
+    import numpy as np
+    import torch
+
+    from ltscale.engine.evaluate import HitCounter
+
+    for classes, has_top5 in ((3, False), (5, False), (6, True)):
+        counter = HitCounter(["cls"], classes, torch.device("cpu"))
+        targets = torch.arange(classes)
+        logits = torch.eye(classes).roll(1, dims=1)  # every top-1 wrong
+        counter.add(targets, {"cls": logits})
+        metrics = counter.results(np.full(classes, 50))["cls"].metrics("test")
+        assert metrics["test/top1"] == 0.0
+        assert ("test/top5" in metrics) == has_top5, classes
+
+
+def test_cli_refuses_bad_arguments_in_one_line_before_anything_runs(tmp_path, capsys):
+    def refused(argv, message, code=2):
+        try:
+            assert main(argv) == code
+        except SystemExit as exit:  # argparse's own refusals
+            assert exit.code == code
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        return err
+
+    out = tmp_path / "out"
+    refused(["run", "demo/ce", "--device", "gpu", "--output-dir", str(out)], "device must be auto, cpu, cuda or cuda:<index>, got 'gpu'")
+    refused(["run", "demo/ce", "--output-dir", ""], "output_dir is empty")
+    refused(["run", "demo/ce", "--tracking-uri", str(tmp_path / "store"), "--output-dir", str(out)],
+            f"is a path, not a URI: for a database there, use sqlite:///{(tmp_path / 'store').resolve()}/mlflow.db")
+    refused(["ui", "--output-dir", str(tmp_path / "typo")], "no such directory")
+    refused(["runs", "--limit", "-1"], "argument --limit: expected a whole number >= 0, got -1")
+    refused(["data", "verify", "synthetic", "--workers", "-2"], "argument --workers: expected a whole number >= 0, got -2")
+    refused(["virtual", str(tmp_path / "model.pt"), "--recipe", "demo/dive", "--temperatures", "0"],
+            "--temperatures / --powers: temperatures must be one or more finite numbers > 0")
+    refused(["virtual", str(tmp_path / "model.pt"), "--recipe", "demo/dive", "--powers", "2"], "powers must be one or more numbers in (0, 1]")
+    # The demo's --set goes to the recipes that have the field; every config is checked first.
+    refused(["demo", "--set", "stages.studnt.temperature=2", "--output-dir", str(out)], "no stage of demo/ce, demo/ssd, demo/dive has that field")
+    refused(["demo", "--set", "stages.student.temperature=0", "--output-dir", str(out)],
+            "recipe demo/ssd: stages.student: temperature must be a finite number > 0")
+    assert not out.exists() and not (tmp_path / "typo").exists()  # nothing ran, nothing was created
+
+
+def test_a_store_that_refuses_is_not_a_store_that_is_down(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = (tmp_path / "mlruns").as_uri()
+    assert main(["runs", "--tracking-uri", uri]) == 1
+    err = capsys.readouterr().err
+    # MLflow's own fix is kept whole; no "rerun once the store answers" for a store that said no.
+    assert "refused the request" in err and "MLFLOW_ALLOW_FILE_STORE=true" in err and "rerun" not in err
+    config = ["--set", "stages.*.optim.epochs=1", "--set", "stages.*.optim.warmup_epochs=0", "--device", "cpu"]
+    assert main(["run", "demo/ce", "--tracking-uri", "bogus://x", "--output-dir", str(tmp_path / "o"), *config]) == 1
+    err = capsys.readouterr().err
+    assert "refused the request" in err and "Supported URI schemes are" in err and "rerun" not in err

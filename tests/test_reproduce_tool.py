@@ -79,3 +79,23 @@ def test_smoke_run_on_demo_recipes(tmp_path):
     again = run_tool(*args, cwd=tmp_path, timeout=120)
     assert again.returncode == 0 and "[start]" not in again.stdout
     assert json.loads((results / "cifar100_lt.json").read_text())["table"] == report["table"]
+
+
+def test_smoke_epochs_move_warm_up_and_drw_below_them(tmp_path):
+    """Every recipe of the table accepts the smoke-run overrides (each is validated as applied)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from reproduce_cifar import epoch_overrides
+    finally:
+        sys.path.pop(0)
+    from ltscale.config import apply_overrides, get_recipe
+
+    for epochs in (1, 3):
+        for method in ("ce", "bsce", "lws", "ldam-drw", "dive", "ssd", "ssd-dive"):
+            recipe = get_recipe(f"cifar100-lt-if100/{method}")
+            config = apply_overrides(recipe, epoch_overrides(recipe, epochs))
+            for stage in config.stages.values():
+                if hasattr(stage, "optim"):
+                    assert stage.optim.epochs == epochs
+            if method == "ldam-drw":
+                assert config.stages["teacher"].loss.drw_epoch == epochs - 1

@@ -118,8 +118,8 @@ class Plan:
 def epoch_overrides(config: Any, epochs: int) -> list[str]:
     """``--set`` overrides giving every training stage of ``config`` ``epochs`` epochs (smoke runs).
 
-    Warm-up is shortened first (it must stay below the epochs, and each override is validated as
-    it is applied)."""
+    Warm-up and LDAM's DRW start are moved first (both must stay below the epochs, and each override
+    is validated as it is applied); a one-epoch smoke run has no DRW."""
     overrides = []
     for name, stage in config.stages.items():
         optim = getattr(stage, "optim", None)
@@ -127,6 +127,9 @@ def epoch_overrides(config: Any, epochs: int) -> list[str]:
             continue
         if optim.warmup_epochs >= epochs:
             overrides.append(f"stages.{name}.optim.warmup_epochs={max(0, epochs - 1)}")
+        drw_epoch = getattr(getattr(stage, "loss", None), "drw_epoch", 0)
+        if drw_epoch >= epochs:
+            overrides.append(f"stages.{name}.loss.drw_epoch={max(0, epochs - 1)}")
         overrides.append(f"stages.{name}.optim.epochs={epochs}")
     return overrides
 

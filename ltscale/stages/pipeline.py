@@ -30,15 +30,19 @@ import torch
 from ltscale.config import config_hash, flatten_config
 from ltscale.data import build_dataset
 from ltscale.data.base import DatasetBundle, FileSplit
+from ltscale.data.config import IN_MEMORY_DATASETS
 from ltscale.data.errors import DatasetError
 from ltscale.dist import runtime
 from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process, rank_and_world_size
 from ltscale.engine.checkpoint import atomic_write_json
 from ltscale.engine.progress import Progress
+from ltscale.engine.schedule import OptimConfig
 from ltscale.engine.trainer import saved_progress
+from ltscale.losses.modules import LossConfig
 from ltscale.models import pretrained
+from ltscale.models.moco import MoCoConfig
 from ltscale.stages import distill, evaluate, locks, rebalance, soft_labels, teacher, virtual_examples
-from ltscale.stages.config import PipelineConfig, StageConfig, stage_inputs
+from ltscale.stages.config import DistillConfig, PipelineConfig, RebalanceConfig, StageConfig, TeacherConfig, stage_inputs
 from ltscale.stages.context import StageContext
 from ltscale.stages.store import PROGRESS, StageOutput, Store
 from ltscale.tracking import (
@@ -97,12 +101,16 @@ def data_identity(config: PipelineConfig, bundle: DatasetBundle) -> str:
     FFCV's stored resolution and quality do change the pixels, so they count when it is the backend.
     """
     data, loader = config.data, config.data.loader
-    settings: dict[str, Any] = {"dataset": data.dataset, "imbalance_factor": data.imbalance_factor,
-                                "image_size": data.image_size, "cutout": loader.cutout}
+    # Only settings the dataset uses: data.image_size is the crop size of image files (CIFAR is
+    # 32 px, the generated set has its own size), and which CIFAR subset is in the training
+    # split's fingerprint already (so is imbalance_factor's effect for every dataset).
+    settings: dict[str, Any] = {"dataset": data.dataset, "cutout": loader.cutout}
     if data.dataset == "synthetic":
         settings["synthetic"] = data.synthetic
-    if loader.backend == "ffcv":
-        settings["ffcv"] = (loader.ffcv.max_resolution, loader.ffcv.jpeg_quality)
+    if isinstance(bundle.train, FileSplit):
+        settings["image_size"] = data.image_size
+        if loader.backend == "ffcv":
+            settings["ffcv"] = (loader.ffcv.max_resolution, loader.ffcv.jpeg_quality)
     splits = {role: split.fingerprint() for role, split in (("train", bundle.train), ("val", bundle.val), ("test", bundle.test))
               if split is not None}
     return config_hash(settings, splits)
@@ -110,12 +118,59 @@ def data_identity(config: PipelineConfig, bundle: DatasetBundle) -> str:
 
 def stage_key(stage: StageConfig, parents: dict[str, StageOutput], data: str, config: PipelineConfig,
               init: pretrained.InitWeights | None = None) -> str:
-    """The identity of a stage's output: its config, its inputs' keys, ``data`` (:func:`data_identity`),
-    the seed and the precision (and the weights it starts from)."""
-    parts = [stage, {role: out.key for role, out in sorted(parents.items())}, data, config.seed, config.precision]
+    """The identity of a stage's output: its config (:func:`_result_fields`), its inputs' keys,
+    ``data`` (:func:`data_identity`), the seed and the precision setting (and the weights it starts from)."""
+    parts = [_result_fields(stage, init), {role: out.key for role, out in sorted(parents.items())}, data, config.seed,
+             config.precision]
     if init is not None:  # the weights themselves, not only the path that named them
         parts.append(init.identity)
     return config_hash(*parts)
+
+
+def _result_fields(stage: StageConfig, init: pretrained.InitWeights | None) -> StageConfig:
+    """The stage config as its key sees it: fields that cannot change the output set to their defaults,
+    so changing them reuses the stage. ``eval_every`` (how often the test set is evaluated during
+    training: logging only), the distillation loss ``backend`` (Triton kernel or PyTorch, the same
+    loss), settings of parts that are switched off (MoCo while ``moco_weight`` is 0, LDAM's margin
+    and scale for other losses, DRW's beta without DRW, milestones outside a step schedule, tau-norm's
+    optimiser and sampler, tau when it is searched or unused), and the ``init_from`` spelling when the
+    weights' identity (their hash) is in the key instead: a copy elsewhere is the same start."""
+    changes: dict[str, Any] = {}
+    if getattr(stage, "eval_every", 0):
+        changes["eval_every"] = 0
+    loss = getattr(stage, "loss", None)
+    if isinstance(loss, LossConfig):  # LDAM's margin and scale only for LDAM, DRW's beta only with DRW
+        plain = LossConfig()
+        unused = {"ldam_max_margin": plain.ldam_max_margin, "ldam_scale": plain.ldam_scale} if loss.kind != "ldam" else {}
+        if not loss.drw_epoch:
+            unused["drw_beta"] = plain.drw_beta
+        if any(getattr(loss, name) != value for name, value in unused.items()):
+            changes["loss"] = dataclasses.replace(loss, **unused)
+    optim = getattr(stage, "optim", None)
+    if isinstance(optim, OptimConfig) and optim.schedule != "step":  # milestones only shape a step schedule
+        plain_optim = OptimConfig()
+        changes["optim"] = dataclasses.replace(optim, milestones=plain_optim.milestones, decay_factors=plain_optim.decay_factors)
+    if isinstance(stage, RebalanceConfig):
+        plain_rebalance = RebalanceConfig()
+        if stage.method == "tau_norm":  # no training: its optimiser and sampler do nothing
+            changes["optim"], changes["sampler"] = plain_rebalance.optim, plain_rebalance.sampler
+            if stage.tau_search:  # the grid's best replaces the configured tau
+                changes["tau"] = plain_rebalance.tau
+        else:
+            changes["tau"], changes["tau_search"] = plain_rebalance.tau, plain_rebalance.tau_search
+    if isinstance(stage, DistillConfig):
+        changes["backend"] = "auto"
+    if isinstance(stage, TeacherConfig) and stage.moco_weight == 0:
+        changes["moco"] = MoCoConfig()
+    if init is not None and getattr(getattr(stage, "model", None), "init_from", ""):
+        changes["model"] = dataclasses.replace(stage.model, init_from="")
+    return dataclasses.replace(stage, **changes) if changes else stage
+
+
+def stage_seed(key: str) -> int:
+    """The global torch seed a stage starts from: its key (which holds the pipeline seed), as a
+    non-negative 63-bit integer."""
+    return int(key, 16) % (1 << 63)
 
 
 def _resolve_init_weights(config: PipelineConfig) -> dict[str, pretrained.InitWeights]:
@@ -150,11 +205,13 @@ def _check_stage_data(config: PipelineConfig, bundle: DatasetBundle) -> None:
     """Refuse, before anything trains, a stage that needs a split the data does not have."""
     for name, stage in config.stages.items():
         if getattr(stage, "tau_search", False) and bundle.val is None:
+            # Image-list datasets can be given a validation list; the in-memory ones (CIFAR-LT, the
+            # generated set) have no validation split at all.
+            fix = (f"set data.val_list to the validation list (for {config.data.dataset} the standard one is "
+                   "looked for in data.root), or " if config.data.dataset not in IN_MEMORY_DATASETS else "")
             raise DatasetError(
                 f"stages.{name}.tau_search is true, so tau-norm sweeps tau on a validation split, and "
-                f"{bundle.name} has none: set data.val_list to the validation list (for {config.data.dataset} "
-                f"the standard one is looked for in data.root), or --set stages.{name}.tau_search=false "
-                f"to keep the fixed stages.{name}.tau."
+                f"{bundle.name} has none: {fix}--set stages.{name}.tau_search=false to keep the fixed stages.{name}.tau."
             )
 
 
@@ -376,6 +433,10 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                                    init_weights=init_weights.get(name))
                 ctx.directory.mkdir(parents=True, exist_ok=True)
                 run.log_dict(_stage_record(name, stage, parents, key, version), "stage_config.json")
+                # A stage's random start (fresh weights, a re-initialised head, MoCo's first queue) comes
+                # from its key, not from what ran before it in this process: the same key gives the
+                # same output whether its parents were trained just now, reused, or resumed.
+                torch.manual_seed(stage_seed(key))
                 try:
                     files = RUNNERS[stage.kind](stage, ctx, parents)
                 finally:
@@ -384,6 +445,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                     "stage": name, "config": dataclasses.asdict(stage), "run_id": run.run_id, "pipeline": config.name,
                     "parents": {role: {"stage": p.name, "key": p.key, "run_id": p.run_id} for role, p in parents.items()},
                     "data_fingerprint": fingerprint, "data_identity": identity, "code_version": version, "files": files, "metrics": ctx.metrics,
+                    "world_size": rank_and_world_size()[1],  # not in the key: how many processes trained it
                 }
                 # Rank 0 writes the manifest; the broadcast also holds the other ranks until it has.
                 output = broadcast_object(store.finish(name, stage.kind, key, manifest) if main else None)
