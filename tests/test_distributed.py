@@ -135,8 +135,11 @@ def test_shard_sampler_covers_every_image_exactly_once(size, world):
 # --- helpers run in spawned gloo processes ----------------------------------------------------------
 
 def _init(rank: int, world: int, port: int) -> None:
+    """Join as the product does: its exit handler lets gloo's threads finish before the interpreter
+    goes (a worker ending without it aborted now and then, SIGABRT after all its work was done)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    runtime.ensure_process_group(runtime.DistEnv(rank=rank, world_size=world, local_rank=rank, master_port=port),
+                                 torch.device("cpu"))
 
 
 def _spawn(fn, world: int, *args) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'ltscale[deepspeed]')")
 
 from ltscale.data import LoaderConfig, SamplerConfig, build_loader  # noqa: E402
+from ltscale.dist import runtime  # noqa: E402
 from ltscale.engine.schedule import OptimConfig  # noqa: E402
 from ltscale.engine.trainer import Trainer  # noqa: E402
 from ltscale.engine.zero import DeepSpeedConfig  # noqa: E402
@@ -57,7 +57,8 @@ def _worker(rank: int, world: int, port: int, out: str, stage: int, epochs: int,
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        runtime.ensure_process_group(runtime.DistEnv(rank=rank, world_size=world, local_rank=rank, master_port=port),
+                                     torch.device("cpu"))  # with the product's exit handling of the group
     deepspeed = DeepSpeedConfig(enabled=True, zero_stage=stage) if stage >= 0 else None
     task, seen, started = _train(world, Path(out) / "stage" / "progress.pt", deepspeed, epochs)
     torch.save({"state": task.network.state_dict(), "loss": [m.loss for m in seen if m.epoch >= started], "started": started,
