@@ -236,8 +236,7 @@ def cmd_virtual(args: argparse.Namespace) -> int:
     from ltscale.data import build_loader
     from ltscale.engine.trainer import autocast_dtype
     from ltscale.stages.config import VirtualExamplesConfig
-    from ltscale.stages.soft_labels import predict_logits
-    from ltscale.stages.virtual_examples import choose_setting
+    from ltscale.stages.virtual_examples import sweep
 
     try:  # the virtual_examples stage's own checks, before the model and data are loaded
         VirtualExamplesConfig(temperatures=tuple(args.temperatures), powers=tuple(args.powers))
@@ -246,8 +245,8 @@ def cmd_virtual(args: argparse.Namespace) -> int:
     config, device, network, bundle, _ = _model_and_data(args)
     loader = build_loader(bundle.train, bundle, train=False, batch_size=512, loader=config.data.loader, device=device, seed=0,
                           substitute=True)  # as training and the virtual_examples stage: a replaced file does not stop it
-    logits = predict_logits(network, loader, device, autocast_dtype(config.precision, device))
-    chosen, rows = choose_setting(logits, bundle.train.class_counts(), args.temperatures, args.powers)
+    chosen, rows = sweep(network, loader, device, autocast_dtype(config.precision, device), bundle.train.class_counts(),
+                         args.temperatures, args.powers)
     for row in rows:
         if not args.full:
             row.pop("distribution")

@@ -222,8 +222,12 @@ def _eval_worker(rank: int, world: int, port: int, out: str) -> None:
     result = evaluate(task.network_as_classifier(), loader, bundle.train.class_counts(), ["cls"], torch.device("cpu"))["cls"]
     rows = torch.arange(rank, 37, world, dtype=torch.float32)[:, None] * torch.tensor([[1.0, -1.0]])
     gathered = gather_strided_rows(rows, 37)
-    torch.save({"top1": result.top1, "per_class": result.per_class_top1, "count": result.per_class_count, "rows": gathered},
-               Path(out) / f"eval{rank}.pt")
+    from ltscale.dist import gather
+
+    gather.GATHER_CHUNK_BYTES = 5 * rows[0].numel() * rows.element_size() * world  # 5 rows a rank: chunks of 5, 5, 3
+    on_main = gather.gather_strided_rows_to_main(rows, 37)
+    torch.save({"top1": result.top1, "per_class": result.per_class_top1, "count": result.per_class_count, "rows": gathered,
+                "on_main": on_main}, Path(out) / f"eval{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -250,7 +254,14 @@ def test_sharded_evaluation_and_gather_equal_one_process(tmp_path):
         assert got["top1"] == pytest.approx(expected.top1, abs=1e-12)
         np.testing.assert_array_equal(got["count"], expected.per_class_count)  # each image counted once
         np.testing.assert_allclose(got["per_class"], expected.per_class_top1)
-        torch.testing.assert_close(got["rows"], torch.arange(37, dtype=torch.float32)[:, None] * torch.tensor([[1.0, -1.0]]))
+        every_row = torch.arange(37, dtype=torch.float32)[:, None] * torch.tensor([[1.0, -1.0]])
+        torch.testing.assert_close(got["rows"], every_row)
+        # Too large to hold twice on every rank (soft labels): rank 0 alone assembles them, in chunks.
+        if rank == 0:
+            assert got["on_main"].device == torch.device("cpu")
+            torch.testing.assert_close(got["on_main"], every_row, rtol=0, atol=0)
+        else:
+            assert got["on_main"] is None
 
 
 def _shared_check_worker(rank: int, world: int, port: int, directories: list[str], rounds: int, out: str) -> None:
@@ -344,7 +355,6 @@ def test_pipelines_under_torchrun_match_across_ranks_and_one_process(tmp_path):
 
     from ltscale.engine.checkpoint import load_checkpoint
     from ltscale.stages.context import load_model
-    from ltscale.stages.soft_labels import predict_logits
     from tests.test_pipeline import tiny
 
     reports = _torchrun(tmp_path, ["ssd", "dive"])  # two pipelines in a row share one process group
@@ -377,9 +387,27 @@ def test_pipelines_under_torchrun_match_across_ranks_and_one_process(tmp_path):
     # The gathered soft labels are the teacher's logits on every training image, in order.
     teacher = load_model(Path(reports[0]["ssd"]["outputs"]["teacher_lws"]) / "model.pt", torch.device("cpu"))
     train_loader = loader_of(bundle.train, bundle, train=False, batch_size=512, loader=LoaderConfig(), device=torch.device("cpu"), seed=0)
-    expected = predict_logits(teacher, train_loader, torch.device("cpu"), None)
+    teacher.eval()
+    with torch.no_grad():
+        expected = torch.cat([teacher(b["image"], heads=(teacher.predict_head,))[teacher.predict_head] for b in train_loader])
     stored = load_checkpoint(Path(reports[0]["ssd"]["outputs"]["soft_labels"]) / "soft_labels.pt", kind="ltscale.soft_labels")["logits"]
     torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-4)
+
+    # DiVE's virtual examples: each rank's sums over its shard, added, equal one process's sweep.
+    from ltscale.stages.config import VirtualExamplesConfig
+    from ltscale.stages.virtual_examples import sweep
+
+    dive = reports[0]["dive"]["outputs"]
+    recorded = json.loads((Path(dive["virtual_examples"]) / "virtual_examples.json").read_text())
+    defaults = VirtualExamplesConfig(source="teacher")
+    chosen, rows = sweep(load_model(Path(dive["teacher"]) / "model.pt", torch.device("cpu")), train_loader, torch.device("cpu"),
+                         None, bundle.train.class_counts(), defaults.temperatures, defaults.powers)
+    assert recorded["chosen"] == {"temperature": chosen["temperature"], "power": chosen["power"]}
+    assert len(recorded["sweep"]) == len(rows) == len(defaults.temperatures) * len(defaults.powers)
+    for got, want in zip(recorded["sweep"], rows):
+        assert (got["temperature"], got["power"]) == (want["temperature"], want["power"])
+        np.testing.assert_allclose(got["distribution"], want["distribution"], rtol=1e-5)
+        assert sum(got["distribution"]) == pytest.approx(len(bundle.train), rel=1e-6)  # one unit of mass per image (fp32 softmax)
 
     # Rerun: rank 0's store decides, and every rank skips every stage.
     again = _torchrun(tmp_path, ["ssd"])

@@ -142,7 +142,13 @@ def test_virtual_example_rule_picks_the_least_flattening_that_lifts_the_tail():
     v_tail - v_head = tanh(5 / tau) - 3 tanh(0.75 / tau) at tau = T / p, negative below tau ~2.25,
     positive above. The rule must take tau = 3 (T = 3, p = 1), not the first meeting setting in T
     order (T = 2, p = 0.5: tau = 4) and not a larger T at an equal tau."""
-    from ltscale.stages.virtual_examples import choose_setting
+    from ltscale.stages.virtual_examples import VirtualExampleSums, rule_of_thumb
+
+    def choose_setting(logits, counts, temperatures, powers):
+        sums = VirtualExampleSums(temperatures, powers, len(counts), logits.device)
+        sums.add(logits[:2])  # in two batches, as a loader feeds them
+        sums.add(logits[2:])
+        return rule_of_thumb(sums.rows(), counts)
 
     logits = torch.tensor([[1.5, 0.0]] * 3 + [[0.0, 10.0]])
     chosen, rows = choose_setting(logits, np.array([200, 10]), temperatures=range(1, 11), powers=(1.0, 0.5))

@@ -6,6 +6,8 @@ runs unchanged with and without ``torch.distributed``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -90,6 +92,45 @@ def gather_strided_rows(local: torch.Tensor, total_rows: int) -> torch.Tensor:
     padded[: local.shape[0]] = local
     gathered = all_gather_no_grad(padded).view(world_size, per_rank, *local.shape[1:])
     return gathered.transpose(0, 1).reshape(world_size * per_rank, *local.shape[1:])[:total_rows]
+
+
+GATHER_CHUNK_BYTES = 256 << 20
+"""What each rank receives per collective in :func:`gather_strided_rows_to_main`, all ranks' rows together."""
+
+
+@torch.no_grad()
+def gather_strided_rows_to_main(local: torch.Tensor, total_rows: int) -> torch.Tensor | None:
+    """:func:`gather_strided_rows` for results too large to hold twice on every rank: the whole
+    (total_rows, ...) tensor is assembled on rank 0 only, in host memory; other ranks get None.
+
+    The shards travel in chunks of rows (about ``GATHER_CHUNK_BYTES`` per collective), so no rank
+    ever holds more than its own shard plus one chunk on the device. iNat18's soft labels (437k x
+    8,142 in fp16, 6.6 GiB) gathered whole would need ~2.5 times that on every GPU.
+    """
+    rank, world_size = rank_and_world_size()
+    if world_size == 1:
+        return local.cpu()
+    per_rank = -(-total_rows // world_size)
+    expected = len(range(rank, total_rows, world_size))
+    if local.shape[0] != expected:
+        raise ValueError(f"rank {rank} holds {local.shape[0]} rows of a {total_rows}-row round-robin shard; expected {expected}")
+    tail = tuple(local.shape[1:])
+    row_bytes = max(1, math.prod(tail) * local.element_size())
+    chunk = max(1, GATHER_CHUNK_BYTES // (row_bytes * world_size))
+    result = torch.empty((total_rows, *tail), dtype=local.dtype) if rank == 0 else None
+    for start in range(0, per_rank, chunk):
+        rows = min(chunk, per_rank - start)
+        piece = local.new_zeros((rows, *tail))
+        mine = local[start : start + rows]
+        piece[: mine.shape[0]] = mine
+        gathered = all_gather_no_grad(piece)  # (world_size * rows, ...): rank r's block r
+        if result is not None:
+            blocks = gathered.view(world_size, rows, *tail).cpu()
+            for source in range(world_size):  # rank r's local row i is global row i * W + r
+                positions = torch.arange(start, start + rows) * world_size + source
+                valid = positions < total_rows
+                result[positions[valid]] = blocks[source][valid]
+    return result
 
 
 def all_gather_object(value) -> list:

@@ -9,7 +9,6 @@ filtered.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -39,10 +38,10 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    _atomic_write(Path(path), lambda stream: stream.write(buffer.getbuffer()))
+    """``torch.save`` that never leaves a partial file at ``path``. It writes straight into the
+    temporary file: serialising into memory first would hold a second copy of a large payload
+    (iNat18's soft labels: 6.6 GiB)."""
+    _atomic_write(Path(path), lambda stream: torch.save(obj, stream))
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:
@@ -50,8 +49,12 @@ def atomic_write_json(obj: Any, path: Path) -> None:
     _atomic_write(Path(path), lambda stream: stream.write(data))
 
 
-def load_checkpoint(path: Path, kind: str | None = None, required: tuple[str, ...] = ()) -> dict:
-    """Load a checkpoint dict; ``kind`` and ``required`` keys are checked with clear errors."""
+def load_checkpoint(path: Path, kind: str | None = None, required: tuple[str, ...] = (), mmap: bool = False) -> dict:
+    """Load a checkpoint dict; ``kind`` and ``required`` keys are checked with clear errors.
+
+    ``mmap``: the tensors are mapped from the file rather than read into private memory, so the
+    processes of a node that load one large file share its pages.
+    """
     path = Path(path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.pt"))
@@ -62,7 +65,7 @@ def load_checkpoint(path: Path, kind: str | None = None, required: tuple[str, ..
     with open(path, "rb") as stream:
         zip_file = stream.read(4) == b"PK\x03\x04"  # torch.save's format since torch 1.6
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several types for truncated/corrupt zips
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
         if not zip_file:  # not a torch checkpoint at all: say so, and do not suggest deleting it

@@ -6,11 +6,13 @@ import json
 
 import torch
 
+from ltscale.dist.gather import rank_and_world_size
+from ltscale.engine.fast_step import resolve_step
 from ltscale.losses.modules import distillation_losses
 from ltscale.models.heads import HeadSpec
 from ltscale.stages.config import DistillConfig
 from ltscale.stages.context import StageContext, load_model
-from ltscale.stages.soft_labels import load_soft_labels
+from ltscale.stages.soft_labels import load_soft_labels, soft_label_device
 from ltscale.stages.store import StageOutput
 from ltscale.stages.tasks import DiVEDistillTask, SSDDistillTask
 from ltscale.stages.training import train_and_evaluate
@@ -28,7 +30,9 @@ def run(config: DistillConfig, ctx: StageContext, inputs: dict[str, StageOutput]
     if config.method == "ssd":
         if teacher_output.kind != "soft_labels":
             raise ValueError(f"stage {ctx.name}: method=ssd distils stored soft labels; {teacher_output.name!r} is a {teacher_output.kind} stage")
-        soft = load_soft_labels(teacher_output, ctx.bundle.train.fingerprint(), len(ctx.bundle.train)).to(ctx.device)
+        soft = load_soft_labels(teacher_output, ctx.bundle.train.fingerprint(), len(ctx.bundle.train))
+        step = resolve_step(ctx.step, ctx.device, rank_and_world_size()[1])
+        soft = soft.to(soft_label_device(soft.numel() * soft.element_size(), ctx.device, step))
         heads = {"hard": HeadSpec("linear", classes), "soft": HeadSpec("linear", classes)}
         network = ctx.new_network(config.model, heads, predict_head="hard")
         task = SSDDistillTask(network, soft, losses, temperature, config.hard_weight, config.soft_weight)

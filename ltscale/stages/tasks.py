@@ -197,14 +197,17 @@ class RebalanceTask(_Task):
 class SSDDistillTask(_Task):
     """SSD stage III: CE on the ``hard`` head + KD_T on the ``soft`` head against stored soft labels.
 
-    ``soft_label_logits`` is (N_train, C) on the device, looked up by the batch's dataset indices.
+    ``soft_label_logits`` is (N_train, C), looked up by the batch's dataset indices: on the batch's
+    device, or in host memory when it is too large for the GPU (see ``soft_label_device``). It is
+    a plain attribute, not a buffer: DDP would broadcast a buffer from rank 0 when it wraps the
+    task, and every rank already has the same table.
     """
 
     def __init__(self, network: Network, soft_label_logits: torch.Tensor, losses: DistillationLosses,
                  temperature: float, hard_weight: float, soft_weight: float) -> None:
         super().__init__()
         self.network = network
-        self.register_buffer("soft_label_logits", soft_label_logits, persistent=False)
+        self.soft_label_logits = soft_label_logits
         self.losses = losses
         self.temperature = temperature
         self.hard_weight = hard_weight
@@ -215,7 +218,11 @@ class SSDDistillTask(_Task):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.network(batch["image"], heads=("hard", "soft"))
-        teacher = self.soft_label_logits[batch["index"]].float()
+        index = batch["index"]
+        if self.soft_label_logits.device == index.device:
+            teacher = self.soft_label_logits[index].float()
+        else:  # a host-resident table (eager step only): the rows cross over, not the table
+            teacher = self.soft_label_logits[index.cpu()].to(index.device, non_blocking=True).float()
         loss = self.losses.ssd_hybrid(
             out["hard"], out["soft"], batch["target"], teacher, self.temperature, self.hard_weight, self.soft_weight
         )

@@ -16,44 +16,70 @@ import numpy as np
 import torch
 
 from ltscale.data.base import ClassGroups
+from ltscale.dist.gather import all_reduce_sum
 from ltscale.engine.checkpoint import atomic_write_json
 from ltscale.losses.functional import teacher_distribution
 from ltscale.stages.config import VirtualExamplesConfig
 from ltscale.stages.context import StageContext, load_model
-from ltscale.stages.soft_labels import predict_logits
+from ltscale.stages.soft_labels import predicted_logits
 from ltscale.stages.store import StageOutput
 
 
-def virtual_example_distribution(logits: torch.Tensor, temperature: float, power: float) -> np.ndarray:
-    """(C,) v_c: the teacher's soft targets summed over all training images."""
-    return teacher_distribution(logits, temperature, power).sum(0).cpu().double().numpy()
+def virtual_example_distribution(logits: torch.Tensor, temperature: float, power: float) -> torch.Tensor:
+    """(C,) v_c of these images: the teacher's soft targets summed over them, in float64."""
+    return teacher_distribution(logits, temperature, power).sum(0, dtype=torch.float64)
 
 
-def choose_setting(logits: torch.Tensor, class_counts: np.ndarray, temperatures, powers) -> tuple[dict, list[dict]]:
-    """The rule-of-thumb (T, p) and the whole sweep (one row per setting)."""
+class VirtualExampleSums:
+    """v_c for every (T, p) setting, summed batch by batch over this rank's images; :meth:`rows`
+    adds the ranks' sums. Nothing per image is kept: iNat18's logits in fp32 would be 13 GiB on
+    every rank, where these sums are settings x classes."""
+
+    def __init__(self, temperatures, powers, num_classes: int, device: torch.device) -> None:
+        self.settings = [(float(t), float(p)) for t in sorted(temperatures) for p in sorted(powers, reverse=True)]
+        self.sums = torch.zeros((len(self.settings), num_classes), dtype=torch.float64, device=device)
+
+    def add(self, logits: torch.Tensor) -> None:
+        for row, (temperature, power) in enumerate(self.settings):
+            self.sums[row] += virtual_example_distribution(logits, temperature, power)
+
+    def rows(self) -> list[dict]:
+        """One row per setting, ``distribution`` summed over every rank's images."""
+        sums = all_reduce_sum(self.sums.clone()).cpu().numpy()
+        return [{"temperature": t, "power": p, "distribution": sums[i]} for i, (t, p) in enumerate(self.settings)]
+
+
+def rule_of_thumb(rows: list[dict], class_counts: np.ndarray) -> tuple[dict, list[dict]]:
+    """The rule-of-thumb setting among ``rows`` (:meth:`VirtualExampleSums.rows`) and the sweep,
+    each row with its head and tail means and the distribution as a list."""
     groups = ClassGroups.from_counts(class_counts)
     # Without both a head and a tail the rule compares nothing; fall back to the top/bottom thirds.
     order = np.argsort(-class_counts)
     head = groups.many if len(groups.many) else order[: max(1, len(order) // 3)]
     tail = groups.few if len(groups.few) else order[-max(1, len(order) // 3) :]
-    rows = []
-    for temperature in sorted(temperatures):
-        for power in sorted(powers, reverse=True):
-            v = virtual_example_distribution(logits, temperature, power)
-            rows.append({
-                "temperature": float(temperature), "power": float(power),
-                "head_mean": float(v[head].mean()), "tail_mean": float(v[tail].mean()),
-                "distribution": v.tolist(),
-            })
-    by_flattening = sorted(rows, key=lambda r: (r["temperature"] / r["power"], r["temperature"]))
+    swept = [{
+        "temperature": row["temperature"], "power": row["power"],
+        "head_mean": float(row["distribution"][head].mean()), "tail_mean": float(row["distribution"][tail].mean()),
+        "distribution": row["distribution"].tolist(),
+    } for row in rows]
+    by_flattening = sorted(swept, key=lambda r: (r["temperature"] / r["power"], r["temperature"]))
     chosen = next((r for r in by_flattening if r["tail_mean"] >= r["head_mean"]), by_flattening[-1])
-    return chosen, rows
+    return chosen, swept
+
+
+def sweep(network, loader, device: torch.device, autocast, class_counts: np.ndarray, temperatures, powers) -> tuple[dict, list[dict]]:
+    """One pass of ``network`` over ``loader`` (this rank's shard of the training split): the
+    chosen setting and the whole sweep, the same on every rank."""
+    sums = VirtualExampleSums(temperatures, powers, len(class_counts), device)
+    for logits, _ in predicted_logits(network, loader, device, autocast):
+        sums.add(logits)
+    return rule_of_thumb(sums.rows(), class_counts)
 
 
 def run(config: VirtualExamplesConfig, ctx: StageContext, inputs: dict[str, StageOutput]) -> dict[str, str]:
     network = load_model(inputs["source"].file("model"), ctx.device)
-    logits = predict_logits(network, ctx.eval_loader(ctx.bundle.train, substitute=True), ctx.device, ctx.autocast)
-    chosen, rows = choose_setting(logits, ctx.class_counts, config.temperatures, config.powers)
+    chosen, rows = sweep(network, ctx.eval_loader(ctx.bundle.train, substitute=True), ctx.device, ctx.autocast,
+                         ctx.class_counts, config.temperatures, config.powers)
     summary = {"chosen": {"temperature": chosen["temperature"], "power": chosen["power"]}, "sweep": rows}
     if ctx.is_main:  # one writer; the other ranks computed the same choice
         atomic_write_json(summary, ctx.directory / "virtual_examples.json")
