@@ -1,0 +1,102 @@
+"""The stage store's trust in a finished output: hashed when it is made, and on reuse only when its
+size or time says it may have changed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ltscale.stages import store as store_module
+from ltscale.stages.store import Store
+
+
+@pytest.fixture
+def hashes(monkeypatch):
+    """The files the store hashes, in order."""
+    seen: list[str] = []
+    real = store_module.file_checksum
+
+    def counting(path):
+        seen.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(store_module, "file_checksum", counting)
+    return seen
+
+
+def _finished_output(tmp_path):
+    store = Store(tmp_path)
+    directory = store.directory("soft_labels", "k1")
+    directory.mkdir(parents=True)
+    (directory / "soft_labels.pt").write_bytes(b"x" * 4096)
+    (directory / "extra.json").write_text("{}")
+    store.finish("soft_labels", "soft_labels", "k1", {"files": {"soft_labels": "soft_labels.pt", "extra": "extra.json"}})
+    return store, directory
+
+
+def test_an_unchanged_output_is_reused_without_hashing(tmp_path, hashes):
+    store, directory = _finished_output(tmp_path)
+    assert sorted(hashes) == ["extra.json", "soft_labels.pt"]  # once, when the stage finishes
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["stats"]["soft_labels"][0] == 4096
+    hashes.clear()
+    for _ in range(3):
+        assert store.finished("soft_labels", "soft_labels", "k1") is not None
+    assert hashes == []
+
+
+def test_a_touched_file_is_hashed_once_then_remembered(tmp_path, hashes):
+    store, directory = _finished_output(tmp_path)
+    hashes.clear()
+    path = directory / "soft_labels.pt"
+    status = path.stat()
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))  # copied or touched: same bytes, new time
+    assert store.finished("soft_labels", "soft_labels", "k1") is not None
+    assert hashes == ["soft_labels.pt"]
+    assert json.loads((directory / "verified.json").read_text())["soft_labels"] == [4096, status.st_mtime_ns + 10**9]
+    assert store.finished("soft_labels", "soft_labels", "k1") is not None
+    assert hashes == ["soft_labels.pt"]  # not again
+
+
+def test_changed_or_missing_files_are_not_trusted(tmp_path, hashes):
+    store, directory = _finished_output(tmp_path)
+    path = directory / "soft_labels.pt"
+    path.write_bytes(b"y" * 4096)  # same size, new bytes (and a new time)
+    assert store.finished("soft_labels", "soft_labels", "k1") is None
+    path.write_bytes(b"x" * 100)  # truncated
+    assert store.finished("soft_labels", "soft_labels", "k1") is None
+    path.unlink()
+    assert store.finished("soft_labels", "soft_labels", "k1") is None
+
+
+def test_a_changed_file_is_caught_even_after_its_time_was_remembered(tmp_path, hashes):
+    store, directory = _finished_output(tmp_path)
+    path = directory / "soft_labels.pt"
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))
+    assert store.finished("soft_labels", "soft_labels", "k1") is not None  # remembered in verified.json
+    path.write_bytes(b"z" * 4096)  # then edited: its time moves on from the remembered one
+    assert store.finished("soft_labels", "soft_labels", "k1") is None
+
+
+def test_outputs_finished_before_stats_were_recorded_are_hashed_then_remembered(tmp_path, hashes):
+    store, directory = _finished_output(tmp_path)
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["stats"]  # a manifest written by an earlier version
+    manifest_path.write_text(json.dumps(manifest))
+    hashes.clear()
+    assert store.finished("soft_labels", "soft_labels", "k1") is not None
+    assert sorted(hashes) == ["extra.json", "soft_labels.pt"]
+    assert store.finished("soft_labels", "soft_labels", "k1") is not None
+    assert len(hashes) == 2
+
+
+def test_finishing_again_forgets_an_earlier_outputs_verified_times(tmp_path, hashes):
+    store, directory = _finished_output(tmp_path)
+    (directory / "verified.json").write_text(json.dumps({"soft_labels": [4096, 1]}))
+    (directory / "soft_labels.pt").write_bytes(b"w" * 4096)
+    store.finish("soft_labels", "soft_labels", "k1", {"files": {"soft_labels": "soft_labels.pt", "extra": "extra.json"}})
+    assert not (directory / "verified.json").exists()
+    assert store.finished("soft_labels", "soft_labels", "k1") is not None
