@@ -62,6 +62,14 @@ class InstanceBalancedSampler(_RankSampler):
         return self._rng(epoch).permutation(self.num_samples)
 
 
+def _indices_by_class(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """Per class, the positions holding it, ascending: one stable sort, not a scan per class
+    (8,142 scans of 437k labels took 1.5 s per epoch on iNat18)."""
+    grouped = np.argsort(labels, kind="stable")
+    ends = np.cumsum(np.bincount(labels, minlength=num_classes))
+    return np.split(grouped, ends[:-1])
+
+
 class ClassBalancedSampler(_RankSampler):
     """Classes drawn uniformly; ``samples_per_class`` consecutive images of the drawn class.
 
@@ -81,7 +89,7 @@ class ClassBalancedSampler(_RankSampler):
         targets = np.asarray(targets)
         super().__init__(len(targets) if num_samples is None else num_samples, seed, rank, world_size)
         self.samples_per_class = samples_per_class
-        self.class_indices = [np.flatnonzero(targets == c) for c in range(int(targets.max()) + 1)]
+        self.class_indices = _indices_by_class(targets, int(targets.max()) + 1)
         self.present_classes = np.array([c for c, idx in enumerate(self.class_indices) if len(idx)])
 
     def global_order(self, epoch: int) -> np.ndarray:
@@ -97,9 +105,10 @@ class ClassBalancedSampler(_RankSampler):
             streams[c] = np.concatenate([rng.permutation(pool) for _ in range(cycles)])
         s = self.samples_per_class
         order = np.empty(draws * s, dtype=np.int64)
+        draws_of = _indices_by_class(classes, len(self.class_indices))
         for c, stream in streams.items():
             # The k-th draw of class c takes stream[c][k*s:(k+1)*s].
-            positions = np.flatnonzero(classes == c)
+            positions = draws_of[c]
             chunks = stream[: len(positions) * s].reshape(len(positions), s)
             order[(positions[:, None] * s + np.arange(s)).ravel()] = chunks.ravel()
         return order[: self.num_samples]
