@@ -534,3 +534,22 @@ def test_inat_json_file_names_stay_inside_the_root_and_appear_once(tmp_path, fil
     with pytest.raises(DatasetError, match=rf"{re.escape(str(path))}: entr.*2 of 'images'.*{problem}|"
                                            rf"{re.escape(str(path))}: {problem}"):
         read_inat_annotations(path)
+
+
+def test_a_training_sample_seeds_only_the_cpu_generator_and_gives_it_back(monkeypatch):
+    """With num_workers=0 the augmentation runs in the training process: seeding it must not touch
+    the GPUs' generators (torch.manual_seed would, and fork_rng(devices=[]) restores only the CPU's)."""
+    import torch
+
+    from ltscale.data.loaders import files
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    before = torch.random.get_rng_state()
+    with files._seeded(123):
+        first = torch.rand(3)
+    with files._seeded(123):
+        second = torch.rand(3)
+    assert torch.equal(first, second) and reseeded == []
+    assert torch.equal(torch.random.get_rng_state(), before)
