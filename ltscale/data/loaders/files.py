@@ -121,6 +121,25 @@ class _EpochDraws(torch.utils.data.Sampler):
         return zip((int(i) for i in self.sampler), draws.tolist())
 
 
+class _PackedPaths:
+    """The split's relative paths as one bytes array, for the DataLoader's forked workers.
+
+    Reading a Python string writes its reference count, so a worker reading a list of 437k paths
+    copies the pages holding them: ~100 MiB more private memory per worker on iNat18 (measured),
+    per training and evaluation worker of every rank. A fixed-width numpy array has no per-path
+    objects to touch.
+    """
+
+    def __init__(self, paths) -> None:
+        self._paths = np.array([path.encode() for path in paths], dtype=np.bytes_)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> str:
+        return self._paths[index].decode()
+
+
 @contextlib.contextmanager
 def _seeded(draw: int | None) -> Iterator[None]:
     """torchvision's transforms draw from the global RNG: seed it with ``draw`` for one sample and
@@ -149,7 +168,7 @@ class _FileDataset(torch.utils.data.Dataset):
     def __init__(self, split: FileSplit, transform: transforms.Transform, image_size: int, substitute: bool,
                  key_transform: transforms.Transform | None = None) -> None:
         self.root = split.root
-        self.paths = split.paths
+        self.paths = _PackedPaths(split.paths)
         self.targets = split.targets
         self.transform = transform
         self.key_transform = key_transform
@@ -279,7 +298,7 @@ class FileLoader(ImageFileLoader):
 class _VerifyDataset(torch.utils.data.Dataset):
     def __init__(self, split: FileSplit) -> None:
         self.root = split.root
-        self.paths = split.paths
+        self.paths = _PackedPaths(split.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
