@@ -389,3 +389,18 @@ def test_moco_config_refuses_a_nan_temperature():
     for bad in (float("nan"), float("inf"), 0.0):
         with pytest.raises(ValueError, match="moco.temperature must be a finite number > 0"):
             MoCoConfig(temperature=bad)
+
+
+def test_ldam_cosine_head_stays_fp32_under_bf16_autocast():
+    """LDAM's s = 30 would magnify bf16's rounding of the cosines to the size of its margins."""
+    from ltscale.models.heads import CosineHead
+
+    torch.manual_seed(0)
+    head = CosineHead(64, 10)
+    features = torch.randn(32, 64)
+    expected = F.normalize(features, dim=1) @ F.normalize(head.weight.detach(), dim=1).t()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head(features.bfloat16())  # a bf16 backbone's features
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.normalize(features.bfloat16().float(), dim=1) @ F.normalize(head.weight.detach(), dim=1).t())
+    assert (30 * (got - expected)).abs().max() < 0.05  # only the features' own bf16 rounding is left

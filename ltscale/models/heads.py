@@ -44,7 +44,11 @@ class CosineHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_outputs, in_features).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).t()
+        # Cosines in fp32 even under bf16 autocast: LDAM scales them by s = 30 and subtracts
+        # per-class margins of ~0.1-0.5, which bf16's 2^-8 rounding (up to 0.12 after scaling)
+        # would blur. The published LDAM-DRW code computes them in fp32.
+        with torch.autocast(features.device.type, enabled=False):
+            return F.normalize(features.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).t()
 
 
 class LWSHead(nn.Module):
