@@ -559,3 +559,23 @@ def test_a_store_that_refuses_is_not_a_store_that_is_down(tmp_path, capsys, monk
     assert main(["run", "demo/ce", "--tracking-uri", "bogus://x", "--output-dir", str(tmp_path / "o"), *config]) == 1
     err = capsys.readouterr().err
     assert "refused the request" in err and "Supported URI schemes are" in err and "rerun" not in err
+
+
+def test_a_run_off_a_terminal_reports_stages_and_epochs_as_lines(tmp_path, capsys):
+    """A SLURM job's log is not a terminal: no bars there, but a line per stage and per epoch, so
+    a run hours long shows where it is."""
+    import dataclasses
+    import re
+
+    config = dataclasses.replace(tiny("ce", tmp_path), progress=True)
+    first = run_pipeline(config)
+    err = capsys.readouterr().err
+    epochs = config.stages["teacher"].optim.epochs
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d teacher: teacher stage started \(.*store/teacher-", err, re.M), err
+    assert len(re.findall(r"teacher: epoch \d+/%d  loss \d+\.\d{4}  train top-1 " % epochs, err)) == epochs
+    top1 = first.metrics("teacher")["test/top1"]
+    assert re.search(r"teacher: finished in \d+s, test top-1 %.2f$" % top1, err, re.M), err
+    run_pipeline(config)
+    assert f"teacher: reused {first.outputs['teacher'].directory}, test top-1 {top1:.2f}" in capsys.readouterr().err
+    run_pipeline(dataclasses.replace(config, progress=False))
+    assert "teacher:" not in capsys.readouterr().err  # progress=false: silent

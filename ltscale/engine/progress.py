@@ -1,9 +1,12 @@
-"""Progress bars with rate and ETA (rich), quiet when disabled or not on a terminal."""
+"""Progress: bars with rate and ETA (rich) on a terminal; plain timestamped lines elsewhere (a
+SLURM job's log file, a pipe), so a run hours long is not silent until its final table."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+import sys
+import time
+from typing import Callable, Iterator, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -18,11 +21,25 @@ from rich.progress import Progress as _RichProgress
 
 
 class Progress:
-    """One shared console; ``task(name, total)`` yields an ``advance(n)`` callable."""
+    """One shared console; ``task(name, total)`` yields an ``advance(n)`` callable, and
+    :meth:`note` reports a milestone (a stage started or finished, an epoch's metrics).
 
-    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
+    On a terminal the bars run and notes print above them; off a terminal there are no bars and
+    each note is one line on ``stream`` (stderr), flushed at once.
+    """
+
+    def __init__(self, enabled: bool = True, console: Console | None = None, stream: TextIO | None = None) -> None:
         self.console = console or Console(stderr=True)
-        self.enabled = enabled and self.console.is_terminal
+        self.enabled = enabled and self.console.is_terminal  # the bars
+        self.lines = enabled and not self.console.is_terminal
+        self.stream = stream
+
+    def note(self, message: str, *, epoch: bool = False) -> None:
+        """``epoch``: a per-epoch line, shown off a terminal only (a bar already shows it there)."""
+        if self.enabled and not epoch:
+            self.console.print(message, highlight=False, markup=False)
+        elif self.lines:
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=self.stream or sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def task(self, name: str, total: int, unit: str = "it") -> Iterator[Callable[[int], None]]:

@@ -420,6 +420,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
             with _releasing(lock), tracker.stage_run(name, params, tags) as run:
                 run.log_dataset(bundle.name, fingerprint, config.data.root or "generated", "training", len(bundle.train))
                 if finished is not None:
+                    progress.note(f"{name}: reused {finished.directory}{_top1(finished.manifest.get('metrics', {}))}")
                     run.set_tags({TAG_CACHED: "true", TAG_PRODUCED_BY: finished.run_id})
                     if finished.manifest.get("metrics"):
                         run.log_metrics(finished.manifest["metrics"])
@@ -437,10 +438,13 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                 # from its key, not from what ran before it in this process: the same key gives the
                 # same output whether its parents were trained just now, reused, or resumed.
                 torch.manual_seed(stage_seed(key))
+                started = time.monotonic()
+                progress.note(f"{name}: {stage.kind} stage started ({ctx.directory})")
                 try:
                     files = RUNNERS[stage.kind](stage, ctx, parents)
                 finally:
                     ctx.close()
+                progress.note(f"{name}: finished in {_duration(time.monotonic() - started)}{_top1(ctx.metrics)}")
                 manifest = {
                     "stage": name, "config": dataclasses.asdict(stage), "run_id": run.run_id, "pipeline": config.name,
                     "parents": {role: {"stage": p.name, "key": p.key, "run_id": p.run_id} for role, p in parents.items()},
@@ -460,6 +464,16 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
         parent.log_dict({n: {"key": o.key, "run_id": o.run_id, "directory": str(o.directory)} for n, o in result.outputs.items()}, "lineage.json")
     result.run_id = broadcast_object(result.run_id)  # every rank reports rank 0's record
     return result
+
+
+def _top1(metrics: dict[str, float]) -> str:
+    return f", test top-1 {metrics['test/top1']:.2f}" if "test/top1" in metrics else ""
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _stage_record(name: str, stage: StageConfig, parents: dict[str, StageOutput], key: str, version: str) -> dict[str, Any]:

@@ -19,6 +19,9 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
     loader = ctx.train_loader(optim.batch_size, sampler, views=views)
 
     def on_epoch_end(metrics: EpochMetrics) -> None:
+        ctx.progress.note(f"{ctx.name}: epoch {metrics.epoch + 1}/{optim.epochs}  loss {metrics.loss:.4f}  train top-1 "
+                          f"{metrics.top1:.2f}  lr {metrics.lr:.4g}  {metrics.images_per_second:,.0f} img/s  "
+                          f"{metrics.seconds:.1f} s", epoch=True)
         if hasattr(loader, "check_bad_images_across_ranks"):  # image files: the run's budget, all ranks' files
             loader.check_bad_images_across_ranks()
         ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch, background=True)  # an unreachable store does not stop training
