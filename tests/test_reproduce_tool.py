@@ -52,9 +52,21 @@ def test_smoke_run_on_demo_recipes(tmp_path):
     results = tmp_path / "results"
     args = ["--recipe-prefix", "demo", "--methods", "ce,lws", "--imbalance-factors", "80", "--seeds", "0,1",
             "--epochs", "1", "--concurrency", "2", "--device", "cpu", "--output-dir", str(tmp_path / "runs"),
-            "--results-dir", str(results), "--set", "data.synthetic.max_per_class=100", "--set", "data.synthetic.test_per_class=10"]
+            "--results-dir", str(results), "--set", "data.synthetic.max_per_class=100", "--set", "data.synthetic.test_per_class=10",
+            "--archive", str(tmp_path / "out" / "table.tgz")]
     done = run_tool(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "| ce |" in done.stdout  # the table is printed too: a call's output alone shows the numbers
+    # The archive (rewritten after every job) holds the job files, logs and table, relative to the
+    # working directory (tar xzf there puts them back), and no checkpoints.
+    import tarfile
+
+    with tarfile.open(tmp_path / "out" / "table.tgz") as tar:
+        names = tar.getnames()
+    assert sorted(n for n in names if n.startswith("runs/jobs/") and n.endswith(".json")) == [
+        f"runs/jobs/if80-{m}-seed{s}.json" for m in ("ce", "lws") for s in (0, 1)]
+    assert {"results/cifar100_lt.json", "results/cifar100_lt.csv", "results/cifar100_lt.md"} <= set(names)
+    assert any(n.startswith("runs/logs/") for n in names) and not any(n.endswith(".pt") for n in names)
     report = json.loads((results / "cifar100_lt.json").read_text())
     assert len(report["jobs"]) == 4 and all(len(job["run_id"]) == 32 for job in report["jobs"])
     by_name = {job["name"]: job for job in report["jobs"]}

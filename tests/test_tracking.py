@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -233,6 +234,19 @@ def test_ui_command_points_at_default_store(tmp_path: Path) -> None:
     argv = ui_command(tmp_path)
     assert argv[1:4] == ["-m", "mlflow", "ui"]
     assert argv[argv.index("--backend-store-uri") + 1] == default_tracking_uri(tmp_path)
+
+
+def test_code_version_without_git_reads_the_carried_file(tmp_path: Path) -> None:
+    """A copy of the tree without .git (the lent GPU machine's) names its commit by .code-version,
+    written where git was by `python -m ltscale.tracking.provenance`."""
+    repo = Path(__file__).resolve().parents[1]
+    written = subprocess.run([sys.executable, "-m", "ltscale.tracking.provenance"], cwd=repo, capture_output=True, text=True,
+                             check=True).stdout.strip()
+    assert written == code_version()
+    (tmp_path / ".code-version").write_text(f"{'a' * 40}-dirty\n")
+    assert code_version(tmp_path) == f"{'a' * 40}-dirty"
+    (tmp_path / ".code-version").write_text("\n")  # empty: not a version
+    assert code_version(tmp_path) != ""
 
 
 def test_code_version_reads_git(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 # no network) into .whl/ (ignored by git). The machine already has torch, torchvision, numpy,
 # matplotlib, rich, pillow, requests, pyyaml, protobuf, click, cloudpickle, anyio, h11, zipp,
 # markupsafe, pygments, packaging and annotated-doc; these are the rest of mlflow-skinny's needs.
+# typing-extensions too: the machine's version is not recorded, and pydantic 2.14 (which mlflow
+# imports) needs >= 4.16 (with 4.13, `import mlflow` fails: no 'Sentinel' in typing_extensions).
 #
 #   tools/fetch_gpu_wheels.sh           # ~9 MiB: enough for an MLflow file store (--tracking-store file)
 #   tools/fetch_gpu_wheels.sh --sqlite  # ~20 MiB: also ltscale's default sqlite store
@@ -18,7 +20,7 @@ CORE=(
   opentelemetry-api==1.45.2 opentelemetry-proto==1.45.2 opentelemetry-sdk==1.45.2
   opentelemetry-semantic-conventions==0.66b2 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0
   typing-inspection==0.4.5 python-dotenv==1.2.4 sqlparse==0.6.1 google-auth==2.62.2 pyasn1==0.6.5
-  pyasn1-modules==0.4.2
+  pyasn1-modules==0.4.2 typing-extensions==4.16.0
 )
 SQLITE=(sqlalchemy==2.1.9 alembic==1.20.1 mako==1.4.3 greenlet==3.5.6 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12)
 WANT=("${CORE[@]}")

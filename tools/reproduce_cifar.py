@@ -249,6 +249,37 @@ def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[
     return record
 
 
+def write_archive(archive: Path, members: list[Path]) -> None:
+    """A gzipped tarball of ``members`` (paths relative to the working directory, so ``tar xzf``
+    in the checkout puts them back), replaced atomically: on a machine whose files are lost when a
+    call ends (the lent GPU machine), the archive under $OUT is what comes back, whole jobs only.
+    Progress checkpoints (``*.pt``) are left out: they do not outlive the machine anyway."""
+    import tarfile
+
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive.with_name(f".{archive.name}.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for member in members:
+            if member.exists():
+                tar.add(_relative(member), filter=lambda info: None if info.name.endswith(".pt") else info)
+    tmp.replace(archive)
+
+
+def _relative(path: Path) -> str:
+    path = path.resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def archive_members(args: argparse.Namespace) -> list[Path]:
+    """What the archive holds: the job files and logs, and the table files once written."""
+    output_dir = Path(args.output_dir)
+    stem = Path(args.results_dir) / args.results_name
+    return [output_dir / "jobs", output_dir / "logs", *(stem.with_suffix(s) for s in (".json", ".csv", ".md"))]
+
+
 def finished(job: Job) -> bool:
     """A job file of this job exists: same recipe, seed, epochs and extra overrides (a smoke run's
     file does not count for a full run), wherever it ran (paths may differ: --collect-only at home)."""
@@ -283,6 +314,8 @@ def run_plan(args: argparse.Namespace, plan: Plan) -> list[dict[str, Any]]:
                 status = "ok" if "error" not in record else "FAILED"
                 print(f"[{status}] {job.name} in {record.get('seconds', 0)} s" + (f": {record['error']}" if status != "ok" else ""),
                       flush=True)
+                if args.archive:  # after every job: a call killed by its time limit still returns what finished
+                    write_archive(Path(args.archive), archive_members(args))
 
     with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
         list(pool.map(lane, plan.lanes.values()))
@@ -425,6 +458,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="extra override for every job (repeatable)")
     parser.add_argument("--stop-after-minutes", type=float, default=0, help="start no new job after this long")
     parser.add_argument("--force", action="store_true", help="re-run jobs that already have a job file")
+    parser.add_argument("--archive", default="", metavar="PATH.tgz",
+                        help="keep a tarball of the job files, logs and table here, rewritten after every job (e.g. $OUT/table.tgz)")
     parser.add_argument("--collect-only", action="store_true", help="only rebuild the table from the job files present")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = parser.parse_args(argv)
@@ -449,8 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = [] if args.collect_only else run_plan(args, plan)
     result = aggregate(args, plan)
     paths = write_results(args, result, environment())
+    if args.archive:
+        write_archive(Path(args.archive), archive_members(args))
     failed = [o for o in outcomes if "error" in o]
-    print(f"{len(result['jobs'])}/{len(plan.jobs)} jobs have results; wrote " + ", ".join(map(str, paths)))
+    print(paths[2].read_text())  # the table itself, so a call's output shows the numbers even without its files
+    print(f"{len(result['jobs'])}/{len(plan.jobs)} jobs have results; wrote " + ", ".join(map(str, paths))
+          + (f"; archived in {args.archive}" if args.archive else ""))
     for outcome in failed:
         print(f"  {outcome['name']}: {outcome['error']}", file=sys.stderr)
     return 1 if failed else 0

@@ -83,12 +83,18 @@ def uncommitted_changes(source_dir: Path | None = None, max_bytes: int = MAX_PAT
         return None
 
 
+CODE_VERSION_FILE = ".code-version"
+"""Ignored by git; carried with a copy of the tree that has no .git, it names the code's commit."""
+
+
 def code_version(source_dir: Path | None = None) -> str:
     """The git commit (``-dirty`` if the tree has changes) of the ltscale source checkout.
 
-    Falls back to the installed ``ltscale`` package version, then to ``"unknown"``; never raises.
-    ``source_dir`` (a directory inside a checkout) is for tests; by default the checkout holding
-    this file is used.
+    Without git (a copy of the tree, as a lent GPU machine gets), the first line of
+    ``CODE_VERSION_FILE`` at the tree's top, written where git was (``python -m
+    ltscale.tracking.provenance > .code-version``); then the installed ``ltscale`` package version,
+    then ``"unknown"``. Never raises. ``source_dir`` (a directory inside a checkout) is for tests;
+    by default the checkout holding this file is used.
     """
     try:
         version = _git_version(*_source(source_dir))
@@ -97,6 +103,17 @@ def code_version(source_dir: Path | None = None) -> str:
     except Exception:  # noqa: BLE001 - provenance must never break a run
         pass
     try:
+        top = Path(source_dir).resolve() if source_dir is not None else Path(__file__).resolve().parents[2]
+        recorded = (top / CODE_VERSION_FILE).read_text().strip().splitlines()
+        if recorded and recorded[0].strip():
+            return recorded[0].strip()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
         return importlib.metadata.version("ltscale")
     except Exception:  # noqa: BLE001
         return "unknown"
+
+
+if __name__ == "__main__":  # python -m ltscale.tracking.provenance > .code-version
+    print(code_version())

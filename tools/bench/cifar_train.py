@@ -54,6 +54,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from ltscale.engine.fast_step import WARMUP_STEPS  # noqa: E402
+
 VARIANTS = ("usual", "ltscale", "ltscale-eager")
 TARGET_RATIO = 4.0  # the target on one H100: ltscale >= 4x the usual pipeline
 TARGET_SSD_SECONDS = 180.0  # and the whole SSD pipeline on CIFAR-100-LT IF 100 in <= 3 minutes
@@ -207,7 +209,8 @@ def run_ssd_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str
     config = get_recipe(args.ssd_recipe)
     with contextlib.ExitStack() as stack:
         output_dir = args.ssd_output_dir or stack.enter_context(tempfile.TemporaryDirectory())
-        overrides = [f"output_dir={output_dir}", "progress=false", f"device={device}"]
+        # progress=true: off a terminal, a line per stage and epoch, so a run cut by a time limit still shows how far it got
+        overrides = [f"output_dir={output_dir}", "progress=true", f"device={device}"]
         if args.tracking_store == "file":
             os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 refuses its file store otherwise
             overrides.append(f"tracking.tracking_uri={(Path(output_dir) / 'mlruns').resolve().as_uri()}")
@@ -273,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="", help="CIFAR-100 python archive, its folder, or a .npz from tools/pack_cifar_npz.py")
     parser.add_argument("--epochs", type=int, default=3, help="counted epochs per pipeline (default 3)")
-    parser.add_argument("--warmup-epochs", type=int, default=1, help="epochs run first and not counted (default 1)")
+    # The fast step captures each batch shape after WARMUP_STEPS eager steps of it; the partial last
+    # batch comes once an epoch, so its graph exists from epoch WARMUP_STEPS + 1 on: counting earlier
+    # epochs would time eager steps and a capture (~4 % of an epoch at CIFAR scale).
+    parser.add_argument("--warmup-epochs", type=int, default=WARMUP_STEPS + 1,
+                        help=f"epochs run first and not counted (default {WARMUP_STEPS + 1}: every batch shape's graph captured)")
     parser.add_argument("--imbalance-factor", type=float, default=100.0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the usual pipeline (default 8)")
