@@ -226,8 +226,22 @@ def _eval_worker(rank: int, world: int, port: int, out: str) -> None:
 
     gather.GATHER_CHUNK_BYTES = 5 * rows[0].numel() * rows.element_size() * world  # 5 rows a rank: chunks of 5, 5, 3
     on_main = gather.gather_strided_rows_to_main(rows, 37)
+    # A split smaller than the number of ranks (2 images, 3 ranks): rank 2's shard is empty, and it
+    # still counts with the others (tau-norm's search over a validation split does this).
+    from ltscale.engine.evaluate import evaluate_head_on_features, extract_features
+    from ltscale.models.heads import HeadSpec
+    from ltscale.models.network import ModelConfig, Network
+
+    torch.manual_seed(0)
+    network = Network(ModelConfig(arch="resnet8", width=4), {"cls": HeadSpec("linear", bundle.num_classes)}, "cls")
+    small = ArraySplit(name="val", targets=bundle.test.targets[:2].copy(), num_classes=bundle.num_classes,
+                       images=bundle.test.images[:2].copy())
+    small_loader = build_loader(small, bundle, train=False, batch_size=5, loader=LoaderConfig(), device=torch.device("cpu"), seed=0)
+    features, targets = extract_features(network, small_loader, torch.device("cpu"))
+    small_top1 = evaluate_head_on_features(network.heads["cls"], features, targets, bundle.train.class_counts(),
+                                           torch.device("cpu")).top1
     torch.save({"top1": result.top1, "per_class": result.per_class_top1, "count": result.per_class_count, "rows": gathered,
-                "on_main": on_main}, Path(out) / f"eval{rank}.pt")
+                "on_main": on_main, "small_rows": len(features), "small_top1": small_top1}, Path(out) / f"eval{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -248,6 +262,18 @@ def test_sharded_evaluation_and_gather_equal_one_process(tmp_path):
     task = LinearTask(bundle.num_classes)
     loader = build_loader(bundle.test, bundle, train=False, batch_size=5, loader=LoaderConfig(), device=torch.device("cpu"), seed=0)
     expected = evaluate(task.network_as_classifier(), loader, bundle.train.class_counts(), ["cls"], torch.device("cpu"))["cls"]
+    from ltscale.engine.evaluate import evaluate_head_on_features, extract_features
+    from ltscale.models.heads import HeadSpec
+    from ltscale.models.network import ModelConfig, Network
+
+    torch.manual_seed(0)
+    network = Network(ModelConfig(arch="resnet8", width=4), {"cls": HeadSpec("linear", bundle.num_classes)}, "cls")
+    small = ArraySplit(name="val", targets=bundle.test.targets[:2].copy(), num_classes=bundle.num_classes,
+                       images=bundle.test.images[:2].copy())
+    features, targets = extract_features(network, build_loader(small, bundle, train=False, batch_size=5, loader=LoaderConfig(),
+                                                               device=torch.device("cpu"), seed=0), torch.device("cpu"))
+    small_top1 = evaluate_head_on_features(network.heads["cls"], features, targets, bundle.train.class_counts(),
+                                           torch.device("cpu")).top1
     _spawn(_eval_worker, 3, str(tmp_path))
     for rank in range(3):
         got = torch.load(tmp_path / f"eval{rank}.pt", weights_only=False)
@@ -256,6 +282,8 @@ def test_sharded_evaluation_and_gather_equal_one_process(tmp_path):
         np.testing.assert_allclose(got["per_class"], expected.per_class_top1)
         every_row = torch.arange(37, dtype=torch.float32)[:, None] * torch.tensor([[1.0, -1.0]])
         torch.testing.assert_close(got["rows"], every_row)
+        assert got["small_rows"] == (1 if rank < 2 else 0)
+        assert got["small_top1"] == pytest.approx(small_top1, abs=1e-12)
         # Too large to hold twice on every rank (soft labels): rank 0 alone assembles them, in chunks.
         if rank == 0:
             assert got["on_main"].device == torch.device("cpu")

@@ -130,7 +130,12 @@ def extract_features(network: torch.nn.Module, loader, device: torch.device,
         targets.append(batch["target"].to(device, non_blocking=True))
     network.train(was_training)
     if not features:
-        raise ValueError("extract_features: the loader yielded no batches")
+        # A rank's shard of a split smaller than the number of ranks is empty; it still takes part
+        # in the collectives that count the other ranks' hits (raising here would leave them waiting).
+        dim = getattr(network, "feature_dim", None)
+        if dim is None:
+            raise ValueError("extract_features: the loader yielded no batches")
+        return torch.empty((0, dim), device=device), torch.empty(0, dtype=torch.int64, device=device)
     return torch.cat(features), torch.cat(targets)
 
 
