@@ -67,6 +67,8 @@ def test_smoke_run_on_demo_recipes(tmp_path):
         f"runs/jobs/if80-{m}-seed{s}.json" for m in ("ce", "lws") for s in (0, 1)]
     assert {"results/cifar100_lt.json", "results/cifar100_lt.csv", "results/cifar100_lt.md"} <= set(names)
     assert any(n.startswith("runs/logs/") for n in names) and not any(n.endswith(".pt") for n in names)
+    # ...and each lane's MLflow store and stage manifests: the runs the table's ids point to come back too
+    assert any(n.endswith("/mlflow.db") for n in names) and any(n.endswith("/manifest.json") for n in names)
     report = json.loads((results / "cifar100_lt.json").read_text())
     assert len(report["jobs"]) == 4 and all(len(job["run_id"]) == 32 for job in report["jobs"])
     by_name = {job["name"]: job for job in report["jobs"]}
@@ -111,3 +113,30 @@ def test_smoke_epochs_move_warm_up_and_drw_below_them(tmp_path):
                     assert stage.optim.epochs == epochs
             if method == "ldam-drw":
                 assert config.stages["teacher"].loss.drw_epoch == epochs - 1
+
+
+def test_archive_skips_checkpoints_temporaries_and_files_that_vanish(tmp_path, monkeypatch):
+    """Another lane may rename a job file in while the archive is written: a file listed and then
+    gone is skipped, not fatal (it killed the lane and the whole table before)."""
+    import tarfile
+
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    import reproduce_cifar as tool
+
+    jobs = tmp_path / "runs" / "jobs"
+    jobs.mkdir(parents=True)
+    for name in ("a.json", "b.json", ".c.json.tmp", "model.pt", ".lock"):
+        (jobs / name).write_text("x")
+    real = tarfile.TarFile.add
+
+    def add(self, name, *args, **kwargs):
+        if name.endswith("a.json"):
+            (jobs / "b.json").unlink()  # gone after the listing, before its turn
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "add", add)
+    monkeypatch.chdir(tmp_path)
+    tool.write_archive(tmp_path / "out" / "t.tgz", [tmp_path / "runs", tmp_path / "results" / "absent.md"])
+    with tarfile.open(tmp_path / "out" / "t.tgz") as tar:
+        assert tar.getnames() == ["runs/jobs/a.json"]
+    assert not list((tmp_path / "out").glob(".*.tmp"))

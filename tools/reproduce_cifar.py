@@ -243,25 +243,34 @@ def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[
         record["error"] = f"exit status {returncode}; last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-15:])
     if "error" not in record:
         job.record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = job.record.with_suffix(".tmp")
+        # Written beside jobs/, then renamed in: jobs/ only ever gains whole files, which the
+        # archive of another lane may be reading at that moment.
+        tmp = job.record.parent.parent / f".{job.record.name}.tmp"
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(job.record)
     return record
 
 
 def write_archive(archive: Path, members: list[Path]) -> None:
-    """A gzipped tarball of ``members`` (paths relative to the working directory, so ``tar xzf``
-    in the checkout puts them back), replaced atomically: on a machine whose files are lost when a
-    call ends (the lent GPU machine), the archive under $OUT is what comes back, whole jobs only.
-    Progress checkpoints (``*.pt``) are left out: they do not outlive the machine anyway."""
+    """A gzipped tarball of the files under ``members`` (paths relative to the working directory,
+    so ``tar xzf`` in the checkout puts them back), replaced atomically: on a machine whose files
+    are lost when a call ends (the lent GPU machine), the archive under $OUT is what comes back.
+    Checkpoints (``*.pt``: models, soft labels, progress) and temporary files are left out; a file
+    that disappears while the archive is written (a lane still running) is skipped, not fatal."""
     import tarfile
 
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(f".{archive.name}.tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         for member in members:
-            if member.exists():
-                tar.add(_relative(member), filter=lambda info: None if info.name.endswith(".pt") else info)
+            files = sorted(p for p in member.rglob("*") if p.is_file()) if member.is_dir() else [member]
+            for path in files:
+                if path.suffix in (".pt", ".tmp") or path.name.endswith(".lock"):
+                    continue
+                try:
+                    tar.add(_relative(path), recursive=False)
+                except FileNotFoundError:
+                    continue
     tmp.replace(archive)
 
 
@@ -274,10 +283,10 @@ def _relative(path: Path) -> str:
 
 
 def archive_members(args: argparse.Namespace) -> list[Path]:
-    """What the archive holds: the job files and logs, and the table files once written."""
-    output_dir = Path(args.output_dir)
+    """What the archive holds: the output directory (job files, logs, each lane's MLflow store and
+    stage manifests; checkpoints are left out) and the table files once written."""
     stem = Path(args.results_dir) / args.results_name
-    return [output_dir / "jobs", output_dir / "logs", *(stem.with_suffix(s) for s in (".json", ".csv", ".md"))]
+    return [Path(args.output_dir), *(stem.with_suffix(s) for s in (".json", ".csv", ".md"))]
 
 
 def finished(job: Job) -> bool:

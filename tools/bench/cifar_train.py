@@ -19,8 +19,8 @@ lr 0.1 momentum 0.9 wd 2e-4, batch 128, constant lr) on the same long-tailed tra
   graph), including its per-epoch device-side metrics and atomic progress checkpoint.
 - ``ltscale-eager`` (optional, ``--variants``): the same trainer with the plain eager step.
 
-Timing: ``--warmup-epochs`` (default 1: DataLoader workers, cuDNN autotuning, graph capture) are
-run and not counted; each counted epoch is wall-clock between host synchronisations (so the whole
+Timing: ``--warmup-epochs`` (default 4: DataLoader workers, cuDNN autotuning, and the capture of
+every batch shape's graph, the partial last batch's in the fourth epoch) are run and not counted; each counted epoch is wall-clock between host synchronisations (so the whole
 epoch's GPU work is in it), cross-checked with CUDA events. images/s = training images / s.
 ``--ssd-pipeline`` also times the whole ``cifar100-lt-if100/ssd`` pipeline end to end with
 ``run_pipeline`` (stages I-IV at the recipe's 200 epochs, evaluation and tracking included), with
