@@ -268,7 +268,9 @@ def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
     """Each stage's key and whether a run now would reuse, resume or train it; trains nothing.
 
     Reads the split lists (and checks the files they name) and hashes local ``init_from`` files:
-    the same keys :func:`run_pipeline` computes. One process; nothing is downloaded or written.
+    the same keys :func:`run_pipeline` computes. One process; nothing is downloaded or trained
+    (checking a finished output may re-hash a file whose time changed and note it in the store's
+    ``verified.json``, as a run would).
     """
     bundle = build_dataset(config.data)
     _check_stage_data(config, bundle)

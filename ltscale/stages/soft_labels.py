@@ -44,7 +44,7 @@ def run(config: SoftLabelsConfig, ctx: StageContext, inputs: dict[str, StageOutp
     rank, world_size = rank_and_world_size()
     # This rank's shard, filled in place as the batches come (no list of chunks to concatenate).
     local = torch.empty((len(range(rank, rows, world_size)), classes), dtype=dtype, device=ctx.device)
-    tally = torch.zeros(3, dtype=torch.int64, device=ctx.device)  # correct, images, non-finite values
+    tally = torch.zeros(4, dtype=torch.int64, device=ctx.device)  # correct, images, non-finite values, short ranks
     filled = 0
     for logits, batch in predicted_logits(network, ctx.eval_loader(ctx.bundle.train, substitute=True), ctx.device, ctx.autocast):
         stored = logits.to(dtype)  # checked as stored: fp16 can overflow where fp32 did not
@@ -53,9 +53,11 @@ def run(config: SoftLabelsConfig, ctx: StageContext, inputs: dict[str, StageOutp
         tally[0] += (stored.argmax(1) == batch["target"].to(ctx.device)).sum()
         tally[1] += len(stored)
         tally[2] += (~torch.isfinite(stored)).sum()
-    if filled != local.shape[0]:
-        raise RuntimeError(f"stage {ctx.name}: rank {rank} predicted {filled} training images, expected {local.shape[0]}")
-    correct, images, nonfinite = (int(v) for v in all_reduce_sum(tally).tolist())
+    tally[3] = int(filled != local.shape[0])  # known to every rank after the sum: none raises alone
+    correct, images, nonfinite, short = (int(v) for v in all_reduce_sum(tally).tolist())
+    if short:
+        raise RuntimeError(f"stage {ctx.name}: {short} rank(s) did not predict their whole shard of the training split "
+                           f"(rank {rank}: {filled} of {local.shape[0]} images); the evaluation loader dropped images")
     if nonfinite:  # every rank knows, after the sum: all of them stop here, none waits in a collective
         raise ValueError(f"stage {ctx.name}: the soft labels of {inputs['source'].name!r} are not all finite "
                          f"({nonfinite} values, stored as {dtype}); the source model diverged or overflows {dtype}")
