@@ -547,3 +547,43 @@ def test_bad_image_budget_counts_every_ranks_files(tmp_path):
         assert served == "5"
         assert "2 images of imagenet_lt/train cannot be decoded, more than the 1 allowed" in outcome, outcome
         assert str(bad[0]) in outcome and str(bad[1]) in outcome
+
+
+def _file_check_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    import types
+
+    from ltscale.data import image_list
+    from ltscale.data.config import DataConfig
+    from ltscale.stages import pipeline
+    from tests.test_image_list import IMAGE_SIZE
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # as torchrun on one node
+    _init(rank, world, port)
+    checked = []
+    real = image_list.check_files_exist
+    image_list.check_files_exist = lambda root, paths, source: (checked.append(source), real(root, paths, source))[1]
+    config = types.SimpleNamespace(data=DataConfig(dataset="imagenet_lt", root=root, image_size=IMAGE_SIZE))
+    try:
+        outcome = f"ok {len(pipeline._build_dataset_checked_per_node(config).train)}"
+    except Exception as error:  # noqa: BLE001
+        outcome = f"{type(error).__name__}: {error}"
+    Path(out, f"check{rank}-{len(list(Path(out).glob(f'check{rank}-*')))}.json").write_text(json.dumps([len(checked), outcome]))
+
+
+def test_image_files_are_checked_once_per_node_and_every_rank_gets_the_verdict(tmp_path):
+    """Local rank 0 lists the image folders (each node its own, for node-local copies); the other
+    ranks of the node do not, and all raise the same error when a file is missing."""
+    from tests.test_image_list import _make_tree
+
+    data = _make_tree(tmp_path / "tree")
+    _spawn(_file_check_worker, 2, data.root, str(tmp_path))
+    first = [json.loads((tmp_path / f"check{rank}-0.json").read_text()) for rank in range(2)]
+    assert first[0] == [2, "ok 10"] and first[1] == [0, "ok 10"]  # train and test lists, checked by rank 0 alone
+    missing = Path(data.root) / (Path(data.root) / "ImageNet_LT_train.txt").read_text().split()[4]
+    missing.unlink()
+    _spawn(_file_check_worker, 2, data.root, str(tmp_path))
+    second = [json.loads((tmp_path / f"check{rank}-1.json").read_text()) for rank in range(2)]
+    assert second[1][0] == 0
+    for _, outcome in second:
+        assert outcome.startswith("DatasetError: 1 of 10 files listed in") and missing.name in outcome, outcome
+    assert second[1][1].endswith(f"(seen by rank 0 on {socket.gethostname()})")

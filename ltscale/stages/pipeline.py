@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -308,6 +309,31 @@ def run_pipeline(config: PipelineConfig, progress: Progress | None = None) -> Pi
     return _run_pipeline(config, device, progress)
 
 
+def _build_dataset_checked_per_node(config: PipelineConfig) -> DatasetBundle:
+    """The dataset, with the image files' existence checked by one process per node.
+
+    Every rank reads the split lists; only local rank 0 lists the image folders (each node its own:
+    the images may be a node-local copy), and every rank learns every node's verdict, so all raise
+    the same error or none does. Sixteen ranks each listing iNat18's 8,142 folders twice loaded a
+    shared file system's metadata server for nothing.
+    """
+    if rank_and_world_size()[1] == 1 or config.data.dataset in IN_MEMORY_DATASETS:
+        return build_dataset(config.data)
+    bundle, own = None, None
+    try:
+        bundle = build_dataset(config.data, check_files=runtime.detect().local_rank == 0)
+    except Exception as caught:  # noqa: BLE001 - every rank must reach the gather, then all raise
+        own = caught
+    verdict = f"{own} (seen by rank {rank_and_world_size()[0]} on {socket.gethostname()})" if own is not None else None
+    errors = [e for e in all_gather_object(verdict) if e]
+    if own is not None:
+        raise own
+    if errors:
+        raise DatasetError(errors[0])
+    assert bundle is not None
+    return bundle
+
+
 def _check_shared_directory(output_dir: Path) -> None:
     """Every rank must see rank 0's files (it reads the models rank 0 saves): fail at the start,
     with the reason, rather than at the first stage boundary.
@@ -384,7 +410,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
     output_dir = Path(config.output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_shared_directory(output_dir)
-    bundle = build_dataset(config.data)
+    bundle = _build_dataset_checked_per_node(config)
     _check_stage_data(config, bundle)
     _verify_evaluation_images(config, bundle, output_dir)
     fingerprint = bundle.train.fingerprint()
