@@ -254,6 +254,26 @@ def cmd_virtual(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    """Reuse trusts a file whose size and time are unchanged; this reads every byte."""
+    from ltscale.stages.store import MANIFEST, Store
+
+    store = Store(Path(args.output_dir))
+    if not store.root.is_dir():
+        print(f"ltscale store verify: no stage store at {store.root}", file=sys.stderr)
+        return 2
+    found = store.verify()
+    bad = [(directory, status) for directory, status in found if status not in ("ok", "unfinished")]
+    for directory, status in found:
+        print(f"{status:>10}  {directory}" if status in ("ok", "unfinished") else f"   CHANGED  {directory}: {status}")
+    print(f"{len(found)} stage outputs: {sum(s == 'ok' for _, s in found)} ok, {sum(s == 'unfinished' for _, s in found)} "
+          f"unfinished, {len(bad)} changed")
+    if bad:
+        print(f"A changed output is not recomputed while its files keep their size and time: delete its {MANIFEST} "
+              "(its progress checkpoint stays, so the stage resumes or re-runs) or the whole directory.", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     """The pipelines recorded in an MLflow store, newest first (for clusters without the UI)."""
     import time
@@ -353,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(p)
     p.add_argument("--workers", type=_count, default=4, help="decoding processes (default 4; 0: in this process)")
     p.set_defaults(func=cmd_data_verify)
+
+    store = sub.add_parser("store", help="the stage store").add_subparsers(dest="store_command", required=True)
+    p = store.add_parser("verify", help="re-hash every finished stage output and list those that changed")
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help=f"whose store (default: {DEFAULT_OUTPUT})")
+    p.set_defaults(func=cmd_store_verify)
 
     for name, func, text in (("evaluate", cmd_evaluate, "evaluate a model checkpoint on a recipe's test set"),
                              ("virtual", cmd_virtual, "virtual-example distribution of a teacher checkpoint")):

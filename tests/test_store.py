@@ -100,3 +100,32 @@ def test_finishing_again_forgets_an_earlier_outputs_verified_times(tmp_path, has
     store.finish("soft_labels", "soft_labels", "k1", {"files": {"soft_labels": "soft_labels.pt", "extra": "extra.json"}})
     assert not (directory / "verified.json").exists()
     assert store.finished("soft_labels", "soft_labels", "k1") is not None
+
+
+def test_store_verify_reads_every_byte_and_names_what_reuse_would_miss(tmp_path, capsys):
+    """An edit that keeps a file's size and time passes reuse's check; `ltscale store verify` does
+    not let it pass."""
+    from ltscale.cli import main
+
+    store, directory = _finished_output(tmp_path)
+    other = store.directory("teacher", "k2")
+    other.mkdir()
+    (other / "model.pt").write_bytes(b"m" * 100)
+    store.finish("teacher", "teacher", "k2", {"files": {"model": "model.pt"}})
+    store.directory("student", "k3").mkdir()  # a stage still training: no manifest yet
+    assert main(["store", "verify", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 stage outputs: 2 ok, 1 unfinished, 0 changed" in out
+
+    path = directory / "soft_labels.pt"
+    status = path.stat()
+    path.write_bytes(b"q" * 4096)  # same size...
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))  # ...and time
+    assert store.finished("soft_labels", "soft_labels", "k1") is not None  # reuse cannot tell
+    assert main(["store", "verify", "--output-dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert f"CHANGED  {directory}: soft_labels.pt does not match its checksum" in captured.out
+    assert "2 ok, 1 unfinished, 1 changed" not in captured.out and "1 ok, 1 unfinished, 1 changed" in captured.out
+    assert "delete its manifest.json" in captured.err
+    assert main(["store", "verify", "--output-dir", str(tmp_path / "nowhere")]) == 2
+    assert "no stage store at" in capsys.readouterr().err

@@ -101,6 +101,30 @@ class Store:
                 pass
         return StageOutput(name, kind, key, directory, manifest)
 
+    def verify(self) -> list[tuple[Path, str]]:
+        """Every stage directory and what a full check of it finds: ``ok``, ``unfinished`` (no
+        manifest: a stage that will resume or restart), or the files that are missing or whose
+        bytes no longer match their sha256. Reads every byte; reuse does not (see the module doc)."""
+        found = []
+        for directory in sorted(p for p in self.root.glob("*-*") if p.is_dir()):
+            try:
+                manifest = json.loads((directory / MANIFEST).read_text())
+            except FileNotFoundError:
+                found.append((directory, "unfinished"))
+                continue
+            except (OSError, json.JSONDecodeError) as error:
+                found.append((directory, f"unreadable manifest ({error})"))
+                continue
+            problems = []
+            for role, filename in manifest.get("files", {}).items():
+                path = directory / filename
+                if not path.is_file():
+                    problems.append(f"{filename} missing")
+                elif manifest.get("checksums", {}).get(role) != file_checksum(path):
+                    problems.append(f"{filename} does not match its checksum")
+            found.append((directory, "; ".join(problems) or "ok"))
+        return found
+
     def finish(self, name: str, kind: str, key: str, manifest: dict[str, Any]) -> StageOutput:
         directory = self.directory(kind, key)
         files = manifest.get("files", {})
