@@ -122,7 +122,7 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch, caplog):
+def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch, caplog, capsys):
     config = tiny("ce", tmp_path)
     config = apply_overrides(config, ["stages.teacher.optim.epochs=4"])
     original = trainer_module.Trainer._epoch
@@ -151,8 +151,12 @@ def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch, ca
 
     seen.clear()
     monkeypatch.setattr(trainer_module.Trainer, "_epoch", lambda self, e, s, a: (seen.append(e), original(self, e, s, a))[1])
-    result = run_pipeline(config)
+    import dataclasses
+
+    capsys.readouterr()
+    result = run_pipeline(dataclasses.replace(config, progress=True))  # progress: not part of the key
     assert seen == [2, 3], "resumed training must start at the first unfinished epoch"
+    assert f"teacher: resuming after epoch 2/4 (loss " in capsys.readouterr().err  # off a terminal: a line says so
     assert "resuming epoch 2 with 1 process(es)" in caplog.text and "was saved by 2" in caplog.text
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.get_run(result.outputs["teacher"].run_id)

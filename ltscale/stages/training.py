@@ -32,6 +32,8 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
         # The epoch the stage resumes after, again in this run: its point is lost if the stop came
         # between saving it and sending it, and the resumed curve then starts where it continues.
         ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch, background=True)
+        ctx.progress.note(f"{ctx.name}: resuming after epoch {metrics.epoch + 1}/{optim.epochs} (loss {metrics.loss:.4f}) "
+                          f"from {ctx.directory / PROGRESS}")
 
     trainer = Trainer(task, loader, optim, ctx.device, ctx.precision, ctx.directory / PROGRESS, ctx.name,
                       on_epoch_end=on_epoch_end, progress=ctx.progress, step=ctx.step, deepspeed=ctx.deepspeed,
