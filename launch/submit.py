@@ -57,12 +57,13 @@ DEFAULT_MAX_TIMEOUTS = 3
 class PipelineJob:
     """A whole pipeline as a submitit job: picklable, resumable, requeued on preemption.
 
-    ``config`` is resolved on the submitting machine; progress bars are turned off because the
-    job's output goes to log files.
+    ``config`` is resolved on the submitting machine. Its ``progress`` stays as configured: the
+    job's output goes to log files, where a run writes a timestamped line per stage and epoch
+    instead of bars (``--set progress=false`` silences them).
     """
 
     def __init__(self, config: PipelineConfig) -> None:
-        self.config = dataclasses.replace(config, progress=False)
+        self.config = config
 
     def __call__(self) -> dict[str, Any]:
         import torch
@@ -222,6 +223,55 @@ def default_gpus(kind: str, tasks_per_node: int = 1, device: str = "auto") -> in
     return None
 
 
+NETWORK_FILE_SYSTEMS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "glusterfs", "panfs",
+                                   "wekafs", "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.beegfs"})
+
+
+def file_system_type(path: str | Path) -> str:
+    """The type of the file system holding ``path`` (or its nearest existing parent), as
+    /proc/mounts names it; "" where that cannot be told."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+        path = Path(path).expanduser().absolute()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        where = str(path.resolve())
+    except OSError:
+        return ""
+    best, kind = "", ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        if (where == mount or where.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+def shared_sqlite_warning(configs: Sequence[PipelineConfig]) -> str | None:
+    """A sweep's jobs all write one MLflow store, from several nodes at once. SQLite's locking is
+    not dependable on network file systems (its own documentation says so), and a sweep on a
+    cluster usually keeps output_dir on one: say so, with the remedy, before submitting."""
+    if len(configs) < 2:
+        return None
+    stores = set()
+    for config in configs:
+        uri = config.tracking.tracking_uri
+        if not uri:
+            stores.add(Path(config.output_dir).expanduser() / "mlflow.db")
+        elif uri.startswith("sqlite:///"):
+            stores.add(Path(uri[len("sqlite:///"):]))
+    shared = sorted((str(store), kind) for store in stores if (kind := file_system_type(store.parent)) in NETWORK_FILE_SYSTEMS)
+    if not shared:
+        return None
+    named = ", ".join(f"{store} ({kind})" for store, kind in shared)
+    return (f"the {len(configs)} jobs of this sweep record into the SQLite MLflow store {named} on a network file system, "
+            "where SQLite's locking is not dependable with writers on several nodes. Run an MLflow server "
+            "(mlflow server --backend-store-uri sqlite:////<local disk>/mlflow.db --host 0.0.0.0) and pass "
+            "--set tracking.tracking_uri=http://<host>:5000")
+
+
 def job_name(config: PipelineConfig) -> str:
     return "ltscale-" + config.name.replace("/", "-")
 
@@ -309,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                               slurm_options=_slurm_options(args.slurm_options), array_parallelism=args.array_parallelism)
         for config in configs:
             check_resources(args.executor, resources, config)
+        warning = shared_sqlite_warning(configs) if args.executor == "slurm" else None
+        if warning:
+            print(f"launch.submit: warning: {warning}", file=sys.stderr)
         name = job_name(first) if len(configs) == 1 else f"ltscale-sweep-{len(configs)}"
         folder = Path(args.folder or Path(first.output_dir) / "submitit").expanduser().absolute()
         # Build once in a scratch folder: submitit validates the parameters (and creates its folder)

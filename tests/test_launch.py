@@ -8,6 +8,7 @@ The SLURM tests need Slurm and munge installed (they skip, saying so, when they 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -121,8 +122,8 @@ def test_dry_run_prints_the_resolved_executor_parameters(tmp_path, capsys, monke
 def test_pipeline_job_pickles_and_checkpoints_to_itself(tmp_path):
     import pickle
 
-    job = PipelineJob(tiny("ce", tmp_path))
-    assert job.config.progress is False
+    job = PipelineJob(dataclasses.replace(tiny("ce", tmp_path), progress=True))
+    assert job.config.progress is True  # off a terminal (a job's log file) that is a line per stage and epoch
     again = pickle.loads(pickle.dumps(job))
     assert type(again) is PipelineJob and again.config == job.config
     import signal
@@ -154,6 +155,9 @@ def test_submit_command_runs_a_recipe_on_the_local_executor(tmp_path):
     run = mlflow.MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test/top1"] == pytest.approx(summary["metrics"]["test/top1"])
+    # The job's log says how it went, stage by stage and epoch by epoch.
+    log = (output / "submitit" / f"{job_id}_0_log.err").read_text()
+    assert "teacher: teacher stage started" in log and "teacher: epoch 1/" in log and "teacher: finished in" in log, log
 
 
 @pytest.mark.timeout(240)
@@ -317,3 +321,22 @@ def test_a_sweep_runs_as_one_slurm_array_and_trains_a_shared_stage_once(slurm, t
     for summary in summaries:
         assert client.get_run(summary["run_id"]).info.status == "FINISHED"
     assert not list(output.glob("store/*/.lock"))
+
+
+def test_a_sweep_recording_into_sqlite_on_a_network_file_system_is_warned_about(tmp_path, capsys, monkeypatch):
+    import launch.submit as submit
+
+    assert submit.file_system_type(tmp_path) and submit.file_system_type(tmp_path / "not" / "yet") == submit.file_system_type(tmp_path)
+    sweep = ["demo/ce", "demo/lws", "--executor", "slurm", "--dry-run", "--set", f"output_dir={tmp_path / 'out'}"]
+    monkeypatch.setattr(submit, "file_system_type", lambda path: "ext4")
+    assert main(sweep) == 0
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(submit, "file_system_type", lambda path: "nfs4")
+    assert main(sweep) == 0
+    err = capsys.readouterr().err
+    assert f"launch.submit: warning: the 2 jobs of this sweep record into the SQLite MLflow store {tmp_path / 'out' / 'mlflow.db'} (nfs4)" in err
+    assert "--set tracking.tracking_uri=http://<host>:5000" in err
+    # One job writes alone; a server store is not SQLite: nothing to say.
+    assert main(["demo/ce", "--executor", "slurm", "--dry-run", "--set", f"output_dir={tmp_path / 'out'}"]) == 0
+    assert main([*sweep, "--set", "tracking.tracking_uri=http://127.0.0.1:5000"]) == 0
+    assert "warning" not in capsys.readouterr().err
