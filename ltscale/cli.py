@@ -322,7 +322,29 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print(f"{'':<18}{data.tags[TAG_ERROR][:200]}")
         elif gone:
             print(f"{'':<18}recorded as RUNNING, but {gone}; the next pipeline on this store marks it KILLED")
+        elif info.status == "RUNNING":
+            now = _running_stage(client, experiment.experiment_id, info.run_id)
+            if now:
+                print(f"{'':<18}{now}")
     return 0
+
+
+def _running_stage(client, experiment_id: str, parent_id: str) -> str:
+    """Where a running pipeline is: its running stage and the last epoch that stage logged."""
+    from ltscale.tracking import TAG_STAGE
+
+    children = client.search_runs([experiment_id], max_results=5, filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"))
+    if not children:
+        return ""
+    child = children[0]
+    stage = child.data.tags.get(TAG_STAGE, child.info.run_name)
+    history = client.get_metric_history(child.info.run_id, "train/loss")
+    if not history:
+        return f"now: {stage}"
+    last = max(history, key=lambda point: point.step)
+    epochs = child.data.params.get("optim.epochs")
+    return f"now: {stage}, epoch {last.step + 1}{f'/{epochs}' if epochs else ''} done (train loss {last.value:.4f})"
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -378,6 +378,29 @@ def test_runs_lists_recorded_pipelines_with_status_and_results(tmp_path, capsys,
     assert "tiny/tau" in lines[failed_at] and "does not exist in the model" in lines[failed_at + 1]
 
 
+def test_runs_says_where_a_running_pipeline_is(tmp_path, capsys):
+    """A pipeline still running (its process alive elsewhere): its running stage and last epoch."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from ltscale.tracking import TAG_PIPELINE, TAG_STAGE, default_tracking_uri
+
+    client = mlflow.MlflowClient(default_tracking_uri(tmp_path))
+    experiment = client.create_experiment("ltscale")
+    parent = client.create_run(experiment, tags={TAG_PIPELINE: "imagenet-lt/ssd"}, run_name="imagenet-lt/ssd seed 0")
+    client.log_param(parent.info.run_id, "seed", 0)
+    done = client.create_run(experiment, tags={MLFLOW_PARENT_RUN_ID: parent.info.run_id, TAG_STAGE: "teacher"})
+    client.set_terminated(done.info.run_id)
+    student = client.create_run(experiment, tags={MLFLOW_PARENT_RUN_ID: parent.info.run_id, TAG_STAGE: "student"})
+    client.log_param(student.info.run_id, "optim.epochs", 90)
+    for epoch, loss in enumerate([2.5, 1.75, 1.25]):
+        client.log_metric(student.info.run_id, "train/loss", loss, step=epoch)
+    assert main(["runs", "--output-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(i for i, line in enumerate(lines) if parent.info.run_id in line)
+    assert "RUNNING" in lines[row] and lines[row + 1].strip() == "now: student, epoch 3/90 done (train loss 1.2500)"
+
+
 def test_stage_keys_follow_what_changes_results_and_only_that(tmp_path):
     """Augmentation settings and every split's contents (the test split's metrics are part of a
     stage's output) change the keys; where the data lives and how fast it is read do not."""
