@@ -114,6 +114,11 @@ def test_resolve_step():
     assert resolve_step("fast", torch.device("cpu")) == "fast"
     with pytest.raises(ValueError, match="step must be"):
         resolve_step("graph", torch.device("cpu"))
+    # DeepSpeed's gradient reduction runs outside any graph: the trainer (and the SSD student's
+    # soft-label placement, which asks the same question) take the eager step.
+    assert resolve_step("auto", torch.device("cuda"), zero=True) == "eager"
+    with pytest.raises(ValueError, match="deepspeed.enabled cannot be combined"):
+        resolve_step("fast", torch.device("cuda"), zero=True)
 
 
 @pytest.mark.parametrize("kind", TASKS)

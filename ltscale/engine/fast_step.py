@@ -48,14 +48,21 @@ StepMode = Literal["auto", "eager", "fast"]
 WARMUP_STEPS = 3
 
 
-def resolve_step(step: str, device: torch.device, world_size: int = 1) -> str:
+def resolve_step(step: str, device: torch.device, world_size: int = 1, zero: bool = False) -> str:
     """``auto`` -> ``fast`` on CUDA, ``eager`` elsewhere (bf16 convolutions and graphs do not pay on a CPU).
 
     A multi-process run takes the eager step: the captured graph would have to hold DDP's gradient
-    all-reduce as well, which this step does not capture (yet).
+    all-reduce as well, which this step does not capture (yet). So does a DeepSpeed (``zero``) run.
     """
     if step not in ("auto", "eager", "fast"):
         raise ValueError(f"step must be 'auto', 'eager' or 'fast', got {step!r}")
+    if zero:
+        if step == "fast":
+            raise ValueError(
+                "step=fast (the step as one CUDA graph) and deepspeed.enabled cannot be combined: DeepSpeed's "
+                "gradient reduction runs outside any graph. Use step=auto or step=eager with DeepSpeed."
+            )
+        return "eager"
     if world_size > 1:
         if step == "fast":
             raise ValueError(f"step=fast runs one process; this run has {world_size}: use step=auto or eager")

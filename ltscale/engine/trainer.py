@@ -112,12 +112,7 @@ class Trainer:
         self.progress = progress or Progress(enabled=False)
         _, self.world_size = rank_and_world_size()
         use_zero = deepspeed is not None and deepspeed.enabled
-        if use_zero and step == "fast":
-            raise ValueError(
-                "step=fast (the step as one CUDA graph) and deepspeed.enabled cannot be combined: DeepSpeed's "
-                "gradient reduction runs outside any graph. Use step=auto or step=eager with DeepSpeed."
-            )
-        self.step = "eager" if use_zero else resolve_step(step, device, self.world_size)  # "fast": fast_step.py
+        self.step = resolve_step(step, device, self.world_size, zero=use_zero)  # "fast": fast_step.py
         self.fast_step: FastStep | None = None
         parameters = list(task.trainable_parameters())  # type: ignore[operator]
         if not parameters:

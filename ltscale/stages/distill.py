@@ -31,8 +31,8 @@ def run(config: DistillConfig, ctx: StageContext, inputs: dict[str, StageOutput]
         if teacher_output.kind != "soft_labels":
             raise ValueError(f"stage {ctx.name}: method=ssd distils stored soft labels; {teacher_output.name!r} is a {teacher_output.kind} stage")
         soft = load_soft_labels(teacher_output, ctx.bundle.train.fingerprint(), len(ctx.bundle.train))
-        zero = ctx.deepspeed is not None and ctx.deepspeed.enabled  # the trainer takes the eager step with DeepSpeed
-        step = "eager" if zero else resolve_step(ctx.step, ctx.device, rank_and_world_size()[1])
+        step = resolve_step(ctx.step, ctx.device, rank_and_world_size()[1],  # the step the trainer will take
+                            zero=ctx.deepspeed is not None and ctx.deepspeed.enabled)
         soft = soft.to(soft_label_device(soft.numel() * soft.element_size(), ctx.device, step))
         heads = {"hard": HeadSpec("linear", classes), "soft": HeadSpec("linear", classes)}
         network = ctx.new_network(config.model, heads, predict_head="hard")
