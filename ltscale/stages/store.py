@@ -81,19 +81,13 @@ class Store:
         known = {**manifest.get("stats", {}), **_read_verified(directory)}
         rehashed = {}
         for role, filename in manifest.get("files", {}).items():
-            path = directory / filename
-            if not path.is_file():
-                log.warning("stage output %s: %s is missing; recomputing", directory, filename)
+            problem, stat = _check_file(directory / filename, recorded.get(role), known.get(role))
+            if problem:
+                # Recompute instead of handing a corrupt checkpoint to the next stage.
+                log.warning("stage output %s: %s %s; recomputing", directory, filename, problem)
                 return None
-            stat = _stat(path)
-            if known.get(role) == stat:
-                continue  # unchanged since it was last hashed
-            if recorded.get(role) != file_checksum(path):
-                # A file changed after the stage finished: recompute instead of handing a
-                # corrupt checkpoint to the next stage.
-                log.warning("stage output %s: %s does not match its checksum; recomputing", directory, filename)
-                return None
-            rehashed[role] = stat  # touched or copied, same bytes
+            if stat is not None:
+                rehashed[role] = stat  # touched or copied, same bytes
         if rehashed:
             try:
                 atomic_write_json({**_read_verified(directory), **rehashed}, directory / VERIFIED)
@@ -115,14 +109,9 @@ class Store:
             except (OSError, json.JSONDecodeError) as error:
                 found.append((directory, f"unreadable manifest ({error})"))
                 continue
-            problems = []
-            for role, filename in manifest.get("files", {}).items():
-                path = directory / filename
-                if not path.is_file():
-                    problems.append(f"{filename} missing")
-                elif manifest.get("checksums", {}).get(role) != file_checksum(path):
-                    problems.append(f"{filename} does not match its checksum")
-            found.append((directory, "; ".join(problems) or "ok"))
+            checks = {filename: _check_file(directory / filename, manifest.get("checksums", {}).get(role))[0]
+                      for role, filename in manifest.get("files", {}).items()}
+            found.append((directory, "; ".join(f"{name} {problem}" for name, problem in checks.items() if problem) or "ok"))
         return found
 
     def finish(self, name: str, kind: str, key: str, manifest: dict[str, Any]) -> StageOutput:
@@ -135,6 +124,20 @@ class Store:
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_json(manifest, directory / MANIFEST)
         return StageOutput(name, kind, key, directory, manifest)
+
+
+def _check_file(path: Path, checksum: str | None, known_stat: list[int] | None = None) -> tuple[str | None, list[int] | None]:
+    """``(problem, stat)``: ``problem`` is None when the file is there with its recorded bytes,
+    which are not read when its size and time equal ``known_stat``; ``stat`` is returned when the
+    file was hashed and matched (to remember), else None."""
+    if not path.is_file():
+        return "is missing", None
+    stat = _stat(path)
+    if known_stat == stat:
+        return None, None
+    if checksum != file_checksum(path):
+        return "does not match its checksum", None
+    return None, stat
 
 
 def _read_verified(directory: Path) -> dict[str, list[int]]:
