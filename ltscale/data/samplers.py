@@ -138,7 +138,7 @@ class ShardSampler(torch.utils.data.Sampler[int]):
 
     Padding (as the training samplers do) would count some test images twice and skew the
     per-class accuracy of few-shot classes; the shards instead differ in length by at most one,
-    and :func:`ltscale.dist.gather.gather_strided_rows` puts per-image results back in order.
+    and :func:`ltscale.dist.gather.gather_strided_rows_to_main` puts per-image results back in order.
     """
 
     def __init__(self, dataset_size: int, rank: int = 0, world_size: int = 1) -> None:

@@ -74,34 +74,15 @@ def broadcast_object(value):
     return box[0]
 
 
-@torch.no_grad()
-def gather_strided_rows(local: torch.Tensor, total_rows: int) -> torch.Tensor:
-    """Reassemble rows sharded round-robin (rank r holds rows r, r + W, r + 2W, ...) on every rank.
-
-    local: (ceil or floor of total_rows / W, ...) -> (total_rows, ...) in the original order. The
-    shards differ in length by at most one row; each is padded to the longest for the collective.
-    """
-    rank, world_size = rank_and_world_size()
-    if world_size == 1:
-        return local
-    per_rank = -(-total_rows // world_size)
-    expected = len(range(rank, total_rows, world_size))
-    if local.shape[0] != expected:
-        raise ValueError(f"rank {rank} holds {local.shape[0]} rows of a {total_rows}-row round-robin shard; expected {expected}")
-    padded = local.new_zeros((per_rank, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    gathered = all_gather_no_grad(padded).view(world_size, per_rank, *local.shape[1:])
-    return gathered.transpose(0, 1).reshape(world_size * per_rank, *local.shape[1:])[:total_rows]
-
-
 GATHER_CHUNK_BYTES = 256 << 20
 """What each rank receives per collective in :func:`gather_strided_rows_to_main`, all ranks' rows together."""
 
 
 @torch.no_grad()
 def gather_strided_rows_to_main(local: torch.Tensor, total_rows: int) -> torch.Tensor | None:
-    """:func:`gather_strided_rows` for results too large to hold twice on every rank: the whole
-    (total_rows, ...) tensor is assembled on rank 0 only, in host memory; other ranks get None.
+    """Reassemble rows sharded round-robin (rank r holds rows r, r + W, r + 2W, ...) on rank 0
+    only, in host memory, in the original order: (total_rows, ...) there, None on other ranks.
+    The shards differ in length by at most one row; each is padded to the longest per collective.
 
     The shards travel in chunks of rows (about ``GATHER_CHUNK_BYTES`` per collective), so no rank
     ever holds more than its own shard plus one chunk on the device. iNat18's soft labels (437k x
