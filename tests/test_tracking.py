@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -241,13 +242,51 @@ def test_code_version_without_git_reads_the_carried_file(tmp_path: Path) -> None
     written where git was by `python -m ltscale.tracking.provenance`."""
     repo = Path(__file__).resolve().parents[1]
     written = subprocess.run([sys.executable, "-m", "ltscale.tracking.provenance"], cwd=repo, capture_output=True, text=True,
-                             check=True).stdout.strip()
-    assert written == code_version()
+                             check=True).stdout
+    assert written.splitlines()[0] == code_version()
     (tmp_path / ".code-version").write_text(f"{'a' * 40}-dirty\n")
     assert code_version(tmp_path) == f"{'a' * 40}-dirty"
     (tmp_path / ".code-version").write_text("\n")  # empty: not a version
     assert code_version(tmp_path) != ""
 
+
+def test_code_version_record_marks_a_changed_copy_stale(tmp_path: Path) -> None:
+    """The record carried to a machine without git names the commit only while the copy's files
+    are the ones it was written for: an edited or missing file makes the version ``-stale``."""
+    from ltscale.tracking.provenance import STALE_SUFFIX, code_version_record
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "pkg").mkdir()
+    (repo / "pkg" / "a.py").write_text("x = 1\n")
+    (repo / "b.py").write_text("y = 2\n")
+    (repo / ".gitignore").write_text(".data/\n.code-version\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    commit = git("rev-parse", "HEAD")
+    (repo / ".data").mkdir()
+    (repo / ".data" / "big.npz").write_bytes(b"0" * 100)  # ignored: not part of the code
+    record = code_version_record(repo)
+    assert record.splitlines()[0] == commit and "pkg/a.py" in record and ".data/big.npz" not in record
+
+    copy = tmp_path / "copy"  # what a device call gets: the files, no .git
+    shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(".git"))
+    (copy / ".code-version").write_text(record)
+    assert code_version(copy) == commit
+    (copy / ".data" / "big.npz").write_bytes(b"1")  # ignored files may change freely
+    assert code_version(copy) == commit
+    (copy / "pkg" / "a.py").write_text("x = 3\n")
+    assert code_version(copy) == commit + STALE_SUFFIX
+    (copy / "pkg" / "a.py").write_text("x = 1\n")
+    assert code_version(copy) == commit
+    (copy / "b.py").unlink()
+    assert code_version(copy) == commit + STALE_SUFFIX
 
 def test_code_version_reads_git(tmp_path: Path) -> None:
     def git(*args: str) -> str:

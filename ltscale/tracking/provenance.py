@@ -86,15 +86,70 @@ def uncommitted_changes(source_dir: Path | None = None, max_bytes: int = MAX_PAT
 CODE_VERSION_FILE = ".code-version"
 """Ignored by git; carried with a copy of the tree that has no .git, it names the code's commit."""
 
+STALE_SUFFIX = "-stale"
+"""Marks a version read from a ``CODE_VERSION_FILE`` whose files have changed since it was written."""
+
+_DIGEST_PREFIX = "sha256 "
+
+
+def _tree_digest(top: Path, names: list[str]) -> str | None:
+    """sha256 over the named files' paths and contents; None if one is missing or unreadable."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        try:
+            content = (top / name).read_bytes()
+        except OSError:
+            return None
+        digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
+    return digest.hexdigest()
+
+
+def code_version_record(source_dir: Path | None = None) -> str:
+    """What ``CODE_VERSION_FILE`` holds: the code version, then a digest of the files a copy of the
+    tree carries (tracked, and untracked but not ignored) and their names, so that a copy whose
+    files changed after the record was written is not credited to that commit. Without git, the
+    version line alone."""
+    version = code_version(source_dir)
+    directory, marker = _source(source_dir)
+    root = _git(directory, "rev-parse", "--show-toplevel") if _git_version(directory, marker) else None
+    listing = _git(root, "ls-files", "--cached", "--others", "--exclude-standard", "-z", strip=False) if root else None
+    if not listing:
+        return version + "\n"
+    names = sorted({n for n in listing.split("\0") if n and n != CODE_VERSION_FILE and (Path(root) / n).is_file()})
+    digest = _tree_digest(Path(root), names)
+    if digest is None:
+        return version + "\n"
+    return "\n".join([version, f"# {len(names)} files; where git is absent a changed digest marks the version {STALE_SUFFIX}",
+                       _DIGEST_PREFIX + digest, *names]) + "\n"
+
+
+def _recorded_version(top: Path) -> str | None:
+    """The version in ``top/CODE_VERSION_FILE``, with ``STALE_SUFFIX`` when its files changed since."""
+    lines = (top / CODE_VERSION_FILE).read_text().splitlines()
+    if not lines or not lines[0].strip():
+        return None
+    version = lines[0].strip()
+    digests = [line[len(_DIGEST_PREFIX):].strip() for line in lines[1:] if line.startswith(_DIGEST_PREFIX)]
+    if not digests:  # a record of the version alone: nothing to check it against
+        return version
+    start = next(i for i, line in enumerate(lines) if line.startswith(_DIGEST_PREFIX)) + 1
+    names = [line for line in lines[start:] if line]
+    # A file added to the copy after the record is not seen, but code only runs once something
+    # listed (an import, a recipe registry) changes to use it.
+    return version if _tree_digest(top, names) == digests[0] else version + STALE_SUFFIX
+
 
 def code_version(source_dir: Path | None = None) -> str:
     """The git commit (``-dirty`` if the tree has changes) of the ltscale source checkout.
 
-    Without git (a copy of the tree, as a lent GPU machine gets), the first line of
+    Without git (a copy of the tree, as a lent GPU machine gets), the version recorded in
     ``CODE_VERSION_FILE`` at the tree's top, written where git was (``python -m
-    ltscale.tracking.provenance > .code-version``); then the installed ``ltscale`` package version,
-    then ``"unknown"``. Never raises. ``source_dir`` (a directory inside a checkout) is for tests;
-    by default the checkout holding this file is used.
+    ltscale.tracking.provenance > .code-version``), with ``-stale`` appended when the files it
+    lists no longer have the contents they had then; then the installed ``ltscale`` package
+    version, then ``"unknown"``. Never raises. ``source_dir`` (a directory inside a checkout) is
+    for tests; by default the checkout holding this file is used.
     """
     try:
         version = _git_version(*_source(source_dir))
@@ -104,9 +159,9 @@ def code_version(source_dir: Path | None = None) -> str:
         pass
     try:
         top = Path(source_dir).resolve() if source_dir is not None else Path(__file__).resolve().parents[2]
-        recorded = (top / CODE_VERSION_FILE).read_text().strip().splitlines()
-        if recorded and recorded[0].strip():
-            return recorded[0].strip()
+        recorded = _recorded_version(top)
+        if recorded:
+            return recorded
     except Exception:  # noqa: BLE001
         pass
     try:
@@ -116,4 +171,4 @@ def code_version(source_dir: Path | None = None) -> str:
 
 
 if __name__ == "__main__":  # python -m ltscale.tracking.provenance > .code-version
-    print(code_version())
+    print(code_version_record(), end="")
