@@ -194,6 +194,26 @@ def test_key_encoder_gets_no_gradient_is_not_trainable_and_is_updated_once_per_s
 
 
 
+def test_moco_task_classifies_the_query_view_and_enqueues_keys_of_the_updated_key_encoder():
+    """SSD (4.2.1): the stronger MoCo v2 augmentation is for the momentum encoder's input only, so
+    the classification loss and the queries see ``image``; the keys (positives, then enqueued) come
+    from the key encoder after this step's momentum update."""
+    task, network = _tiny_task(shuffle_bn="none")  # no shuffle: keys are the plain key-encoder output
+    task.train()
+    moco = task.moco
+    with torch.no_grad():  # query != key so that the order of update and keys is visible
+        for p in network.backbone.parameters():
+            p.add_(0.5)
+    batch = _views()
+    out = task(batch)
+    with torch.no_grad():
+        expected_logits = network.heads["cls"](network.backbone(batch["image"]))
+        expected_keys = moco._encode(batch["image_key"])  # the encoder as updated by the step
+    torch.testing.assert_close(out["logits"], expected_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moco.queue[:8], expected_keys, rtol=1e-5, atol=1e-6)
+    assert moco.queue_labels[:8].tolist() == batch["target"].tolist()
+
+
 class _ListLoader:
     def __init__(self, batches):
         self.batches = batches
@@ -506,6 +526,14 @@ def _two_rank_worker(rank: int, world_size: int, port: int) -> None:
         queues = all_gather_no_grad(moco.queue[None])
         assert torch.equal(queues[0], queues[1])
         torch.testing.assert_close(moco.queue[4 * rank : 4 * rank + 4], keys, rtol=0, atol=0)
+
+        # shuffle_bn=sub_batch on several ranks: each rank shuffles its own batch (the task's
+        # permutation has the local batch's size, not the global one's).
+        task, _ = _tiny_task(shuffle_bn="sub_batch", sub_batches=2)
+        task.train()
+        assert task.step_randomness(4, CPU)["key_permutation"].shape == (4,)
+        out = task(_views(batch=4, seed=rank))
+        assert torch.isfinite(out["loss"]) and int(task.moco.queue_pointer) == 8
     finally:
         dist.destroy_process_group()
 

@@ -23,7 +23,7 @@ the link by normalising the keys over a different set of samples than the querie
 - ``ddp``: the key batch is all-gathered, permuted with a permutation drawn on rank 0 and
   broadcast, each rank encodes its slice of the shuffled global batch, and the keys are gathered
   and unshuffled back to this rank's images;
-- ``sub_batch`` (one process): the key batch is permuted and encoded in ``sub_batches`` chunks,
+- ``sub_batch`` (each process its own batch): the key batch is permuted and encoded in ``sub_batches`` chunks,
   each in train mode, so each key is normalised with the statistics of a random sub-batch while
   the queries are normalised over the whole batch (one GPU cannot emulate per-GPU BN otherwise);
 - ``none``: plain batch norm over the whole key batch (for ablations; prone to the leak);

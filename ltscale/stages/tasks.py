@@ -140,12 +140,14 @@ class MoCoTask(_Task):
         return self.loss.weights is not None
 
     def step_randomness(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """The shuffled-BN permutation of this step's key batch (the global one under DDP), drawn
-        from the task's generator outside a CUDA graph, as the rotation labels are."""
-        if self.moco.config.shuffle_bn == "none":
+        """The shuffled-BN permutation of this step's key batch (the global one under DDP; each
+        rank's own under ``sub_batch``), drawn from the task's generator outside a CUDA graph, as
+        the rotation labels are."""
+        mode = self.moco.shuffle_mode()
+        if mode == "none":
             return {}
-        _, world_size = rank_and_world_size()
-        return {"key_permutation": torch.randperm(batch_size * world_size, device=device, generator=self.generator)}
+        keys = batch_size * rank_and_world_size()[1] if mode == "ddp" else batch_size
+        return {"key_permutation": torch.randperm(keys, device=device, generator=self.generator)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, targets = batch["image"], batch["target"]
