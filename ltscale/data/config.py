@@ -148,7 +148,9 @@ class DataConfig:
 class SamplerConfig:
     """``instance``: every image once per epoch. ``class_balanced``: pick a class uniformly, then
     ``samples_per_class`` images of it (cycling through a per-class shuffled list), as in the
-    classifier-balancing code; the epoch has as many samples as the dataset."""
+    classifier-balancing code. The epoch has as many samples as the dataset, as in SSD-LT's code
+    (classifier-balancing's epoch is the largest class's size times the number of classes: 4.6x
+    longer on CIFAR-100-LT IF 100)."""
 
     kind: Literal["instance", "class_balanced"] = "instance"
     samples_per_class: int = 1
