@@ -159,12 +159,13 @@ class MoCo(nn.Module):
         torch._foreach_add_(key, query, alpha=1.0 - momentum)
 
     def project_queries(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, D) query features -> (N, P) normalised queries."""
-        return F.normalize(self.query_projection(features), dim=1)
+        """(N, D) query features -> (N, P) normalised queries, float32 (under bf16 autocast the
+        projection is bf16; normalised in bf16, the similarities / 0.2 would be off by up to ~0.005)."""
+        return F.normalize(self.query_projection(features).float(), dim=1)
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.key_projection(self.key_encoder(images)), dim=1)  # (B, P)
+        return F.normalize(self.key_projection(self.key_encoder(images)).float(), dim=1)  # (B, P), float32 as the queries
 
     @torch.no_grad()
     def encode_keys(self, images: torch.Tensor, permutation: torch.Tensor | None = None) -> torch.Tensor:
