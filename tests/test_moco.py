@@ -145,12 +145,12 @@ def test_momentum_update_is_the_exact_ema_of_the_parameters_only():
 # ---- task: gradients, trainable parameters, once-per-step update -------------------------------------
 
 
-def _tiny_task(queue_size: int = 16, **moco_kwargs) -> tuple[MoCoTask, Network]:
+def _tiny_task(queue_size: int = 16, device: torch.device = CPU, **moco_kwargs) -> tuple[MoCoTask, Network]:
     torch.manual_seed(0)
     network = Network(ModelConfig(arch="resnet8", width=4), {"cls": HeadSpec(kind="linear", num_outputs=3)}, "cls")
     moco = MoCo(MoCoConfig(queue_size=queue_size, projection_dim=8, **moco_kwargs), network.backbone, network.feature_dim)
-    loss = build_classification_loss(LossConfig(kind="ce"), np.array([10, 5, 2]), CPU)
-    task = MoCoTask(network, moco, loss, moco_weight=1.0, seed=0)
+    loss = build_classification_loss(LossConfig(kind="ce"), np.array([10, 5, 2]), device)
+    task = MoCoTask(network.to(device), moco.to(device), loss, moco_weight=1.0, seed=0)
     task.set_epoch(0)
     return task, network
 
@@ -253,6 +253,47 @@ def test_fast_step_trains_the_moco_task_as_the_eager_step_does(tmp_path):
     assert int(states[0]["moco.queue_pointer"]) == 24 % 16
     for name, value in states[0].items():
         torch.testing.assert_close(states[1][name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_moco_graph_replay_equals_eager_on_gpu():
+    """Under CUDA graphs the queue copy and write, the device-side pointer, the momentum update and
+    the shuffle indexing replay as the eager step runs them (full and partial batches, fp32)."""
+    from ltscale.engine.fast_step import FastStep
+
+    device = torch.device("cuda")
+    batches = [{k: v.to(device) for k, v in _views(batch=8, seed=seed).items()} for seed in range(3)]
+    batches.append({k: v.to(device) for k, v in _views(batch=6, seed=3).items()})  # the partial last batch
+    tasks, steps = [], []
+    for graphs in (False, True):
+        task, _ = _tiny_task(queue_size=20, device=device)  # 20: the enqueue wraps mid-batch
+        optimizer = torch.optim.SGD(task.trainable_parameters(), lr=0.01, momentum=0.9, weight_decay=2e-4)
+        tasks.append(task)
+        steps.append(FastStep(task, optimizer, device, None, graphs=graphs, cudnn_benchmark=False))
+    previous = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        for epoch in range(5):  # graphs are captured after the eager warm-up steps
+            losses = []
+            for task, step in zip(tasks, steps):
+                task.set_epoch(epoch)
+                task.train()
+                totals = step.begin_epoch()
+                for index, batch in enumerate(batches):
+                    step(batch, 0.01 * (1 + index) / len(batches))
+                losses.append(totals.tolist())
+            np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+        assert steps[1]._captured, "no graph was captured"
+        states = [task.network.state_dict() for task in tasks]
+        assert int(states[1]["moco.queue_pointer"]) == int(states[0]["moco.queue_pointer"]) == (5 * 30) % 20
+        assert torch.equal(states[1]["moco.queue_labels"], states[0]["moco.queue_labels"])
+        for name, value in states[0].items():
+            torch.testing.assert_close(states[1][name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    finally:
+        torch.backends.cudnn.deterministic = previous
+        for step in steps:
+            step.close()
 
 # ---- InfoNCE -----------------------------------------------------------------------------------
 
