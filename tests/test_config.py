@@ -228,8 +228,9 @@ def test_a_stage_consuming_a_missing_stage_is_rejected():
 @pytest.mark.parametrize("override, message", [
     ("stages.student.temperature_from=teacher",
      "stage 'student' takes T and p from a virtual_examples stage, but its temperature_from 'teacher' produces a model"),
-    ("stages.student.method=ssd",
-     "stage 'student' (method=ssd) distils stored soft labels, but its teacher 'teacher' produces a model"),
+    ("stages.student.method=ssd,stages.student.teacher=virtual_examples",
+     "stage 'student' (method=ssd) distils stored soft labels or a teacher model run on each batch, but its teacher "
+     "'virtual_examples' produces a virtual-example distribution"),
     ("stages.student.teacher=virtual_examples",
      "stage 'student' (method=dive) distils from a teacher model run on each batch, but its teacher 'virtual_examples' "
      "produces a virtual-example distribution"),
@@ -237,7 +238,7 @@ def test_a_stage_consuming_a_missing_stage_is_rejected():
 def test_a_stage_fed_the_wrong_kind_of_output_is_refused_before_anything_trains(override, message):
     dive = get_recipe("demo/dive")
     with pytest.raises(ValueError, match=re.escape(message)):
-        apply_overrides(dive, [override])
+        apply_overrides(dive, override.split(","))
 
 
 def test_rebalancing_needs_a_model_and_one_of_its_classifier_heads():

@@ -118,6 +118,18 @@ def test_dive_pipeline_and_rerun_skips_unchanged_stages(tmp_path):
     assert bsce.cached == ["teacher"]
 
 
+def test_ssd_student_distils_the_teacher_model_online_when_pointed_at_it(tmp_path):
+    """stages.student.teacher=teacher_lws: the student is distilled from the LWS teacher run on each
+    augmented batch instead of the stored soft labels; a different student key, the same teachers."""
+    online = run_pipeline(apply_overrides(tiny("ssd", tmp_path), ["stages.student.teacher=teacher_lws"]))
+    assert online.executed == ["teacher", "teacher_lws", "soft_labels", "student", "student_lws"]
+    manifest = json.loads((online.outputs["student"].directory / "manifest.json").read_text())
+    assert manifest["parents"]["teacher"]["key"] == online.outputs["teacher_lws"].key
+    assert 0 <= online.metrics("student")["test/soft/top1"] <= 100
+    stored = run_pipeline(tiny("ssd", tmp_path))
+    assert stored.cached == ["teacher", "teacher_lws", "soft_labels"] and stored.executed == ["student", "student_lws"]
+    assert stored.outputs["student"].key != online.outputs["student"].key
+
 class _Interrupt(Exception):
     pass
 

@@ -71,6 +71,37 @@ def test_the_student_task_holds_the_table_as_an_attribute_not_a_buffer():
     torch.testing.assert_close(out["loss"], expected)
 
 
+
+def test_the_student_task_can_distil_a_teacher_run_in_eval_mode_on_each_batch():
+    """The online variant (SSD-LT's public code): soft targets are the frozen teacher's logits on
+    the student's augmented batch, with the teacher's trained batch-norm statistics."""
+    from ltscale.losses.functional import ssd_hybrid_loss
+    from ltscale.losses.modules import distillation_losses
+    from ltscale.models.heads import HeadSpec
+    from ltscale.models.network import ModelConfig, Network
+    from ltscale.stages.tasks import SSDDistillTask
+
+    torch.manual_seed(0)
+    heads = {"hard": HeadSpec("linear", 3), "soft": HeadSpec("linear", 3)}
+    student = Network(ModelConfig(arch="resnet8", width=4), heads, "hard")
+    teacher = Network(ModelConfig(arch="resnet8", width=4), {"cls": HeadSpec("linear", 3)}, "cls")
+    statistics = {name: value.clone() for name, value in teacher.state_dict().items()}
+    task = SSDDistillTask(student, teacher, distillation_losses("torch", torch.device("cpu")), 2.0, 1.0, 1.0)
+    task.train()
+    assert not teacher.training and student.training
+    assert {id(p) for p in task.trainable_parameters()} == {id(p) for p in student.parameters()}
+    batch = {"image": torch.randn(4, 3, 8, 8), "target": torch.tensor([0, 1, 2, 0])}  # no index needed
+    out = task(batch)
+    out["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    for name, value in teacher.state_dict().items():  # eval mode: running statistics untouched
+        assert torch.equal(value, statistics[name]), name
+    with torch.no_grad():
+        teacher_logits = teacher(batch["image"], heads=("cls",))["cls"]  # eval mode, as in the task
+        student_out = student(batch["image"], heads=("hard", "soft"))  # train mode, as in the task
+    expected = ssd_hybrid_loss(student_out["hard"], student_out["soft"], batch["target"], teacher_logits, 2.0, 1.0, 1.0)
+    torch.testing.assert_close(out["loss"], expected)
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_host_table_serves_a_gpu_batch():

@@ -116,8 +116,10 @@ class SoftLabelsConfig:
 class DistillConfig:
     """Stage III: a freshly initialised student distilled from ``teacher``.
 
-    ``ssd``: two linear heads on one feature, CE on the hard head + KD (temperature T) against the
-    stored soft labels of stage ``teacher`` (a soft_labels stage) on the soft head.
+    ``ssd``: two linear heads on one feature, CE on the hard head + KD (temperature T) on the soft
+    head against the stored soft labels of stage ``teacher`` (a soft_labels stage: the paper's
+    offline labels), or against a ``teacher`` model stage run in eval mode on each augmented batch
+    (as SSD-LT's public code does; the recipes' soft_labels stage then still runs, unused).
     ``dive``: one head, alpha * KD_{T,p} + (1 - alpha) * BSCE against the ``teacher`` model stage run
     in eval mode on the same augmented batch. With ``temperature_from`` naming a
     virtual_examples stage, T and p are that stage's rule-of-thumb choice.
@@ -221,9 +223,9 @@ def _check_inputs(pipeline: str, name: str, stage: StageConfig, products: dict[s
     """Refuse, before anything trains, a stage fed the wrong kind of output (found otherwise only
     when the stage starts, after its parents have trained); return what the stage produces."""
 
-    def need(role: str, parent: str, kind: str, why: str) -> _Product:
+    def need(role: str, parent: str, kind: str | tuple[str, ...], why: str) -> _Product:
         product = products[parent]
-        if product.kind != kind:
+        if product.kind not in ((kind,) if isinstance(kind, str) else kind):
             raise ValueError(f"pipeline {pipeline!r}: stage {name!r} {why}, but its {role} {parent!r} "
                              f"produces {_PRODUCT_WORDS[product.kind]}")
         return product
@@ -244,7 +246,8 @@ def _check_inputs(pipeline: str, name: str, stage: StageConfig, products: dict[s
         return _Product("virtual_examples")
     if isinstance(stage, DistillConfig):
         if stage.method == "ssd":
-            need("teacher", stage.teacher, "soft_labels", "(method=ssd) distils stored soft labels")
+            need("teacher", stage.teacher, ("soft_labels", "model"),
+                 "(method=ssd) distils stored soft labels or a teacher model run on each batch")
         else:
             need("teacher", stage.teacher, "model", "(method=dive) distils from a teacher model run on each batch")
         if stage.temperature_from:

@@ -27,18 +27,23 @@ def run(config: DistillConfig, ctx: StageContext, inputs: dict[str, StageOutput]
         temperature, power = float(chosen["temperature"]), float(chosen["power"])
     ctx.run.log_params({"resolved.temperature": temperature, "resolved.power": power})
     teacher_output = inputs["teacher"]
+    has_model = "model" in teacher_output.manifest.get("files", {})
     if config.method == "ssd":
-        if teacher_output.kind != "soft_labels":
-            raise ValueError(f"stage {ctx.name}: method=ssd distils stored soft labels; {teacher_output.name!r} is a {teacher_output.kind} stage")
-        soft = load_soft_labels(teacher_output, ctx.bundle.train.fingerprint(), len(ctx.bundle.train))
-        step = resolve_step(ctx.step, ctx.device, rank_and_world_size()[1],  # the step the trainer will take
-                            zero=ctx.deepspeed is not None and ctx.deepspeed.enabled)
-        soft = soft.to(soft_label_device(soft.numel() * soft.element_size(), ctx.device, step))
+        if teacher_output.kind == "soft_labels":
+            soft = load_soft_labels(teacher_output, ctx.bundle.train.fingerprint(), len(ctx.bundle.train))
+            step = resolve_step(ctx.step, ctx.device, rank_and_world_size()[1],  # the step the trainer will take
+                                zero=ctx.deepspeed is not None and ctx.deepspeed.enabled)
+            soft = soft.to(soft_label_device(soft.numel() * soft.element_size(), ctx.device, step))
+        elif has_model:  # the teacher run on each augmented batch
+            soft = load_model(teacher_output.file("model"), ctx.device)
+        else:
+            raise ValueError(f"stage {ctx.name}: method=ssd distils stored soft labels or a teacher model; "
+                             f"{teacher_output.name!r} is a {teacher_output.kind} stage")
         heads = {"hard": HeadSpec("linear", classes), "soft": HeadSpec("linear", classes)}
         network = ctx.new_network(config.model, heads, predict_head="hard")
         task = SSDDistillTask(network, soft, losses, temperature, config.hard_weight, config.soft_weight)
     else:
-        if "model" not in teacher_output.manifest.get("files", {}):
+        if not has_model:
             raise ValueError(f"stage {ctx.name}: method=dive needs a teacher model; {teacher_output.name!r} is a {teacher_output.kind} stage")
         teacher = load_model(teacher_output.file("model"), ctx.device)
         network = ctx.new_network(config.model, {"cls": HeadSpec("linear", classes)}, predict_head="cls")

@@ -196,37 +196,61 @@ class RebalanceTask(_Task):
         return {"loss": F.cross_entropy(logits.float(), batch["target"]), "logits": logits, "target": batch["target"]}
 
 
-class SSDDistillTask(_Task):
-    """SSD stage III: CE on the ``hard`` head + KD_T on the ``soft`` head against stored soft labels.
+def _frozen_teacher_logits(teacher: Network, images: torch.Tensor) -> torch.Tensor:
+    """The frozen teacher's predicting head on ``images``: float32, no gradient. The task keeps the
+    teacher in eval mode (its batch-norm statistics are the trained ones, never this batch's)."""
+    with torch.no_grad():
+        return teacher(images, heads=(teacher.predict_head,))[teacher.predict_head].float()
 
-    ``soft_label_logits`` is (N_train, C), looked up by the batch's dataset indices: on the batch's
-    device, or in host memory when it is too large for the GPU (see ``soft_label_device``). It is
-    a plain attribute, not a buffer: DDP would broadcast a buffer from rank 0 when it wraps the
-    task, and every rank already has the same table.
+
+class SSDDistillTask(_Task):
+    """SSD stage III: CE on the ``hard`` head + KD_T on the ``soft`` head against the teacher's logits.
+
+    ``soft_targets`` is either the stored soft labels, an (N_train, C) table of the teacher's logits
+    on the unaugmented training images (the paper's stage II output), looked up by the batch's
+    dataset indices, or a frozen teacher network run in eval mode on the student's augmented batch
+    (as SSD-LT's public code does). The table sits on the batch's device, or in host memory when it
+    is too large for the GPU (see ``soft_label_device``); it is a plain attribute, not a buffer:
+    DDP would broadcast a buffer from rank 0 when it wraps the task, and every rank already has it.
     """
 
-    def __init__(self, network: Network, soft_label_logits: torch.Tensor, losses: DistillationLosses,
+    def __init__(self, network: Network, soft_targets: torch.Tensor | Network, losses: DistillationLosses,
                  temperature: float, hard_weight: float, soft_weight: float) -> None:
         super().__init__()
         self.network = network
-        self.soft_label_logits = soft_label_logits
+        if isinstance(soft_targets, Network):
+            self.teacher: Network | None = soft_targets.requires_grad_(False)
+            self.soft_label_logits: torch.Tensor | None = None
+        else:
+            self.teacher, self.soft_label_logits = None, soft_targets
         self.losses = losses
         self.temperature = temperature
         self.hard_weight = hard_weight
         self.soft_weight = soft_weight
 
+    def train(self, mode: bool = True) -> "SSDDistillTask":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.network.parameters())
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.network(batch["image"], heads=("hard", "soft"))
+    def _soft_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.teacher is not None:
+            return _frozen_teacher_logits(self.teacher, batch["image"])
         index = batch["index"]
         if self.soft_label_logits.device == index.device:
-            teacher = self.soft_label_logits[index].float()
-        else:  # a host-resident table (eager step only): the rows cross over, not the table
-            teacher = self.soft_label_logits[index.cpu()].to(index.device, non_blocking=True).float()
+            return self.soft_label_logits[index].float()
+        # A host-resident table (eager step only): the rows cross over, not the table.
+        return self.soft_label_logits[index.cpu()].to(index.device, non_blocking=True).float()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.network(batch["image"], heads=("hard", "soft"))
         loss = self.losses.ssd_hybrid(
-            out["hard"], out["soft"], batch["target"], teacher, self.temperature, self.hard_weight, self.soft_weight
+            out["hard"], out["soft"], batch["target"], self._soft_targets(batch), self.temperature, self.hard_weight,
+            self.soft_weight,
         )
         return {"loss": loss, "logits": out["hard"], "target": batch["target"]}
 
@@ -257,10 +281,9 @@ class DiVEDistillTask(_Task):
         return list(self.network.parameters())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            teacher_logits = self.teacher(batch["image"], heads=(self.teacher.predict_head,))[self.teacher.predict_head]
+        teacher_logits = _frozen_teacher_logits(self.teacher, batch["image"])
         logits = self.network(batch["image"], heads=("cls",))["cls"]
         loss = self.losses.dive(
-            logits, teacher_logits.float(), batch["target"], self.class_counts, self.temperature, self.power, self.alpha
+            logits, teacher_logits, batch["target"], self.class_counts, self.temperature, self.power, self.alpha
         )
         return {"loss": loss, "logits": logits, "target": batch["target"]}
