@@ -39,6 +39,13 @@ def test_past_the_papers_runs_are_planned_with_their_overrides(tmp_path):
     assert [c.split()[2] for c in commands] == ["cifar100-lt-if100/ssd", "cifar100-lt-if100/ssd-dive"]
     # SSD-DiVE shares SSD's lane: its self-supervised teacher and stage II come from the stage cache.
     assert all("/runs/if100-ssd-seed0 " in c and c.endswith("--set data.loader.cutout=16") for c in commands)
+    # ... but the variant's job files are its own: the plain SSD run's record is neither replaced
+    # by it nor taken for it.
+    files = [line.split("job file ")[1] for line in done.stdout.splitlines() if line.startswith("# lane ")]
+    plain = run_tool("--dry-run", "--data", str(tmp_path / "c.npz"), "--methods", "ssd", "--imbalance-factors", "100",
+                     "--seeds", "0", cwd=tmp_path)
+    assert "# lane if100-ssd-seed0, job file if100-ssd-seed0.json\n" in plain.stdout
+    assert files[0].startswith("if100-ssd-seed0-set") and files[0].endswith(".json") and files[1].startswith("if100-ssd-dive-seed0-set")
     refused = run_tool("--dry-run", "--data", "x.npz", "--methods", "ssd-dvie", cwd=tmp_path)
     assert refused.returncode != 0 and "choose from ce, bsce, lws, ldam-drw, dive, ssd, ssd-dive" in refused.stderr
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import hashlib
 import json
 import os
 import shlex
@@ -143,6 +144,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
     output_dir = Path(args.output_dir).resolve()
     plan = Plan()
+    # A variant (--set) shares its lanes' output directories, so it reuses their teachers, but
+    # writes job files of its own: it must not replace the plain run's record, nor be taken for it.
+    variant = f"-set{hashlib.sha256(json.dumps(args.overrides).encode()).hexdigest()[:8]}" if args.overrides else ""
     for imbalance_factor in args.imbalance_factors:
         for method in args.methods:
             recipe = recipe_name(args.recipe_prefix, imbalance_factor, method)
@@ -167,7 +171,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
                     tail += ["--device", args.device]
                 job = Job(method, imbalance_factor, seed, recipe, lane, [sys.executable, "-m", "ltscale", "run", *tail],
                           shlex.join(["ltscale", "run", *tail]), resolved.name, resolved.result,
-                          output_dir / "jobs" / f"if{imbalance_factor:g}-{method}-seed{seed}.json",
+                          output_dir / "jobs" / f"if{imbalance_factor:g}-{method}-seed{seed}{variant}.json",
                           {"recipe": recipe, "seed": seed, "epochs": args.epochs, "overrides": list(args.overrides)})
                 plan.jobs.append(job)
     order = {m: i for i, m in enumerate(METHODS)}
@@ -488,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for lane, jobs in plan.lanes.items():
             for job in jobs:
-                print(f"# lane {lane}\n{job.command}")
+                print(f"# lane {lane}, job file {job.record.name}\n{job.command}")
         return 0
     outcomes = [] if args.collect_only else run_plan(args, plan)
     result = aggregate(args, plan)
