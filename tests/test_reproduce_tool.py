@@ -147,3 +147,14 @@ def test_archive_skips_checkpoints_temporaries_and_files_that_vanish(tmp_path, m
     with tarfile.open(tmp_path / "out" / "t.tgz") as tar:
         assert tar.getnames() == ["runs/jobs/a.json"]
     assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_a_variant_table_names_the_overrides_that_made_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    import reproduce_cifar as tool
+
+    args = tool.parse_args(["--methods", "dive", "--imbalance-factors", "100", "--set", "stages.student.temperature=2"])
+    text = tool.markdown(args, {"table": [], "runs": [], "jobs": []}, {"written": "2026-11-24"})
+    assert text.splitlines()[0].startswith("### CIFAR-100-LT, ResNet-32, with `stages.student.temperature=2`: top-1")
+    plain = tool.markdown(tool.parse_args(["--methods", "dive"]), {"table": [], "runs": [], "jobs": []}, {"written": "x"})
+    assert "with `" not in plain.splitlines()[0]

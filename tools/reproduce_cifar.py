@@ -391,6 +391,8 @@ def markdown(args: argparse.Namespace, result: dict[str, Any], env: dict[str, An
     title = "CIFAR-100-LT, ResNet-32" if args.recipe_prefix.startswith("cifar100") else f"recipes {args.recipe_prefix}/*"
     if args.recipe_prefix.endswith("-bbn"):
         title += ", BBN's lr schedule (x0.01 after epochs 120 and 160)"
+    if args.overrides:
+        title += ", with " + ", ".join(f"`{item}`" for item in args.overrides)
     lines = [f"### {title}: top-1 (%) on the balanced test set, mean ± std over seeds", ""]
     if args.epochs:
         lines += [f"**Smoke run: every stage trained {args.epochs} epoch(s) instead of the recipe's; not comparable "
