@@ -267,6 +267,7 @@ def test_code_version_record_marks_a_changed_copy_stale(tmp_path: Path) -> None:
     (repo / "pkg" / "a.py").write_text("x = 1\n")
     (repo / "b.py").write_text("y = 2\n")
     (repo / ".gitignore").write_text(".data/\n.code-version\n")
+    (repo / "RESULTS.md").write_text("no numbers yet\n")
     git("add", ".")
     git("commit", "-q", "-m", "init")
     commit = git("rev-parse", "HEAD")
@@ -280,6 +281,7 @@ def test_code_version_record_marks_a_changed_copy_stale(tmp_path: Path) -> None:
     (copy / ".code-version").write_text(record)
     assert code_version(copy) == commit
     (copy / ".data" / "big.npz").write_bytes(b"1")  # ignored files may change freely
+    (copy / "RESULTS.md").write_text("a table written by the run\n")  # so may results and docs
     assert code_version(copy) == commit
     (copy / "pkg" / "a.py").write_text("x = 3\n")
     assert code_version(copy) == commit + STALE_SUFFIX

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import subprocess
 from pathlib import Path
@@ -94,8 +95,6 @@ _DIGEST_PREFIX = "sha256 "
 
 def _tree_digest(top: Path, names: list[str]) -> str | None:
     """sha256 over the named files' paths and contents; None if one is missing or unreadable."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name in sorted(names):
         try:
@@ -106,10 +105,15 @@ def _tree_digest(top: Path, names: list[str]) -> str | None:
     return digest.hexdigest()
 
 
+def _is_code(name: str) -> bool:
+    return name.endswith(".py") or name == "pyproject.toml"
+
+
 def code_version_record(source_dir: Path | None = None) -> str:
-    """What ``CODE_VERSION_FILE`` holds: the code version, then a digest of the files a copy of the
-    tree carries (tracked, and untracked but not ignored) and their names, so that a copy whose
-    files changed after the record was written is not credited to that commit. Without git, the
+    """What ``CODE_VERSION_FILE`` holds: the code version, then a digest of the code a copy of the
+    tree carries (its Python files and pyproject.toml, tracked or untracked but not ignored) and
+    their names, so that a copy whose code changed after the record was written is not credited to
+    that commit. Results and docs the tools rewrite in the copy do not count. Without git, the
     version line alone."""
     version = code_version(source_dir)
     directory, marker = _source(source_dir)
@@ -117,7 +121,7 @@ def code_version_record(source_dir: Path | None = None) -> str:
     listing = _git(root, "ls-files", "--cached", "--others", "--exclude-standard", "-z", strip=False) if root else None
     if not listing:
         return version + "\n"
-    names = sorted({n for n in listing.split("\0") if n and n != CODE_VERSION_FILE and (Path(root) / n).is_file()})
+    names = sorted({n for n in listing.split("\0") if _is_code(n) and (Path(root) / n).is_file()})
     digest = _tree_digest(Path(root), names)
     if digest is None:
         return version + "\n"
