@@ -193,7 +193,6 @@ def test_key_encoder_gets_no_gradient_is_not_trainable_and_is_updated_once_per_s
     assert {"loss", "logits", "target", "moco_loss"} <= set(out) and out["logits"].shape == (8, 3)
 
 
-
 def test_queries_and_keys_are_normalised_in_float32_under_bf16_autocast():
     task, network = _tiny_task()
     task.train()
@@ -204,6 +203,7 @@ def test_queries_and_keys_are_normalised_in_float32_under_bf16_autocast():
     for vectors in (queries, keys):
         assert vectors.dtype == torch.float32
         torch.testing.assert_close(vectors.norm(dim=1), torch.ones(8), rtol=0, atol=1e-6)
+
 
 def test_moco_task_classifies_the_query_view_and_enqueues_keys_of_the_updated_key_encoder():
     """SSD (4.2.1): the stronger MoCo v2 augmentation is for the momentum encoder's input only, so

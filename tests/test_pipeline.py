@@ -130,6 +130,7 @@ def test_ssd_student_distils_the_teacher_model_online_when_pointed_at_it(tmp_pat
     assert stored.cached == ["teacher", "teacher_lws", "soft_labels"] and stored.executed == ["student", "student_lws"]
     assert stored.outputs["student"].key != online.outputs["student"].key
 
+
 class _Interrupt(Exception):
     pass
 

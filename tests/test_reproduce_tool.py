@@ -59,7 +59,8 @@ def test_smoke_run_on_demo_recipes(tmp_path):
     results = tmp_path / "results"
     args = ["--recipe-prefix", "demo", "--methods", "ce,lws", "--imbalance-factors", "80", "--seeds", "0,1",
             "--epochs", "1", "--concurrency", "2", "--device", "cpu", "--output-dir", str(tmp_path / "runs"),
-            "--results-dir", str(results), "--set", "data.synthetic.max_per_class=100", "--set", "data.synthetic.test_per_class=10",
+            "--results-dir", str(results), "--results-name", "cifar100_lt",
+            "--set", "data.synthetic.max_per_class=100", "--set", "data.synthetic.test_per_class=10",
             "--archive", str(tmp_path / "out" / "table.tgz")]
     done = run_tool(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -70,8 +71,15 @@ def test_smoke_run_on_demo_recipes(tmp_path):
 
     with tarfile.open(tmp_path / "out" / "table.tgz") as tar:
         names = tar.getnames()
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from reproduce_cifar import variant_suffix
+    finally:
+        sys.path.pop(0)
+    suffix = variant_suffix(["data.synthetic.max_per_class=100", "data.synthetic.test_per_class=10"])
     assert sorted(n for n in names if n.startswith("runs/jobs/") and n.endswith(".json")) == [
-        f"runs/jobs/if80-{m}-seed{s}.json" for m in ("ce", "lws") for s in (0, 1)]
+        f"runs/jobs/if80-{m}-seed{s}{suffix}.json" for m in ("ce", "lws") for s in (0, 1)]
+    assert f"runs/logs/if80-ce-seed0{suffix}.log" in names
     assert {"results/cifar100_lt.json", "results/cifar100_lt.csv", "results/cifar100_lt.md"} <= set(names)
     assert any(n.startswith("runs/logs/") for n in names) and not any(n.endswith(".pt") for n in names)
     # ...and each lane's MLflow store and stage manifests: the runs the table's ids point to come back too
@@ -158,3 +166,6 @@ def test_a_variant_table_names_the_overrides_that_made_it(monkeypatch):
     assert text.splitlines()[0].startswith("### CIFAR-100-LT, ResNet-32, with `stages.student.temperature=2`: top-1")
     plain = tool.markdown(tool.parse_args(["--methods", "dive"]), {"table": [], "runs": [], "jobs": []}, {"written": "x"})
     assert "with `" not in plain.splitlines()[0]
+    # ... and its default table files are its own, not the plain table's.
+    assert args.results_name.startswith("cifar100_lt-set") and tool.parse_args([]).results_name == "cifar100_lt"
+    assert tool.parse_args(["--set", "seed=1", "--results-name", "mine"]).results_name == "mine"

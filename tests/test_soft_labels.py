@@ -71,7 +71,6 @@ def test_the_student_task_holds_the_table_as_an_attribute_not_a_buffer():
     torch.testing.assert_close(out["loss"], expected)
 
 
-
 def test_the_student_task_can_distil_a_teacher_run_in_eval_mode_on_each_batch():
     """The online variant (SSD-LT's public code): soft targets are the frozen teacher's logits on
     the student's augmented batch, with the teacher's trained batch-norm statistics."""
@@ -89,6 +88,7 @@ def test_the_student_task_can_distil_a_teacher_run_in_eval_mode_on_each_batch():
     task = SSDDistillTask(student, teacher, distillation_losses("torch", torch.device("cpu")), 2.0, 1.0, 1.0)
     task.train()
     assert not teacher.training and student.training
+    assert not any(p.requires_grad for p in teacher.parameters())
     assert {id(p) for p in task.trainable_parameters()} == {id(p) for p in student.parameters()}
     batch = {"image": torch.randn(4, 3, 8, 8), "target": torch.tensor([0, 1, 2, 0])}  # no index needed
     out = task(batch)
@@ -101,6 +101,7 @@ def test_the_student_task_can_distil_a_teacher_run_in_eval_mode_on_each_batch():
         student_out = student(batch["image"], heads=("hard", "soft"))  # train mode, as in the task
     expected = ssd_hybrid_loss(student_out["hard"], student_out["soft"], batch["target"], teacher_logits, 2.0, 1.0, 1.0)
     torch.testing.assert_close(out["loss"], expected)
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

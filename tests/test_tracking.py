@@ -243,7 +243,7 @@ def test_code_version_without_git_reads_the_carried_file(tmp_path: Path) -> None
     repo = Path(__file__).resolve().parents[1]
     written = subprocess.run([sys.executable, "-m", "ltscale.tracking.provenance"], cwd=repo, capture_output=True, text=True,
                              check=True).stdout
-    assert written.splitlines()[0] == code_version()
+    assert written.splitlines()[0].split("+")[0] == code_version()  # "+<digest>" follows "-dirty"
     (tmp_path / ".code-version").write_text(f"{'a' * 40}-dirty\n")
     assert code_version(tmp_path) == f"{'a' * 40}-dirty"
     (tmp_path / ".code-version").write_text("\n")  # empty: not a version
@@ -289,6 +289,14 @@ def test_code_version_record_marks_a_changed_copy_stale(tmp_path: Path) -> None:
     assert code_version(copy) == commit
     (copy / "b.py").unlink()
     assert code_version(copy) == commit + STALE_SUFFIX
+
+    # From a dirty tree: two different dirty states are told apart by the digest in the version.
+    (repo / "b.py").write_text("y = 3\n")
+    first = code_version_record(repo).splitlines()[0]
+    (repo / "b.py").write_text("y = 4\n")
+    second = code_version_record(repo).splitlines()[0]
+    assert first.startswith(f"{commit}-dirty+") and second.startswith(f"{commit}-dirty+") and first != second
+
 
 def test_code_version_reads_git(tmp_path: Path) -> None:
     def git(*args: str) -> str:

@@ -146,7 +146,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     plan = Plan()
     # A variant (--set) shares its lanes' output directories, so it reuses their teachers, but
     # writes job files of its own: it must not replace the plain run's record, nor be taken for it.
-    variant = f"-set{hashlib.sha256(json.dumps(args.overrides).encode()).hexdigest()[:8]}" if args.overrides else ""
+    variant = variant_suffix(args.overrides)
     for imbalance_factor in args.imbalance_factors:
         for method in args.methods:
             recipe = recipe_name(args.recipe_prefix, imbalance_factor, method)
@@ -192,8 +192,9 @@ def _tracking_uri(args: argparse.Namespace, lane: str) -> str:
     return default_tracking_uri(lane_dir)
 
 
-def collect(args: argparse.Namespace, job: Job) -> dict[str, Any]:
-    """The parent MLflow run of ``job``'s pipeline and every stage's manifest metrics."""
+def collect(args: argparse.Namespace, job: Job, started_ms: int = 0) -> dict[str, Any]:
+    """The parent MLflow run of ``job``'s pipeline (started at ``started_ms`` or later: a variant
+    of the same recipe and seed may share the lane's store) and every stage's manifest metrics."""
     from mlflow import MlflowClient
 
     uri = _tracking_uri(args, job.lane)
@@ -204,7 +205,7 @@ def collect(args: argparse.Namespace, job: Job) -> dict[str, Any]:
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.`ltscale.pipeline` = '{job.pipeline_name}' and params.seed = '{job.seed}' "
-                      "and attributes.status = 'FINISHED'",
+                      f"and attributes.status = 'FINISHED' and attributes.start_time >= {started_ms}",
         order_by=["attributes.start_time DESC"],
     )
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -222,10 +223,11 @@ def collect(args: argparse.Namespace, job: Job) -> dict[str, Any]:
 
 
 def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[str, Any]) -> dict[str, Any]:
-    log = log_dir / f"{job.name}.log"
+    log = log_dir / f"{job.record.stem}.log"  # a --set variant's log beside, not over, the plain run's
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     started = time.perf_counter()
+    started_ms = int(time.time() * 1000) - 1000  # MLflow's start times are ms; a second's slack for clock rounding
     with open(log, "w") as stream:
         stream.write(f"$ {job.command}\n")
         stream.flush()
@@ -240,7 +242,7 @@ def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[
     }
     if returncode == 0:
         try:
-            record.update(collect(args, job))
+            record.update(collect(args, job, started_ms))
         except Exception as error:  # noqa: BLE001 - recorded in the job file and reported
             record["error"] = f"collecting the results failed: {type(error).__name__}: {error}"
     else:
@@ -459,7 +461,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=0, help="override every stage's epochs (smoke runs only)")
     parser.add_argument("--output-dir", default="runs/cifar100_lt", help="stage outputs, MLflow stores, job files, logs")
     parser.add_argument("--results-dir", default="results", help="where the table files go")
-    parser.add_argument("--results-name", default="cifar100_lt", help="<results-dir>/<name>.json/.csv/.md")
+    parser.add_argument("--results-name", default="",
+                        help="<results-dir>/<name>.json/.csv/.md (default cifar100_lt; with --set, cifar100_lt-set<hash>)")
     parser.add_argument("--recipe-prefix", default="cifar100-lt-if{if}",
                         help="recipes are <prefix>/<method>; {if} is replaced by the imbalance factor (default %(default)s)")
     parser.add_argument("--concurrency", type=int, default=1, help="lanes (processes) run at once on the one device")
@@ -483,7 +486,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
     if "{if}" not in args.recipe_prefix and len(args.imbalance_factors) > 1:
         parser.error("--recipe-prefix without {if} names one dataset: pass a single --imbalance-factors value (a label)")
+    # A variant's table must not replace the plain one (the table that goes into RESULTS.md).
+    args.results_name = args.results_name or "cifar100_lt" + variant_suffix(args.overrides)
     return args
+
+
+def variant_suffix(overrides: list[str]) -> str:
+    """``-set<hash>`` naming a --set variant's job files and default table; empty without overrides."""
+    return f"-set{hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]}" if overrides else ""
 
 
 def main(argv: list[str] | None = None) -> int:

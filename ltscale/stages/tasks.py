@@ -168,6 +168,7 @@ class MoCoTask(_Task):
             "moco_loss": contrastive.detach(),
         }
 
+
 class RebalanceTask(_Task):
     """CE on one head over frozen features (LWS scales or a cRT linear layer are trainable).
 

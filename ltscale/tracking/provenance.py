@@ -125,6 +125,9 @@ def code_version_record(source_dir: Path | None = None) -> str:
     digest = _tree_digest(Path(root), names)
     if digest is None:
         return version + "\n"
+    if version.endswith("-dirty"):
+        # The copy has no git to record the patch from: the digest at least tells dirty states apart.
+        version += "+" + digest[:12]
     return "\n".join([version, f"# {len(names)} files; where git is absent a changed digest marks the version {STALE_SUFFIX}",
                        _DIGEST_PREFIX + digest, *names]) + "\n"
 
