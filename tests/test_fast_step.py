@@ -224,10 +224,25 @@ def test_graph_replay_equals_eager_on_gpu(kind, bundle):
     for task, graphs in zip(tasks, (False, True)):
         optimizer = torch.optim.SGD(task.trainable_parameters(), lr=0.01, momentum=0.9, weight_decay=2e-4)
         steps.append(FastStep(task, optimizer, device, None, graphs=graphs, cudnn_benchmark=False))
+    try:
+        train_side_by_side(tasks, steps, batches)
+        assert steps[1]._captured, "no graph was captured"
+        shapes = {dict((name, shape) for name, shape, _ in key[1])["image"][0] for key in steps[1]._captured}
+        assert len(shapes) == 2, f"expected graphs for the full and the partial batch, got {shapes}"
+        assert_same_state(tasks[0].network, tasks[1].network, rtol=1e-3, atol=1e-4)
+    finally:
+        for step in steps:
+            step.close()
+
+
+def train_side_by_side(tasks: list, steps: list, batches: list[dict[str, torch.Tensor]], epochs: int = 5) -> None:
+    """Two tasks through the same epochs of ``batches``, each with its own step (eager, then graph
+    replay), cuDNN deterministic; their epoch losses must agree. Five epochs: a partial batch's
+    shape is captured after 3 eager warm-up steps."""
     previous = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     try:
-        for epoch in range(5):  # the partial batch's shape is captured after 3 eager warm-up steps
+        for epoch in range(epochs):
             losses = []
             for task, step in zip(tasks, steps):
                 task.set_epoch(epoch)
@@ -237,14 +252,8 @@ def test_graph_replay_equals_eager_on_gpu(kind, bundle):
                     step(batch, 0.01 * (1 + index) / len(batches))
                 losses.append(totals.tolist())
             np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
-        assert steps[1]._captured, "no graph was captured"
-        shapes = {dict((name, shape) for name, shape, _ in key[1])["image"][0] for key in steps[1]._captured}
-        assert len(shapes) == 2, f"expected graphs for the full and the partial batch, got {shapes}"
-        assert_same_state(tasks[0].network, tasks[1].network, rtol=1e-3, atol=1e-4)
     finally:
         torch.backends.cudnn.deterministic = previous
-        for step in steps:
-            step.close()
 
 
 def fake_packed_cifar100(path: Path) -> Path:

@@ -261,6 +261,7 @@ def test_moco_graph_replay_equals_eager_on_gpu():
     """Under CUDA graphs the queue copy and write, the device-side pointer, the momentum update and
     the shuffle indexing replay as the eager step runs them (full and partial batches, fp32)."""
     from ltscale.engine.fast_step import FastStep
+    from tests.test_fast_step import train_side_by_side
 
     device = torch.device("cuda")
     batches = [{k: v.to(device) for k, v in _views(batch=8, seed=seed).items()} for seed in range(3)]
@@ -271,19 +272,8 @@ def test_moco_graph_replay_equals_eager_on_gpu():
         optimizer = torch.optim.SGD(task.trainable_parameters(), lr=0.01, momentum=0.9, weight_decay=2e-4)
         tasks.append(task)
         steps.append(FastStep(task, optimizer, device, None, graphs=graphs, cudnn_benchmark=False))
-    previous = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
     try:
-        for epoch in range(5):  # graphs are captured after the eager warm-up steps
-            losses = []
-            for task, step in zip(tasks, steps):
-                task.set_epoch(epoch)
-                task.train()
-                totals = step.begin_epoch()
-                for index, batch in enumerate(batches):
-                    step(batch, 0.01 * (1 + index) / len(batches))
-                losses.append(totals.tolist())
-            np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+        train_side_by_side(tasks, steps, batches)
         assert steps[1]._captured, "no graph was captured"
         states = [task.network.state_dict() for task in tasks]
         assert int(states[1]["moco.queue_pointer"]) == int(states[0]["moco.queue_pointer"]) == (5 * 30) % 20
@@ -291,9 +281,9 @@ def test_moco_graph_replay_equals_eager_on_gpu():
         for name, value in states[0].items():
             torch.testing.assert_close(states[1][name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
     finally:
-        torch.backends.cudnn.deterministic = previous
         for step in steps:
             step.close()
+
 
 # ---- InfoNCE -----------------------------------------------------------------------------------
 
