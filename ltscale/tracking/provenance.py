@@ -138,14 +138,14 @@ def _recorded_version(top: Path) -> str | None:
     if not lines or not lines[0].strip():
         return None
     version = lines[0].strip()
-    digests = [line[len(_DIGEST_PREFIX):].strip() for line in lines[1:] if line.startswith(_DIGEST_PREFIX)]
-    if not digests:  # a record of the version alone: nothing to check it against
+    at = next((i for i, line in enumerate(lines) if line.startswith(_DIGEST_PREFIX)), None)
+    if at is None:  # a record of the version alone: nothing to check it against
         return version
-    start = next(i for i, line in enumerate(lines) if line.startswith(_DIGEST_PREFIX)) + 1
-    names = [line for line in lines[start:] if line]
+    recorded = lines[at][len(_DIGEST_PREFIX):].strip()
+    names = [line for line in lines[at + 1:] if line]
     # A file added to the copy after the record is not seen, but code only runs once something
     # listed (an import, a recipe registry) changes to use it.
-    return version if _tree_digest(top, names) == digests[0] else version + STALE_SUFFIX
+    return version if _tree_digest(top, names) == recorded else version + STALE_SUFFIX
 
 
 def code_version(source_dir: Path | None = None) -> str:
