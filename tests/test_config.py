@@ -388,9 +388,10 @@ def test_cifar_baseline_recipes():
 
 
 @pytest.mark.parametrize("imbalance", [100, 50, 10])
-@pytest.mark.parametrize("method", ["dive", "ssd", "ssd-dive"])
+@pytest.mark.parametrize("method", ["ce", "crt", "lws", "tau-norm", "dive", "ssd", "ssd-dive"])
 def test_cifar_bbn_recipes_differ_only_in_the_lr_schedule(method, imbalance):
-    """SSD and DiVE say they follow BBN's schedule: x0.01 after 120 and x1e-4 after 160 (absolute)."""
+    """SSD and DiVE say they follow BBN's schedule: x0.01 after 120 and x1e-4 after 160 (absolute);
+    SSD re-ran its CE and LWS baselines with it."""
     default, bbn = get_recipe(f"cifar100-lt-if{imbalance}/{method}"), get_recipe(f"cifar100-lt-if{imbalance}-bbn/{method}")
     assert bbn.name == f"cifar100-lt-if{imbalance}-bbn/{method}" and bbn.data == default.data
     assert list(bbn.stages) == list(default.stages)

@@ -84,6 +84,13 @@ class RebalanceConfig:
     ``method``: ``lws`` (learnable per-class scales), ``crt`` (re-initialise and re-train the
     linear layer), ``tau_norm`` (no training; ``tau``, or with ``tau_search`` the best tau in
     0..2 on the validation split).
+
+    ``backbone_bn``: ``eval`` keeps the frozen backbone's batch norm on the statistics it was
+    trained with; ``train`` runs it in train mode, so the features are normalised with each
+    re-balanced batch's statistics and the running statistics are re-estimated on class-balanced
+    data (the saved model keeps them). The published LWS / cRT numbers were trained with public code
+    that does the latter (classifier-balancing and SSD-LT call ``model.train()`` on the whole
+    network, the frozen encoder included), an effect MiSLAS later measured as "shifted BN".
     """
 
     kind: Literal["rebalance"] = "rebalance"
@@ -96,9 +103,15 @@ class RebalanceConfig:
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="class_balanced"))
     tau: float = 1.0
     tau_search: bool = False
+    backbone_bn: Literal["eval", "train"] = "eval"
 
     def __post_init__(self) -> None:
         _check_number("tau", self.tau, 0)
+        if self.method == "tau_norm" and self.backbone_bn != "eval":
+            raise ValueError(
+                f"backbone_bn={self.backbone_bn!r} needs a trained re-balancing (lws or crt); tau_norm does not train, "
+                "so the backbone's batch norm keeps its statistics: set backbone_bn=eval"
+            )
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def run(config: RebalanceConfig, ctx: StageContext, inputs: dict[str, StageOutpu
         ctx.run.log_metrics({"rebalance/tau": spec.tau})
         ctx.evaluate(network, step=0)
     else:
-        task = RebalanceTask(network, config.head)
+        task = RebalanceTask(network, config.head, config.backbone_bn)
         train_and_evaluate(task, network, config.optim, config.sampler, 0, ctx)
     return {"model": ctx.save_model(network)}
 

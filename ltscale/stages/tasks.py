@@ -172,19 +172,24 @@ class MoCoTask(_Task):
 class RebalanceTask(_Task):
     """CE on one head over frozen features (LWS scales or a cRT linear layer are trainable).
 
-    The backbone runs in eval mode under no_grad: its batch-norm statistics must not drift while
-    the classifier is re-balanced.
+    The backbone's weights never change (no_grad, requires_grad off). Its batch norm stays in eval
+    mode unless ``backbone_bn="train"``: then, while the task trains, it normalises with the
+    re-balanced batch's statistics and re-estimates its running statistics on them (see
+    ``RebalanceConfig.backbone_bn``); evaluation always uses the running statistics.
     """
 
-    def __init__(self, network: Network, head: str) -> None:
+    def __init__(self, network: Network, head: str, backbone_bn: str = "eval") -> None:
         super().__init__()
+        if backbone_bn not in ("eval", "train"):
+            raise ValueError(f"backbone_bn must be 'eval' or 'train', got {backbone_bn!r}")
         self.network = network
         self.head = head
+        self.backbone_bn = backbone_bn
         network.backbone.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "RebalanceTask":
         super().train(mode)
-        self.network.backbone.eval()
+        self.network.backbone.train(mode and self.backbone_bn == "train")
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
