@@ -87,6 +87,62 @@ def test_rebalance_task_keeps_backbone_and_batch_norm_frozen():
     assert [p.shape for p in task.trainable_parameters()] == [torch.Size([3])]
 
 
+def test_rebalance_task_with_train_bn_refits_only_batch_norm_statistics():
+    """backbone_bn="train": the features use each batch's statistics and the running statistics
+    move towards the re-balanced batches'; every weight stays frozen; eval mode uses the new stats."""
+    torch.manual_seed(0)
+    network = Network(ModelConfig(arch="resnet8", width=4), {"cls": HeadSpec("linear", 3)}, "cls")
+    spec = HeadSpec("lws", 3)
+    replace_head(network, "cls", rebalanced_head(network.heads["cls"], spec, network.feature_dim), spec)
+    task = RebalanceTask(network, "cls", backbone_bn="train")
+    before = {k: v.clone() for k, v in network.backbone.state_dict().items()}
+    optimizer = torch.optim.SGD(task.trainable_parameters(), lr=0.5)
+    task.train()
+    assert network.backbone.training
+    images = torch.randn(8, 3, 8, 8) * 3 + 2  # statistics far from the initial running ones (0, 1)
+    for _ in range(3):
+        out = task({"image": images, "target": torch.randint(0, 3, (8,))})
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    after = {k: v.clone() for k, v in network.backbone.state_dict().items()}
+    # The head sees batch-normalised features (this batch's statistics), not the running ones.
+    with torch.no_grad():
+        logits = task({"image": images, "target": torch.zeros(8, dtype=torch.long)})["logits"]
+        torch.testing.assert_close(logits, network.heads["cls"](network.backbone(images)))
+        network.backbone.eval()
+        assert not torch.allclose(logits, network.heads["cls"](network.backbone(images)))
+    moved = [k for k in after if not torch.equal(after[k], before[k])]
+    assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved), moved
+    assert all(not p.requires_grad for p in network.backbone.parameters())
+    task.eval()
+    assert not network.backbone.training
+    with pytest.raises(ValueError, match="backbone_bn must be 'eval' or 'train'"):
+        RebalanceTask(network, "cls", backbone_bn="frozen")
+
+
+def test_tau_norm_refuses_train_mode_batch_norm():
+    with pytest.raises(ValueError, match="backbone_bn='train' needs a trained re-balancing"):
+        RebalanceConfig(method="tau_norm", backbone_bn="train")
+    assert RebalanceConfig(method="lws", backbone_bn="train").backbone_bn == "train"
+
+
+def test_rebalance_stage_with_train_bn_saves_the_refitted_statistics(tmp_path):
+    stages = {
+        "teacher": TeacherConfig(model=TINY.model, optim=TINY.optim),
+        "lws": RebalanceConfig(source="teacher", method="lws", optim=TINY.rebalance_optim, backbone_bn="train"),
+    }
+    config = PipelineConfig(name="tiny/lws-bn", data=TINY_DATA, stages=stages, output_dir=str(tmp_path), progress=False, device="cpu")
+    result = run_pipeline(config)
+    teacher = load_model(result.outputs["teacher"].file("model"), torch.device("cpu"))
+    rebalanced = load_model(result.outputs["lws"].file("model"), torch.device("cpu"))
+    teacher_state, rebalanced_state = teacher.backbone.state_dict(), rebalanced.backbone.state_dict()
+    moved = {k for k in teacher_state if not torch.equal(teacher_state[k], rebalanced_state[k])}
+    assert any(k.endswith("running_mean") for k in moved)
+    assert all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved), moved
+    assert np.isfinite(result.metrics("lws")["test/top1"])
+
+
 @pytest.mark.parametrize("method", ["lws", "crt", "tau_norm"])
 def test_rebalance_stage_changes_only_the_classifier(tmp_path, method):
     stages = {

@@ -169,3 +169,18 @@ def test_a_variant_table_names_the_overrides_that_made_it(monkeypatch):
     # ... and its default table files are its own, not the plain table's.
     assert args.results_name.startswith("cifar100_lt-set") and tool.parse_args([]).results_name == "cifar100_lt"
     assert tool.parse_args(["--set", "seed=1", "--results-name", "mine"]).results_name == "mine"
+
+
+def test_bbn_schedule_rows_compare_ce_with_ssds_re_run_ce(monkeypatch):
+    """SSD's Table 2 re-ran CE in BBN's setting (39.1 / 44.0 / 55.8); DiVE's 38.3 is the LDAM-DRW schedule's."""
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    import reproduce_cifar as tool
+
+    assert tool.published("ce", 100.0, "cifar100-lt-if{if}-bbn") == 39.1
+    assert tool.published("ce", 10.0, "cifar100-lt-if{if}") == 56.5
+    assert tool.published("lws", 50.0, "cifar100-lt-if{if}-bbn") == tool.published("lws", 50.0, "cifar100-lt-if{if}") == 46.0
+    assert tool.published("ssd-dive", 100.0, "cifar100-lt-if{if}-bbn") is None
+    args = tool.parse_args(["--methods", "ce,lws", "--imbalance-factors", "100", "--recipe-prefix", "cifar100-lt-if{if}-bbn"])
+    text = tool.markdown(args, {"table": [], "runs": [], "jobs": []}, {"written": "x"})
+    assert "BBN's lr schedule" in text.splitlines()[0] and "CE*: 39.1 / 44.0 / 55.8" in text
+    assert "CE*" not in tool.markdown(tool.parse_args(["--methods", "ce"]), {"table": [], "runs": [], "jobs": []}, {"written": "x"})

@@ -149,8 +149,9 @@ class SamplerConfig:
     """``instance``: every image once per epoch. ``class_balanced``: pick a class uniformly, then
     ``samples_per_class`` images of it (cycling through a per-class shuffled list), as in the
     classifier-balancing code. The epoch has as many samples as the dataset, as in SSD-LT's code
-    (classifier-balancing's epoch is the largest class's size times the number of classes: 4.6x
-    longer on CIFAR-100-LT IF 100)."""
+    and in classifier-balancing's training loop (its sampler's length is the largest class's size
+    times the number of classes, 4.6x the dataset on CIFAR-100-LT IF 100, but the loop stops after
+    len(dataset) / batch steps)."""
 
     kind: Literal["instance", "class_balanced"] = "instance"
     samples_per_class: int = 1
