@@ -17,7 +17,7 @@ from typing import Literal, Optional
 import numpy as np
 import pytest
 
-from ltscale.config import ConfigError, apply_overrides, config_hash, flatten_config, get_recipe, list_recipes
+from ltscale.config import ConfigError, apply_overrides, config_hash, config_to_dict, flatten_config, get_recipe, list_recipes
 from ltscale.config.overrides import parse_value
 from ltscale.engine.schedule import OptimConfig, lr_schedule
 from ltscale.stages.config import (
@@ -325,6 +325,34 @@ def test_config_hash_is_stable_and_sensitive(ssd):
     assert config_hash(ssd, "parent-a") != config_hash(ssd, "parent-b")
     assert len(config_hash(ssd, length=8)) == 8
 
+
+
+def test_a_field_added_later_enters_the_key_only_when_set(ssd):
+    """``keyed_when_set`` fields (added after stages were stored) leave the hash at their default,
+    so stages stored before the field existed keep their keys; any other value is keyed."""
+    from dataclasses import dataclass
+
+    from ltscale.config.hashing import keyed_when_set
+    from ltscale.stages.config import RebalanceConfig
+
+    @dataclass(frozen=True)
+    class Before:
+        lr: float = 0.2
+
+    @dataclass(frozen=True)
+    class After:
+        lr: float = 0.2
+        mode: str = keyed_when_set("old")
+
+    assert config_hash(After()) == config_hash(Before()) == config_hash({"lr": 0.2})
+    assert config_hash(After(mode="new")) != config_hash(Before())
+    assert config_hash(After(lr=0.3)) == config_hash(Before(lr=0.3)) != config_hash(Before())
+    # backbone_bn is such a field: the SSD recipe's LWS stages hash as they did before it existed
+    lws = ssd.stages["teacher_lws"]
+    assert isinstance(lws, RebalanceConfig) and lws.backbone_bn == "eval"
+    without = {k: v for k, v in config_to_dict(lws).items() if k != "backbone_bn"}
+    assert config_hash(lws) == config_hash(without)
+    assert config_hash(apply_overrides(ssd, ["stages.teacher_lws.backbone_bn=train"])) != config_hash(ssd)
 
 # ---- the CIFAR recipes carry the paper settings -----------------------------------------------------
 

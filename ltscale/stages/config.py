@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Union
 
+from ltscale.config.hashing import keyed_when_set
 from ltscale.data.config import DataConfig, SamplerConfig
 from ltscale.engine.schedule import OptimConfig
 from ltscale.engine.zero import DeepSpeedConfig
@@ -103,7 +104,7 @@ class RebalanceConfig:
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="class_balanced"))
     tau: float = 1.0
     tau_search: bool = False
-    backbone_bn: Literal["eval", "train"] = "eval"
+    backbone_bn: Literal["eval", "train"] = keyed_when_set("eval")  # stages stored before it keep their keys
 
     def __post_init__(self) -> None:
         _check_number("tau", self.tau, 0)
