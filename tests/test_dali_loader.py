@@ -30,7 +30,7 @@ from ltscale.data.loaders.files import FileLoader  # noqa: E402
 from ltscale.data.samplers import InstanceBalancedSampler, ShardSampler  # noqa: E402
 from ltscale.data.synthetic import make_synthetic  # noqa: E402
 from ltscale.data.config import SyntheticConfig  # noqa: E402
-from tests.test_image_list import IMAGE_SIZE, _make_tree, _sample_files, _truncate  # noqa: E402
+from tests.test_image_list import IMAGE_SIZE, _make_tree, _oversized_split, _sample_files, _truncate  # noqa: E402
 
 ONE_GREY_LEVEL = 1.01 / 255 / min(IMAGENET_NORMALIZATION.std)  # in normalised units
 
@@ -261,6 +261,22 @@ def test_gif_is_served_and_a_truncated_jpeg_is_caught_whatever_the_crop(tmp_path
     padded = tmp_path / "padded.JPEG"
     padded.write_bytes(samples[1].read_bytes() + b"\0" * 100)
     assert isinstance(dali_module._read_bytes(str(padded)), np.ndarray)
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_a_bad_file(tmp_path, monkeypatch):
+    """DALI's decoders do not apply PIL's limit: a JPEG's frame header and other formats' PIL header
+    are checked before DALI sees the bytes, and an oversized file is replaced like a corrupt one."""
+    split = _oversized_split(tmp_path)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10_000)  # refused: over 20,000 pixels
+    for name in ("big.JPEG", "big.png"):
+        verdict = dali_module._read_bytes(str(tmp_path / name))
+        assert isinstance(verdict, str) and "DecompressionBombError" in verdict, verdict
+    assert all(isinstance(dali_module._read_bytes(str(tmp_path / n)), np.ndarray) for n in ("mate0.JPEG", "mate1.png"))
+    loader = _loader(DaliLoader, split, train=True, shuffle=False, fraction=0.5)
+    assert torch.cat([b["index"] for b in loader]).tolist() == [1, 1, 3, 3]
+    assert loader.bad_files == sorted(str(tmp_path / name) for name in ("big.JPEG", "big.png"))
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", None)
+    assert isinstance(dali_module._read_bytes(str(tmp_path / "big.png")), np.ndarray)
 
 
 def test_moco_key_view_follows_its_definition(tmp_path):

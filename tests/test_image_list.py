@@ -28,7 +28,7 @@ from ltscale.data.image_list import (
     read_inat_annotations,
     read_split_list,
 )
-from ltscale.data.loaders.files import FileLoader, build_transform, decode_image_file, verify_images
+from ltscale.data.loaders.files import FileLoader, build_transform, decode_image_file, jpeg_frame_size, verify_images
 from ltscale.data.samplers import InstanceBalancedSampler
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -506,6 +506,36 @@ def test_decoder_fallbacks_and_verify_images(tmp_path):
     names = ["cmyk.JPEG", "png_named.JPEG", "truncated.JPEG", "text.JPEG", "missing.JPEG"]
     split = FileSplit(name="verify", targets=np.zeros(len(names), dtype=np.int64), num_classes=1, root=tmp_path, paths=names)
     assert verify_images(split, num_workers=0) == sorted(str(tmp_path / n) for n in names[2:])
+
+
+def _oversized_split(root: Path) -> FileSplit:
+    """Two classes, each an image of 200 x 150 (30,000 pixels: over the limit tests set) and a
+    32 x 32 mate; class 0 JPEG, class 1 PNG. Generated: needs no sample files."""
+    rng = np.random.default_rng(0)
+    names = ["big.JPEG", "mate0.JPEG", "big.png", "mate1.png"]
+    for name, size in zip(names, [(150, 200), (32, 32)] * 2):
+        PIL.Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / name)
+    return FileSplit(name="oversized", targets=np.array([0, 0, 1, 1]), num_classes=2, root=root, paths=names)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_image_over_the_decompression_bomb_limit_is_a_bad_file(tmp_path, monkeypatch, num_workers):
+    """libjpeg (through torchvision) does not apply PIL's limit; the JPEG path applies it from the
+    frame header, before decoding, so one oversized file is replaced like a corrupt one."""
+    split = _oversized_split(tmp_path)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10_000)  # refused: over 20,000 pixels
+    assert jpeg_frame_size(np.fromfile(tmp_path / "big.JPEG", dtype=np.uint8)) == (150, 200)
+    with pytest.raises(PIL.Image.DecompressionBombError,
+                       match=r"a 200 x 150 image \(30000 pixels\) is over the decompression-bomb limit of 20000"):
+        decode_image_file(tmp_path / "big.JPEG")
+    with pytest.raises(PIL.Image.DecompressionBombError):  # PIL's own check
+        decode_image_file(tmp_path / "big.png")
+    assert decode_image_file(tmp_path / "mate0.JPEG").shape == (3, 32, 32)
+    loader = _loader(split, train=True, num_workers=num_workers, fraction=0.5, shuffle=False)
+    assert torch.cat([b["index"] for b in loader]).tolist() == [1, 1, 3, 3]
+    assert loader.bad_files == sorted(str(tmp_path / name) for name in ("big.JPEG", "big.png"))
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", None)  # PIL's switch for no limit
+    assert decode_image_file(tmp_path / "big.JPEG").shape == (3, 150, 200)
 
 
 def test_splits_must_not_share_images(tmp_path):

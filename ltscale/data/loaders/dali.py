@@ -47,7 +47,7 @@ import torch.utils.data
 from ltscale.data.base import FileSplit, Normalization
 from ltscale.data.errors import DatasetError
 from ltscale.data.loaders import ImageFileLoader
-from ltscale.data.loaders.files import _JPEG_MAGIC, decode_image_file, describe_error
+from ltscale.data.loaders.files import _JPEG_MAGIC, check_pixel_limit, decode_image_file, describe_error, jpeg_frame_size
 
 logger = logging.getLogger(__name__)
 
@@ -82,32 +82,28 @@ _EOI_WINDOW = 4096  # a JPEG's end-of-image marker is this close to the end (tra
 
 
 def _jpeg_header_ok(data: np.ndarray) -> bool:
-    """Whether the JPEG's marker segments chain properly from SOI to the first scan (SOS), with a
-    frame header (SOF) before it. A few microseconds: only the segment headers are read."""
-    header = data[: 1 << 20].tobytes()
-    i, frame = 2, False
-    while i + 4 <= len(header):
-        if header[i] != 0xFF:
-            return False
-        marker = header[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _STANDALONE_MARKERS:
-            i += 2
-            continue
-        length = (header[i + 2] << 8) | header[i + 3]
-        if length < 2:
-            return False
-        frame |= marker in _FRAME_MARKERS
-        if marker == 0xDA:  # start of scan: entropy-coded data follows
-            return frame
-        i += 2 + length
-    return False
+    """Whether the JPEG's marker segments chain properly up to its first scan, with a frame header
+    before it, and the frame is within PIL's decompression-bomb limit."""
+    size = jpeg_frame_size(data)
+    if size is None:
+        return False
+    try:
+        check_pixel_limit(*size)
+    except PIL.Image.DecompressionBombError:
+        return False
+    return True
 
 
-_STANDALONE_MARKERS = frozenset([0x01, 0xD8, *range(0xD0, 0xD8)])
-_FRAME_MARKERS = frozenset(m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC))
+def _header_within_pixel_limit(data: np.ndarray) -> bool:
+    """Whether PIL, opening a non-JPEG image lazily (its header only: nothing is decoded), finds it
+    within its decompression-bomb limit. A header PIL cannot read is DALI's decoder's to judge."""
+    try:
+        with PIL.Image.open(io.BytesIO(data.tobytes())):
+            return True
+    except PIL.Image.DecompressionBombError:
+        return False
+    except Exception:  # noqa: BLE001 - not PIL's to decide
+        return True
 
 
 def _decoded_on_cpu(path: str) -> np.ndarray | str:
@@ -131,7 +127,8 @@ def _read_bytes(path: str) -> np.ndarray | str:
     - a JPEG whose marker segments do not chain up to the scan: DALI 2.4's CPU decoder can crash
       the process on such a file ("[jpeg_parser] Invalid marker", then a segmentation fault) in
       batches of 64 and more, instead of failing the pipeline;
-    - a format DALI does not decode (GIF, for one).
+    - a format DALI does not decode (GIF, for one);
+    - an image over PIL's decompression-bomb limit (the CPU decoders refuse it: a bad file).
     """
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -145,7 +142,8 @@ def _read_bytes(path: str) -> np.ndarray | str:
             return data
         return _decoded_on_cpu(path)
     if head.startswith(_DALI_FORMATS) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return data
+        if _header_within_pixel_limit(data):
+            return data
     return _decoded_on_cpu(path)
 
 

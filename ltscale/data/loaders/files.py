@@ -33,6 +33,49 @@ from ltscale.data.loaders.bad_images import SameClassCandidates
 logger = logging.getLogger(__name__)
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_JPEG_STANDALONE_MARKERS = frozenset([0x01, 0xD8, *range(0xD0, 0xD8)])
+_JPEG_FRAME_MARKERS = frozenset(m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC))
+
+
+def jpeg_frame_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) from the frame header of a JPEG whose marker segments chain properly from
+    SOI to the first scan (SOS), or None when they do not. A few microseconds: only the segment
+    headers are read."""
+    header = data[: 1 << 20].tobytes()
+    i, size = 2, None
+    while i + 4 <= len(header):
+        if header[i] != 0xFF:
+            return None
+        marker = header[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_STANDALONE_MARKERS:
+            i += 2
+            continue
+        length = (header[i + 2] << 8) | header[i + 3]
+        if length < 2:
+            return None
+        if marker in _JPEG_FRAME_MARKERS:
+            if i + 9 > len(header):
+                return None
+            size = ((header[i + 5] << 8) | header[i + 6], (header[i + 7] << 8) | header[i + 8])
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return size
+        i += 2 + length
+    return None
+
+
+def check_pixel_limit(height: int, width: int) -> None:
+    """PIL's decompression-bomb rule, for the decoders that do not apply it (libjpeg through
+    torchvision, DALI): an image of more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is
+    refused, so that one hostile or broken file cannot take a worker's memory hours into a run."""
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > 2 * limit:
+        raise PIL.Image.DecompressionBombError(
+            f"a {width} x {height} image ({height * width} pixels) is over the decompression-bomb limit of "
+            f"{2 * limit} (twice PIL.Image.MAX_IMAGE_PIXELS); raise PIL.Image.MAX_IMAGE_PIXELS if it is wanted"
+        )
 
 
 def decode_image_file(path: str | Path) -> torch.Tensor:
@@ -40,10 +83,14 @@ def decode_image_file(path: str | Path) -> torch.Tensor:
 
     JPEGs go through ``torchvision.io.decode_jpeg`` (libjpeg-turbo, converting greyscale and CMYK
     to RGB); anything it rejects, and every non-JPEG (ImageNet holds a PNG and a few CMYK files
-    named .JPEG), goes through PIL. Raises whatever the decoders raise for an unreadable file.
+    named .JPEG), goes through PIL. Both refuse an image over PIL's decompression-bomb limit
+    (:func:`check_pixel_limit`). Raises whatever the decoders raise for an unreadable file.
     """
     data = np.fromfile(path, dtype=np.uint8)
     if data[:3].tobytes() == _JPEG_MAGIC:
+        size = jpeg_frame_size(data)
+        if size is not None:
+            check_pixel_limit(*size)
         try:
             return decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB)
         except RuntimeError:
