@@ -416,7 +416,7 @@ def test_cifar_baseline_recipes():
 
 
 @pytest.mark.parametrize("imbalance", [100, 50, 10])
-@pytest.mark.parametrize("method", ["ce", "crt", "lws", "tau-norm", "dive", "ssd", "ssd-dive"])
+@pytest.mark.parametrize("method", ["ce", "bsce", "crt", "lws", "tau-norm", "dive", "ssd", "ssd-dive"])
 def test_cifar_bbn_recipes_differ_only_in_the_lr_schedule(method, imbalance):
     """SSD and DiVE say they follow BBN's schedule: x0.01 after 120 and x1e-4 after 160 (absolute);
     SSD re-ran its CE and LWS baselines with it."""
