@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -38,6 +39,8 @@ def _common_run_arguments(parser: argparse.ArgumentParser, pipeline: bool = True
         parser.add_argument("--output-dir", default=None, help=f"where stage outputs and the local MLflow store go (default: {DEFAULT_OUTPUT})")
         parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: a local sqlite store in the output dir)")
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+        parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE",
+                            help="an MLflow tag on the pipeline run, e.g. sweep=lr-0.05 (repeatable)")
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +68,15 @@ def _pipeline_config(name: str, args: argparse.Namespace):
         overrides.append(f"device={args.device}")
     if getattr(args, "no_progress", False):
         overrides.append("progress=false")
-    return apply_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
+    if getattr(args, "tags", None):
+        # Not through --set: a tag's value may hold the commas that separate a tuple's items there.
+        try:
+            tracking = dataclasses.replace(config.tracking, run_tags=(*config.tracking.run_tags, *args.tags))
+        except ValueError as error:
+            raise ConfigError(f"--tag: {error}") from None
+        config = dataclasses.replace(config, tracking=tracking)
+    return config
 
 
 def _check_output_dir(config, create: bool) -> None:

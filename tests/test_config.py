@@ -691,3 +691,22 @@ def test_settings_that_would_do_nothing_are_refused():
                                          r"distribution\); name a stage that trains or re-balances a model: \['teacher', 'student'\]"):
         apply_overrides(get_recipe("demo/dive"), ["result_stage=virtual_examples"])
     assert apply_overrides(get_recipe("demo/dive"), ["result_stage=teacher"]).result == "teacher"
+
+
+def test_cli_tags_reach_the_tracking_config_and_bad_ones_are_named(capsys, tmp_path):
+    import argparse
+
+    from ltscale.cli import _pipeline_config
+
+    args = argparse.Namespace(overrides=[f"output_dir={tmp_path}"], device=None,
+                              tags=["sweep=lr-0.05,wd-2e-4", "note=a=b"])
+    config = _pipeline_config("demo/ce", args)
+    # commas and '=' survive in a value (they would not through --set's tuple syntax)
+    assert config.tracking.tags() == {"sweep": "lr-0.05,wd-2e-4", "note": "a=b"}
+    for tag, message in [("sweep", "'sweep' is not KEY=VALUE"), ("=x", "'=x' is not KEY=VALUE"),
+                         ("ltscale.pipeline=x", "tag 'ltscale.pipeline' is reserved"),
+                         ("mlflow.runName=x", "tag 'mlflow.runName' is reserved")]:
+        code, err = _cli(capsys, "run", "demo/ce", "--plan", "--set", f"output_dir={tmp_path}", "--tag", tag)
+        assert code == 2 and f"ltscale: error: --tag: tracking.run_tags: {message}" in err, err
+    code, err = _cli(capsys, "run", "demo/ce", "--plan", "--set", f"output_dir={tmp_path}", "--tag", "a=1", "--tag", "a=2")
+    assert code == 2 and "tag 'a' is given twice ('1' and '2')" in err

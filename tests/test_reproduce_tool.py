@@ -87,6 +87,14 @@ def test_smoke_run_on_demo_recipes(tmp_path):
     report = json.loads((results / "cifar100_lt.json").read_text())
     assert len(report["jobs"]) == 4 and all(len(job["run_id"]) == 32 for job in report["jobs"])
     by_name = {job["name"]: job for job in report["jobs"]}
+    # Each job's pipeline run was found by its attempt's tag, not by recipe, seed and start time
+    # (which a variant in the same lane, or another invocation, may share).
+    from mlflow import MlflowClient
+
+    for job in report["jobs"]:
+        run = MlflowClient(job["tracking_uri"]).get_run(job["run_id"])
+        assert len(job["job_tag"]) == 32 and run.data.tags["reproduce_cifar.job"] == job["job_tag"]
+        assert "--tag" not in job["command"]  # the printed command reproduces the recipe, not the attempt
     # the LWS pipeline reused the CE teacher of its lane: same stage output, same producing run
     for seed in (0, 1):
         ce, lws = by_name[f"if80-ce-seed{seed}"], by_name[f"if80-lws-seed{seed}"]

@@ -643,3 +643,18 @@ def test_an_unreachable_server_is_named_in_seconds(tmp_path: Path, capsys) -> No
 
         threading.Thread(target=answer, daemon=True).start()
         check_server_answers(f"https://127.0.0.1:{server.getsockname()[1]}")
+
+
+def test_run_tags_go_on_the_pipeline_run_below_the_systems_own(tmp_path: Path) -> None:
+    tracker = Tracker(TrackingConfig(run_tags=("sweep=lr,wd", "owner=user")), tmp_path)
+    with tracker.pipeline_run("tagged", {"seed": 0}, {}) as pipeline:
+        with tracker.stage_run("teacher", {}, {}) as stage:
+            pass
+    client = MlflowClient(tracker.tracking_uri)
+    tags = client.get_run(pipeline.run_id).data.tags
+    assert tags["sweep"] == "lr,wd" and tags["owner"] == "user" and tags[TAG_PIPELINE] == "tagged"
+    assert "sweep" not in client.get_run(stage.run_id).data.tags  # the pipeline's mark, found on the parent
+    runs = client.search_runs([tracker.experiment_id], filter_string="tags.sweep = 'lr,wd'")
+    assert [r.info.run_id for r in runs] == [pipeline.run_id]
+    with pytest.raises(ValueError, match="tag 'ltscale.stage' is reserved"):
+        TrackingConfig(run_tags=("ltscale.stage=x",))

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,9 +207,14 @@ def _tracking_uri(args: argparse.Namespace, lane: str) -> str:
     return default_tracking_uri(lane_dir)
 
 
-def collect(args: argparse.Namespace, job: Job, started_ms: int = 0) -> dict[str, Any]:
-    """The parent MLflow run of ``job``'s pipeline (started at ``started_ms`` or later: a variant
-    of the same recipe and seed may share the lane's store) and every stage's manifest metrics."""
+JOB_TAG = "reproduce_cifar.job"
+"""MLflow tag on each job's pipeline run, a fresh id per attempt: the run is found by it, not by its
+name, seed and start time, which a variant in the same lane or a second invocation may share."""
+
+
+def collect(args: argparse.Namespace, job: Job, job_tag: str) -> dict[str, Any]:
+    """The parent MLflow run of ``job``'s pipeline (the finished one tagged ``job_tag``) and every
+    stage's manifest metrics."""
     from mlflow import MlflowClient
 
     uri = _tracking_uri(args, job.lane)
@@ -218,13 +224,12 @@ def collect(args: argparse.Namespace, job: Job, started_ms: int = 0) -> dict[str
         raise RuntimeError(f"no MLflow experiment {args.experiment!r} at {uri}")
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`ltscale.pipeline` = '{job.pipeline_name}' and params.seed = '{job.seed}' "
-                      f"and attributes.status = 'FINISHED' and attributes.start_time >= {started_ms}",
+        filter_string=f"tags.`{JOB_TAG}` = '{job_tag}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
     )
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     if not parents:
-        raise RuntimeError(f"no finished pipeline run {job.pipeline_name!r} with seed {job.seed} at {uri}")
+        raise RuntimeError(f"no finished pipeline run {job.pipeline_name!r} tagged {JOB_TAG}={job_tag} at {uri}")
     parent = parents[0]
     with tempfile.TemporaryDirectory() as tmp:
         lineage = json.loads(Path(client.download_artifacts(parent.info.run_id, "lineage.json", tmp)).read_text())
@@ -241,22 +246,23 @@ def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     started = time.perf_counter()
-    started_ms = int(time.time() * 1000) - 1000  # MLflow's start times are ms; a second's slack for clock rounding
+    job_tag = uuid.uuid4().hex  # not in the printed command: it names this attempt, not the recipe
     with open(log, "w") as stream:
         stream.write(f"$ {job.command}\n")
         stream.flush()
-        returncode = subprocess.run(job.argv, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
+        returncode = subprocess.run([*job.argv, "--tag", f"{JOB_TAG}={job_tag}"], cwd=ROOT, env=env, stdout=stream,
+                                    stderr=subprocess.STDOUT).returncode
     record: dict[str, Any] = {
         "name": job.name, "method": job.method, "imbalance_factor": job.imbalance_factor, "seed": job.seed,
         "recipe": job.recipe, "pipeline": job.pipeline_name, "result_stage": job.result_stage, "lane": job.lane,
         "command": job.command, "argv": job.argv, "returncode": returncode,
         "seconds": round(time.perf_counter() - started, 1), "log": str(log),
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "epochs_override": args.epochs, "environment": env_record, "signature": job.signature,
+        "epochs_override": args.epochs, "environment": env_record, "signature": job.signature, "job_tag": job_tag,
     }
     if returncode == 0:
         try:
-            record.update(collect(args, job, started_ms))
+            record.update(collect(args, job, job_tag))
         except Exception as error:  # noqa: BLE001 - recorded in the job file and reported
             record["error"] = f"collecting the results failed: {type(error).__name__}: {error}"
     else:

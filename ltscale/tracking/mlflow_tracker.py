@@ -76,19 +76,39 @@ class TrackingConfig:
     ``MLFLOW_ALLOW_FILE_STORE=true``, MLflow 3 having frozen its file store). A bare path is refused:
     MLflow would take it for a file store.
     ``experiment``: MLflow experiment name; created on first use.
+    ``run_tags``: ``"key=value"`` tags set on each pipeline run (``ltscale run --tag``), to mark a
+    sweep or find one invocation's run among others of the same recipe and seed. Keys under
+    ``ltscale.`` and ``mlflow.`` are the system's and refused.
     """
 
     tracking_uri: str = ""
     experiment: str = "ltscale"
+    run_tags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.experiment.strip():
             raise ValueError("tracking.experiment is empty: name the MLflow experiment, e.g. 'ltscale'")
+        self.tags()  # refuse a malformed or reserved tag with the config, not when the run starts
         if self.tracking_uri and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", self.tracking_uri):
             path = Path(self.tracking_uri).expanduser().resolve()
             store = path if path.suffix == ".db" else path / DEFAULT_STORE_FILE
             raise ValueError(f"tracking.tracking_uri {self.tracking_uri!r} is a path, not a URI: for a database "
                              f"there, use sqlite:///{store.as_posix()}; for a server, http://host:port")
+
+    def tags(self) -> dict[str, str]:
+        """``run_tags`` as a dict; a malformed, reserved or repeated key is a ValueError naming it."""
+        tags: dict[str, str] = {}
+        for item in self.run_tags:
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"tracking.run_tags: {item!r} is not KEY=VALUE (e.g. sweep=lr-0.05)")
+            if key.lower().startswith(("ltscale.", "mlflow.")):
+                raise ValueError(f"tracking.run_tags: tag {key!r} is reserved (ltscale.* and mlflow.* are set by the system)")
+            if key in tags:
+                raise ValueError(f"tracking.run_tags: tag {key!r} is given twice ({tags[key]!r} and {value!r})")
+            tags[key] = value
+        return tags
 
 
 SERVER_PROBE_TIMEOUT_S = 10.0
@@ -608,7 +628,8 @@ class Tracker:
             self.end_abandoned_runs()
         except Exception:  # noqa: BLE001 - tidying the record of dead runs must not stop a live one
             logger.exception("could not check %s for runs abandoned by earlier attempts", self._uri)
-        all_tags = {**self._default_tags(), TAG_PIPELINE: name, **tags}
+        # The user's tags first: the system's own (lineage, attempt ownership) cannot be overridden.
+        all_tags = {**self.config.tags(), **self._default_tags(), TAG_PIPELINE: name, **tags}
         self._pipeline_tag = all_tags[TAG_PIPELINE]  # its stage runs carry the same (the run name may differ)
         with self._run(name, params, all_tags) as handle:
             if self.code_version.endswith("-dirty"):
