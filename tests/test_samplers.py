@@ -196,6 +196,57 @@ def test_class_balanced_ranks_deal_whole_draws_round_robin(world_size):
     np.testing.assert_array_equal(interleaved[len(targets) :], global_order[: len(interleaved) - len(targets)])
 
 
+@pytest.mark.parametrize("samples_per_class", [1, 3])
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_class_cycle_draws_every_class_once_per_pass_on_every_rank_count(samples_per_class, world_size):
+    counts = [500, 90, 17, 4, 1]
+    targets = _long_tailed_targets(counts, seed=8)
+    num_classes, s = len(counts), samples_per_class
+    make = lambda r, w: ClassBalancedSampler(targets, samples_per_class=s, seed=3, rank=r, world_size=w,  # noqa: E731
+                                             class_order="cycle")
+    global_order = make(0, 1).indices(2)
+    classes = targets[global_order][::s]  # the class of each draw, in order
+    # every full pass of num_classes draws holds each class exactly once (classifier-balancing's
+    # RandomCycleIter) and the passes are re-shuffled
+    passes = classes[: len(classes) // num_classes * num_classes].reshape(-1, num_classes)
+    assert len(passes) >= 20
+    assert all(sorted(row.tolist()) == list(range(num_classes)) for row in passes)
+    assert len({tuple(row) for row in passes}) > 1
+    counts_drawn = np.bincount(classes, minlength=num_classes)
+    assert counts_drawn.max() - counts_drawn.min() <= 1  # 'random' would spread by ~sqrt(draws / C)
+    # over the ranks: the draws are dealt whole, and together they are the global order (+ wrap)
+    per_rank = _ranks(make, world_size, epoch=2)
+    for indices in per_rank:
+        assert all(len(set(targets[g].tolist())) == 1 for g in indices.reshape(-1, s))
+    interleaved = np.stack([indices.reshape(-1, s) for indices in per_rank], axis=1).reshape(-1)
+    np.testing.assert_array_equal(interleaved[: len(targets)], global_order)
+    # within a class the images still cycle before repeating (the tail class with 4 images)
+    seen = [i for i in global_order.tolist() if targets[i] == 3]
+    pool = set(np.flatnonzero(targets == 3).tolist())
+    assert all(set(seen[k : k + 4]) == pool for k in range(0, len(seen) - 3, 4))
+
+
+def test_class_cycle_is_reproducible_and_config_checked():
+    targets = _long_tailed_targets([40, 10, 3], seed=1)
+    config = SamplerConfig(kind="class_balanced", class_order="cycle")
+    sampler = build_sampler(config, targets, seed=5)
+    assert sampler.class_order == "cycle"
+    np.testing.assert_array_equal(sampler.indices(1), build_sampler(config, targets, seed=5).indices(1))
+    assert not np.array_equal(sampler.indices(1), sampler.indices(2))
+    with pytest.raises(ValueError, match="sampler.class_order=cycle orders class draws; it needs sampler.kind=class_balanced"):
+        SamplerConfig(class_order="cycle")
+    with pytest.raises(ValueError, match="class_order must be 'random' or 'cycle', got 'sorted'"):
+        ClassBalancedSampler(targets, class_order="sorted")
+
+
+def test_class_order_at_its_default_keeps_stored_stage_keys():
+    from ltscale.config import config_hash
+
+    plain = SamplerConfig(kind="class_balanced")
+    assert config_hash(plain) == config_hash({"kind": "class_balanced", "samples_per_class": 1})
+    assert config_hash(SamplerConfig(kind="class_balanced", class_order="cycle")) != config_hash(plain)
+
+
 # ---- building and DataLoader integration --------------------------------------------------------
 
 

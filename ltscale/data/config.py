@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ltscale.config.hashing import keyed_when_set
+
 DatasetName = Literal["synthetic", "cifar100_lt", "cifar10_lt", "imagenet_lt", "places_lt", "inat2018"]
 
 
@@ -146,16 +148,25 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """``instance``: every image once per epoch. ``class_balanced``: pick a class uniformly, then
+    """``instance``: every image once per epoch. ``class_balanced``: pick a class, then
     ``samples_per_class`` images of it (cycling through a per-class shuffled list), as in the
     classifier-balancing code. The epoch has as many samples as the dataset, as in SSD-LT's code
     and in classifier-balancing's training loop (its sampler's length is the largest class's size
     times the number of classes, 4.6x the dataset on CIFAR-100-LT IF 100, but the loop stops after
-    len(dataset) / batch steps)."""
+    len(dataset) / batch steps).
+
+    ``class_order`` (class_balanced only): ``random`` draws each class independently and uniformly
+    (frequencies uniform in expectation); ``cycle`` walks a shuffled list of the classes,
+    re-shuffled at each wrap, as classifier-balancing's sampler does, so over an epoch every class
+    is drawn the same number of times, give or take one."""
 
     kind: Literal["instance", "class_balanced"] = "instance"
     samples_per_class: int = 1
+    class_order: Literal["random", "cycle"] = keyed_when_set("random")  # stages stored before it keep their keys
 
     def __post_init__(self) -> None:
         if self.samples_per_class < 1:
             raise ValueError(f"sampler.samples_per_class must be >= 1, got {self.samples_per_class}")
+        if self.class_order != "random" and self.kind != "class_balanced":
+            raise ValueError(f"sampler.class_order={self.class_order} orders class draws; it needs "
+                             f"sampler.kind=class_balanced, not {self.kind}")

@@ -73,6 +73,8 @@ def _indices_by_class(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
 class ClassBalancedSampler(_RankSampler):
     """Classes drawn uniformly; ``samples_per_class`` consecutive images of the drawn class.
 
+    ``class_order="random"`` draws each class independently; ``"cycle"`` walks shuffled passes over
+    the classes (each class once per pass), so every class is drawn equally often, give or take one.
     Within a class the images are visited in a shuffled cycle (re-shuffled at each wrap), so a
     tail class with 5 images shows each of them before repeating any.
     """
@@ -85,17 +87,25 @@ class ClassBalancedSampler(_RankSampler):
         rank: int = 0,
         world_size: int = 1,
         num_samples: int | None = None,
+        class_order: str = "random",
     ):
         targets = np.asarray(targets)
         super().__init__(len(targets) if num_samples is None else num_samples, seed, rank, world_size)
+        if class_order not in ("random", "cycle"):
+            raise ValueError(f"class_order must be 'random' or 'cycle', got {class_order!r}")
         self.samples_per_class = samples_per_class
+        self.class_order = class_order
         self.class_indices = _indices_by_class(targets, int(targets.max()) + 1)
         self.present_classes = np.array([c for c, idx in enumerate(self.class_indices) if len(idx)])
 
     def global_order(self, epoch: int) -> np.ndarray:
         rng = self._rng(epoch)
         draws = -(-self.num_samples // self.samples_per_class)
-        classes = rng.choice(self.present_classes, size=draws)
+        if self.class_order == "cycle":
+            passes = -(-draws // len(self.present_classes))
+            classes = np.concatenate([rng.permutation(self.present_classes) for _ in range(passes)])[:draws]
+        else:
+            classes = rng.choice(self.present_classes, size=draws)
         needed = np.bincount(classes, minlength=len(self.class_indices)) * self.samples_per_class
         # Build, per class, a long enough stream of shuffled cycles, then hand out consecutive chunks.
         streams: dict[int, np.ndarray] = {}
@@ -166,5 +176,6 @@ def build_sampler(
 ) -> _RankSampler:
     """The sampler a stage asked for, over a split with labels ``targets``."""
     if config.kind == "class_balanced":
-        return ClassBalancedSampler(targets, config.samples_per_class, seed, rank, world_size)
+        return ClassBalancedSampler(targets, config.samples_per_class, seed, rank, world_size,
+                                    class_order=config.class_order)
     return InstanceBalancedSampler(len(targets), seed, rank, world_size, shuffle=shuffle)
