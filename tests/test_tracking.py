@@ -290,6 +290,22 @@ def test_code_version_record_marks_a_changed_copy_stale(tmp_path: Path) -> None:
     (copy / "b.py").unlink()
     assert code_version(copy) == commit + STALE_SUFFIX
 
+    # Names that a line-per-name record would break (a newline, a leading quote or blank) are
+    # written quoted and read back whole: the copy is not taken for stale.
+    odd = tmp_path / "odd"
+    shutil.copytree(repo, odd)
+    for name in ("new\nline.py", '"quoted".py', " spaced.py"):
+        (odd / name).write_text("z = 0\n")
+    subprocess.run(["git", "-C", str(odd), "-c", "user.name=t", "-c", "user.email=t@t", "add", "."], check=True)
+    subprocess.run(["git", "-C", str(odd), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "odd"], check=True)
+    odd_record = code_version_record(odd)
+    odd_copy = tmp_path / "odd_copy"
+    shutil.copytree(odd, odd_copy, ignore=shutil.ignore_patterns(".git"))
+    (odd_copy / ".code-version").write_text(odd_record)
+    assert code_version(odd_copy) == odd_record.splitlines()[0] and not code_version(odd_copy).endswith(STALE_SUFFIX)
+    (odd_copy / "new\nline.py").write_text("z = 1\n")
+    assert code_version(odd_copy).endswith(STALE_SUFFIX)
+
     # From a dirty tree: two different dirty states are told apart by the digest in the version.
     (repo / "b.py").write_text("y = 3\n")
     first = code_version_record(repo).splitlines()[0]

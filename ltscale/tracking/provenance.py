@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import subprocess
 from pathlib import Path
 
@@ -129,7 +130,17 @@ def code_version_record(source_dir: Path | None = None) -> str:
         # The copy has no git to record the patch from: the digest at least tells dirty states apart.
         version += "+" + digest[:12]
     return "\n".join([version, f"# {len(names)} files; where git is absent a changed digest marks the version {STALE_SUFFIX}",
-                       _DIGEST_PREFIX + digest, *names]) + "\n"
+                       _DIGEST_PREFIX + digest, *map(_name_line, names)]) + "\n"
+
+
+def _name_line(name: str) -> str:
+    """A file name as one line of the record: JSON-quoted when it would not read back as itself
+    (a line break inside it, surrounding blanks, a leading quote), as is otherwise."""
+    return json.dumps(name) if name.splitlines() != [name] or name != name.strip() or name.startswith('"') else name
+
+
+def _line_name(line: str) -> str:
+    return json.loads(line) if line.startswith('"') else line
 
 
 def _recorded_version(top: Path) -> str | None:
@@ -142,7 +153,7 @@ def _recorded_version(top: Path) -> str | None:
     if at is None:  # a record of the version alone: nothing to check it against
         return version
     recorded = lines[at][len(_DIGEST_PREFIX):].strip()
-    names = [line for line in lines[at + 1:] if line]
+    names = [_line_name(line) for line in lines[at + 1:] if line]
     # A file added to the copy after the record is not seen, but code only runs once something
     # listed (an import, a recipe registry) changes to use it.
     return version if _tree_digest(top, names) == recorded else version + STALE_SUFFIX
