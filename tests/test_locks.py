@@ -70,33 +70,55 @@ def test_the_holder_keeps_its_lock_fresh_and_never_removes_a_successors(tmp_path
 
 def test_two_pipelines_sharing_a_stage_train_it_once(tmp_path):
     """CE and LWS at the same time in one store: LWS waits for CE's teacher, then reuses it."""
-    script = ("import sys, json\nfrom pathlib import Path\nfrom tests.test_pipeline import tiny\n"
+    # The first pipeline holds its teacher (and so the stage's lock) after training until a gate file
+    # appears, and the test opens the gate only once the second has said it is waiting: a race
+    # decided by timing (a teacher made slow enough to outlast the second's start-up) passes or
+    # fails with the machine's speed.
+    script = ("import sys, json, time\nfrom pathlib import Path\nfrom tests.test_pipeline import tiny\n"
               "from ltscale.config import apply_overrides\nfrom ltscale.stages.pipeline import run_pipeline\n"
-              "config = apply_overrides(tiny(sys.argv[1], Path(sys.argv[2])), ['stages.teacher.optim.epochs=150'])\n"
-              "result = run_pipeline(config)\n"
+              "from ltscale.engine.trainer import Trainer\n"
+              "gate, fit = Path(sys.argv[3]), Trainer.fit\n"
+              "def held(self):\n"
+              "    epoch = fit(self)\n"
+              "    deadline = time.monotonic() + 300\n"
+              "    while not gate.exists() and time.monotonic() < deadline:\n"
+              "        time.sleep(0.05)\n"
+              "    return epoch\n"
+              "Trainer.fit = held\n"
+              "result = run_pipeline(tiny(sys.argv[1], Path(sys.argv[2])))\n"
               "print(json.dumps({'executed': result.executed, 'cached': result.cached, 'teacher': result.outputs['teacher'].key}))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "shared"
+    out, gate = tmp_path / "shared", tmp_path / "gate"
 
-    def start(method: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", script, method, str(out)], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def start(method: str, stderr) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", script, method, str(out), str(gate)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
 
-    first = start("ce")
+    first = start("ce", subprocess.PIPE)
     deadline = time.monotonic() + 180
     while not list(out.glob(f"store/teacher-*/{locks.LOCK}")):
         assert first.poll() is None, first.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the first pipeline never started its teacher"
         time.sleep(0.2)
-    second = start("lws")
+    second_log = tmp_path / "second.err"
+    with second_log.open("w") as err:
+        second = start("lws", err)
+    deadline = time.monotonic() + 180
+    while "waiting to reuse it" not in second_log.read_text():
+        assert second.poll() is None, second_log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the second pipeline never waited for the teacher"
+        time.sleep(0.2)
+    assert first.poll() is None  # still holding the teacher: the second waited on a live producer
+    gate.touch()
     first_out, first_err = first.communicate(timeout=600)
-    second_out, second_err = second.communicate(timeout=600)
+    second_out, _ = second.communicate(timeout=600)
+    second_err = second_log.read_text()
     assert first.returncode == 0, first_err[-3000:]
     assert second.returncode == 0, second_err[-3000:]
     a, b = json.loads(first_out.splitlines()[-1]), json.loads(second_out.splitlines()[-1])
     assert a["executed"] == ["teacher"] and b["cached"] == ["teacher"] and b["executed"] == ["lws"]
     assert a["teacher"] == b["teacher"]
-    assert "is being produced by process" in second_err and "waiting to reuse it" in second_err
+    assert "is being produced by process" in second_err
     assert not list(out.glob(f"store/*/{locks.LOCK}"))  # every lock released
 
 
