@@ -9,6 +9,7 @@ Run:  python -m pytest tests/test_kernels.py -q
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -319,3 +320,22 @@ def test_kernels_compile_for_gpu():
     if res.returncode == 3:
         pytest.skip(f"triton AOT API unavailable: {res.stderr.strip()[-300:]}")
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("loss", ["dive", "ssd"])
+def test_convergence_tool_writes_its_verdict_with_the_environment(tmp_path, loss):
+    """tools/kernels_convergence.py, a few steps (on CPU under the interpreter): both curves, the verdict, where it ran."""
+    out = tmp_path / "convergence.json"
+    device = "cuda" if _CUDA else "cpu"
+    res = subprocess.run(
+        [sys.executable, str(_ROOT / "tools" / "kernels_convergence.py"), "--device", device, "--steps", "6",
+         "--loss", loss, "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["loss"] == loss and result["steps"] == 6
+    assert len(result["curve_fused"]) == len(result["curve_reference"]) == 6
+    assert result["max_abs_diff"] <= result["tolerance"]["bound"]
+    env = result["environment"]
+    assert env["torch"] == torch.__version__ and env["device"] == device and env["code_version"]

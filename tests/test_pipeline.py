@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
 from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 import ltscale.engine.trainer as trainer_module
 from configs.methods import METHODS, Recipe
@@ -67,6 +69,11 @@ def test_ssd_pipeline_end_to_end_with_lineage_in_mlflow_server(tmp_path, mlflow_
     # The run's name tells a sweep's seeds apart; the pipeline tag (on every run) is the bare name.
     assert parent.info.run_name == f"{config.name} seed {config.seed}"
     assert parent.data.tags["ltscale.pipeline"] == config.name
+    # Where it ran: versions, processor and threads, on the pipeline run and on every stage run.
+    env = {k.removeprefix("ltscale.env."): v for k, v in parent.data.tags.items() if k.startswith("ltscale.env.")}
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["python"] == platform.python_version()
+    assert env["torch_threads"] == str(torch.get_num_threads()) and int(env["cpu_count"]) >= 1 and env["cpu"]
+    assert "gpu" not in env  # no GPU entries for a CPU run
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
     by_stage = {run.data.tags["ltscale.stage"]: run for run in children}
     assert set(by_stage) == set(config.stages)
@@ -78,6 +85,7 @@ def test_ssd_pipeline_end_to_end_with_lineage_in_mlflow_server(tmp_path, mlflow_
         assert run.data.tags[TAG_CONFIG_HASH] == result.outputs[stage].key
         assert run.info.status == "FINISHED"
         assert run.data.tags["ltscale.pipeline"] == config.name
+        assert run.data.tags["ltscale.env.torch"] == torch.__version__
     teacher_run = by_stage["teacher"]
     assert "train/loss" in teacher_run.data.metrics and "test/few" in teacher_run.data.metrics
     assert len(client.get_metric_history(teacher_run.info.run_id, "train/loss")) == TINY.optim.epochs

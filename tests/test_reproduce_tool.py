@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,10 +92,18 @@ def test_smoke_run_on_demo_recipes(tmp_path):
     # (which a variant in the same lane, or another invocation, may share).
     from mlflow import MlflowClient
 
+    from ltscale.tracking.environment import usable_cpus
+
+    # Two lanes at once split the CPUs between them instead of each taking them all.
+    threads = None if "OMP_NUM_THREADS" in os.environ else max(1, usable_cpus() // 2)
     for job in report["jobs"]:
         run = MlflowClient(job["tracking_uri"]).get_run(job["run_id"])
         assert len(job["job_tag"]) == 32 and run.data.tags["reproduce_cifar.job"] == job["job_tag"]
         assert "--tag" not in job["command"]  # the printed command reproduces the recipe, not the attempt
+        assert job["cpu_threads"] == threads
+        if threads is not None:
+            assert run.data.tags["ltscale.env.torch_threads"] == str(threads)  # the job's torch used that many
+    assert report["meta"]["cpu_count"] == usable_cpus()  # where the tool ran, beside each job's record
     # the LWS pipeline reused the CE teacher of its lane: same stage output, same producing run
     for seed in (0, 1):
         ce, lws = by_name[f"if80-ce-seed{seed}"], by_name[f"if80-lws-seed{seed}"]

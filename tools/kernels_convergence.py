@@ -141,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     bound = atol + rtol * scale
     finite = all(math.isfinite(v) for v in curve_fused + curve_ref)
     ok = finite and max_diff <= bound
+    from ltscale.tracking import runtime_environment
+
     result = {
         "ok": ok,
+        "environment": runtime_environment(device),  # GPU, versions, code version
         "device": device,
         "interpreter": device == "cpu",
         "loss": args.loss,

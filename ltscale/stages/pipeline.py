@@ -57,7 +57,9 @@ from ltscale.tracking import (
     NullTracker,
     Tracker,
     code_version,
+    environment_tags,
     join_run_ids,
+    runtime_environment,
 )
 
 logger = logging.getLogger(__name__)
@@ -421,7 +423,9 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
     tracker = Tracker(config.tracking, output_dir) if main else NullTracker(config.tracking, output_dir)
     progress = progress or Progress(enabled=config.progress and main)
     version = code_version()
-    pipeline_tags = {TAG_PIPELINE: config.name, TAG_CODE_VERSION: version, "ltscale.result_stage": config.result}
+    # Where this process runs (versions, processor, threads, GPU), on the pipeline run and each stage run it logs.
+    env_tags = environment_tags(runtime_environment(device))
+    pipeline_tags = {**env_tags, TAG_PIPELINE: config.name, TAG_CODE_VERSION: version, "ltscale.result_stage": config.result}
     # The seed is in the run's name because a sweep's runs are otherwise the same name in a row
     # of the MLflow UI; the pipeline tag stays the bare name, for grouping and look-ups.
     run_name = f"{config.name} seed {config.seed}"
@@ -434,6 +438,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
             parents = {role: result.outputs[parent_name] for role, parent_name in stage_inputs(stage).items()}
             key = stage_key(stage, parents, identity, config, init_weights.get(name))
             tags = {
+                **env_tags,
                 TAG_PIPELINE: config.name,
                 TAG_CONFIG_HASH: key,
                 TAG_CODE_VERSION: version,

@@ -14,6 +14,7 @@ from ltscale.tracking.tags import (
     split_run_ids,
 )
 from ltscale.tracking.provenance import code_version, uncommitted_changes
+from ltscale.tracking.environment import environment_tags, runtime_environment
 from ltscale.tracking.mlflow_tracker import NullRunHandle, NullTracker, RunHandle, Tracker, TrackingConfig, default_tracking_uri
 from ltscale.tracking.server import ServerHandle, start_local_server, ui, ui_command
 
@@ -35,6 +36,8 @@ __all__ = [
     "TrackingConfig",
     "code_version",
     "uncommitted_changes",
+    "environment_tags",
+    "runtime_environment",
     "default_tracking_uri",
     "join_run_ids",
     "split_run_ids",

@@ -37,7 +37,6 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -237,17 +236,9 @@ def run_ssd_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    import torchvision
+    from ltscale.tracking import runtime_environment
 
-    from ltscale.tracking import code_version
-
-    env = {"code_version": code_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
-           "cpu_count": os.cpu_count(), "device": str(device),
-           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
+    return {**runtime_environment(device), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def markdown(report: dict[str, Any]) -> str:

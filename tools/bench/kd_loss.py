@@ -20,7 +20,7 @@ is comparable between methods):
 The copy reference for B bytes copies a B/2-byte buffer (B/2 read + B/2 written); "% copy" is
 copy_time / method_time.
 
-Writes JSON (GPU, torch/triton versions, git commit, per-case results) to --out and prints a
+Writes JSON (GPU, torch/triton/CUDA versions, code version, per-case results) to --out and prints a
 markdown table.  Exits with a clear message when CUDA is not available.
 """
 
@@ -30,7 +30,6 @@ import argparse
 import datetime as _dt
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -52,20 +51,6 @@ DEFAULT_SHAPES = [
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMPERATURE, POWER, ALPHA = 2.0, 0.5, 0.5
 _DEV = "cuda"  # benchmark device; a module constant so a smoke test can redirect it
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True, timeout=10
-        )
-        commit = out.stdout.strip() if out.returncode == 0 else "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=_ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def _median_ms(fn, setup=None, warmup: int = 10, iters: int = 50) -> float:
@@ -214,9 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    import triton
-
     from ltscale.kernels import kernels_usable
+    from ltscale.tracking import runtime_environment
 
     if args.shapes:
         shapes = []
@@ -269,17 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             del inputs, leaves
             torch.cuda.empty_cache()
 
-    props = torch.cuda.get_device_properties(0)
+    env = runtime_environment(_DEV)  # GPU, versions and the code version (.code-version on a copy without .git)
     payload = {
         "benchmark": "ltscale fused distillation losses",
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "gpu": torch.cuda.get_device_name(0),
-        "gpu_capability": list(torch.cuda.get_device_capability(0)),
-        "gpu_memory_gib": props.total_memory / 2**30,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "git_commit": _git_commit(),
+        "environment": env,
         "params": {"temperature": TEMPERATURE, "power": POWER, "alpha": ALPHA,
                    "warmup": args.warmup, "iters": args.iters},
         "results": results,
@@ -287,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2))
 
-    print(f"\n{payload['gpu']} | torch {payload['torch']} | triton {payload['triton']} | "
-          f"commit {payload['git_commit']}\n")
+    print(f"\n{env.get('gpu', env['device'])} | torch {env['torch']} | triton {env['triton']} | "
+          f"CUDA {env['cuda']} | code {env['code_version']}\n")
     hdr = ("| loss | N x C | dtype | method | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s "
            "| % copy BW (fwd / bwd / f+b) | peak MiB | max rel err (loss / grad) |")
     print(hdr)
