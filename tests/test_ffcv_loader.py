@@ -244,3 +244,16 @@ def test_a_write_longer_than_the_process_group_timeout_does_not_fail_the_other_r
     mp.spawn(_slow_write_worker, args=(2, free_port(), data.root, str(tmp_path / "cache"), str(tmp_path)), nprocs=2, join=True)
     paths = {(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)}
     assert len(paths) == 1 and Path(paths.pop()).is_file()
+
+
+def test_writers_default_to_the_cpus_this_process_may_use(tmp_path, caplog):
+    """write_workers=0 counts the CPU affinity (a SLURM allocation), not the machine's cores."""
+    split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        with caplog.at_level(logging.INFO, logger="ltscale.data.loaders"):
+            _loader(FfcvLoader, split, train=False, shuffle=False, ffcv=FfcvConfig(cache_dir=str(tmp_path / "cache")))
+    finally:
+        os.sched_setaffinity(0, before)
+    assert any("(1 workers)" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -53,7 +53,7 @@ class FfcvConfig:
     ``cache_dir``: where the files go (default ``~/.cache/ltscale/ffcv``); on a cluster, a file
     system every node reads. ``max_resolution``: images are stored with their longer side at most
     this (the crops are 224 px; FFCV's ImageNet setting is 256-512). ``jpeg_quality``: of the stored
-    JPEGs. ``write_workers``: processes that decode and encode while writing (0: all cores).
+    JPEGs. ``write_workers``: processes that decode and encode while writing (0: every CPU this process may use).
     """
 
     cache_dir: str = ""

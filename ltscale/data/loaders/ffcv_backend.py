@@ -203,7 +203,9 @@ def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_b
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_partials(path)
     partial = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
-    workers = config.write_workers or os.cpu_count() or 1
+    # The CPUs this process may use (a SLURM allocation, a container's share), not the machine's:
+    # a job given 8 of 128 cores must not start 128 encoders on them.
+    workers = config.write_workers or len(os.sched_getaffinity(0))
     logger.info("writing %d images of %s to %s (%d workers)", len(split), split.name, path, workers)
     writer = DatasetWriter(
         str(partial),
