@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ltscale.tracking import code_version, environment_tags, runtime_environment
-from ltscale.tracking.environment import TAG_PREFIX, cpu_model, usable_cpus
+from ltscale.dist.runtime import usable_cpus
+from ltscale.tracking.environment import TAG_PREFIX, cpu_model
 
 
 def test_the_record_names_versions_processor_and_threads():

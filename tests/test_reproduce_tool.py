@@ -92,7 +92,7 @@ def test_smoke_run_on_demo_recipes(tmp_path):
     # (which a variant in the same lane, or another invocation, may share).
     from mlflow import MlflowClient
 
-    from ltscale.tracking.environment import usable_cpus
+    from ltscale.dist.runtime import usable_cpus
 
     # Two lanes at once split the CPUs between them instead of each taking them all.
     threads = None if "OMP_NUM_THREADS" in os.environ else max(1, usable_cpus() // 2)

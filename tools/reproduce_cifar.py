@@ -417,7 +417,7 @@ def job_threads(args: argparse.Namespace) -> int | None:
     """
     if args.concurrency <= 1 or "OMP_NUM_THREADS" in os.environ:
         return None
-    from ltscale.tracking.environment import usable_cpus
+    from ltscale.dist.runtime import usable_cpus
 
     return max(1, usable_cpus() // args.concurrency)
 

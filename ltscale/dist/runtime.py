@@ -53,6 +53,13 @@ class DistEnv:
         return self.rank == 0
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: a SLURM allocation or a container's share), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def first_host(nodelist: str) -> str:
     """The first host name of a SLURM node list: ``gpu[07-09,12],cpu1`` -> ``gpu07``."""
     nodelist = nodelist.strip()

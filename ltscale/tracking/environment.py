@@ -9,13 +9,13 @@ tools under ``tools/`` write the same record into their results files.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ltscale.dist.runtime import usable_cpus
 from ltscale.tracking.provenance import code_version
 
 TAG_PREFIX = "ltscale.env."
@@ -37,13 +37,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity: a SLURM allocation or a container's share), not the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def runtime_environment(device: torch.device | str | None = None) -> dict[str, Any]:

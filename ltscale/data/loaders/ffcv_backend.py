@@ -48,6 +48,7 @@ from ltscale.data.errors import DatasetError
 from ltscale.data.loaders import ImageFileLoader
 from ltscale.data.loaders.bad_images import BadImageLedger, SameClassCandidates
 from ltscale.data.loaders.files import decode_image_file, describe_error
+from ltscale.dist.runtime import usable_cpus
 from ltscale.engine.checkpoint import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -203,9 +204,8 @@ def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_b
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_partials(path)
     partial = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
-    # The CPUs this process may use (a SLURM allocation, a container's share), not the machine's:
-    # a job given 8 of 128 cores must not start 128 encoders on them.
-    workers = config.write_workers or len(os.sched_getaffinity(0))
+    # A job given 8 of 128 cores must not start 128 encoders on them.
+    workers = config.write_workers or usable_cpus()
     logger.info("writing %d images of %s to %s (%d workers)", len(split), split.name, path, workers)
     writer = DatasetWriter(
         str(partial),
