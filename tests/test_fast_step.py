@@ -8,6 +8,7 @@ that replaying captured graphs gives what the same step gives eagerly.
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ltscale.data import LoaderConfig, build_loader
 from ltscale.data.config import SyntheticConfig
@@ -26,11 +28,11 @@ from ltscale.engine.trainer import Trainer
 from ltscale.losses.modules import ClassificationLoss, LossConfig, distillation_losses
 from ltscale.models.heads import HeadSpec, rebalanced_head
 from ltscale.models.network import ModelConfig, Network, replace_head
-from ltscale.stages.tasks import DiVEDistillTask, RebalanceTask, SSDDistillTask, SupervisedTask
+from ltscale.stages.tasks import DiVEDistillTask, RebalanceTask, SSDDistillTask, SupervisedTask, rotate_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 6
-TASKS = ("ce", "ce_unused_head", "rotation", "ldam_drw", "ssd", "dive", "lws")
+TASKS = ("ce", "ce_unused_head", "rotation", "rotation_split", "ldam_drw", "ssd", "dive", "lws")
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +46,12 @@ def make_task(kind: str, bundle, device: torch.device, seed: int = 0):
     counts = bundle.train.class_counts()
     model = ModelConfig(arch="resnet8", width=8)
     cls = {"cls": HeadSpec("linear", CLASSES)}
-    if kind in ("ce", "ce_unused_head", "rotation"):
+    if kind in ("ce", "ce_unused_head", "rotation", "rotation_split"):
         heads = cls if kind == "ce" else {**cls, "rotation": HeadSpec("rotation", 4, classifier=False)}
         network = Network(model, heads, "cls").to(device)
         loss = ClassificationLoss(LossConfig("ce"), counts, device)
-        return SupervisedTask(network, loss, 1.0 if kind == "rotation" else 0.0, seed=3)
+        rotation = 1.0 if kind.startswith("rotation") else 0.0
+        return SupervisedTask(network, loss, rotation, seed=3, rotation_batch_norm="split" if kind == "rotation_split" else "joint")
     if kind == "ldam_drw":
         network = Network(ModelConfig(arch="resnet8", width=8, classifier="cosine"), {"cls": HeadSpec("cosine", CLASSES)}, "cls").to(device)
         loss = ClassificationLoss(LossConfig("ldam", drw_epoch=1), counts, device)
@@ -144,7 +147,7 @@ def test_one_step_same_loss_and_update(kind, bundle, tmp_path):
         assert changed == ["heads.cls.scales"]
 
 
-@pytest.mark.parametrize("kind", ("rotation", "ldam_drw", "ssd"))
+@pytest.mark.parametrize("kind", ("rotation", "rotation_split", "ldam_drw", "ssd"))
 def test_several_epochs_same_losses(kind, bundle, tmp_path):
     """Two epochs (a partial last batch, momentum, LDAM's switch to DRW weights in epoch 1):
     the epoch losses agree. Parameters are not compared after several steps: on this tiny
@@ -157,6 +160,42 @@ def test_several_epochs_same_losses(kind, bundle, tmp_path):
     for e, f in zip(eager_metrics, fast_metrics, strict=True):
         assert f.loss == pytest.approx(e.loss, rel=2e-3)
         assert abs(f.top1 - e.top1) <= 100.0 / sum(len(b["target"]) for b in batches) + 1e-9
+
+
+def test_rotation_batch_norm_split_and_joint(bundle):
+    """``split``: the upright and the rotated half are normalised with their own statistics and only
+    the upright half moves the running statistics; ``joint``: one forward of both, so the running
+    statistics are the mixture's. Checked against separate plain forwards of copies of the network."""
+    batch = batches_of(bundle, torch.device("cpu"), 32)[0]
+    turns = torch.tensor([1, 2, 3, 0] * 8)
+    batch = {**batch, "rotation_turns": turns}
+    images, targets = batch["image"], batch["target"]
+    rotated = rotate_batch(images, turns)
+
+    split = make_task("rotation_split", bundle, torch.device("cpu")).train()
+    upright_only = copy.deepcopy(split.network).train()  # sees the upright half alone
+    rotated_only = copy.deepcopy(split.network).train()  # sees the rotated half alone
+    out = split(batch)
+    upright_features = upright_only.backbone(images)
+    expected = F.cross_entropy(upright_only.heads["cls"](upright_features), targets) + F.cross_entropy(
+        rotated_only.heads["rotation"](rotated_only.backbone(rotated)), turns)
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)
+    assert_same_state(split.network.backbone, upright_only.backbone, rtol=0, atol=0)  # running stats: upright only
+    norms = [m for m in split.network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.track_running_stats and int(m.num_batches_tracked) == 1 for m in norms)
+
+    joint = make_task("rotation", bundle, torch.device("cpu")).train()
+    both = copy.deepcopy(joint.network).train()
+    out = joint(batch)
+    features = both.backbone(torch.cat([images, rotated]))
+    expected = F.cross_entropy(both.heads["cls"](features[:32]), targets) + F.cross_entropy(
+        both.heads["rotation"](features[32:]), turns)
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)
+    assert_same_state(joint.network.backbone, both.backbone, rtol=0, atol=0)
+    # The two modes differ where they should: the running statistics (the upright half's vs the mixture's).
+    assert not torch.allclose(norms[-1].running_var, [m for m in joint.network.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1].running_var)
+    with pytest.raises(ValueError, match="rotation_batch_norm must be 'joint' or 'split', got 'halves'"):
+        SupervisedTask(split.network, split.loss, 1.0, seed=0, rotation_batch_norm="halves")
 
 
 def test_rotation_labels_match_eager(bundle):
@@ -212,7 +251,7 @@ def test_fast_step_rejects_dampening(bundle):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kind", ("rotation", "ldam_drw", "ssd", "ssd_fused", "dive"))
+@pytest.mark.parametrize("kind", ("rotation", "rotation_split", "ldam_drw", "ssd", "ssd_fused", "dive"))
 def test_graph_replay_equals_eager_on_gpu(kind, bundle):
     """Captured graphs (full batches and the partial last one; LDAM re-captured when DRW starts)
     replay the same step as running it eagerly: same epoch losses, same weights, fp32."""

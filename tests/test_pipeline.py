@@ -456,9 +456,14 @@ def test_stage_keys_follow_what_changes_results_and_only_that(tmp_path):
         "stages.teacher.loss.ldam_scale=10": False,
         "stages.teacher.loss.drw_beta=0.99": False,
         "stages.teacher.optim.schedule=cosine": True,
+        "stages.teacher.rotation_batch_norm=split": False,  # no rotation task in CE's teacher
     }
     for override, expect_new in inactive.items():
         assert (plan_pipeline(apply_overrides(config, [override]))[0].key != key) == expect_new, override
+    ssd = tiny("ssd", tmp_path)
+    ssd_key = plan_pipeline(ssd)[0].key
+    assert plan_pipeline(apply_overrides(ssd, ["stages.teacher.rotation_batch_norm=joint"]))[0].key == ssd_key  # the default
+    assert plan_pipeline(apply_overrides(ssd, ["stages.teacher.rotation_batch_norm=split"]))[0].key != ssd_key
     cosine = apply_overrides(config, ["stages.teacher.optim.schedule=cosine"])
     cosine_key = plan_pipeline(cosine)[0].key
     assert plan_pipeline(apply_overrides(cosine, ["stages.teacher.optim.milestones=1", "stages.teacher.optim.decay_factors=0.5"]))[0].key == cosine_key

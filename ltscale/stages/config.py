@@ -43,12 +43,18 @@ class TeacherConfig:
     a random multiple of 90 degrees, and a 4-way head on the shared feature predicts the rotation.
     ``moco_weight`` > 0 adds SSD's large-dataset task instead, MoCo v2 instance discrimination
     (``moco``; two augmented views per image, ``ltscale/models/moco.py``). At most one of the two.
+
+    ``rotation_batch_norm``: ``joint`` (the paper's "sent simultaneously": one forward of the
+    upright and the rotated batch, so batch norm's statistics, running ones included, are the
+    mixture's) or ``split`` (two forwards; only the upright batch updates the running statistics
+    that evaluation, LWS and the soft labels use). Only with ``rotation_weight`` > 0.
     """
 
     kind: Literal["teacher"] = "teacher"
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     rotation_weight: float = 0.0
+    rotation_batch_norm: Literal["joint", "split"] = keyed_when_set("joint")  # stages stored before it keep their keys
     moco_weight: float = 0.0
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -134,9 +134,10 @@ def _result_fields(stage: StageConfig, init: pretrained.InitWeights | None) -> S
     """The stage config as its key sees it: fields that cannot change the output set to their defaults,
     so changing them reuses the stage. ``eval_every`` (how often the test set is evaluated during
     training: logging only), the distillation loss ``backend`` (Triton kernel or PyTorch, the same
-    loss), settings of parts that are switched off (MoCo while ``moco_weight`` is 0, LDAM's margin
-    and scale for other losses, DRW's beta without DRW, milestones outside a step schedule, tau-norm's
-    optimiser and sampler, tau when it is searched or unused), and the ``init_from`` spelling when the
+    loss), settings of parts that are switched off (MoCo while ``moco_weight`` is 0,
+    ``rotation_batch_norm`` while ``rotation_weight`` is 0, LDAM's margin and scale for other losses,
+    DRW's beta without DRW, milestones outside a step schedule, tau-norm's optimiser and sampler, tau
+    when it is searched or unused), and the ``init_from`` spelling when the
     weights' identity (their hash) is in the key instead: a copy elsewhere is the same start."""
     changes: dict[str, Any] = {}
     if getattr(stage, "eval_every", 0):
@@ -165,6 +166,8 @@ def _result_fields(stage: StageConfig, init: pretrained.InitWeights | None) -> S
         changes["backend"] = "auto"
     if isinstance(stage, TeacherConfig) and stage.moco_weight == 0:
         changes["moco"] = MoCoConfig()
+    if isinstance(stage, TeacherConfig) and stage.rotation_weight == 0:
+        changes["rotation_batch_norm"] = "joint"
     if init is not None and getattr(getattr(stage, "model", None), "init_from", ""):
         changes["model"] = dataclasses.replace(stage.model, init_from="")
     return dataclasses.replace(stage, **changes) if changes else stage

@@ -8,6 +8,9 @@ but stay in eval mode and outside the optimiser.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,18 +43,40 @@ class _Task(nn.Module):
         return None
 
 
+@contextlib.contextmanager
+def running_statistics_frozen(module: nn.Module) -> Iterator[None]:
+    """Batch norm inside ``module`` still normalises with each batch's statistics (in train mode)
+    but leaves its running statistics and batch count alone, as if that forward had not happened."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False  # train mode then passes no running buffers to F.batch_norm
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
 class SupervisedTask(_Task):
     """CE / BSCE / LDAM(-DRW) on the ``cls`` head, plus SSD's rotation task when its weight > 0.
 
-    With rotation, the original and the rotated batch go through the network together (one
-    forward of 2B images, so batch norm sees both, as in the paper's "sent simultaneously").
+    ``rotation_batch_norm="joint"``: the original and the rotated batch go through the network
+    together (one forward of 2B images, as in the paper's "sent simultaneously"), so batch norm
+    normalises the mixture and its running statistics (used at test time, by LWS and for the soft
+    labels) are the mixture's. ``"split"``: two forwards; each half is normalised with its own
+    statistics and only the upright one updates the running statistics, so the network is
+    evaluated with the statistics of the images its CE head was trained on.
     """
 
-    def __init__(self, network: Network, loss: ClassificationLoss, rotation_weight: float, seed: int) -> None:
+    def __init__(self, network: Network, loss: ClassificationLoss, rotation_weight: float, seed: int,
+                 rotation_batch_norm: str = "joint") -> None:
         super().__init__()
+        if rotation_batch_norm not in ("joint", "split"):
+            raise ValueError(f"rotation_batch_norm must be 'joint' or 'split', got {rotation_batch_norm!r}")
         self.network = network
         self.loss = loss
         self.rotation_weight = rotation_weight
+        self.rotation_batch_norm = rotation_batch_norm
         self.seed = seed
         self.generator: torch.Generator | None = None
 
@@ -85,9 +110,12 @@ class SupervisedTask(_Task):
         turns = batch.get("rotation_turns")
         if turns is None:
             turns = self.step_randomness(images.shape[0], images.device)["rotation_turns"]
-        both = torch.cat([images, rotate_batch(images, turns)])
-        features = self.network.backbone(both)
-        original, rotated = features.chunk(2)
+        if self.rotation_batch_norm == "joint":
+            original, rotated = self.network.backbone(torch.cat([images, rotate_batch(images, turns)])).chunk(2)
+        else:
+            original = self.network.backbone(images)
+            with running_statistics_frozen(self.network.backbone):
+                rotated = self.network.backbone(rotate_batch(images, turns))
         logits = self.network.heads["cls"](original)
         rotation_logits = self.network.heads["rotation"](rotated)
         supervised = self.loss(logits, targets)

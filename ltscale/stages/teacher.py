@@ -26,6 +26,6 @@ def run(config: TeacherConfig, ctx: StageContext, inputs: dict[str, StageOutput]
         task = MoCoTask(network, moco, loss, config.moco_weight, ctx.seed)
         train_and_evaluate(task, network, config.optim, config.sampler, config.eval_every, ctx, views=2)
         return {"model": ctx.save_model(network)}
-    task = SupervisedTask(network, loss, config.rotation_weight, ctx.seed)
+    task = SupervisedTask(network, loss, config.rotation_weight, ctx.seed, config.rotation_batch_norm)
     train_and_evaluate(task, network, config.optim, config.sampler, config.eval_every, ctx)
     return {"model": ctx.save_model(network)}
