@@ -279,9 +279,12 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
         print(f"{status:>10}  {directory}" if status in ("ok", "unfinished") else f"   CHANGED  {directory}: {status}")
     print(f"{len(found)} stage outputs: {sum(s == 'ok' for _, s in found)} ok, {sum(s == 'unfinished' for _, s in found)} "
           f"unfinished, {len(bad)} changed")
-    if bad:
+    if any(not status.startswith("unreadable manifest") for _, status in bad):
         print(f"A changed output is not recomputed while its files keep their size and time: delete its {MANIFEST} "
               "(its progress checkpoint stays, so the stage resumes or re-runs) or the whole directory.", file=sys.stderr)
+    if any(status.startswith("unreadable manifest") for _, status in bad):
+        print(f"An output whose {MANIFEST} is unreadable is not trusted: the next run of its pipeline resumes or "
+              "re-runs that stage.", file=sys.stderr)
     return 1 if bad else 0
 
 

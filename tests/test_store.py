@@ -129,3 +129,31 @@ def test_store_verify_reads_every_byte_and_names_what_reuse_would_miss(tmp_path,
     assert "delete its manifest.json" in captured.err
     assert main(["store", "verify", "--output-dir", str(tmp_path / "nowhere")]) == 2
     assert "no stage store at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: [1, 2, 3], "holds a list, not an object"),
+    (lambda m: {**m, "files": "model.pt"}, "'files' is not a mapping of roles to file names"),
+    (lambda m: {**m, "checksums": "xyz"}, "'checksums' does not give a sha256 for each of the files ['model']"),
+    (lambda m: {**m, "checksums": {}}, "'checksums' does not give a sha256 for each of the files ['model']"),
+    (lambda m: {**m, "stats": [1, 2]}, "'stats' is not a mapping of roles to [size, modification time]"),
+    (lambda m: {**m, "stats": {"model": ["big", 2]}}, "'stats' is not a mapping of roles to [size, modification time]"),
+])
+def test_a_manifest_of_the_wrong_shape_is_not_trusted_and_named(tmp_path, capsys, edit, problem):
+    """Valid JSON that is not a manifest (hand-edited, another tool's file) is treated like an
+    unreadable manifest: reuse recomputes the stage and `store verify` names what is wrong."""
+    from ltscale.cli import main
+
+    store = Store(tmp_path)
+    directory = store.directory("teacher", "k2")
+    directory.mkdir(parents=True)
+    (directory / "model.pt").write_bytes(b"m" * 100)
+    store.finish("teacher", "teacher", "k2", {"files": {"model": "model.pt"}})
+    manifest = json.loads((directory / "manifest.json").read_text())
+    (directory / "manifest.json").write_text(json.dumps(edit(manifest)))
+    assert store.finished("teacher", "teacher", "k2") is None
+    assert main(["store", "verify", "--output-dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert f"CHANGED  {directory}: unreadable manifest (manifest.json" in captured.out and problem in captured.out
+    assert "the next run of its pipeline resumes or re-runs that stage" in captured.err
+    assert "not recomputed while its files keep" not in captured.err

@@ -72,15 +72,16 @@ class Store:
         if not path.is_file():
             return None
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None  # unreadable manifest: recompute rather than trust it
+            manifest = read_manifest(path)
+        except ManifestError as error:
+            log.warning("stage output %s: %s; recomputing", directory, error)
+            return None  # recompute rather than trust it
         if manifest.get("key") != key:
             return None
-        recorded = manifest.get("checksums", {})
+        recorded = manifest["checksums"]
         known = {**manifest.get("stats", {}), **_read_verified(directory)}
         rehashed = {}
-        for role, filename in manifest.get("files", {}).items():
+        for role, filename in manifest["files"].items():
             problem, stat = _check_file(directory / filename, recorded.get(role), known.get(role))
             if problem:
                 # Recompute instead of handing a corrupt checkpoint to the next stage.
@@ -101,16 +102,16 @@ class Store:
         bytes no longer match their sha256. Reads every byte; reuse does not (see the module doc)."""
         found = []
         for directory in sorted(p for p in self.root.glob("*-*") if p.is_dir()):
-            try:
-                manifest = json.loads((directory / MANIFEST).read_text())
-            except FileNotFoundError:
+            if not (directory / MANIFEST).exists():
                 found.append((directory, "unfinished"))
                 continue
-            except (OSError, json.JSONDecodeError) as error:
+            try:
+                manifest = read_manifest(directory / MANIFEST)
+            except ManifestError as error:
                 found.append((directory, f"unreadable manifest ({error})"))
                 continue
-            checks = {filename: _check_file(directory / filename, manifest.get("checksums", {}).get(role))[0]
-                      for role, filename in manifest.get("files", {}).items()}
+            checks = {filename: _check_file(directory / filename, manifest["checksums"][role])[0]
+                      for role, filename in manifest["files"].items()}
             found.append((directory, "; ".join(f"{name} {problem}" for name, problem in checks.items() if problem) or "ok"))
         return found
 
@@ -124,6 +125,33 @@ class Store:
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_json(manifest, directory / MANIFEST)
         return StageOutput(name, kind, key, directory, manifest)
+
+
+class ManifestError(ValueError):
+    """A ``manifest.json`` that cannot be read or does not have a manifest's shape."""
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest at ``path``, checked to have the shape ``Store.finish`` writes: ``files`` and
+    ``checksums`` map the same roles to file names and sha256 strings, ``stats`` (if present) maps
+    roles to [size, mtime]. Anything else (a truncated or hand-edited file) is a ``ManifestError``."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ManifestError(f"{path.name} is not readable JSON: {error}") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path.name} holds a {type(manifest).__name__}, not an object")
+    files, checksums, stats = manifest.get("files"), manifest.get("checksums"), manifest.get("stats", {})
+    if not (isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in files.items())):
+        raise ManifestError(f"{path.name}: 'files' is not a mapping of roles to file names")
+    if not (isinstance(checksums, dict) and set(checksums) == set(files) and all(isinstance(v, str) for v in checksums.values())):
+        raise ManifestError(f"{path.name}: 'checksums' does not give a sha256 for each of the files {sorted(files)}")
+    if not (isinstance(stats, dict) and all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)
+                                            for v in stats.values())):
+        raise ManifestError(f"{path.name}: 'stats' is not a mapping of roles to [size, modification time]")
+    if not isinstance(manifest.get("key", ""), str):
+        raise ManifestError(f"{path.name}: 'key' is not a string")
+    return manifest
 
 
 def _check_file(path: Path, checksum: str | None, known_stat: list[int] | None = None) -> tuple[str | None, list[int] | None]:
