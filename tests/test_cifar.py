@@ -285,3 +285,71 @@ def test_corruption_in_the_middle_of_the_gzip_stream_is_detected(tmp_path):
     damaged.write_bytes(bytes(data))
     with pytest.raises(DatasetError, match="corrupt"):
         load_cifar_lt("cifar100_lt", damaged, 100)
+
+
+class _Exploit:
+    """A pickle that would run a command on load if the loader trusted it."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/ltscale-pwned",))
+
+
+@pytest.mark.parametrize("member, payload, problem", [
+    ("meta", [1], r"cifar-100-python/meta holds a list, not the dict of a CIFAR python batch"),
+    ("meta", {"fine_label_names": ["a", "b"]}, r"cifar-100-python/meta: key 'fine_label_names' must be a list of 100 class names"),
+    ("train", {"data": np.zeros((300, 3072), np.uint8)}, r"cifar-100-python/train has no key 'fine_labels' \(its keys: \['data'\]\)"),
+    ("train", {"data": np.zeros((300, 3072), np.uint8), "fine_labels": [0] * 299 + [150]},
+     r"cifar-100-python/train: key 'fine_labels' has labels outside 0..99 \(row 299: 150; 1 in all\)"),
+    ("test", {"data": np.zeros((300, 3072), np.uint8), "fine_labels": [-1] * 300},
+     r"cifar-100-python/test: key 'fine_labels' has labels outside 0..99 \(row 0: -1; 300 in all\)"),
+    ("train", {"data": np.zeros((300, 3072), np.uint8), "fine_labels": [0] * 10},
+     r"cifar-100-python/train: key 'fine_labels' must be one integer label per image \(300\), got shape \(10,\)"),
+    ("train", {"data": np.zeros((300, 3072), np.uint8), "fine_labels": ["a"] * 300},
+     r"cifar-100-python/train: key 'fine_labels' must be one integer label per image"),
+])
+def test_malformed_batches_are_named(tmp_path, member, payload, problem):
+    members = _fake_members()
+    members[member] = _pickle_bytes(payload)
+    path = _write_tar(tmp_path / "bad.tar.gz", members)
+    with pytest.raises(DatasetError, match=rf"{path}:{problem}"):
+        load_cifar_lt("cifar100_lt", path, 100)
+
+
+def test_a_pickle_that_would_run_code_is_refused_unrun(tmp_path):
+    """The loader unpickles numpy arrays only: a data file cannot run code (nor import modules)."""
+    marker = Path("/tmp/ltscale-pwned")
+    marker.unlink(missing_ok=True)
+    members = _fake_members()
+    members["train"] = _pickle_bytes({"data": _Exploit(), "fine_labels": []})
+    members["test"] = b"cnosuchmodule\nThing\n)R."  # a class of a module that does not exist
+    for name in ("train", "test"):
+        trimmed = {**_fake_members(), name: members[name]}
+        path = _write_tar(tmp_path / f"{name}.tar.gz", trimmed)
+        with pytest.raises(DatasetError, match=r"is not a readable CIFAR pickle \(it refers to (posix|os)\.system|nosuchmodule\.Thing"):
+            load_cifar_lt("cifar100_lt", path, 100)
+    assert not marker.exists()
+
+
+def test_cifar10_folder_loads_and_names_a_batch_without_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+
+    def batch(n: int) -> dict:
+        return {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), "labels": np.arange(n).__mod__(10).tolist()}
+
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(_pickle_bytes(batch(20)))
+    (folder / "test_batch").write_bytes(_pickle_bytes(batch(30)))
+    (folder / "batches.meta").write_bytes(_pickle_bytes({"label_names": [f"c{c}" for c in range(10)]}))
+    bundle = load_cifar_lt("cifar10_lt", tmp_path, 1.0)
+    assert len(bundle.train) == 100 and len(bundle.test) == 30 and bundle.train.class_names[3] == "c3"
+
+    (folder / "data_batch_3").write_bytes(_pickle_bytes({"data": np.zeros((20, 3072), np.uint8)}))
+    with pytest.raises(DatasetError, match=rf"{folder / 'data_batch_3'} has no key 'labels'"):
+        load_cifar_lt("cifar10_lt", tmp_path, 1.0)
+    (folder / "data_batch_3").write_bytes(b"x")  # the extracted folder's own file is named, not an archive path
+    with pytest.raises(DatasetError, match=rf"^{folder / 'data_batch_3'} is not a readable CIFAR pickle .*the file may be truncated"):
+        load_cifar_lt("cifar10_lt", tmp_path, 1.0)

@@ -83,3 +83,16 @@ def test_real_cifar100_larger_imbalance_keeps_a_prefix_of_each_class():
         kept = long_tailed_indices(targets, counts)
         prefix = np.concatenate([base[targets[base] == c][:n] for c, n in enumerate(counts)])
         assert np.array_equal(kept, prefix)
+
+
+def test_a_file_that_is_not_an_npz_is_named_without_pickle_advice(tmp_path):
+    from ltscale.data.cifar import load_cifar_lt
+
+    fake = tmp_path / "fake.npz"
+    fake.write_text("not a zip\n")
+    with pytest.raises(DatasetError, match=rf"data.root '{fake}' is not a packed CIFAR-LT file: not an .npz \(zip\) archive") as caught:
+        load_cifar_lt("cifar100_lt", fake, 100)
+    assert "pickle" not in str(caught.value)
+    missing = tmp_path / "absent.npz"
+    with pytest.raises(DatasetError, match=rf"data.root '{missing}' is not a readable packed CIFAR-LT file"):
+        load_cifar_lt("cifar100_lt", missing, 100)

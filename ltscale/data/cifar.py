@@ -7,6 +7,7 @@ order shuffle its indices (in official order) and keep the first n_c. The test s
 
 from __future__ import annotations
 
+import codecs
 import pickle
 import tarfile
 import zlib
@@ -50,6 +51,31 @@ def long_tailed_indices(targets: np.ndarray, counts: np.ndarray) -> np.ndarray:
         np.random.set_state(state)  # do not leave the caller's global RNG reseeded
 
 
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+
+# What a CIFAR python pickle may refer to: numpy arrays (written by numpy 1 or 2) and, in a Python 3
+# protocol-2 pickle, bytes (rebuilt with codecs.encode). Anything else could run arbitrary code on
+# load, and a data file has no business doing that.
+_PICKLE_GLOBALS = {
+    ("_codecs", "encode"): codecs.encode,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR pickle does not contain") from None
+
+
 class _Archive:
     """Reads members of the archive or the extracted folder by their name inside the top folder."""
 
@@ -74,8 +100,15 @@ class _Archive:
             self.tar = None
             self.folder = root / top if (root / top).is_dir() else root
 
+    def where(self, member: str) -> str:
+        """How errors name a member: inside the archive, or the file of the extracted folder."""
+        if self.tar is not None:
+            return f"{self.root}:{self.top}/{member}"
+        assert self.folder is not None
+        return str(self.folder / member)
+
     def load(self, member: str) -> dict:
-        where = f"{self.root}:{self.top}/{member}"
+        where = self.where(member)
         try:
             if self.tar is not None:
                 try:
@@ -84,20 +117,25 @@ class _Archive:
                     handle = None
                 if handle is None:
                     raise DatasetError(f"{where} is missing from the archive data.root; expected the official layout {self.top}/{member}")
-                return pickle.load(handle, encoding="latin1")
-            assert self.folder is not None
-            path = self.folder / member
-            if not path.is_file():
-                raise DatasetError(
-                    f"{path} is missing. data.root must be the CIFAR archive or a folder containing "
-                    f"{self.top}/{member} (the official python version)."
-                )
-            with open(path, "rb") as handle:
-                return pickle.load(handle, encoding="latin1")
-        except (pickle.UnpicklingError, EOFError, ValueError, tarfile.TarError, OSError, zlib.error) as error:
+                batch = _CifarUnpickler(handle, encoding="latin1").load()
+            else:
+                assert self.folder is not None
+                path = self.folder / member
+                if not path.is_file():
+                    raise DatasetError(
+                        f"{path} is missing. data.root must be the CIFAR archive or a folder containing "
+                        f"{self.top}/{member} (the official python version)."
+                    )
+                with open(path, "rb") as handle:
+                    batch = _CifarUnpickler(handle, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, tarfile.TarError, OSError, zlib.error) as error:
             if isinstance(error, DatasetError):
                 raise
-            raise DatasetError(f"{where} is not a readable CIFAR pickle ({error}); the archive may be truncated") from None
+            damaged = "the archive may be truncated" if self.tar is not None else "the file may be truncated or not CIFAR's"
+            raise DatasetError(f"{where} is not a readable CIFAR pickle ({error}); {damaged}") from None
+        if not isinstance(batch, dict):
+            raise DatasetError(f"{where} holds a {type(batch).__name__}, not the dict of a CIFAR python batch")
+        return batch
 
     def verify(self) -> None:
         """Read a compressed archive to its end: gzip checks its CRC only there, so a corrupted
@@ -124,6 +162,21 @@ def _images(batch: dict, where: str) -> np.ndarray:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8, copy=False)
 
 
+def _labels(batch: dict, key: str, num_classes: int, where: str) -> np.ndarray:
+    """The batch's labels: one integer in [0, num_classes) per image row."""
+    if key not in batch:
+        raise DatasetError(f"{where} has no key {key!r} (its keys: {sorted(map(str, batch))})")
+    labels = np.asarray(batch[key])
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(batch["data"]):
+        raise DatasetError(f"{where}: key {key!r} must be one integer label per image ({len(batch['data'])}), "
+                           f"got shape {labels.shape} of {labels.dtype}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise DatasetError(f"{where}: key {key!r} has labels outside 0..{num_classes - 1} (row {bad[0]}: {labels[bad[0]]}; "
+                           f"{len(bad)} in all)")
+    return labels.astype(np.int64, copy=False)
+
+
 def load_cifar_lt(dataset: str, root: str | Path, imbalance_factor: float) -> DatasetBundle:
     """CIFAR-10/100-LT: the long-tailed training subset and the balanced test set."""
     if dataset not in _LAYOUT:
@@ -136,21 +189,20 @@ def load_cifar_lt(dataset: str, root: str | Path, imbalance_factor: float) -> Da
         return load_cifar_lt_npz(dataset, Path(root).expanduser(), imbalance_factor)
     top, train_member, test_member, meta_member, label_key, names_key, num_classes = _LAYOUT[dataset]
     archive = _Archive(Path(root).expanduser(), top)
+
+    def images_and_labels(member: str) -> tuple[np.ndarray, np.ndarray]:
+        batch = archive.load(member)
+        return _images(batch, archive.where(member)), _labels(batch, label_key, num_classes, archive.where(member))
+
     try:
-        if train_member is None:  # CIFAR-10 ships five training batches
-            batches = [archive.load(f"data_batch_{i}") for i in range(1, 6)]
-            train_images = np.concatenate([_images(b, f"{root}:data_batch") for b in batches])
-            train_targets = np.concatenate([np.asarray(b[label_key]) for b in batches])
-        else:
-            batch = archive.load(train_member)
-            if label_key not in batch:
-                raise DatasetError(f"{root}:{top}/{train_member} has no key {label_key!r}")
-            train_images, train_targets = _images(batch, f"{root}:{train_member}"), np.asarray(batch[label_key])
-        test = archive.load(test_member)
-        if label_key not in test:
-            raise DatasetError(f"{root}:{top}/{test_member} has no key {label_key!r}")
-        meta = archive.load(meta_member)
-        class_names = list(meta.get(names_key, [])) or [str(c) for c in range(num_classes)]
+        # CIFAR-10 ships five training batches
+        parts = [images_and_labels(m) for m in ([train_member] if train_member else [f"data_batch_{i}" for i in range(1, 6)])]
+        train_images, train_targets = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        test_images, test_targets = images_and_labels(test_member)
+        names = archive.load(meta_member).get(names_key, [])
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(names) in (0, num_classes)):
+            raise DatasetError(f"{archive.where(meta_member)}: key {names_key!r} must be a list of {num_classes} class names")
+        class_names = names or [str(c) for c in range(num_classes)]
         archive.verify()
     finally:
         archive.close()
@@ -161,6 +213,6 @@ def load_cifar_lt(dataset: str, root: str | Path, imbalance_factor: float) -> Da
     name = f"{dataset}-if{imbalance_factor:g}"
     train = ArraySplit(name=f"{name}/train", targets=train_targets[keep], num_classes=num_classes,
                        class_names=class_names, images=train_images[keep])
-    test_split = ArraySplit(name=f"{name}/test", targets=np.asarray(test[label_key]), num_classes=num_classes,
-                            class_names=class_names, images=_images(test, f"{root}:{test_member}"))
+    test_split = ArraySplit(name=f"{name}/test", targets=test_targets, num_classes=num_classes,
+                            class_names=class_names, images=test_images)
     return DatasetBundle(name=name, train=train, test=test_split, normalization=_NORMALIZATION[dataset], image_size=32)

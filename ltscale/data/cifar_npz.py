@@ -88,6 +88,10 @@ def load_cifar_lt_npz(dataset: str, path: Path, imbalance_factor: float) -> Data
     """CIFAR-LT at ``imbalance_factor`` from a packed file (same arrays as from the archive)."""
     from ltscale.data.cifar import _NORMALIZATION, long_tailed_counts
 
+    if path.is_file() and not zipfile.is_zipfile(path):
+        # np.load would try it as a pickle and answer with advice to load it unsafely
+        raise DatasetError(f"data.root {str(path)!r} is not a packed CIFAR-LT file: not an .npz (zip) archive; "
+                           "write one with tools/pack_cifar_npz.py")
     try:
         with np.load(path, allow_pickle=False) as packed:
             members = {name: packed[name] for name in packed.files}
