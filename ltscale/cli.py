@@ -297,9 +297,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     from ltscale.tracking import TAG_ERROR, TAG_PIPELINE, default_tracking_uri
     from ltscale.tracking.attempts import TAG_PID, Attempt
-    from ltscale.tracking.mlflow_tracker import check_server_answers
+    from ltscale.tracking.mlflow_tracker import check_server_answers, check_sqlite_store, check_uri_form
 
     uri = args.tracking_uri or default_tracking_uri(Path(args.output_dir))
+    check_uri_form(uri, "--tracking-uri")
+    check_sqlite_store(uri)
     check_server_answers(uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         print(f"ltscale runs: no MLflow store at {uri[len('sqlite:///'):]} (run a pipeline first, or pass --output-dir)",
@@ -367,6 +369,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if not Path(args.output_dir).is_dir():  # a mistyped path would get a new, empty store
         raise ConfigError(f"--output-dir {args.output_dir}: no such directory (a pipeline records its runs in "
                           f"<output_dir>/mlflow.db; pass the --output-dir it ran with, default {DEFAULT_OUTPUT})")
+    from ltscale.tracking.mlflow_tracker import check_sqlite_store, default_tracking_uri
+
+    check_sqlite_store(default_tracking_uri(Path(args.output_dir)))
     return ui(Path(args.output_dir), port=args.port)
 
 
@@ -463,8 +468,9 @@ def _store_refused(error: BaseException) -> bool:
 
 
 def _from_the_tracking_store(error: BaseException) -> bool:
-    """An error raised by MLflow or the HTTP stack under it (the store is down or refuses a call)."""
-    return type(error).__module__.split(".")[0] in ("mlflow", "requests", "urllib3")
+    """An error raised by MLflow or the stack under it (the store is down, refuses a call, or its
+    database is damaged)."""
+    return type(error).__module__.split(".")[0] in ("mlflow", "requests", "urllib3", "sqlalchemy", "sqlite3")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -589,6 +589,18 @@ def test_cli_refuses_bad_arguments_in_one_line_before_anything_runs(tmp_path, ca
     refused(["run", "demo/ce", "--tracking-uri", str(tmp_path / "store"), "--output-dir", str(out)],
             f"is a path, not a URI: for a database there, use sqlite:///{(tmp_path / 'store').resolve()}/mlflow.db")
     refused(["ui", "--output-dir", str(tmp_path / "typo")], "no such directory")
+    refused(["run", "demo/ce", "--tracking-uri", "garbage://x", "--output-dir", str(out)],
+            "tracking.tracking_uri 'garbage://x': MLflow has no tracking store for the scheme 'garbage' (supported: http, https")
+    refused(["runs", "--tracking-uri", "notascheme"], "--tracking-uri 'notascheme' is a path, not a URI")
+    refused(["runs", "--tracking-uri", "garbage://x"], "MLflow has no tracking store for the scheme 'garbage'")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "mlflow.db").write_text("garbage\n")  # not a database: MLflow would answer with an SQLAlchemy traceback
+    message = f"{junk / 'mlflow.db'} is not an SQLite database, so it cannot be the MLflow store"
+    refused(["runs", "--output-dir", str(junk)], message)
+    refused(["ui", "--output-dir", str(junk)], message)
+    refused(["run", "demo/ce", "--output-dir", str(junk)], message)
+    assert (junk / "mlflow.db").read_text() == "garbage\n" and sorted(p.name for p in junk.iterdir()) == ["mlflow.db"]
     refused(["runs", "--limit", "-1"], "argument --limit: expected a whole number >= 0, got -1")
     refused(["data", "verify", "synthetic", "--workers", "-2"], "argument --workers: expected a whole number >= 0, got -2")
     refused(["virtual", str(tmp_path / "model.pt"), "--recipe", "demo/dive", "--temperatures", "0"],

@@ -89,11 +89,8 @@ class TrackingConfig:
         if not self.experiment.strip():
             raise ValueError("tracking.experiment is empty: name the MLflow experiment, e.g. 'ltscale'")
         self.tags()  # refuse a malformed or reserved tag with the config, not when the run starts
-        if self.tracking_uri and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", self.tracking_uri):
-            path = Path(self.tracking_uri).expanduser().resolve()
-            store = path if path.suffix == ".db" else path / DEFAULT_STORE_FILE
-            raise ValueError(f"tracking.tracking_uri {self.tracking_uri!r} is a path, not a URI: for a database "
-                             f"there, use sqlite:///{store.as_posix()}; for a server, http://host:port")
+        if self.tracking_uri:
+            check_uri_form(self.tracking_uri, "tracking.tracking_uri")
 
     def tags(self) -> dict[str, str]:
         """``run_tags`` as a dict; a malformed, reserved or repeated key is a ValueError naming it."""
@@ -112,6 +109,48 @@ class TrackingConfig:
 
 
 SERVER_PROBE_TIMEOUT_S = 10.0
+
+
+# Schemes MLflow's tracking stores take (a database URI may name a driver: postgresql+psycopg2://).
+_STORE_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_uri_form(uri: str, what: str) -> None:
+    """A ValueError naming ``what`` unless ``uri`` is a URI with a scheme MLflow can store runs at
+    (its own or a plugin's). A bare path would be taken for a file store; an unknown scheme fails
+    later with a message about the model registry."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    if not match:
+        path = Path(uri).expanduser().resolve()
+        store = path if path.suffix == ".db" else path / DEFAULT_STORE_FILE
+        raise ValueError(f"{what} {uri!r} is a path, not a URI: for a database there, use "
+                         f"sqlite:///{store.as_posix()}; for a server, http://host:port")
+    scheme = match.group(1).lower()
+    if scheme.split("+")[0] in _STORE_SCHEMES:
+        return
+    from importlib.metadata import entry_points
+
+    plugins = sorted({entry.name for entry in entry_points(group="mlflow.tracking_store")})
+    if scheme not in plugins:
+        raise ValueError(f"{what} {uri!r}: MLflow has no tracking store for the scheme {scheme!r} (supported: "
+                         f"{', '.join(_STORE_SCHEMES + tuple(plugins))}; e.g. sqlite:///runs/mlflow.db or http://host:5000)")
+
+
+def check_sqlite_store(uri: str) -> None:
+    """A ValueError when a ``sqlite:///`` URI names an existing file that is not an SQLite database
+    (MLflow would answer with an SQLAlchemy traceback)."""
+    if not uri.lower().startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(len(_SQLITE_HEADER))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return  # created on first use, or MLflow names the problem
+    if header and header != _SQLITE_HEADER:
+        raise ValueError(f"{path} is not an SQLite database, so it cannot be the MLflow store {uri}: move the file "
+                         "aside, or record elsewhere (--output-dir, or --tracking-uri)")
 
 
 def check_server_answers(uri: str) -> None:
@@ -487,6 +526,7 @@ class Tracker:
         else:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._uri = default_tracking_uri(self.output_dir)
+        check_sqlite_store(self._uri)
         with _sqlite_init_lock(self._uri):
             self.client = MlflowClient(tracking_uri=self._uri)
             self.experiment_id = self._ensure_experiment()
