@@ -210,6 +210,25 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _check_against_manifest(path: Path) -> None:
+    """A model file of a stage directory must still have the bytes its stage finished with (torch does
+    not check a checkpoint's CRCs, so a damaged file can load and give wrong numbers)."""
+    from ltscale.engine.checkpoint import CheckpointError, file_checksum
+    from ltscale.stages.store import MANIFEST, ManifestError, read_manifest
+
+    if not (path.parent / MANIFEST).is_file() or not path.is_file():
+        return  # a checkpoint outside a store (copied elsewhere): nothing to compare with
+    try:
+        manifest = read_manifest(path.parent / MANIFEST)
+    except ManifestError as error:
+        raise CheckpointError(f"{path}: its stage's {error}; cannot check the file against it") from None
+    roles = [role for role, name in manifest["files"].items() if name == path.name]
+    if roles and manifest["checksums"][roles[0]] != file_checksum(path):
+        raise CheckpointError(f"{path} does not match the checksum its stage's {MANIFEST} recorded: the file changed "
+                              "after the stage finished (`ltscale store verify` lists such outputs; rerunning the "
+                              "pipeline recomputes it once the manifest is deleted)")
+
+
 def _model_and_data(args: argparse.Namespace):
     import torch
 
@@ -219,6 +238,7 @@ def _model_and_data(args: argparse.Namespace):
 
     config = _pipeline_config(args.recipe, args)
     device = resolve_device(config.device)
+    _check_against_manifest(Path(args.checkpoint))
     network = load_model(Path(args.checkpoint), device)
     bundle = build_dataset(config.data)
     if bundle.num_classes != network.head_specs[network.predict_head].num_outputs:

@@ -302,6 +302,31 @@ def test_evaluate_cli_reports_groups(tmp_path, capsys):
             main([*args, option, str(tmp_path)])
         assert refused.value.code == 2 and f"unrecognized arguments: {option}" in capsys.readouterr().err
 
+    # A stage's model file that no longer has the bytes its manifest recorded is refused (torch would
+    # load a damaged checkpoint and print wrong numbers); a copy outside the store is taken as it is.
+    model = result.outputs["teacher"].file("model")
+    import shutil
+
+    outside = tmp_path / "copy" / "model.pt"
+    outside.parent.mkdir()
+    shutil.copy(model, outside)
+    data = bytearray(model.read_bytes())
+    data[-30] ^= 0xFF
+    model.write_bytes(bytes(data))
+    assert main(args) == 2
+    assert f"{model} does not match the checksum its stage's manifest.json recorded" in capsys.readouterr().err
+    assert main([args[0], str(outside), *args[2:]]) == 0
+    capsys.readouterr()
+    # A spec naming an architecture that does not exist (an edited or foreign checkpoint) is named.
+    import torch
+
+    payload = torch.load(outside, weights_only=False)
+    payload["spec"]["model"]["arch"] = "resnet9000"
+    torch.save(payload, outside)
+    assert main([args[0], str(outside), *args[2:]]) == 2
+    err = capsys.readouterr().err
+    assert "has an unusable model spec: model.arch must be one of resnet8, " in err and "got 'resnet9000'" in err
+
 
 def test_plan_names_what_a_run_would_reuse_resume_or_train(tmp_path, capsys):
     from ltscale.config import apply_overrides

@@ -191,6 +191,8 @@ def validate(config: Any, path: str = "") -> None:
             except ValueError as error:
                 if not path:
                     raise
+                if str(error).startswith(path):  # the message already names where it is
+                    raise ConfigError(str(error)) from None
                 raise ConfigError(f"{path}: {error}") from None
 
 

@@ -35,15 +35,15 @@ class SyntheticConfig:
             raise ValueError(f"data.synthetic.test_per_class must be >= 1, got {self.test_per_class}")
         if not (math.isfinite(self.noise) and self.noise >= 0):
             raise ValueError(f"data.synthetic.noise must be a finite number >= 0 (pixel noise scale), got {self.noise}")
-        if self.seed < 0:
-            raise ValueError(f"data.synthetic.seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"data.synthetic.seed must be in [0, 2**32), got {self.seed}")
         if self.max_per_class / self.imbalance_factor < 1:
             raise ValueError(
                 "data.synthetic: the rarest class would have no image "
                 f"(max_per_class {self.max_per_class} / imbalance_factor {self.imbalance_factor} < 1)"
             )
-        if self.image_size < 8:
-            raise ValueError(f"data.synthetic.image_size must be >= 8, got {self.image_size}")
+        if not 8 <= self.image_size <= 256:  # generated in memory at once; larger images are real data's business
+            raise ValueError(f"data.synthetic.image_size must be in [8, 256], got {self.image_size}")
 
 
 @dataclass(frozen=True)

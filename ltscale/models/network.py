@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,8 @@ class ModelConfig:
     init_from: str = ""
 
     def __post_init__(self) -> None:
+        if self.arch not in get_args(Arch):  # typed overrides check it; a checkpoint's spec is read back unchecked
+            raise ValueError(f"model.arch must be one of {', '.join(get_args(Arch))}, got {self.arch!r}")
         if self.width < 4:
             raise ValueError(f"model.width must be >= 4, got {self.width}")
 

@@ -304,8 +304,10 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError(f"pipeline {self.name!r} has no stages")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0 (numpy's generators take no negative seeds), got {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            # numpy's generators take no negative seeds; torch's generators are 64-bit and seeds are mixed
+            # with epochs and ranks before they get there
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
         if not self.output_dir.strip():
