@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -161,6 +162,25 @@ def check_resources(kind: str, resources: Resources, config: PipelineConfig) -> 
         raise ConfigError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
     if resources.nodes < 1 or resources.tasks_per_node < 1:
         raise ConfigError(f"--nodes {resources.nodes} --tasks-per-node {resources.tasks_per_node}: both must be at least 1")
+    if resources.gpus_per_node is not None and resources.gpus_per_node < 0:
+        raise ConfigError(f"--gpus-per-node {resources.gpus_per_node}: must be 0 or more")
+    if resources.cpus_per_task is not None and resources.cpus_per_task < 1:
+        raise ConfigError(f"--cpus-per-task {resources.cpus_per_task}: must be at least 1")
+    if resources.mem_gb is not None and not (math.isfinite(resources.mem_gb) and resources.mem_gb > 0):
+        raise ConfigError(f"--mem-gb {resources.mem_gb}: must be a finite number of GB > 0")
+    if resources.max_timeouts < 0:
+        raise ConfigError(f"--max-timeouts {resources.max_timeouts}: must be 0 or more (requeues after the time limit)")
+    # submitit parameters this tool sets itself: a --slurm-option for one would silently win over
+    # (or lose to) the option that names it
+    named = {"partition": ("--partition", resources.partition), "nodes": ("--nodes", resources.nodes),
+             "ntasks_per_node": ("--tasks-per-node", resources.tasks_per_node),
+             "gpus_per_node": ("--gpus-per-node", resources.gpus_per_node),
+             "cpus_per_task": ("--cpus-per-task", resources.cpus_per_task), "mem": ("--mem-gb", resources.mem_gb),
+             "time": ("--timeout-min", resources.timeout_min),
+             "array_parallelism": ("--array-parallelism", resources.array_parallelism), "job_name": ("the job name", "")}
+    for key, _ in resources.slurm_options:
+        if key in named and named[key][1] is not None:
+            raise ConfigError(f"--slurm-option {key}=...: this tool sets it from {named[key][0]}; use that option instead")
     processes = resources.nodes * resources.tasks_per_node
     if kind == "local" and resources.nodes != 1:
         raise ConfigError(f"--nodes {resources.nodes}: the local executor runs on this one machine; use --nodes 1")
@@ -347,6 +367,9 @@ def _slurm_options(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        repeated = sorted({recipe for recipe in args.recipes if args.recipes.count(recipe) > 1})
+        if repeated:
+            raise ConfigError(f"recipe {repeated[0]} is given twice: a sweep runs each recipe once per seed (--seeds)")
         configs = sweep_configs(args.recipes, args.overrides, args.seeds)
         first = configs[0]
         gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus(args.executor, args.tasks_per_node, first.device)
@@ -364,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"launch.submit: warning: {warning}", file=sys.stderr)
         name = job_name(first) if len(configs) == 1 else f"ltscale-sweep-{len(configs)}"
         folder = Path(args.folder or Path(first.output_dir) / "submitit").expanduser().absolute()
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--folder {folder}: is a file; submitit's logs need a directory there")
         # Build once in a scratch folder: submitit validates the parameters (and creates its folder)
         # when the executor is built, and a dry run or a refused request should leave no trace.
         with tempfile.TemporaryDirectory() as scratch:

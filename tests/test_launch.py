@@ -86,6 +86,31 @@ def test_submit_checks_the_config_before_submitting(tmp_path, capsys):
     assert "--gpus-per-node" in capsys.readouterr().err
     assert main(["demo/ce", "--executor", "slurm", "--slurm-option", "acount=proj1", "--set", f"output_dir={output}"]) == 2
     assert "acount" in capsys.readouterr().err
+    # Numbers the scheduler would take or choke on, options given twice, a log folder that is a file.
+    (tmp_path / "file").write_text("")
+    for extra, message in [
+        (["--mem-gb", "-5"], "--mem-gb -5.0: must be a finite number of GB > 0"),
+        (["--mem-gb", "inf"], "--mem-gb inf: must be a finite number of GB > 0"),
+        (["--mem-gb", "nan"], "--mem-gb nan: must be a finite number of GB > 0"),
+        (["--gpus-per-node", "-1"], "--gpus-per-node -1: must be 0 or more"),
+        (["--cpus-per-task", "-3"], "--cpus-per-task -3: must be at least 1"),
+        (["--max-timeouts", "-1"], "--max-timeouts -1: must be 0 or more"),
+        (["--partition", "cpu", "--slurm-option", "partition=gpu"], "--slurm-option partition=...: this tool sets it from --partition"),
+        (["--slurm-option", "time=10"], "--slurm-option time=...: this tool sets it from --timeout-min"),
+        (["--folder", str(tmp_path / "file")], f"--folder {tmp_path / 'file'}: is a file"),
+        (["--seeds", "0,1"], None),  # (a valid sweep, the next case's control)
+    ]:
+        if message is None:
+            assert main(["demo/ce", "--executor", "slurm", "--dry-run", *extra, "--set", f"output_dir={output}"]) == 0
+            capsys.readouterr()
+            continue
+        assert main(["demo/ce", "--executor", "slurm", "--dry-run", *extra, "--set", f"output_dir={output}"]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    assert main(["demo/ce", "demo/ce", "--executor", "slurm", "--dry-run", "--set", f"output_dir={output}"]) == 2
+    assert "recipe demo/ce is given twice" in capsys.readouterr().err
+    assert main(["demo/ce", "--executor", "slurm", "--dry-run", "--slurm-option", "mem=4G", "--set", f"output_dir={output}"]) == 0
+    assert '"mem": "4G"' in capsys.readouterr().out  # not set by --mem-gb: the option may give it
     assert not output.exists()
 
 
