@@ -238,8 +238,8 @@ def _model_and_data(args: argparse.Namespace):
 
     config = _pipeline_config(args.recipe, args)
     device = resolve_device(config.device)
+    network = load_model(Path(args.checkpoint), device)  # first: a file that is no checkpoint at all is named as such
     _check_against_manifest(Path(args.checkpoint))
-    network = load_model(Path(args.checkpoint), device)
     bundle = build_dataset(config.data)
     if bundle.num_classes != network.head_specs[network.predict_head].num_outputs:
         raise ConfigError(

@@ -252,6 +252,14 @@ def test_corrupt_checkpoint_is_recomputed_and_cli_names_it(tmp_path, capsys):
     assert "delete" not in err  # other files passed by mistake (the MLflow database, say) must not be deleted
     code = main(["evaluate", str(model.parent), "--recipe", "demo/ce", "--device", "cpu"])
     assert code == 2 and "is a directory, not a file; it holds model.pt" in capsys.readouterr().err
+    # A training stage's unreadable progress checkpoint says how to go on (not to pass another file).
+    from ltscale.engine.checkpoint import PROGRESS_KIND, CheckpointError, load_checkpoint
+
+    (tmp_path / "progress.pt").write_text("garbage\n")
+    with pytest.raises(CheckpointError, match=r"the progress checkpoint .*progress.pt cannot be read .*: delete it and run "
+                                              r"again; that stage then trains from its first epoch") as caught:
+        load_checkpoint(tmp_path / "progress.pt", kind=PROGRESS_KIND)
+    assert "model.pt" not in str(caught.value)
     truncated = tmp_path / "truncated.pt"
     import torch
 
@@ -311,7 +319,7 @@ def test_evaluate_cli_reports_groups(tmp_path, capsys):
     outside.parent.mkdir()
     shutil.copy(model, outside)
     data = bytearray(model.read_bytes())
-    data[-30] ^= 0xFF
+    data[len(data) // 2] ^= 0xFF  # inside the tensor data: torch reads it without complaint
     model.write_bytes(bytes(data))
     assert main(args) == 2
     assert f"{model} does not match the checksum its stage's manifest.json recorded" in capsys.readouterr().err

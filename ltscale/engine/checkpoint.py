@@ -49,6 +49,10 @@ def atomic_write_json(obj: Any, path: Path) -> None:
     _atomic_write(Path(path), lambda stream: stream.write(data))
 
 
+PROGRESS_KIND = "ltscale.progress"
+"""``kind`` of a training stage's ``progress.pt`` (the trainer's resumable state)."""
+
+
 def load_checkpoint(path: Path, kind: str | None = None, required: tuple[str, ...] = (), mmap: bool = False) -> dict:
     """Load a checkpoint dict; ``kind`` and ``required`` keys are checked with clear errors.
 
@@ -68,6 +72,10 @@ def load_checkpoint(path: Path, kind: str | None = None, required: tuple[str, ..
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several types for truncated/corrupt zips
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+        if kind == PROGRESS_KIND:  # a stage's own file, not one the user passed: say how to go on
+            raise CheckpointError(
+                f"the progress checkpoint {path} cannot be read ({reason}): delete it and run again; that stage then "
+                "trains from its first epoch (finished stages are kept)") from None
         if not zip_file:  # not a torch checkpoint at all: say so, and do not suggest deleting it
             # (torch's own message then talks about weights_only, which is beside the point)
             raise CheckpointError(f"{path} is not a torch checkpoint (it does not start as a torch.save file does); pass "

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ltscale.dist.gather import all_reduce_sum, broadcast_from_rank0, is_main_process, rank_and_world_size
-from ltscale.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_strict
+from ltscale.engine.checkpoint import PROGRESS_KIND, CheckpointError, atomic_save, load_checkpoint, load_state_strict
 from ltscale.engine.fast_step import FastStep, resolve_step
 from ltscale.engine.progress import Progress
 from ltscale.engine.schedule import OptimConfig, lr_schedule
@@ -141,7 +141,7 @@ class Trainer:
             return self.zero.load(self._zero_progress)
         if not self.progress_path.exists():
             return 0, None
-        state = load_checkpoint(self.progress_path, kind="ltscale.progress", required=("network", "optimizer", "epoch"))
+        state = load_checkpoint(self.progress_path, kind=PROGRESS_KIND, required=("network", "optimizer", "epoch"))
         load_state_strict(self.task.network, state["network"], self.progress_path)
         self.optimizer.load_state_dict(state["optimizer"])
         saved_world = state.get("world_size")
@@ -178,7 +178,7 @@ class Trainer:
             return  # every rank holds the same state; one writer
         atomic_save(
             {
-                "kind": "ltscale.progress",
+                "kind": PROGRESS_KIND,
                 "network": self.task.network.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "epoch": next_epoch,
