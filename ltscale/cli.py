@@ -18,12 +18,13 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Sequence
 
 from ltscale.config import ConfigError, apply_overrides, get_recipe, list_recipes
 from ltscale.config.overrides import has_key
-from ltscale.data.config import DataConfig
+from ltscale.data.config import DataConfig, DatasetName
 
 DEFAULT_OUTPUT = "runs"
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
@@ -44,16 +45,20 @@ def _common_run_arguments(parser: argparse.ArgumentParser, pipeline: bool = True
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", help="synthetic, cifar100_lt, cifar10_lt, imagenet_lt, places_lt or inat2018")
+    parser.add_argument("dataset", choices=typing.get_args(DatasetName), metavar="dataset",
+                        help=", ".join(typing.get_args(DatasetName)))
     parser.add_argument("--root", default="", help="CIFAR archive/folder, or the image root of the split lists")
     parser.add_argument("--imbalance-factor", type=float, default=100.0, help="CIFAR-LT imbalance factor (default 100)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other data config field, e.g. train_list=ImageNet_LT_train.txt (repeatable)")
+                        help="any other data config field, e.g. train_list=ImageNet_LT_train.txt or, as with `ltscale run`, "
+                             "data.train_list=... (repeatable)")
 
 
 def _data_config(args: argparse.Namespace) -> DataConfig:
     base = DataConfig()
-    overrides = [f"dataset={args.dataset}", f"root={args.root}", f"imbalance_factor={args.imbalance_factor}", *args.overrides]
+    # `ltscale run` spells these keys data.<field>; the same spelling works here
+    given = [item.removeprefix("data.") for item in args.overrides]
+    overrides = [f"dataset={args.dataset}", f"root={args.root}", f"imbalance_factor={args.imbalance_factor}", *given]
     return apply_overrides(base, overrides)
 
 
@@ -103,9 +108,13 @@ def _check_output_dir(config, create: bool) -> None:
 def cmd_recipes(args: argparse.Namespace) -> int:
     recipes = list_recipes()
     width = max(len(n) for n in recipes)
-    for name, description in recipes.items():
-        if not args.filter or args.filter in name:
-            print(f"{name:<{width}}  {description}")
+    shown = {name: description for name, description in recipes.items() if not args.filter or args.filter in name}
+    if not shown:
+        print(f"ltscale recipes: no recipe name contains {args.filter!r} (`ltscale recipes` lists all {len(recipes)})",
+              file=sys.stderr)
+        return 1
+    for name, description in shown.items():
+        print(f"{name:<{width}}  {description}")
     return 0
 
 
@@ -406,6 +415,14 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive_count(text: str) -> int:
+    """argparse type of a count: an integer >= 1."""
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltscale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -456,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help=f"whose local store to read (default: {DEFAULT_OUTPUT})")
     p.add_argument("--tracking-uri", default=None, help="an MLflow URI instead of the local store")
     p.add_argument("--experiment", default="ltscale", help="MLflow experiment (default: ltscale)")
-    p.add_argument("--limit", type=_count, default=20, help="newest N pipelines (default 20)")
+    p.add_argument("--limit", type=_positive_count, default=20, help="newest N pipelines (default 20)")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("ui", help="open the MLflow UI on the local store")

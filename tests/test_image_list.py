@@ -189,6 +189,10 @@ def test_missing_explicit_list_names_config_key(tmp_path):
     config = DataConfig(dataset="places_lt", root=str(tmp_path), train_list=str(tmp_path / "nope.txt"))
     with pytest.raises(DatasetError, match=r"data\.train_list = .*nope\.txt.*not found"):
         build_image_list_dataset(config)
+    (tmp_path / "lists").mkdir()
+    config = DataConfig(dataset="places_lt", root=str(tmp_path), train_list=str(tmp_path / "lists"))
+    with pytest.raises(DatasetError, match=r"data\.train_list = .*lists.*is a directory; name the list file"):
+        build_image_list_dataset(config)
 
 
 def test_check_files_exist_reports_count_and_first_missing(tmp_path):
@@ -202,7 +206,7 @@ def test_check_files_exist_reports_count_and_first_missing(tmp_path):
         check_files_exist(tmp_path, listed, "list.txt (data.train_list)")
     message = str(caught.value)
     assert "3 of 5" in message and str(tmp_path) in message and "list.txt (data.train_list)" in message
-    assert "train/a/missing.jpg, train/c/4.jpg, train/a/sub" in message
+    assert "train/a/missing.jpg, train/c/4.jpg, train/a/sub (a directory)" in message
 
 
 # ---------------------------------------------------------------- iNaturalist JSON

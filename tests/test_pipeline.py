@@ -635,6 +635,12 @@ def test_cli_refuses_bad_arguments_in_one_line_before_anything_runs(tmp_path, ca
     refused(["run", "demo/ce", "--output-dir", str(junk)], message)
     assert (junk / "mlflow.db").read_text() == "garbage\n" and sorted(p.name for p in junk.iterdir()) == ["mlflow.db"]
     refused(["runs", "--limit", "-1"], "argument --limit: expected a whole number >= 0, got -1")
+    refused(["runs", "--limit", "0"], "argument --limit: expected a whole number >= 1, got 0")
+    refused(["recipes", "zzz"], "no recipe name contains 'zzz'", code=1)
+    refused(["data", "stats", "nosuch"], "argument dataset: invalid choice: 'nosuch' (choose from 'synthetic', ")
+    # The data commands take their keys as `ltscale run` spells them too (data.<field>).
+    assert main(["data", "stats", "synthetic", "--set", "data.synthetic.num_classes=5", "--compact"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_classes"] == 5
     refused(["data", "verify", "synthetic", "--workers", "-2"], "argument --workers: expected a whole number >= 0, got -2")
     refused(["virtual", str(tmp_path / "model.pt"), "--recipe", "demo/dive", "--temperatures", "0"],
             "--temperatures / --powers: temperatures must be one or more finite numbers > 0")

@@ -355,9 +355,11 @@ def check_files_exist(root: str | Path, paths: list[str], source: str) -> None:
             # the listing spells differently (case-insensitive file systems, './' in a path).
             missing.append(relative)
     if missing:
+        # a listed name that exists as a folder: "missing" alone would send the user looking for it
+        shown = [f"{relative} (a directory)" if (root / relative).is_dir() else relative for relative in missing[:_MAX_LISTED]]
         raise DatasetError(
             f"{len(missing)} of {len(paths)} files listed in {source} are missing under data.root = {root} "
-            f"(first {min(len(missing), _MAX_LISTED)}: {', '.join(missing[:_MAX_LISTED])}). "
+            f"(first {min(len(missing), _MAX_LISTED)}: {', '.join(shown)}). "
             "Check that data.root is the image root the list's paths are relative to."
         )
 
@@ -386,6 +388,9 @@ def _resolve_list(config: DataConfig, role: str, spec: ImageListSpec, root: Path
         # A relative list path is taken from the working directory first, then from data.root.
         if not candidate.is_absolute() and not candidate.exists() and (root / candidate).exists():
             candidate = root / candidate
+        if candidate.is_dir():
+            raise DatasetError(f"{key} = {configured!r}: {candidate.resolve()} is a directory; name the list file "
+                               "(lines of '<relative path> <label>') inside it")
         if not candidate.is_file():
             raise DatasetError(f"{key} = {configured!r}: list file not found (looked at {candidate.resolve()}).")
         return candidate, f"{candidate} ({key})"
