@@ -201,3 +201,63 @@ def test_bbn_schedule_rows_compare_ce_with_ssds_re_run_ce(monkeypatch):
     text = tool.markdown(args, {"table": [], "runs": [], "jobs": []}, {"written": "x"})
     assert "BBN's lr schedule" in text.splitlines()[0] and "CE*: 39.1 / 44.0 / 55.8" in text
     assert "CE*" not in tool.markdown(tool.parse_args(["--methods", "ce"]), {"table": [], "runs": [], "jobs": []}, {"written": "x"})
+
+
+def _tool_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_cifar_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(tmp_path, capsys):
+    """On a lent GPU a call that trains and then returns nothing costs its budget: bad arguments,
+    data and destinations are found before the first job starts (nothing is created)."""
+    import pytest
+
+    tool = _tool_module()
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "garbage.npz").write_text("x")
+    (tmp_path / "empty").mkdir()
+    demo = ["--recipe-prefix", "demo", "--methods", "ce", "--imbalance-factors", "80", "--seeds", "0", "--epochs", "1",
+            "--device", "cpu", "--output-dir", str(tmp_path / "out"), "--results-dir", str(tmp_path / "results")]
+    cifar = ["--methods", "ce", "--imbalance-factors", "100", "--seeds", "0", "--device", "cpu",
+             "--output-dir", str(tmp_path / "out"), "--results-dir", str(tmp_path / "results")]
+    for argv, message in [
+        ([*demo, "--archive", str(tmp_path / "adir")], "--archive"),
+        ([*demo, "--archive", str(tmp_path / "afile" / "t.tgz")], "is a file, so the archive's folder cannot be made"),
+        ([*demo, "--results-dir", str(tmp_path / "afile")], "is a file, not a directory"),
+        ([*demo, "--experiment", "ltscal"], "--experiment 'ltscal', but recipe demo/ce records into the MLflow experiment 'ltscale'"),
+        ([*demo, "--set", "stages.teacher.optim.foo=1"], "unknown key 'stages.teacher.optim.foo'"),
+        ([*demo, "--seeds", "-1"], "seed must be in [0, 2**32), got -1"),
+        ([*demo, "--tracking-uri", "bogus://x"], "MLflow has no tracking store for the scheme 'bogus'"),
+        ([*cifar, "--data", str(tmp_path / "garbage.npz")], "is not a packed CIFAR-LT file: not an .npz (zip) archive"),
+        ([*cifar, "--data", str(tmp_path / "absent.tar.gz")], "no such file or folder"),
+        ([*cifar, "--data", str(tmp_path / "empty")], "a folder without cifar-100-python/meta"),
+    ]:
+        assert tool.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "results").exists(), argv
+    for argv, message in [
+        ([*demo, "--seeds", "0,0"], "argument --seeds: '0,0' names an item twice"),
+        ([*demo, "--concurrency", "0"], "--concurrency 0: run at least one lane at a time"),
+        ([*demo, "--stop-after-minutes", "-5"], "--stop-after-minutes -5.0: must be >= 0"),
+        ([*demo, "--imbalance-factors", "abc"], "argument --imbalance-factors: expected comma-separated numbers, got 'abc'"),
+        ([*demo, "--device", "gpu0"], "--device 'gpu0': expected auto, cpu, cuda or cuda:<index>"),
+        ([*demo, "--results-name", "a/b"], "a file name, not a path"),
+    ]:
+        with pytest.raises(SystemExit) as refused:
+            tool.main(argv)
+        assert refused.value.code == 2 and message in capsys.readouterr().err, argv
+    # A collect that finds no job file writes no (empty) table over one that has numbers.
+    assert tool.main([*demo, "--collect-only"]) == 1
+    assert "none of the 1 jobs asked for has a job file" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+    # A dot in the table's name is kept (not taken for a suffix to replace).
+    args = tool.parse_args([*demo, "--results-name", "dive_t1.5"])
+    assert [p.name for p in tool.results_paths(args)] == ["dive_t1.5.json", "dive_t1.5.csv", "dive_t1.5.md"]

@@ -29,6 +29,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -129,6 +130,7 @@ class Job:
 class Plan:
     jobs: list[Job] = field(default_factory=list)
     lanes: dict[str, list[Job]] = field(default_factory=dict)
+    datasets: set[tuple[str, float]] = field(default_factory=set)  # (dataset, imbalance factor) the jobs read
 
 
 def epoch_overrides(config: Any, epochs: int) -> list[str]:
@@ -177,6 +179,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
                     overrides += epoch_overrides(config, args.epochs)
                 overrides += args.overrides
                 resolved = apply_overrides(config, overrides)  # fail here, not in the child process
+                if resolved.tracking.experiment != args.experiment:  # its runs could not be found after training
+                    raise ValueError(f"--experiment {args.experiment!r}, but recipe {recipe} records into the MLflow "
+                                     f"experiment {resolved.tracking.experiment!r}")
+                if resolved.data.dataset in ("cifar100_lt", "cifar10_lt"):
+                    plan.datasets.add((resolved.data.dataset, resolved.data.imbalance_factor))
                 tail = [recipe, "--no-progress", "--output-dir", str(output_dir / "runs" / lane)]
                 for item in overrides:
                     tail += ["--set", item]
@@ -291,15 +298,16 @@ def write_archive(archive: Path, members: list[Path]) -> None:
 
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(f".{archive.name}.tmp")
+    itself = archive.resolve()  # an archive inside the output directory must not grow by holding itself
     with tarfile.open(tmp, "w:gz") as tar:
         for member in members:
             files = sorted(p for p in member.rglob("*") if p.is_file()) if member.is_dir() else [member]
             for path in files:
-                if path.suffix in (".pt", ".tmp") or path.name.endswith(".lock"):
+                if path.suffix in (".pt", ".tmp") or path.name.endswith(".lock") or path.resolve() == itself:
                     continue
                 try:
                     tar.add(_relative(path), recursive=False)
-                except FileNotFoundError:
+                except OSError:  # gone (a lane still running) or not a file: the rest still comes back
                     continue
     tmp.replace(archive)
 
@@ -315,8 +323,12 @@ def _relative(path: Path) -> str:
 def archive_members(args: argparse.Namespace) -> list[Path]:
     """What the archive holds: the output directory (job files, logs, each lane's MLflow store and
     stage manifests; checkpoints are left out) and the table files once written."""
-    stem = Path(args.results_dir) / args.results_name
-    return [Path(args.output_dir), *(stem.with_suffix(s) for s in (".json", ".csv", ".md"))]
+    return [Path(args.output_dir), *results_paths(args)]
+
+
+def results_paths(args: argparse.Namespace) -> list[Path]:
+    """<results-dir>/<name>.json, .csv, .md (the suffix is appended: a name may hold a dot, 'dive_t1.5')."""
+    return [Path(args.results_dir) / f"{args.results_name}{suffix}" for suffix in (".json", ".csv", ".md")]
 
 
 def finished(job: Job) -> bool:
@@ -324,7 +336,7 @@ def finished(job: Job) -> bool:
     file does not count for a full run), wherever it ran (paths may differ: --collect-only at home)."""
     try:
         return json.loads(job.record.read_text())["signature"] == job.signature
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -367,7 +379,12 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 def aggregate(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     """Rows of mean ± std over the seeds whose job files exist."""
-    records = {job.name: json.loads(job.record.read_text()) for job in plan.jobs if finished(job)}
+    records = {}
+    for job in plan.jobs:
+        if finished(job):
+            record = json.loads(job.record.read_text())
+            if isinstance(record.get("stages"), dict):  # else reported by unreadable_job_files
+                records[job.name] = record
     table, per_run = [], []
     for spec in row_specs(args.methods):
         row: dict[str, Any] = {"row": spec.label, "cells": {}}
@@ -466,11 +483,9 @@ def markdown(args: argparse.Namespace, result: dict[str, Any], env: dict[str, An
 
 
 def write_results(args: argparse.Namespace, result: dict[str, Any], env: dict[str, Any]) -> list[Path]:
-    results_dir = Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stem = results_dir / args.results_name
+    Path(args.results_dir).mkdir(parents=True, exist_ok=True)
     meta = {**env, "arguments": {k: v for k, v in vars(args).items()}, "published_sources": published_sources(args.recipe_prefix)}
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".csv"), stem.with_suffix(".md")]
+    paths = results_paths(args)
     paths[0].write_text(json.dumps({"meta": meta, **result}, indent=2, default=str))
     with open(paths[1], "w", newline="") as stream:
         columns = ["row", "imbalance_factor", "seed", "top1", "many", "medium", "few", "stage", "run_id", "stage_run_id",
@@ -482,15 +497,26 @@ def write_results(args: argparse.Namespace, result: dict[str, Any], env: dict[st
     return paths
 
 
-def _csv(kind):
-    return lambda text: [kind(item) for item in text.split(",") if item.strip()]
+def _csv(kind, what: str):
+    def parse(text: str) -> list:
+        try:
+            items = [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected at least one of the {what}, got {text!r}")
+        if len(set(items)) != len(items):  # one run counted twice would fake a spread over seeds
+            raise argparse.ArgumentTypeError(f"{text!r} names an item twice")
+        return items
+
+    return parse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", type=_csv(str), default=list(METHODS), help=f"comma-separated (default {','.join(METHODS)}; also {','.join(EXTRA_METHODS)})")
-    parser.add_argument("--imbalance-factors", type=_csv(float), default=list(IMBALANCE_FACTORS), help="default 100,50,10")
-    parser.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="default 0,1,2")
+    parser.add_argument("--methods", type=_csv(str, "method names"), default=list(METHODS), help=f"comma-separated (default {','.join(METHODS)}; also {','.join(EXTRA_METHODS)})")
+    parser.add_argument("--imbalance-factors", type=_csv(float, "numbers"), default=list(IMBALANCE_FACTORS), help="default 100,50,10")
+    parser.add_argument("--seeds", type=_csv(int, "whole numbers"), default=[0, 1, 2], help="default 0,1,2")
     parser.add_argument("--data", default="", help="CIFAR-100 python archive or a .npz from tools/pack_cifar_npz.py")
     parser.add_argument("--epochs", type=int, default=0, help="override every stage's epochs (smoke runs only)")
     parser.add_argument("--output-dir", default="runs/cifar100_lt", help="stage outputs, MLflow stores, job files, logs")
@@ -518,6 +544,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS + EXTRA_METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
+    if args.concurrency < 1:
+        parser.error(f"--concurrency {args.concurrency}: run at least one lane at a time")
+    if not args.stop_after_minutes >= 0:
+        parser.error(f"--stop-after-minutes {args.stop_after_minutes}: must be >= 0 (0: no limit)")
+    if args.epochs < 0:
+        parser.error(f"--epochs {args.epochs}: must be >= 1 (or 0: the recipes' own epochs)")
+    if args.device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        parser.error(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:<index>")
+    if "/" in args.results_name:
+        parser.error(f"--results-name {args.results_name!r}: a file name, not a path (the folder is --results-dir)")
     if "{if}" not in args.recipe_prefix and len(args.imbalance_factors) > 1:
         parser.error("--recipe-prefix without {if} names one dataset: pass a single --imbalance-factors value (a label)")
     # A variant's table must not replace the plain one (the table that goes into RESULTS.md).
@@ -530,18 +566,110 @@ def variant_suffix(overrides: list[str]) -> str:
     return f"-set{hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]}" if overrides else ""
 
 
+def preflight(args: argparse.Namespace, plan: Plan) -> None:
+    """What would make every job fail, or lose the table at the end, found before the first job
+    starts: on a lent GPU a call that trains for minutes and then returns nothing costs its budget."""
+    from ltscale.tracking.mlflow_tracker import check_uri_form
+
+    results_dir = Path(args.results_dir)
+    if results_dir.exists() and not results_dir.is_dir():
+        raise ValueError(f"--results-dir {results_dir}: is a file, not a directory")
+    if args.archive:
+        archive = Path(args.archive)
+        if archive.is_dir():
+            raise ValueError(f"--archive {archive}: is a directory; name the .tgz file to write (e.g. $OUT/table.tgz)")
+        parent = archive.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"--archive {archive}: {parent} is a file, so the archive's folder cannot be made")
+    if args.collect_only or args.dry_run and not args.data:
+        return
+    if args.dry_run and not Path(args.data).expanduser().exists():  # planning on a machine without the data
+        print(f"reproduce_cifar: note: --data {args.data} is not here; not checked", file=sys.stderr)
+        return
+    for dataset, imbalance_factor in sorted(plan.datasets):
+        _check_data(Path(args.data).expanduser(), dataset, imbalance_factor)
+    if args.dry_run:
+        return
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available here (torch {torch.__version__})")
+    if args.tracking_uri:
+        check_uri_form(args.tracking_uri, "--tracking-uri")
+    if args.tracking_uri.startswith("sqlite:") or not args.tracking_uri and args.tracking_store == "sqlite":
+        try:
+            import sqlalchemy  # noqa: F401 - MLflow's database stores need it; a bare GPU machine may lack it
+        except ImportError:
+            raise ValueError("the MLflow sqlite store needs sqlalchemy, which is not installed: pass --tracking-store "
+                             "file, or carry its wheels (tools/fetch_gpu_wheels.sh --sqlite)") from None
+
+
+def _check_data(path: Path, dataset: str, imbalance_factor: float) -> None:
+    """--data holds ``dataset`` at ``imbalance_factor``: a packed file from its small members, an
+    archive by opening it (the jobs read and check every byte)."""
+    from ltscale.data.cifar import _LAYOUT, _Archive
+    from ltscale.data.cifar_npz import check_packed_cifar_lt
+
+    if str(path).endswith(".npz"):
+        check_packed_cifar_lt(dataset, path, imbalance_factor)
+        return
+    if not path.exists():
+        raise ValueError(f"--data {path}: no such file or folder (the CIFAR python archive or a packed .npz)")
+    top, meta = _LAYOUT[dataset][0], _LAYOUT[dataset][3]
+    archive = _Archive(path, top)
+    archive.close()
+    if archive.tar is None and not (archive.folder / meta).is_file():
+        raise ValueError(f"--data {path}: a folder without {top}/{meta} (expected the CIFAR python archive, the folder "
+                         "it extracts to, or a packed .npz)")
+
+
+def unreadable_job_files(plan: Plan) -> list[str]:
+    """Job files of this plan that exist but cannot be read: their jobs count as not run."""
+    problems = []
+    for job in plan.jobs:
+        if job.record.is_file():
+            try:
+                record = json.loads(job.record.read_text())
+                record["signature"], record["stages"]  # noqa: B018 - what aggregate and finished read
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                problems.append(f"{job.record} ({type(error).__name__}: {error})")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ltscale.config import ConfigError
+    from ltscale.data.errors import DatasetError
+
     args = parse_args(argv)
-    if args.tracking_store == "file":
+    if args.tracking_store == "file" or args.tracking_uri.startswith("file:"):
         os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 refuses its file store otherwise; children inherit it
-    plan = build_plan(args)
+    try:
+        plan = build_plan(args)
+        preflight(args, plan)
+    except (ConfigError, DatasetError, ValueError) as error:
+        print(f"reproduce_cifar: error: {error}", file=sys.stderr)
+        return 2
     if args.dry_run:
         for lane, jobs in plan.lanes.items():
             for job in jobs:
                 print(f"# lane {lane}, job file {job.record.name}\n{job.command}")
         return 0
+    for problem in unreadable_job_files(plan):
+        print(f"reproduce_cifar: warning: unreadable job file {problem}: its job counts as not run"
+              + ("" if args.collect_only else " and runs again"), file=sys.stderr)
     outcomes = [] if args.collect_only else run_plan(args, plan)
     result = aggregate(args, plan)
+    if args.collect_only and not result["jobs"]:
+        # an empty table must not replace one with numbers (a forgotten --set, another --output-dir)
+        present = sorted(p.name for p in (Path(args.output_dir) / "jobs").glob("*.json"))
+        print(f"reproduce_cifar: error: none of the {len(plan.jobs)} jobs asked for has a job file in "
+              f"{Path(args.output_dir) / 'jobs'} (present: {', '.join(present[:12]) or 'none'}"
+              f"{' ...' if len(present) > 12 else ''}); the job file names carry the --set variant's hash, "
+              "so pass the same --methods, --seeds and --set as the run. Nothing written.", file=sys.stderr)
+        return 1
     paths = write_results(args, result, environment(args))
     if args.archive:
         write_archive(Path(args.archive), archive_members(args))

@@ -84,66 +84,94 @@ def pack_arrays(dataset: str, imbalance_factor: float, max_per_class: int, train
     }
 
 
-def load_cifar_lt_npz(dataset: str, path: Path, imbalance_factor: float) -> DatasetBundle:
-    """CIFAR-LT at ``imbalance_factor`` from a packed file (same arrays as from the archive)."""
-    from ltscale.data.cifar import _NORMALIZATION, long_tailed_counts
-
+def _open_packed(path: Path):
+    """The packed file, opened lazily (members are read when indexed)."""
     if path.is_file() and not zipfile.is_zipfile(path):
         # np.load would try it as a pickle and answer with advice to load it unsafely
         raise DatasetError(f"data.root {str(path)!r} is not a packed CIFAR-LT file: not an .npz (zip) archive; "
                            "write one with tools/pack_cifar_npz.py")
     try:
-        with np.load(path, allow_pickle=False) as packed:
-            members = {name: packed[name] for name in packed.files}
+        return np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise DatasetError(f"data.root {str(path)!r} is not a readable packed CIFAR-LT file ({error})") from None
-    if str(members.get("format", "")) != FORMAT:
-        raise DatasetError(f"{path} is not a packed CIFAR-LT file of format {FORMAT} (write it with tools/pack_cifar_npz.py)")
-    if str(members["dataset"]) != dataset:
-        raise DatasetError(f"{path} holds {members['dataset']}, but the config asks for {dataset}")
-    packed_if = float(members["imbalance_factor"])
-    targets = members["train_targets"]
-    class_names = [str(name) for name in members["class_names"]]
-    num_classes = len(class_names)
-    stored = np.bincount(targets, minlength=num_classes)
-    counts = long_tailed_counts(int(members["max_per_class"]), num_classes, imbalance_factor)
+
+
+def _check_packed(packed, path: Path, dataset: str, imbalance_factor: float) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """From the small members only: ``(train_targets, class_names, stored per class, needed per class)``,
+    or a DatasetError when the file is not of this format, holds another dataset or too few images."""
+    from ltscale.data.cifar import long_tailed_counts
+
+    try:
+        if "format" not in packed.files or str(packed["format"]) != FORMAT:
+            raise DatasetError(f"{path} is not a packed CIFAR-LT file of format {FORMAT} (write it with tools/pack_cifar_npz.py)")
+        if str(packed["dataset"]) != dataset:
+            raise DatasetError(f"{path} holds {packed['dataset']}, but the config asks for {dataset}")
+        packed_if = float(packed["imbalance_factor"])
+        targets = packed["train_targets"]
+        class_names = [str(name) for name in packed["class_names"]]
+        max_per_class = int(packed["max_per_class"])
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise DatasetError(f"data.root {str(path)!r} is not a readable packed CIFAR-LT file ({error})") from None
+    stored = np.bincount(targets, minlength=len(class_names))
+    counts = long_tailed_counts(max_per_class, len(class_names), imbalance_factor)
     if np.any(counts > stored):
         raise DatasetError(
             f"{path} holds the IF {packed_if:g} subset, which has fewer images per class than IF {imbalance_factor:g} "
             f"needs; pack it with tools/pack_cifar_npz.py --imbalance-factor {imbalance_factor:g} or use the archive"
         )
+    return targets, class_names, stored, counts
+
+
+def check_packed_cifar_lt(dataset: str, path: Path, imbalance_factor: float) -> None:
+    """What ``load_cifar_lt_npz`` would refuse, found in a fraction of a second (the images are not
+    decoded): for a tool that starts hours of jobs on the file."""
+    with _open_packed(Path(path)) as packed:
+        _check_packed(packed, Path(path), dataset, imbalance_factor)
+
+
+def load_cifar_lt_npz(dataset: str, path: Path, imbalance_factor: float) -> DatasetBundle:
+    """CIFAR-LT at ``imbalance_factor`` from a packed file (same arrays as from the archive)."""
+    from ltscale.data.cifar import _NORMALIZATION
+
+    with _open_packed(path) as packed:
+        targets, class_names, stored, counts = _check_packed(packed, path, dataset, imbalance_factor)
+        try:
+            train_residuals, test_residuals, test_targets = packed["train_residuals"], packed["test_residuals"], packed["test_targets"]
+        except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise DatasetError(f"data.root {str(path)!r} is not a readable packed CIFAR-LT file ({error})") from None
+    num_classes = len(class_names)
     starts = np.concatenate([[0], np.cumsum(stored)[:-1]])
     keep = np.concatenate([np.arange(start, start + n) for start, n in zip(starts, counts)])
     name = f"{dataset}-if{imbalance_factor:g}"
     train = ArraySplit(name=f"{name}/train", targets=targets[keep], num_classes=num_classes, class_names=class_names,
-                       images=decode_images(members["train_residuals"][keep]))
-    test = ArraySplit(name=f"{name}/test", targets=members["test_targets"], num_classes=num_classes,
-                      class_names=class_names, images=decode_images(members["test_residuals"]))
+                       images=decode_images(train_residuals[keep]))
+    test = ArraySplit(name=f"{name}/test", targets=test_targets, num_classes=num_classes,
+                      class_names=class_names, images=decode_images(test_residuals))
     return DatasetBundle(name=name, train=train, test=test, normalization=_NORMALIZATION[dataset], image_size=32)
 
 
 def pack_from_archive(dataset: str, root: str | Path, imbalance_factor: float, path: Path) -> dict:
     """Read the official archive and write the packed file for IFs >= ``imbalance_factor``."""
-    from ltscale.data.cifar import _LAYOUT, _Archive, _images, long_tailed_counts, long_tailed_indices
+    from ltscale.data.cifar import _LAYOUT, _Archive, _images, _labels, long_tailed_counts, long_tailed_indices
 
     top, train_member, test_member, meta_member, label_key, names_key, num_classes = _LAYOUT[dataset]
     archive = _Archive(Path(root).expanduser(), top)
+
+    def images_and_labels(member: str) -> tuple[np.ndarray, np.ndarray]:
+        batch = archive.load(member)
+        return _images(batch, archive.where(member)), _labels(batch, label_key, num_classes, archive.where(member))
+
     try:
-        if train_member is None:
-            batches = [archive.load(f"data_batch_{i}") for i in range(1, 6)]
-            images = np.concatenate([_images(b, f"{root}:data_batch") for b in batches])
-            labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
-        else:
-            batch = archive.load(train_member)
-            images, labels = _images(batch, f"{root}:{train_member}"), np.asarray(batch[label_key])
-        test = archive.load(test_member)
-        meta = archive.load(meta_member)
+        parts = [images_and_labels(m) for m in ([train_member] if train_member else [f"data_batch_{i}" for i in range(1, 6)])]
+        images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        test_images, test_labels = images_and_labels(test_member)
+        names = archive.load(meta_member).get(names_key, [])
     finally:
         archive.close()
-    class_names = list(meta.get(names_key, [])) or [str(c) for c in range(num_classes)]
+    class_names = list(names) or [str(c) for c in range(num_classes)]
     max_per_class = int(np.bincount(labels, minlength=num_classes).max())
     keep = long_tailed_indices(labels, long_tailed_counts(max_per_class, num_classes, imbalance_factor))
     arrays = pack_arrays(dataset, imbalance_factor, max_per_class, keep, images[keep], labels[keep],
-                         _images(test, f"{root}:{test_member}"), np.asarray(test[label_key]), class_names)
+                         test_images, test_labels, class_names)
     write_npz(path, arrays)
-    return {"train_images": int(len(keep)), "test_images": int(len(test[label_key])), "bytes": Path(path).stat().st_size}
+    return {"train_images": int(len(keep)), "test_images": int(len(test_labels)), "bytes": Path(path).stat().st_size}
