@@ -334,6 +334,20 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert "teacher: epoch 1/1" in done.stderr and "student_lws: finished in" in done.stderr
 
 
+def test_benchmark_refuses_what_would_fail_after_timing(tmp_path):
+    """A --out that is a folder and a bad SSD override would otherwise fail after the variants were
+    timed, losing their numbers: refused first, in one line."""
+    data = fake_packed_cifar100(tmp_path / "cifar100_lt.npz")
+    (tmp_path / "folder").mkdir()
+    base = [sys.executable, str(REPO / "tools" / "bench" / "cifar_train.py"), "--data", str(data), "--device", "cpu",
+            "--limit", "64", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--variants", "usual"]
+    for extra, message in [(["--out", str(tmp_path / "folder")], "is a directory; name the JSON file to write"),
+                           (["--ssd-pipeline", "--ssd-set", "stages.teacher.foo=1"], "unknown key 'stages.teacher.foo'")]:
+        done = subprocess.run([*base, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert "img/s" not in done.stdout  # nothing was timed
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_benchmark_without_cuda_says_so(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "tools" / "bench" / "cifar_train.py"), "--data", "unused.npz"],

@@ -339,3 +339,22 @@ def test_convergence_tool_writes_its_verdict_with_the_environment(tmp_path, loss
     assert result["max_abs_diff"] <= result["tolerance"]["bound"]
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == device and env["code_version"]
+
+
+def test_kd_loss_benchmark_refuses_bad_lists_before_measuring(capsys):
+    """A bad --losses or --shapes item is an argument error, not a failure after the first cases."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench" / "kd_loss.py"
+    spec = importlib.util.spec_from_file_location("kd_loss_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench._shapes("256x8142:bf16, 4096x65536:fp32") == [(256, 8142, "bf16"), (4096, 65536, "fp32")]
+    for argv, message in [(["--losses", "kd,foo"], "argument --losses: 'kd,foo': choose from kd, dive, ssd"),
+                          (["--shapes", "256x100"], "'256x100' is not NxC:dtype"),
+                          (["--shapes", "256x100:bf16,256x1000:fp64"], "'256x1000:fp64': N >= 1, C >= 2 and a dtype of"),
+                          (["--iters", "0"], "--iters 0 >= 1")]:
+        with pytest.raises(SystemExit) as refused:
+            bench.main(argv)
+        assert refused.value.code == 2 and message in capsys.readouterr().err, argv

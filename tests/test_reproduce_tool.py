@@ -261,3 +261,22 @@ def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(t
     # A dot in the table's name is kept (not taken for a suffix to replace).
     args = tool.parse_args([*demo, "--results-name", "dive_t1.5"])
     assert [p.name for p in tool.results_paths(args)] == ["dive_t1.5.json", "dive_t1.5.csv", "dive_t1.5.md"]
+
+
+def test_fetch_gpu_wheels_refuses_unknown_arguments_and_starts_from_an_empty_folder(tmp_path):
+    """A typo (--sqllite) must not fetch the wrong set silently; wheels of an earlier fetch must not
+    travel along (past the carry limit, or two versions of one package that pip cannot install)."""
+    import shutil
+
+    (tmp_path / "tools").mkdir()
+    script = shutil.copy(REPO / "tools" / "fetch_gpu_wheels.sh", tmp_path / "tools" / "fetch_gpu_wheels.sh")
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "foo-1.0-py3-none-any.whl").write_bytes(b"old")
+    env = {**os.environ, "PYTHON": "true"}  # `true -m pip download ...`: no download, success
+    for bad in (["--sqllite"], ["-h"], ["--sqlite", "extra"]):
+        done = subprocess.run(["bash", str(script), *bad], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "usage: tools/fetch_gpu_wheels.sh [--sqlite]" in done.stderr, bad
+        assert (tmp_path / ".whl" / "foo-1.0-py3-none-any.whl").exists()  # a refused call changes nothing
+    done = subprocess.run(["bash", str(script), "--sqlite"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / ".whl").is_dir() and not any((tmp_path / ".whl").iterdir())

@@ -24,7 +24,14 @@ CORE=(
 )
 SQLITE=(sqlalchemy==2.1.9 alembic==1.20.1 mako==1.4.3 greenlet==3.5.6 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12)
 WANT=("${CORE[@]}")
-if [[ "${1:-}" == "--sqlite" ]]; then WANT+=("${SQLITE[@]}"); fi
+case "$#:${1:-}" in
+  0:) ;;
+  1:--sqlite) WANT+=("${SQLITE[@]}") ;;
+  *) echo "usage: tools/fetch_gpu_wheels.sh [--sqlite]   (got: $*)" >&2; exit 2 ;;
+esac
+# Start from an empty .whl/: wheels of an earlier fetch (the --sqlite set, an older version beside a
+# newer one) would travel too, past the 64 MiB carry limit or into a pip install that cannot resolve.
+rm -rf .whl
 mkdir -p .whl
 "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \

@@ -201,24 +201,11 @@ def run_ssd_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str
     """The whole SSD recipe, end to end, in a fresh output directory (nothing cached)."""
     from mlflow import MlflowClient
 
-    from ltscale.config import apply_overrides, get_recipe
     from ltscale.stages.pipeline import run_pipeline
-    from reproduce_cifar import epoch_overrides
 
-    config = get_recipe(args.ssd_recipe)
     with contextlib.ExitStack() as stack:
         output_dir = args.ssd_output_dir or stack.enter_context(tempfile.TemporaryDirectory())
-        # progress=true: off a terminal, a line per stage and epoch, so a run cut by a time limit still shows how far it got
-        overrides = [f"output_dir={output_dir}", "progress=true", f"device={device}"]
-        if args.tracking_store == "file":
-            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 refuses its file store otherwise
-            overrides.append(f"tracking.tracking_uri={(Path(output_dir) / 'mlruns').resolve().as_uri()}")
-        if config.data.dataset.startswith("cifar"):
-            overrides.append(f"data.root={Path(args.data).resolve()}")
-        if args.ssd_epochs:
-            overrides += epoch_overrides(config, args.ssd_epochs)
-        overrides += args.ssd_overrides
-        config = apply_overrides(config, overrides)
+        config, overrides = ssd_config(args, device, output_dir)
         started = time.perf_counter()
         result = run_pipeline(config)
         if device.type == "cuda":
@@ -232,7 +219,42 @@ def run_ssd_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str
                             "test_top1": output.manifest.get("metrics", {}).get("test/top1")}
     return {"recipe": args.ssd_recipe, "overrides": overrides[3:], "tracking_uri": result.tracking_uri, "seconds": seconds, "run_id": result.run_id,
             "executed": result.executed, "cached": result.cached, "stages": stages,
-            "test_top1": result.metrics().get("test/top1"), "full_schedule": not args.ssd_epochs and not args.ssd_overrides}
+            "test_top1": result.metrics().get("test/top1"),
+            # reused stages (a kept --ssd-output-dir) make it no end-to-end time
+            "full_schedule": not args.ssd_epochs and not args.ssd_overrides and not result.cached}
+
+
+def ssd_config(args: argparse.Namespace, device: torch.device, output_dir: str):
+    """The SSD recipe with the benchmark's overrides, resolved and checked; and those overrides."""
+    from ltscale.config import apply_overrides, get_recipe
+    from reproduce_cifar import epoch_overrides
+
+    config = get_recipe(args.ssd_recipe)
+    # progress=true: off a terminal, a line per stage and epoch, so a run cut by a time limit still shows how far it got
+    overrides = [f"output_dir={output_dir}", "progress=true", f"device={device}"]
+    if args.tracking_store == "file":
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 refuses its file store otherwise
+        overrides.append(f"tracking.tracking_uri={(Path(output_dir) / 'mlruns').resolve().as_uri()}")
+    if config.data.dataset.startswith("cifar"):
+        overrides.append(f"data.root={Path(args.data).resolve()}")
+    if args.ssd_epochs:
+        overrides += epoch_overrides(config, args.ssd_epochs)
+    overrides += args.ssd_overrides
+    return apply_overrides(config, overrides), overrides
+
+
+def preflight(args: argparse.Namespace, device: torch.device) -> None:
+    """What would fail after the variants have been timed (losing their numbers), checked first."""
+    if args.out is not None and args.out.is_dir():
+        raise ValueError(f"--out {args.out}: is a directory; name the JSON file to write")
+    if args.ssd_pipeline:
+        ssd_config(args, device, args.ssd_output_dir or tempfile.gettempdir())
+        if args.tracking_store == "sqlite":
+            try:
+                import sqlalchemy  # noqa: F401 - MLflow's sqlite store needs it; a bare GPU machine may lack it
+            except ImportError:
+                raise ValueError("--tracking-store sqlite needs sqlalchemy, which is not installed: pass "
+                                 "--tracking-store file") from None
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -255,7 +277,9 @@ def markdown(report: dict[str, Any]) -> str:
     if "ssd_pipeline" in report:
         ssd = report["ssd_pipeline"]
         lines += ["", f"{ssd['recipe']} end to end: {ssd['seconds']:.1f} s (target <= {TARGET_SSD_SECONDS:g} s"
-                  + ("" if ssd["full_schedule"] else "; NOT the full schedule") + f"), test top-1 {ssd['test_top1']}, "
+                  + ("" if ssd["full_schedule"] else "; NOT the full schedule")
+                  + (f"; {len(ssd['cached'])} stage(s) reused from the store, not trained" if ssd["cached"] else "")
+                  + f"), test top-1 {ssd['test_top1']}, "
                   f"MLflow run {ssd['run_id']}",
                   "", "| stage | s | test top-1 |", "|---|---:|---:|"]
         for name, stage in ssd["stages"].items():
@@ -290,10 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
-    if any(v not in VARIANTS for v in variants):
-        parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: {', '.join(unknown)} unknown; choose from {', '.join(VARIANTS)}")
     if args.epochs < 1 or args.warmup_epochs < 0:
         parser.error("--epochs must be >= 1 and --warmup-epochs >= 0")
+    if args.limit < 0 or args.workers < 0 or args.batch_size < 1:
+        parser.error(f"--limit {args.limit}, --workers {args.workers}: must be >= 0; --batch-size {args.batch_size}: >= 1")
+    if args.device not in ("cuda", "cpu") and not args.device.startswith("cuda:"):
+        parser.error(f"--device {args.device!r}: cuda, cuda:<index> or cpu")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("cifar_train: CUDA is not available. This benchmark measures GPU training throughput; "
@@ -301,7 +330,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.backends.cudnn.benchmark = True  # as LDAM-DRW's cifar_train.py; the fast step autotunes regardless
 
-    bundle = load_data(args)
+    from ltscale.config import ConfigError
+    from ltscale.data.errors import DatasetError
+
+    try:
+        preflight(args, device)
+        bundle = load_data(args)
+    except (ConfigError, DatasetError, ValueError) as error:
+        print(f"cifar_train: error: {error}", file=sys.stderr)
+        return 2
     report: dict[str, Any] = {"arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                               "environment": environment(device), "dataset": bundle.train.name,
                               "fingerprint": bundle.train.fingerprint(), "variants": {}}

@@ -176,19 +176,49 @@ def _accuracy(ref_fn, fused_fn, inputs, leaves) -> dict:
     return {"loss_rel_err": loss_rel, "grad_max_rel_err": grad_rel}
 
 
+LOSSES = ("kd", "dive", "ssd")
+
+
+def _losses(text: str) -> list[str]:
+    losses = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in losses if item not in LOSSES]
+    if not losses or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(LOSSES)}")
+    return losses
+
+
+def _shapes(text: str) -> list[tuple[int, int, str]]:
+    shapes = []
+    for item in text.split(","):
+        try:
+            size, dtype = item.strip().split(":")
+            n, c = (int(x) for x in size.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not NxC:dtype (e.g. 256x8142:bf16)") from None
+        if dtype not in DTYPES or n < 1 or c < 2:
+            raise argparse.ArgumentTypeError(f"{item!r}: N >= 1, C >= 2 and a dtype of {', '.join(DTYPES)}")
+        shapes.append((n, c, dtype))
+    return shapes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("kd_loss_bench.json"))
-    ap.add_argument("--losses", default="kd", help="comma list of kd,dive,ssd (default: kd)")
+    ap.add_argument("--losses", type=_losses, default=["kd"], help="comma list of kd,dive,ssd (default: kd)")
     ap.add_argument(
         "--shapes",
+        type=_shapes,
         default=None,
         help="comma list of NxC:dtype, e.g. 256x8142:bf16 (default: the standard set)",
     )
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(argv)  # bad lists fail here, not after the first cases were benchmarked
+    if args.warmup < 0 or args.iters < 1:
+        ap.error(f"--warmup {args.warmup} must be >= 0 and --iters {args.iters} >= 1")
+    if args.out.is_dir():
+        ap.error(f"--out {args.out}: is a directory; name the JSON file to write")
 
     if not torch.cuda.is_available():
         print(
@@ -202,15 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     from ltscale.kernels import kernels_usable
     from ltscale.tracking import runtime_environment
 
-    if args.shapes:
-        shapes = []
-        for item in args.shapes.split(","):
-            nc, dt = item.split(":")
-            n, c = nc.lower().split("x")
-            shapes.append((int(n), int(c), dt))
-    else:
-        shapes = DEFAULT_SHAPES
-    losses = [s.strip() for s in args.losses.split(",") if s.strip()]
+    shapes = args.shapes or DEFAULT_SHAPES
+    losses = args.losses
 
     results = []
     for loss in losses:
