@@ -68,6 +68,17 @@ def test_pack_tool_cli(tmp_path, capsys):
     archive = fake_cifar100(tmp_path / "archive", per_class=10, test_per_class=1)
     assert pack_cifar_npz.main(["--archive", str(archive), "--out", str(tmp_path / "p.npz"), "--imbalance-factor", "10"]) == 0
     assert '"imbalance_factor": 100.0' in capsys.readouterr().out
+    # Refused before the archive is read (packing takes minutes at full size), each naming the option.
+    (tmp_path / "dir.npz").mkdir()
+    for argv, message in [(["--out", str(tmp_path / "dir.npz")], "is a directory"),
+                          (["--out", str(tmp_path / "q.npz"), "--imbalance-factor", "0"], "must be a finite number >= 1"),
+                          (["--out", str(tmp_path / "q.npz"), "--verify", "5"], "give IFs >= the packed --imbalance-factor 10")]:
+        with pytest.raises(SystemExit) as refused:
+            pack_cifar_npz.main(["--archive", str(archive), *argv])
+        assert refused.value.code == 2 and message in capsys.readouterr().err, argv
+    assert pack_cifar_npz.main(["--archive", str(tmp_path / "absent.tar.gz"), "--out", str(tmp_path / "q.npz")]) == 2
+    assert "pack_cifar_npz: error: --archive: data.root" in capsys.readouterr().err
+    assert not (tmp_path / "q.npz").exists()
 
 
 @pytest.mark.skipif(not SHARED_ARCHIVE.exists(), reason="the real CIFAR-100 archive is not at ../shared/data")

@@ -167,3 +167,23 @@ def test_distillation_passes_over_a_training_split_with_a_replaced_image(image_t
     assert result.executed[-1] == "student"
     assert "test/top1" in result.metrics("student")
     assert result.outputs["teacher"].manifest["metrics"]["data/unreadable_train_images"] == 1.0
+
+
+def test_jpeg_loader_benchmark_names_a_backend_that_is_not_installed_before_timing(tmp_path, capsys, monkeypatch):
+    """Otherwise the other variants are timed first and their numbers lost when that one fails."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench" / "jpeg_loader.py"
+    spec = importlib.util.spec_from_file_location("jpeg_loader_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench._installed("json") and not bench._installed("no_such_parent.child")
+    monkeypatch.setattr(bench, "_installed", lambda module: module != "ffcv")
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--images", str(tmp_path), "--variants", "usual,ltscale-ffcv", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "not installed here: ltscale-ffcv (pip install 'ltscale[ffcv]')" in err
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--images", str(tmp_path), "--variants", "usual", "--device", "cpu", "--count", "0"])
+    assert refused.value.code == 2 and "--count, --batch-size and --epochs must be >= 1" in capsys.readouterr().err

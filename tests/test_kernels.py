@@ -341,6 +341,15 @@ def test_convergence_tool_writes_its_verdict_with_the_environment(tmp_path, loss
     assert env["torch"] == torch.__version__ and env["device"] == device and env["code_version"]
 
 
+def test_convergence_tool_refuses_sizes_below_one(tmp_path):
+    """0 steps (or batch, classes, features) would fall back to the default or report success on nothing."""
+    out = tmp_path / "convergence.json"
+    res = subprocess.run([sys.executable, str(_ROOT / "tools" / "kernels_convergence.py"), "--device", "cpu",
+                          "--steps", "0", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--steps 0: steps, batch and features must be >= 1" in res.stderr
+    assert not out.exists()
+
+
 def test_kd_loss_benchmark_refuses_bad_lists_before_measuring(capsys):
     """A bad --losses or --shapes item is an argument error, not a failure after the first cases."""
     import importlib.util

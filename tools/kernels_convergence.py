@@ -55,6 +55,13 @@ def _parse(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    small = [f"--{name} {value}" for name, value in (("steps", args.steps), ("batch", args.batch), ("classes", args.classes),
+                                                      ("features", args.features)) if value is not None and value < 1]
+    if small or (args.classes is not None and args.classes < 2):
+        # 0 would silently fall back to the default (or train nothing and report success)
+        print(f"error: {', '.join(small) or f'--classes {args.classes}'}: steps, batch and features must be >= 1, "
+              "classes >= 2", file=sys.stderr)
+        return 2
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -51,11 +51,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out.suffix != ".npz":
         parser.error("--out must end in .npz (that is how data.root recognises a packed file)")
+    if args.out.is_dir():
+        parser.error(f"--out {args.out}: is a directory")
+    if not (args.imbalance_factor >= 1 and args.imbalance_factor < float("inf")):
+        parser.error(f"--imbalance-factor {args.imbalance_factor}: must be a finite number >= 1")
+    below = [f for f in args.verify or () if f < args.imbalance_factor]
+    if below or args.verify == []:
+        parser.error(f"--verify {' '.join(map(str, args.verify))}: give IFs >= the packed --imbalance-factor "
+                     f"{args.imbalance_factor:g} (the file serves only those)")
     from ltscale.data.cifar_npz import pack_from_archive
+    from ltscale.data.errors import DatasetError
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {args.out}: cannot make its folder ({error.strerror or error})")
     started = time.perf_counter()
-    summary = pack_from_archive(args.dataset, args.archive, args.imbalance_factor, args.out)
+    try:
+        summary = pack_from_archive(args.dataset, args.archive, args.imbalance_factor, args.out)
+    except DatasetError as error:
+        print(f"pack_cifar_npz: error: --archive: {error}", file=sys.stderr)
+        return 2
     summary["seconds"] = round(time.perf_counter() - started, 1)
     targets = args.verify if args.verify is not None else sorted({100.0, 50.0, args.imbalance_factor}, reverse=True)
     summary["verified"] = [verify(args.dataset, args.archive, args.out, f) for f in targets if f >= args.imbalance_factor]

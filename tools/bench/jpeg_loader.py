@@ -31,6 +31,7 @@ Writes JSON (hardware, versions, commit, per-epoch times, the markdown table) to
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -163,6 +164,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is absent
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="a folder of JPEGs (default: ../shared/data/imagenet-samples)")
@@ -184,6 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
     if not args.images.is_dir():
         parser.error(f"--images: {args.images} is not a folder")
+    if args.count < 1 or args.batch_size < 1 or args.epochs < 1 or args.warmup_epochs < 0 or args.workers < 0:
+        parser.error("--count, --batch-size and --epochs must be >= 1; --warmup-epochs and --workers >= 0")
+    if args.out is not None and args.out.is_dir():
+        parser.error(f"--out {args.out}: is a directory; name the JSON file to write")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; --device cpu measures on the CPU")
+    # A backend that is not installed would fail after the other variants were timed, losing them.
+    missing = [f"{variant} (pip install 'ltscale[{module}]')" for variant, module in (("ltscale-dali", "dali"), ("ltscale-ffcv", "ffcv"))
+               if variant in variants and not _installed({"dali": "nvidia.dali", "ffcv": "ffcv"}[module])]
+    if missing:
+        parser.error(f"--variants: not installed here: {', '.join(missing)}; or leave them out of --variants")
     device = torch.device(args.device)
 
     split = build_split(args.images, args.count)
