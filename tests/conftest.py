@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +35,20 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow-server")
     with start_local_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts") as server:
         yield server.uri
+
+
+@pytest.fixture
+def load_tool() -> Callable[[str], object]:
+    """Import a script under tools/ by its path (``load_tool("bench/kd_loss.py")``), to call its
+    ``main`` or helpers in this process."""
+
+    def load(relative: str):
+        path = Path(__file__).resolve().parents[1] / "tools" / relative
+        name = "tool_" + relative.replace("/", "_").removesuffix(".py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # a script's dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+
+    return load

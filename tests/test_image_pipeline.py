@@ -169,15 +169,9 @@ def test_distillation_passes_over_a_training_split_with_a_replaced_image(image_t
     assert result.outputs["teacher"].manifest["metrics"]["data/unreadable_train_images"] == 1.0
 
 
-def test_jpeg_loader_benchmark_names_a_backend_that_is_not_installed_before_timing(tmp_path, capsys, monkeypatch):
+def test_jpeg_loader_benchmark_names_a_backend_that_is_not_installed_before_timing(tmp_path, capsys, monkeypatch, load_tool):
     """Otherwise the other variants are timed first and their numbers lost when that one fails."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench" / "jpeg_loader.py"
-    spec = importlib.util.spec_from_file_location("jpeg_loader_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench/jpeg_loader.py")
     assert bench._installed("json") and not bench._installed("no_such_parent.child")
     monkeypatch.setattr(bench, "_installed", lambda module: module != "ffcv")
     with pytest.raises(SystemExit) as refused:

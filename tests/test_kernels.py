@@ -350,15 +350,9 @@ def test_convergence_tool_refuses_sizes_below_one(tmp_path):
     assert not out.exists()
 
 
-def test_kd_loss_benchmark_refuses_bad_lists_before_measuring(capsys):
+def test_kd_loss_benchmark_refuses_bad_lists_before_measuring(capsys, load_tool):
     """A bad --losses or --shapes item is an argument error, not a failure after the first cases."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench" / "kd_loss.py"
-    spec = importlib.util.spec_from_file_location("kd_loss_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench/kd_loss.py")
     assert bench._shapes("256x8142:bf16, 4096x65536:fp32") == [(256, 8142, "bf16"), (4096, 65536, "fp32")]
     for argv, message in [(["--losses", "kd,foo"], "argument --losses: 'kd,foo': choose from kd, dive, ssd"),
                           (["--shapes", "256x100"], "'256x100' is not NxC:dtype"),

@@ -203,22 +203,12 @@ def test_bbn_schedule_rows_compare_ce_with_ssds_re_run_ce(monkeypatch):
     assert "CE*" not in tool.markdown(tool.parse_args(["--methods", "ce"]), {"table": [], "runs": [], "jobs": []}, {"written": "x"})
 
 
-def _tool_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reproduce_cifar_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(tmp_path, capsys):
+def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(tmp_path, capsys, load_tool):
     """On a lent GPU a call that trains and then returns nothing costs its budget: bad arguments,
     data and destinations are found before the first job starts (nothing is created)."""
     import pytest
 
-    tool = _tool_module()
+    tool = load_tool("reproduce_cifar.py")
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_text("x")
     (tmp_path / "garbage.npz").write_text("x")

@@ -569,7 +569,7 @@ def variant_suffix(overrides: list[str]) -> str:
 def preflight(args: argparse.Namespace, plan: Plan) -> None:
     """What would make every job fail, or lose the table at the end, found before the first job
     starts: on a lent GPU a call that trains for minutes and then returns nothing costs its budget."""
-    from ltscale.tracking.mlflow_tracker import check_uri_form
+    from ltscale.tracking.mlflow_tracker import check_uri_form, require_sqlalchemy
 
     results_dir = Path(args.results_dir)
     if results_dir.exists() and not results_dir.is_dir():
@@ -600,11 +600,7 @@ def preflight(args: argparse.Namespace, plan: Plan) -> None:
     if args.tracking_uri:
         check_uri_form(args.tracking_uri, "--tracking-uri")
     if args.tracking_uri.startswith("sqlite:") or not args.tracking_uri and args.tracking_store == "sqlite":
-        try:
-            import sqlalchemy  # noqa: F401 - MLflow's database stores need it; a bare GPU machine may lack it
-        except ImportError:
-            raise ValueError("the MLflow sqlite store needs sqlalchemy, which is not installed: pass --tracking-store "
-                             "file, or carry its wheels (tools/fetch_gpu_wheels.sh --sqlite)") from None
+        require_sqlalchemy()
 
 
 def _check_data(path: Path, dataset: str, imbalance_factor: float) -> None:

@@ -177,16 +177,10 @@ def _labels(batch: dict, key: str, num_classes: int, where: str) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
-def load_cifar_lt(dataset: str, root: str | Path, imbalance_factor: float) -> DatasetBundle:
-    """CIFAR-10/100-LT: the long-tailed training subset and the balanced test set."""
-    if dataset not in _LAYOUT:
-        raise ValueError(f"unknown CIFAR dataset {dataset!r}")
-    if not str(root):
-        raise DatasetError(f"data.root is empty: set it to the CIFAR python archive (for {dataset})")
-    if str(root).endswith(".npz"):  # packed by tools/pack_cifar_npz.py: the LT subset + test set, 50 MiB
-        from ltscale.data.cifar_npz import load_cifar_lt_npz
-
-        return load_cifar_lt_npz(dataset, Path(root).expanduser(), imbalance_factor)
+def read_archive(dataset: str, root: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The whole official training and test sets, in the archive's order, checked (labels, shapes,
+    class names, and a compressed archive read to its end): ``(train_images, train_targets,
+    test_images, test_targets, class_names)``."""
     top, train_member, test_member, meta_member, label_key, names_key, num_classes = _LAYOUT[dataset]
     archive = _Archive(Path(root).expanduser(), top)
 
@@ -202,11 +196,24 @@ def load_cifar_lt(dataset: str, root: str | Path, imbalance_factor: float) -> Da
         names = archive.load(meta_member).get(names_key, [])
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(names) in (0, num_classes)):
             raise DatasetError(f"{archive.where(meta_member)}: key {names_key!r} must be a list of {num_classes} class names")
-        class_names = names or [str(c) for c in range(num_classes)]
         archive.verify()
     finally:
         archive.close()
+    return train_images, train_targets, test_images, test_targets, names or [str(c) for c in range(num_classes)]
 
+
+def load_cifar_lt(dataset: str, root: str | Path, imbalance_factor: float) -> DatasetBundle:
+    """CIFAR-10/100-LT: the long-tailed training subset and the balanced test set."""
+    if dataset not in _LAYOUT:
+        raise ValueError(f"unknown CIFAR dataset {dataset!r}")
+    if not str(root):
+        raise DatasetError(f"data.root is empty: set it to the CIFAR python archive (for {dataset})")
+    if str(root).endswith(".npz"):  # packed by tools/pack_cifar_npz.py: the LT subset + test set, 50 MiB
+        from ltscale.data.cifar_npz import load_cifar_lt_npz
+
+        return load_cifar_lt_npz(dataset, Path(root).expanduser(), imbalance_factor)
+    train_images, train_targets, test_images, test_targets, class_names = read_archive(dataset, root)
+    num_classes = len(class_names)
     per_class = np.bincount(train_targets, minlength=num_classes)
     counts = long_tailed_counts(int(per_class.max()), num_classes, imbalance_factor)
     keep = long_tailed_indices(train_targets, counts)

@@ -152,23 +152,10 @@ def load_cifar_lt_npz(dataset: str, path: Path, imbalance_factor: float) -> Data
 
 def pack_from_archive(dataset: str, root: str | Path, imbalance_factor: float, path: Path) -> dict:
     """Read the official archive and write the packed file for IFs >= ``imbalance_factor``."""
-    from ltscale.data.cifar import _LAYOUT, _Archive, _images, _labels, long_tailed_counts, long_tailed_indices
+    from ltscale.data.cifar import long_tailed_counts, long_tailed_indices, read_archive
 
-    top, train_member, test_member, meta_member, label_key, names_key, num_classes = _LAYOUT[dataset]
-    archive = _Archive(Path(root).expanduser(), top)
-
-    def images_and_labels(member: str) -> tuple[np.ndarray, np.ndarray]:
-        batch = archive.load(member)
-        return _images(batch, archive.where(member)), _labels(batch, label_key, num_classes, archive.where(member))
-
-    try:
-        parts = [images_and_labels(m) for m in ([train_member] if train_member else [f"data_batch_{i}" for i in range(1, 6)])]
-        images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        test_images, test_labels = images_and_labels(test_member)
-        names = archive.load(meta_member).get(names_key, [])
-    finally:
-        archive.close()
-    class_names = list(names) or [str(c) for c in range(num_classes)]
+    images, labels, test_images, test_labels, class_names = read_archive(dataset, root)
+    num_classes = len(class_names)
     max_per_class = int(np.bincount(labels, minlength=num_classes).max())
     keep = long_tailed_indices(labels, long_tailed_counts(max_per_class, num_classes, imbalance_factor))
     arrays = pack_arrays(dataset, imbalance_factor, max_per_class, keep, images[keep], labels[keep],

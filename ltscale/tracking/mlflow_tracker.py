@@ -153,6 +153,16 @@ def check_sqlite_store(uri: str) -> None:
                          "aside, or record elsewhere (--output-dir, or --tracking-uri)")
 
 
+def require_sqlalchemy() -> None:
+    """A ValueError saying what to do when MLflow's database stores cannot work here: a bare GPU
+    machine may lack sqlalchemy, and MLflow would say so only when a run starts (after the tool's work)."""
+    try:
+        import sqlalchemy  # noqa: F401
+    except ImportError:
+        raise ValueError("the MLflow sqlite store needs sqlalchemy, which is not installed: pass --tracking-store "
+                         "file, or carry its wheels (tools/fetch_gpu_wheels.sh --sqlite)") from None
+
+
 def check_server_answers(uri: str) -> None:
     """Fail in seconds, not after MLflow's ~4 minutes of retries, when an http(s) tracking server
     cannot be reached at all (refused, unknown host, no answer). Any HTTP answer, even an error

@@ -250,11 +250,9 @@ def preflight(args: argparse.Namespace, device: torch.device) -> None:
     if args.ssd_pipeline:
         ssd_config(args, device, args.ssd_output_dir or tempfile.gettempdir())
         if args.tracking_store == "sqlite":
-            try:
-                import sqlalchemy  # noqa: F401 - MLflow's sqlite store needs it; a bare GPU machine may lack it
-            except ImportError:
-                raise ValueError("--tracking-store sqlite needs sqlalchemy, which is not installed: pass "
-                                 "--tracking-store file") from None
+            from ltscale.tracking.mlflow_tracker import require_sqlalchemy
+
+            require_sqlalchemy()
 
 
 def environment(device: torch.device) -> dict[str, Any]:
