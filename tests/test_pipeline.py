@@ -177,14 +177,13 @@ def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch, ca
     capsys.readouterr()
     result = run_pipeline(dataclasses.replace(config, progress=True))  # progress: not part of the key
     assert seen == [2, 3], "resumed training must start at the first unfinished epoch"
-    assert f"teacher: resuming after epoch 2/4 (loss " in capsys.readouterr().err  # off a terminal: a line says so
+    assert "teacher: resuming after epoch 2/4 (loss " in capsys.readouterr().err  # off a terminal: a line says so
     assert "resuming epoch 2 with 1 process(es)" in caplog.text and "was saved by 2" in caplog.text
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.get_run(result.outputs["teacher"].run_id)
     assert run.data.tags["ltscale.resumed_from_epoch"] == "2"
     # The failed attempt is recorded as FAILED in MLflow, and the resumed run links to it (its
     # learning curve holds epochs 0 and 1).
-    experiment = client.get_experiment_by_name("ltscale").experiment_id
     earlier = client.get_run(run.data.tags["ltscale.resumed_from_run"])
     assert earlier.info.status == "FAILED" and earlier.data.tags["ltscale.stage"] == "teacher"
     assert [m.step for m in client.get_metric_history(earlier.info.run_id, "train/loss")] == [0, 1]
@@ -253,7 +252,7 @@ def test_corrupt_checkpoint_is_recomputed_and_cli_names_it(tmp_path, capsys):
     code = main(["evaluate", str(model.parent), "--recipe", "demo/ce", "--device", "cpu"])
     assert code == 2 and "is a directory, not a file; it holds model.pt" in capsys.readouterr().err
     # A training stage's unreadable progress checkpoint says how to go on (not to pass another file).
-    from ltscale.engine.checkpoint import PROGRESS_KIND, CheckpointError, load_checkpoint
+    from ltscale.engine.checkpoint import PROGRESS_KIND, load_checkpoint
 
     (tmp_path / "progress.pt").write_text("garbage\n")
     with pytest.raises(CheckpointError, match=r"the progress checkpoint .*progress.pt cannot be read .*: delete it and run "
@@ -471,9 +470,8 @@ def test_stage_keys_follow_what_changes_results_and_only_that(tmp_path):
         "data.loader.backend=tensor": False,  # what "auto" picks for in-memory data
         "data.loader.ffcv.cache_dir=/elsewhere": False,
         "tracking.experiment=other": False,
-        # Settings this dataset does not use: the generated set has its own size and imbalance.
-        "data.image_size=64": False,
-        "data.imbalance_factor=10": False,
+        # (data.image_size and data.imbalance_factor, which the generated set does not read, are
+        # refused for it: test_config's test_a_data_setting_the_dataset_would_ignore_is_refused.)
         "data.synthetic.imbalance_factor=10": True,
         # Settings that cannot change the output: logging, the loss implementation, MoCo while off.
         "stages.teacher.eval_every=2": False,

@@ -225,6 +225,7 @@ def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(t
         ([*demo, "--set", "stages.teacher.optim.foo=1"], "unknown key 'stages.teacher.optim.foo'"),
         ([*demo, "--seeds", "-1"], "seed must be in [0, 2**32), got -1"),
         ([*demo, "--tracking-uri", "bogus://x"], "MLflow has no tracking store for the scheme 'bogus'"),
+        ([*demo, "--data", str(tmp_path / "garbage.npz")], "--data names CIFAR data, but recipe demo/ce trains on synthetic"),
         ([*cifar, "--data", str(tmp_path / "garbage.npz")], "is not a packed CIFAR-LT file: not an .npz (zip) archive"),
         ([*cifar, "--data", str(tmp_path / "absent.tar.gz")], "no such file or folder"),
         ([*cifar, "--data", str(tmp_path / "empty")], "a folder without cifar-100-python/meta"),

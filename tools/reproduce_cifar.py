@@ -168,8 +168,12 @@ def build_plan(args: argparse.Namespace) -> Plan:
         for method in args.methods:
             recipe = recipe_name(args.recipe_prefix, imbalance_factor, method)
             config = get_recipe(recipe)
-            if config.data.dataset in ("cifar100_lt", "cifar10_lt") and not args.data and not args.collect_only:
-                raise SystemExit(f"reproduce_cifar: recipe {recipe} reads CIFAR; pass --data (the archive or a packed .npz)")
+            reads_cifar = config.data.dataset in ("cifar100_lt", "cifar10_lt")
+            if reads_cifar and not args.data and not args.collect_only:
+                raise ValueError(f"recipe {recipe} reads CIFAR; pass --data (the archive or a packed .npz)")
+            if args.data and not reads_cifar:
+                raise ValueError(f"--data names CIFAR data, but recipe {recipe} trains on "
+                                 f"{config.data.dataset}; leave --data out")
             for seed in args.seeds:
                 lane = f"if{imbalance_factor:g}-{LANE_OF.get(method, method)}-seed{seed}"
                 overrides = [f"seed={seed}"]

@@ -141,9 +141,37 @@ class DataConfig:
         if self.dataset in IN_MEMORY_DATASETS and self.loader.backend in ("torch", "dali", "ffcv"):
             raise ValueError(f"data.loader.backend={self.loader.backend} decodes image files; {self.dataset} is held "
                              "in memory and is read by the 'tensor' backend ('auto' picks it)")
-        if self.dataset in ("cifar100_lt", "cifar10_lt", "imagenet_lt", "places_lt", "inat2018") and not self.root:
-            # Checked at build time rather than here so recipes can be listed without data present.
-            pass
+        # A missing data.root is reported when the data is built, so recipes can be listed without it.
+        unused = self._unused_settings()
+        if unused:
+            raise ValueError(f"data.dataset={self.dataset} does not read {'; '.join(unused)}")
+
+    def _unused_settings(self) -> list[str]:
+        """Settings given that ``dataset`` would ignore, each with what to set instead: a value
+        that is silently dropped (an archive path on the generated set, an imbalance factor on a
+        dataset whose split lists fix it) makes a run that is not the one asked for."""
+        files = ("root", "train_list", "val_list", "test_list", "train_annotations", "test_annotations")
+        defaults = DataConfig.__dataclass_fields__
+        unused = []
+        if self.dataset == "synthetic":
+            unused += [f"data.{name} (the images are generated; set data.dataset to the dataset it names)"
+                       for name in files if getattr(self, name)]
+            if self.imbalance_factor != defaults["imbalance_factor"].default:
+                unused.append("data.imbalance_factor (the generated set's is data.synthetic.imbalance_factor)")
+            if self.image_size != defaults["image_size"].default:
+                unused.append("data.image_size (the generated set's is data.synthetic.image_size)")
+            return unused
+        if self.synthetic != SyntheticConfig():
+            unused.append("data.synthetic.* (that is the generated set's config)")
+        if self.dataset in ("cifar100_lt", "cifar10_lt"):
+            unused += [f"data.{name} (the CIFAR-LT split is drawn from data.root's archive by data.imbalance_factor)"
+                       for name in files[1:] if getattr(self, name)]
+            if self.image_size != defaults["image_size"].default:
+                unused.append("data.image_size (CIFAR images are 32 px, cropped at 32 after 4 px padding)")
+        elif self.imbalance_factor != defaults["imbalance_factor"].default:
+            unused.append(f"data.imbalance_factor (the {self.dataset} split lists fix its imbalance; "
+                          "it applies to cifar100_lt and cifar10_lt)")
+        return unused
 
 
 @dataclass(frozen=True)
