@@ -535,6 +535,8 @@ def _free_port() -> int:
 def _two_rank_worker(rank: int, world_size: int, port: int) -> None:
     import torch.distributed as dist
 
+    from ltscale.dist import runtime
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
@@ -577,7 +579,7 @@ def _two_rank_worker(rank: int, world_size: int, port: int) -> None:
         out = task(_views(batch=4, seed=rank))
         assert torch.isfinite(out["loss"]) and int(task.moco.queue_pointer) == 8
     finally:
-        dist.destroy_process_group()
+        runtime.leave_process_group()  # drains gloo's threads first: a bare destroy aborted now and then
 
 
 def test_two_rank_all_gather_no_grad_and_ddp_shuffle_bn():

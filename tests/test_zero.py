@@ -132,7 +132,6 @@ def test_zero_run_refuses_progress_saved_without_deepspeed(tmp_path, capsys):
 
 
 def test_plan_says_a_partial_stage_resumes_only_in_its_format(tmp_path, capsys):
-    from ltscale.cli import main
     from ltscale.config import apply_overrides
     from ltscale.stages.pipeline import plan_pipeline
     from tests.test_pipeline import tiny

@@ -198,7 +198,7 @@ def ensure_process_group(env: DistEnv, device: torch.device, timeout_minutes: fl
         world_size=env.world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
         device_id=device if device.type == "cuda" else None,
     )
-    atexit.register(_destroy)
+    atexit.register(leave_process_group)
     check_distinct_gpus(device)
 
 
@@ -206,8 +206,9 @@ EXIT_DRAIN_S = 0.2
 """How long an exiting gloo rank gives the group's worker threads to finish with their tensors."""
 
 
-def _destroy() -> None:
-    """At exit, while the interpreter is still whole: let gloo's workers finish, then drop the group.
+def leave_process_group() -> None:
+    """Let gloo's workers finish, then drop the group: run at exit, while the interpreter is still
+    whole, and by code that ends a group it made itself (a test's spawned ranks).
 
     Gloo's worker threads release a finished collective's tensors themselves, which takes the GIL
     when a tensor came from Python. One doing so after interpreter finalization has begun is killed
