@@ -328,7 +328,21 @@ def test_code_version_reads_git(tmp_path: Path) -> None:
     commit = git("rev-parse", "HEAD")
     assert code_version(tmp_path) == commit
     assert uncommitted_changes(tmp_path) is None  # clean: nothing to record
+    # What a reproduction writes into the checkout (a results table, notes) is not code: the jobs
+    # after it keep the commit as their version, as a copy's CODE_VERSION_FILE digest does.
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.json").write_text("{}\n")
+    (tmp_path / "NOTES.md").write_text("seed 0 done\n")
+    assert code_version(tmp_path) == commit and uncommitted_changes(tmp_path) is None
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "pyproject.toml").write_text("[project]\n")  # only the top one is the package's
+    assert code_version(tmp_path) == commit
+    (tmp_path / "pyproject.toml").write_text("[project]\n")  # a new dependency changes what runs
+    assert code_version(tmp_path) == f"{commit}-dirty"
+    (tmp_path / "pyproject.toml").unlink()
     (tmp_path / "module.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == f"{commit}-dirty"
+    git("add", "module.py")  # staged: still uncommitted
     assert code_version(tmp_path) == f"{commit}-dirty"
     assert isinstance(code_version(), str) and code_version()
 

@@ -36,13 +36,18 @@ def _git_version(source_dir: Path, marker: Path) -> str | None:
     if _git(source_dir, "ls-files", "--error-unmatch", str(marker)) is None:
         return None
     commit = _git(source_dir, "rev-parse", "HEAD")
-    if not commit:
+    root = _git(source_dir, "rev-parse", "--show-toplevel")
+    if not commit or not root:
         return None
-    status = _git(source_dir, "status", "--porcelain")
-    if status is None:
+    # Only code counts, as in a CODE_VERSION_FILE's digest: a table or log a reproduction writes
+    # into the checkout (results/, RESULTS.md) does not make the jobs after it "-dirty". Untracked
+    # (not ignored) code does: a new module changes what runs.
+    changed = _git(root, "diff", "HEAD", "--name-only", "-z", strip=False)
+    untracked = _git(root, "ls-files", "--others", "--exclude-standard", "-z", strip=False)
+    if changed is None or untracked is None:
         return None
-    # Untracked (not ignored) files count as dirty: a new module changes what runs.
-    return f"{commit}-dirty" if status else commit
+    names = filter(None, (changed + untracked).split("\0"))
+    return f"{commit}-dirty" if any(map(_is_code, names)) else commit
 
 
 # A run from a dirty tree records what differed from its commit; past this size (a checkpoint
@@ -61,11 +66,13 @@ def _source(source_dir: Path | None) -> tuple[Path, Path]:
 
 def uncommitted_changes(source_dir: Path | None = None, max_bytes: int = MAX_PATCH_BYTES) -> str | None:
     """The patch from the checkout's commit to its working tree, new (untracked, not ignored) files
-    included, so a ``-dirty`` code version can be reproduced; None for a clean tree, an installed
-    package or when git fails. Cut at ``max_bytes`` with a line saying so. Never raises."""
+    included, so a ``-dirty`` code version can be reproduced; None when the version is not dirty
+    (changes outside the code alone do not make it so), for an installed package or when git
+    fails. Cut at ``max_bytes`` with a line saying so. Never raises."""
     try:
         directory, marker = _source(source_dir)
-        if _git_version(directory, marker) is None or not _git(directory, "status", "--porcelain"):
+        version = _git_version(directory, marker)
+        if version is None or not version.endswith("-dirty"):
             return None
         root = _git(directory, "rev-parse", "--show-toplevel")
         if not root:
@@ -107,6 +114,8 @@ def _tree_digest(top: Path, names: list[str]) -> str | None:
 
 
 def _is_code(name: str) -> bool:
+    """Whether a file (its path from the checkout's top) is code, whose changes make a version
+    ``-dirty`` or ``-stale``. Recipes are Python; docs, results and data are not code."""
     return name.endswith(".py") or name == "pyproject.toml"
 
 
@@ -160,7 +169,7 @@ def _recorded_version(top: Path) -> str | None:
 
 
 def code_version(source_dir: Path | None = None) -> str:
-    """The git commit (``-dirty`` if the tree has changes) of the ltscale source checkout.
+    """The git commit (``-dirty`` if its code has uncommitted changes) of the ltscale source checkout.
 
     Without git (a copy of the tree, as a lent GPU machine gets), the version recorded in
     ``CODE_VERSION_FILE`` at the tree's top, written where git was (``python -m
