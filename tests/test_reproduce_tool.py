@@ -241,6 +241,9 @@ def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(t
         ([*demo, "--imbalance-factors", "abc"], "argument --imbalance-factors: expected comma-separated numbers, got 'abc'"),
         ([*demo, "--device", "gpu0"], "--device 'gpu0': expected auto, cpu, cuda or cuda:<index>"),
         ([*demo, "--results-name", "a/b"], "a file name, not a path"),
+        ([*demo, "--set", "seed=5"], "--set 'seed=5': --seeds sets seed for every job"),
+        ([*cifar, "--set", " data.imbalance_factor=50"], "--imbalance-factors sets data.imbalance_factor for every job"),
+        ([*demo, "--set", "output_dir=/elsewhere"], "--output-dir sets output_dir"),
     ]:
         with pytest.raises(SystemExit) as refused:
             tool.main(argv)

@@ -53,6 +53,13 @@ EXTRA_METHODS = ("ssd-dive",)
 IMBALANCE_FACTORS = (100.0, 50.0, 10.0)
 # Methods in one lane share an output directory and run in this order, so the later one reuses
 # the earlier one's teacher from the stage cache.
+OWN_KEYS = {
+    "seed": "--seeds", "data.root": "--data", "data.dataset": "--recipe-prefix", "data.imbalance_factor": "--imbalance-factors",
+    "output_dir": "--output-dir", "device": "--device", "tracking.tracking_uri": "--tracking-uri / --tracking-store",
+}
+"""Settings the tool gives every job from its own options; the job files and the table are labelled
+by them, so a ``--set`` of one would train a run other than its row says (or be overridden)."""
+
 LANE_OF = {"ce": "ce", "lws": "ce", "bsce": "bsce", "dive": "bsce", "ldam-drw": "ldam-drw", "ssd": "ssd", "ssd-dive": "ssd"}
 
 # Published top-1 (%) on CIFAR-100-LT, ResNet-32 (../shared/METHODS.md; LDAM-DRW from the DiVE and
@@ -556,6 +563,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--epochs {args.epochs}: must be >= 1 (or 0: the recipes' own epochs)")
     if args.device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         parser.error(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:<index>")
+    for item in args.overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in OWN_KEYS:
+            parser.error(f"--set {item!r}: {OWN_KEYS[key]} sets {key} for every job (the job files and the table are "
+                         "labelled by it); use that option")
     if "/" in args.results_name:
         parser.error(f"--results-name {args.results_name!r}: a file name, not a path (the folder is --results-dir)")
     if "{if}" not in args.recipe_prefix and len(args.imbalance_factors) > 1:
