@@ -350,6 +350,8 @@ def sweep_configs(recipes: Sequence[str], overrides: Sequence[str], seeds: Seque
     need (the CE teacher of the CE and LWS baselines) is trained once and reused, the other job
     waiting for it (``ltscale/stages/locks.py``).
     """
+    if seeds and any(item.split("=", 1)[0].strip() == "seed" for item in overrides):
+        raise ConfigError("--set seed=... and --seeds both set the seed: give one (--seeds runs one job per seed)")
     return [resolve_config(recipe, [*overrides, *([f"seed={seed}"] if seed is not None else [])])
             for recipe in recipes for seed in (seeds or [None])]
 

@@ -99,6 +99,7 @@ def test_submit_checks_the_config_before_submitting(tmp_path, capsys):
         (["--slurm-option", "time=10"], "--slurm-option time=...: this tool sets it from --timeout-min"),
         (["--folder", str(tmp_path / "file")], f"--folder {tmp_path / 'file'}: is a file"),
         (["--seeds", "0,1"], None),  # (a valid sweep, the next case's control)
+        (["--seeds", "0,1", "--set", "seed=7"], "--set seed=... and --seeds both set the seed"),
     ]:
         if message is None:
             assert main(["demo/ce", "--executor", "slurm", "--dry-run", *extra, "--set", f"output_dir={output}"]) == 0
