@@ -65,14 +65,17 @@ def _data_config(args: argparse.Namespace) -> DataConfig:
 def _pipeline_config(name: str, args: argparse.Namespace):
     config = get_recipe(name)
     overrides = list(args.overrides)
-    if getattr(args, "output_dir", None) is not None:
-        overrides.append(f"output_dir={args.output_dir}")
-    if getattr(args, "tracking_uri", None) is not None:
-        overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
-    if args.device is not None:
-        overrides.append(f"device={args.device}")
-    if getattr(args, "no_progress", False):
-        overrides.append("progress=false")
+    flags = {"output_dir": ("--output-dir", getattr(args, "output_dir", None)),
+             "tracking.tracking_uri": ("--tracking-uri", getattr(args, "tracking_uri", None)),
+             "device": ("--device", args.device),
+             "progress": ("--no-progress", "false" if getattr(args, "no_progress", False) else None)}
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    for key, (flag, value) in flags.items():
+        if value is None:
+            continue
+        if key in given:  # the flag would win without a word: say which of the two to drop
+            raise ConfigError(f"{flag} and --set {key}=... both set {key}: give one")
+        overrides.append(f"{key}={value}")
     config = apply_overrides(config, overrides)
     if getattr(args, "tags", None):
         # Not through --set: a tag's value may hold the commas that separate a tuple's items there.

@@ -620,6 +620,12 @@ def test_cli_refuses_bad_arguments_in_one_line_before_anything_runs(tmp_path, ca
     refused(["run", "demo/ce", "--tracking-uri", str(tmp_path / "store"), "--output-dir", str(out)],
             f"is a path, not a URI: for a database there, use sqlite:///{(tmp_path / 'store').resolve()}/mlflow.db")
     refused(["ui", "--output-dir", str(tmp_path / "typo")], "no such directory")
+    # A flag and a --set of the same key: the flag would win silently.
+    refused(["run", "demo/ce", "--output-dir", str(out), "--set", f"output_dir={tmp_path / 'other'}"],
+            "--output-dir and --set output_dir=... both set output_dir: give one")
+    refused(["run", "demo/ce", "--set", "device=cpu", "--device", "cpu", "--set", f"output_dir={out}"],
+            "--device and --set device=... both set device")
+    refused(["demo", "--no-progress", "--set", "progress=true", "--output-dir", str(out)], "both set progress")
     refused(["run", "demo/ce", "--tracking-uri", "garbage://x", "--output-dir", str(out)],
             "tracking.tracking_uri 'garbage://x': MLflow has no tracking store for the scheme 'garbage' (supported: http, https")
     refused(["runs", "--tracking-uri", "notascheme"], "--tracking-uri 'notascheme' is a path, not a URI")
