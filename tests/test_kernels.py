@@ -354,10 +354,32 @@ def test_kd_loss_benchmark_refuses_bad_lists_before_measuring(capsys, load_tool)
     """A bad --losses or --shapes item is an argument error, not a failure after the first cases."""
     bench = load_tool("bench/kd_loss.py")
     assert bench._shapes("256x8142:bf16, 4096x65536:fp32") == [(256, 8142, "bf16"), (4096, 65536, "fp32")]
-    for argv, message in [(["--losses", "kd,foo"], "argument --losses: 'kd,foo': choose from kd, dive, ssd"),
+    for argv, message in [(["--losses", "kd,foo"], "argument --losses: 'kd,foo': choose from kd, dive, ssd, infonce"),
                           (["--shapes", "256x100"], "'256x100' is not NxC:dtype"),
                           (["--shapes", "256x100:bf16,256x1000:fp64"], "'256x1000:fp64': N >= 1, C >= 2 and a dtype of"),
                           (["--iters", "0"], "--iters 0 >= 1")]:
         with pytest.raises(SystemExit) as refused:
             bench.main(argv)
         assert refused.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_kd_loss_benchmark_infonce_rows_time_moco_s_own_loss(load_tool, monkeypatch):
+    """The InfoNCE rows time the loss the MoCo task computes: N queries, C = 1 + K logits a row."""
+    import torch.nn.functional as F
+
+    bench = load_tool("bench/kd_loss.py")
+    monkeypatch.setattr(bench, "_DEV", "cpu")
+    (query, keys, queue), leaves = bench._make_inputs("infonce", 6, 1 + 40, torch.float32)
+    assert query.shape == keys.shape == (6, bench.INFONCE_DIM) and queue.shape == (40, bench.INFONCE_DIM)
+    assert leaves == (query,) and torch.allclose(queue.norm(dim=1), torch.ones(40))
+    bind, reference, fused = bench._loss_fns("infonce")
+    assert fused is None  # no kernel: the rows are eager and compile only
+    loss = bind(reference)(query, keys, queue)
+    logits = torch.cat([(query * keys).sum(1, keepdim=True), query @ queue.t()], dim=1) / bench.INFONCE_TEMPERATURE
+    expected = F.cross_entropy(logits, torch.zeros(6, dtype=torch.long))
+    torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(loss, leaves)
+    (expected_grad,) = torch.autograd.grad(expected, leaves)
+    torch.testing.assert_close(grad, expected_grad)
+    forward, backward = bench._bytes("infonce", (query, keys, queue), leaves)  # inputs read; again + the gradient
+    assert forward == (6 + 6 + 40) * bench.INFONCE_DIM * 4 and backward == forward + 6 * bench.INFONCE_DIM * 4

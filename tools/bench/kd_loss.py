@@ -20,6 +20,13 @@ is comparable between methods):
 The copy reference for B bytes copies a B/2-byte buffer (B/2 read + B/2 written); "% copy" is
 copy_time / method_time.
 
+``--losses infonce`` measures MoCo's loss (``ltscale.models.moco``: the query against its positive
+key and a queue, then a cross-entropy over the N x (1 + K) logits; D = 128, t = 0.2) in eager and
+compiled form, with N x C read as N queries and C = 1 + K logits a row. No fused kernel exists for
+it (ltscale/kernels/README.md); these rows are what one would have to beat, and what the loss costs
+beside a training step. Its bytes model: queries, keys and queue read, the queries' gradient
+written.
+
 Writes JSON (GPU, torch/triton/CUDA versions, code version, per-case results) to --out and prints a
 markdown table.  Exits with a clear message when CUDA is not available.
 """
@@ -48,6 +55,8 @@ DEFAULT_SHAPES = [
     (512, 365, "bf16"),
     (4096, 65536, "bf16"),
 ]
+INFONCE_SHAPES = [(256, 65537, "fp32"), (256, 65537, "bf16"), (4096, 65537, "bf16")]  # the recipes' queue of 65,536
+INFONCE_DIM, INFONCE_TEMPERATURE = 128, 0.2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMPERATURE, POWER, ALPHA = 2.0, 0.5, 0.5
 _DEV = "cuda"  # benchmark device; a module constant so a smoke test can redirect it
@@ -74,6 +83,12 @@ def _median_ms(fn, setup=None, warmup: int = 10, iters: int = 50) -> float:
 def _make_inputs(loss: str, n: int, c: int, dtype: torch.dtype, seed: int = 0):
     dev = _DEV
     g = torch.Generator(device=dev).manual_seed(seed)
+    if loss == "infonce":  # unit vectors, as the projection head's normalised outputs are
+        def unit(rows: int) -> torch.Tensor:
+            return torch.nn.functional.normalize(torch.randn(rows, INFONCE_DIM, device=dev, generator=g), dim=1).to(dtype)
+
+        query = unit(n).requires_grad_(True)
+        return (query, unit(n), unit(c - 1)), (query,)
     zs = (torch.randn(n, c, device=dev, generator=g) * 3).to(dtype).requires_grad_(True)
     zt = (torch.randn(n, c, device=dev, generator=g) * 3).to(dtype)
     y = torch.randint(0, c, (n,), device=dev, generator=g)
@@ -111,6 +126,14 @@ def _loss_fns(loss: str):
             ref.ssd_hybrid_loss,
             kernels.fused_ssd_hybrid_loss,
         )
+    if loss == "infonce":
+        from ltscale.models.moco import info_nce_logits, info_nce_loss
+
+        def info_nce(query: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+            """MoCo's loss as the training step computes it."""
+            return info_nce_loss(info_nce_logits(query, keys, queue, INFONCE_TEMPERATURE))
+
+        return (lambda f: f), info_nce, None
     raise ValueError(loss)
 
 
@@ -125,9 +148,7 @@ def _copy_ms(total_bytes: int, warmup: int, iters: int) -> float:
     half = max(total_bytes // 2, 1)
     src = torch.empty(half, dtype=torch.uint8, device=_DEV)
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda _: dst.copy_(src), warmup=warmup, iters=iters)
-    del src, dst
-    return ms
+    return _median_ms(lambda _: dst.copy_(src), warmup=warmup, iters=iters)  # the buffers go with this frame
 
 
 def _bench_method(fn, inputs, leaves, warmup: int, iters: int) -> dict:
@@ -176,7 +197,7 @@ def _accuracy(ref_fn, fused_fn, inputs, leaves) -> dict:
     return {"loss_rel_err": loss_rel, "grad_max_rel_err": grad_rel}
 
 
-LOSSES = ("kd", "dive", "ssd")
+LOSSES = ("kd", "dive", "ssd", "infonce")
 
 
 def _losses(text: str) -> list[str]:
@@ -204,12 +225,13 @@ def _shapes(text: str) -> list[tuple[int, int, str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("kd_loss_bench.json"))
-    ap.add_argument("--losses", type=_losses, default=["kd"], help="comma list of kd,dive,ssd (default: kd)")
+    ap.add_argument("--losses", type=_losses, default=["kd"], help="comma list of kd,dive,ssd,infonce (default: kd)")
     ap.add_argument(
         "--shapes",
         type=_shapes,
         default=None,
-        help="comma list of NxC:dtype, e.g. 256x8142:bf16 (default: the standard set)",
+        help="comma list of NxC:dtype, e.g. 256x8142:bf16 (default: the standard set; for infonce "
+             "256x65537 and 4096x65537, C = 1 + the queue's length)",
     )
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=50)
@@ -232,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     from ltscale.kernels import kernels_usable
     from ltscale.tracking import runtime_environment
 
-    shapes = args.shapes or DEFAULT_SHAPES
     losses = args.losses
 
     results = []
@@ -241,15 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         methods = {"eager": bind(ref_fn)}
         if not args.no_compile:
             methods["compile"] = bind(torch.compile(ref_fn, dynamic=False))
-        methods["fused"] = bind(fused_fn)
-        for n, c, dt in shapes:
+        if fused_fn is not None:
+            methods["fused"] = bind(fused_fn)
+        for n, c, dt in args.shapes or (INFONCE_SHAPES if loss == "infonce" else DEFAULT_SHAPES):
             inputs, leaves = _make_inputs(loss, n, c, DTYPES[dt])
-            if not kernels_usable(inputs[0]):
+            if fused_fn is not None and not kernels_usable(inputs[0]):
                 raise SystemExit("error: ltscale.kernels are not usable on this CUDA tensor")
             fwd_b, bwd_b = _bytes(loss, inputs, leaves)
             phase_bytes = {"fwd": fwd_b, "bwd": bwd_b, "fwd_bwd": fwd_b + bwd_b}
             copy_ms = {k: _copy_ms(b, args.warmup, args.iters) for k, b in phase_bytes.items()}
-            acc = _accuracy(methods["eager"], methods["fused"], inputs, leaves)
+            acc = _accuracy(methods["eager"], methods["fused"], inputs, leaves) if fused_fn is not None else {}
             for name, fn in methods.items():
                 try:
                     r = _bench_method(fn, inputs, leaves, args.warmup, args.iters)
@@ -282,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "environment": env,
         "params": {"temperature": TEMPERATURE, "power": POWER, "alpha": ALPHA,
+                   "infonce": {"dim": INFONCE_DIM, "temperature": INFONCE_TEMPERATURE},
                    "warmup": args.warmup, "iters": args.iters},
         "results": results,
     }
