@@ -51,8 +51,6 @@ METHODS = ("ce", "bsce", "lws", "ldam-drw", "dive", "ssd")
 # Not in the papers' tables (no published number): SSD's teacher with DiVE's targets, "past the papers".
 EXTRA_METHODS = ("ssd-dive",)
 IMBALANCE_FACTORS = (100.0, 50.0, 10.0)
-# Methods in one lane share an output directory and run in this order, so the later one reuses
-# the earlier one's teacher from the stage cache.
 OWN_KEYS = {
     "seed": "--seeds", "data.root": "--data", "data.dataset": "--recipe-prefix", "data.imbalance_factor": "--imbalance-factors",
     "output_dir": "--output-dir", "device": "--device", "tracking.tracking_uri": "--tracking-uri / --tracking-store",
@@ -60,6 +58,8 @@ OWN_KEYS = {
 """Settings the tool gives every job from its own options; the job files and the table are labelled
 by them, so a ``--set`` of one would train a run other than its row says (or be overridden)."""
 
+# Methods in one lane share an output directory and run in this order, so the later one reuses
+# the earlier one's teacher from the stage cache.
 LANE_OF = {"ce": "ce", "lws": "ce", "bsce": "bsce", "dive": "bsce", "ldam-drw": "ldam-drw", "ssd": "ssd", "ssd-dive": "ssd"}
 
 # Published top-1 (%) on CIFAR-100-LT, ResNet-32 (../shared/METHODS.md; LDAM-DRW from the DiVE and
