@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import typing
 from pathlib import Path
@@ -359,7 +360,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         gone = here.owner_gone(data.tags) if info.status == "RUNNING" and TAG_PID in data.tags else None
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.start_time / 1000))
         seconds = ((info.end_time or time.time() * 1000) - info.start_time) / 1000
-        duration = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} m"
+        duration = _duration(seconds)
         metric = lambda name: f"{data.metrics[name]:.2f}" if name in data.metrics else "-"  # noqa: E731
         status = "GONE" if gone else info.status
         if gone:
@@ -392,7 +393,19 @@ def _running_stage(client, experiment_id: str, parent_id: str) -> str:
         return f"now: {stage}"
     last = max(history, key=lambda point: point.step)
     epochs = child.data.params.get("optim.epochs")
-    return f"now: {stage}, epoch {last.step + 1}{f'/{epochs}' if epochs else ''} done (train loss {last.value:.4f})"
+    line = f"now: {stage}, epoch {last.step + 1}{f'/{epochs}' if epochs else ''} done (train loss {last.value:.4f})"
+    # The recent pace, not the mean since the start: a run resumed on other hardware, or sharing
+    # its machine differently now, goes at its present speed.
+    recent = sorted(client.get_metric_history(child.info.run_id, "train/epoch_seconds"), key=lambda point: point.step)[-5:]
+    left = int(epochs) - (last.step + 1) if epochs and epochs.isdigit() else 0
+    if recent and left > 0:
+        pace = statistics.median(point.value for point in recent)
+        line += f"; {_duration(left * pace)} left at {pace:.0f} s per epoch"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} m"
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -452,6 +452,14 @@ def test_runs_says_where_a_running_pipeline_is(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     row = next(i for i, line in enumerate(lines) if parent.info.run_id in line)
     assert "RUNNING" in lines[row] and lines[row + 1].strip() == "now: student, epoch 3/90 done (train loss 1.2500)"
+    # With epoch times logged, the time left at the recent pace (the median of the last five epochs).
+    for epoch, seconds in enumerate([100.0, 40.0, 40.0, 44.0, 36.0, 40.0]):
+        client.log_metric(student.info.run_id, "train/epoch_seconds", seconds, step=epoch)
+    client.log_metric(student.info.run_id, "train/loss", 1.0, step=5)
+    assert main(["runs", "--output-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(i for i, line in enumerate(lines) if parent.info.run_id in line)
+    assert lines[row + 1].strip() == "now: student, epoch 6/90 done (train loss 1.0000); 56.0 m left at 40 s per epoch"
 
 
 def test_stage_keys_follow_what_changes_results_and_only_that(tmp_path):
