@@ -185,7 +185,7 @@ def test_a_variant_table_names_the_overrides_that_made_it(monkeypatch):
     assert "with `" not in plain.splitlines()[0]
     # ... and its default table files are its own, not the plain table's.
     assert args.results_name.startswith("cifar100_lt-set") and tool.parse_args([]).results_name == "cifar100_lt"
-    assert tool.parse_args(["--set", "seed=1", "--results-name", "mine"]).results_name == "mine"
+    assert tool.parse_args(["--set", "stages.student.temperature=3", "--results-name", "mine"]).results_name == "mine"
 
 
 def test_bbn_schedule_rows_compare_ce_with_ssds_re_run_ce(monkeypatch):
