@@ -244,6 +244,7 @@ def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(t
         ([*demo, "--set", "seed=5"], "--set 'seed=5': --seeds sets seed for every job"),
         ([*cifar, "--set", " data.imbalance_factor=50"], "--imbalance-factors sets data.imbalance_factor for every job"),
         ([*demo, "--set", "output_dir=/elsewhere"], "--output-dir sets output_dir"),
+        ([*demo, "--set", "progress=true"], "--set 'progress=true': every job runs with --no-progress"),
     ]:
         with pytest.raises(SystemExit) as refused:
             tool.main(argv)

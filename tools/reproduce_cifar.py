@@ -568,6 +568,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if key in OWN_KEYS:
             parser.error(f"--set {item!r}: {OWN_KEYS[key]} sets {key} for every job (the job files and the table are "
                          "labelled by it); use that option")
+        if key == "progress":  # `ltscale run` refuses it beside the flag: every job would fail
+            parser.error(f"--set {item!r}: every job runs with --no-progress (its log gets a line per epoch instead)")
     if "/" in args.results_name:
         parser.error(f"--results-name {args.results_name!r}: a file name, not a path (the folder is --results-dir)")
     if "{if}" not in args.recipe_prefix and len(args.imbalance_factors) > 1:
