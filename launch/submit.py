@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import submitit
 
-from ltscale.config import ConfigError, apply_overrides, get_recipe
+from ltscale.config import ConfigError, apply_overrides, get_recipe, override_key
 from ltscale.stages.config import PipelineConfig
 
 EXECUTORS = ("slurm", "local", "debug")
@@ -350,7 +350,7 @@ def sweep_configs(recipes: Sequence[str], overrides: Sequence[str], seeds: Seque
     need (the CE teacher of the CE and LWS baselines) is trained once and reused, the other job
     waiting for it (``ltscale/stages/locks.py``).
     """
-    if seeds and any(item.split("=", 1)[0].strip() == "seed" for item in overrides):
+    if seeds and "seed" in map(override_key, overrides):
         raise ConfigError("--set seed=... and --seeds both set the seed: give one (--seeds runs one job per seed)")
     return [resolve_config(recipe, [*overrides, *([f"seed={seed}"] if seed is not None else [])])
             for recipe in recipes for seed in (seeds or [None])]

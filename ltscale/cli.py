@@ -23,7 +23,7 @@ import typing
 from pathlib import Path
 from typing import Sequence
 
-from ltscale.config import ConfigError, apply_overrides, get_recipe, list_recipes
+from ltscale.config import ConfigError, apply_overrides, get_recipe, list_recipes, override_key
 from ltscale.config.overrides import has_key
 from ltscale.data.config import DataConfig, DatasetName
 
@@ -70,7 +70,7 @@ def _pipeline_config(name: str, args: argparse.Namespace):
              "tracking.tracking_uri": ("--tracking-uri", getattr(args, "tracking_uri", None)),
              "device": ("--device", args.device),
              "progress": ("--no-progress", "false" if getattr(args, "no_progress", False) else None)}
-    given = {item.split("=", 1)[0].strip() for item in overrides}
+    given = set(map(override_key, overrides))
     for key, (flag, value) in flags.items():
         if value is None:
             continue
@@ -198,8 +198,8 @@ def _override_applies(override: str, config) -> bool:
     """Whether ``config`` has what a ``stages.<name>.<field…>=value`` override names (any stage for
     ``stages.*``); other keys apply to every recipe (a misspelt one is then named by the override's
     own error, with suggestions)."""
-    key = override.split("=", 1)[0]
-    return not key.strip().startswith("stages.") or has_key(config, key)
+    key = override_key(override)
+    return not key.startswith("stages.") or has_key(config, key)
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:

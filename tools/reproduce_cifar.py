@@ -52,11 +52,14 @@ METHODS = ("ce", "bsce", "lws", "ldam-drw", "dive", "ssd")
 EXTRA_METHODS = ("ssd-dive",)
 IMBALANCE_FACTORS = (100.0, 50.0, 10.0)
 OWN_KEYS = {
-    "seed": "--seeds", "data.root": "--data", "data.dataset": "--recipe-prefix", "data.imbalance_factor": "--imbalance-factors",
-    "output_dir": "--output-dir", "device": "--device", "tracking.tracking_uri": "--tracking-uri / --tracking-store",
+    "seed": "--seeds sets seed", "data.root": "--data sets data.root", "data.dataset": "--recipe-prefix sets data.dataset",
+    "data.imbalance_factor": "--imbalance-factors sets data.imbalance_factor", "output_dir": "--output-dir sets output_dir",
+    "device": "--device sets device", "tracking.tracking_uri": "--tracking-uri / --tracking-store set tracking.tracking_uri",
+    "progress": "every job runs with --no-progress (its log gets a line per epoch instead)",
 }
-"""Settings the tool gives every job from its own options; the job files and the table are labelled
-by them, so a ``--set`` of one would train a run other than its row says (or be overridden)."""
+"""Settings the tool gives every job itself. The job files and the table are labelled by them, so a
+``--set`` of one would train a run other than its row says, or be overridden (``progress``: be
+refused by ``ltscale run`` beside --no-progress, failing every job after the preflight)."""
 
 # Methods in one lane share an output directory and run in this order, so the later one reuses
 # the earlier one's teacher from the stage cache.
@@ -563,13 +566,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--epochs {args.epochs}: must be >= 1 (or 0: the recipes' own epochs)")
     if args.device and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         parser.error(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:<index>")
+    from ltscale.config import override_key
+
     for item in args.overrides:
-        key = item.split("=", 1)[0].strip()
-        if key in OWN_KEYS:
-            parser.error(f"--set {item!r}: {OWN_KEYS[key]} sets {key} for every job (the job files and the table are "
-                         "labelled by it); use that option")
-        if key == "progress":  # `ltscale run` refuses it beside the flag: every job would fail
-            parser.error(f"--set {item!r}: every job runs with --no-progress (its log gets a line per epoch instead)")
+        if override_key(item) in OWN_KEYS:
+            parser.error(f"--set {item!r}: {OWN_KEYS[override_key(item)]} for every job; leave it out of --set")
     if "/" in args.results_name:
         parser.error(f"--results-name {args.results_name!r}: a file name, not a path (the folder is --results-dir)")
     if "{if}" not in args.recipe_prefix and len(args.imbalance_factors) > 1:

@@ -196,6 +196,13 @@ def validate(config: Any, path: str = "") -> None:
                 raise ConfigError(f"{path}: {error}") from None
 
 
+def override_key(item: str) -> str:
+    """The dotted key of a ``key=value`` override (``""`` for a malformed one, which
+    :func:`apply_overrides` reports)."""
+    key, sep, _ = item.partition("=")
+    return key.strip() if sep else ""
+
+
 def apply_overrides(config: Any, overrides: typing.Iterable[str]) -> Any:
     """Apply ``key=value`` strings in order and return the new config (the input is not mutated).
 
@@ -205,8 +212,7 @@ def apply_overrides(config: Any, overrides: typing.Iterable[str]) -> Any:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (for example optim.lr=0.05)")
-        key, text = item.split("=", 1)
-        key = key.strip()
+        key, text = override_key(item), item.split("=", 1)[1]
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         config = _set(config, key.split("."), text.strip(), key)
