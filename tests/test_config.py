@@ -605,7 +605,7 @@ def test_distill_and_virtual_example_ranges():
         ("data.synthetic.imbalance_factor=nan", r"data.synthetic.imbalance_factor must be a finite number >= 1, got nan"),
         ("data.synthetic.seed=-2", r"data.synthetic.seed must be in \[0, 2\*\*32\), got -2"),
         ("data.synthetic.image_size=100000", r"data.synthetic.image_size must be in \[8, 256\], got 100000"),
-        ("data.synthetic.max_per_class=20", r"data.synthetic: the rarest class would have no image"),
+        ("data.synthetic.max_per_class=20", r"data.synthetic: imbalance factor 80 leaves the rarest of 30 classes no image"),
         ("data.loader.max_bad_image_fraction=nan", r"max_bad_image_fraction must be in \[0, 1\), got nan"),
     ],
 )
@@ -618,6 +618,24 @@ def test_synthetic_data_fields_are_checked(override, message):
 def test_cifar_imbalance_factor_must_be_finite(ssd):
     with pytest.raises(ValueError, match=r"data.imbalance_factor must be a finite number >= 1, got nan"):
         apply_overrides(ssd, ["data.imbalance_factor=nan"])
+
+
+def test_synthetic_rarest_class_is_checked_as_the_counts_are_computed():
+    from ltscale.data.synthetic import make_synthetic
+
+    with pytest.raises(ValueError, match=r"int\(49 x 1/49\) = 0"):  # the old ratio check let it through
+        apply_overrides(get_recipe("demo/ce"), ["data.synthetic.max_per_class=49", "data.synthetic.imbalance_factor=49"])
+    config = apply_overrides(get_recipe("demo/ce"), ["data.synthetic.max_per_class=50", "data.synthetic.imbalance_factor=50"])
+    assert make_synthetic(config.data.synthetic).train.class_counts().min() == 1
+
+
+def test_cifar_imbalance_factor_must_leave_every_class_an_image(ssd):
+    with pytest.raises(ValueError, match=r"data.imbalance_factor: cifar100_lt's imbalance factor 1000 leaves the rarest "
+                                         r"of 100 classes no image \(int\(500 x 1/1000\) = 0"):
+        apply_overrides(ssd, ["data.imbalance_factor=1000"])
+    assert apply_overrides(ssd, ["data.imbalance_factor=500"]).data.imbalance_factor == 500  # one image left
+    cifar10 = apply_overrides(ssd, ["data.dataset=cifar10_lt", "data.imbalance_factor=5000"])
+    assert cifar10.data.imbalance_factor == 5000
 
 
 def _cli(capsys, *argv):

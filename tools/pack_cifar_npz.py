@@ -59,8 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     if below or args.verify == []:
         parser.error(f"--verify {' '.join(map(str, args.verify))}: give IFs >= the packed --imbalance-factor "
                      f"{args.imbalance_factor:g} (the file serves only those)")
+    from ltscale.data.cifar import TRAINING_SETS, long_tailed_counts
     from ltscale.data.cifar_npz import pack_from_archive
     from ltscale.data.errors import DatasetError
+
+    classes, per_class = TRAINING_SETS[args.dataset]
+    for option, factor in [("--imbalance-factor", args.imbalance_factor), *(("--verify", f) for f in args.verify or ())]:
+        try:
+            long_tailed_counts(per_class, classes, factor)
+        except ValueError as error:
+            parser.error(f"{option} {factor:g}: {args.dataset}'s {error}")
 
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,12 +28,27 @@ _NORMALIZATION = {
 }
 
 
+# Classes and training images per class of the official training sets (both balanced).
+TRAINING_SETS = {"cifar100_lt": (100, 500), "cifar10_lt": (10, 5000)}
+
+
 def long_tailed_counts(max_per_class: int, num_classes: int, imbalance_factor: float) -> np.ndarray:
-    """n_c = int(n_max * (1/IF) ** (c / (C - 1))), the exponential profile of the LDAM-DRW code."""
-    return np.array(
+    """n_c = int(n_max * (1/IF) ** (c / (C - 1))), the exponential profile of the LDAM-DRW code.
+
+    Raises ValueError when the rarest class would get no image: a class the training set lacks
+    would still be scored at test time as a few-shot class, and the balanced losses need its count.
+    """
+    counts = np.array(
         [int(max_per_class * (1.0 / imbalance_factor) ** (c / (num_classes - 1))) for c in range(num_classes)],
         dtype=np.int64,
     )
+    if counts[-1] < 1:
+        # int() as the protocol does: at IF = n_max, n_max * (1/IF) can round to just below 1.
+        raise ValueError(
+            f"imbalance factor {imbalance_factor:g} leaves the rarest of {num_classes} classes no image "
+            f"(int({max_per_class} x 1/{imbalance_factor:g}) = 0 with {max_per_class} images in the largest class)"
+        )
+    return counts
 
 
 def long_tailed_indices(targets: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 from ltscale.config.hashing import keyed_when_set
+from ltscale.data.cifar import TRAINING_SETS as CIFAR_TRAINING_SETS
+from ltscale.data.cifar import long_tailed_counts
 
 DatasetName = Literal["synthetic", "cifar100_lt", "cifar10_lt", "imagenet_lt", "places_lt", "inat2018"]
 
@@ -37,11 +39,10 @@ class SyntheticConfig:
             raise ValueError(f"data.synthetic.noise must be a finite number >= 0 (pixel noise scale), got {self.noise}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"data.synthetic.seed must be in [0, 2**32), got {self.seed}")
-        if self.max_per_class / self.imbalance_factor < 1:
-            raise ValueError(
-                "data.synthetic: the rarest class would have no image "
-                f"(max_per_class {self.max_per_class} / imbalance_factor {self.imbalance_factor} < 1)"
-            )
+        try:
+            long_tailed_counts(self.max_per_class, self.num_classes, self.imbalance_factor)
+        except ValueError as error:
+            raise ValueError(f"data.synthetic: {error}; lower imbalance_factor or raise max_per_class") from None
         if not 8 <= self.image_size <= 256:  # generated in memory at once; larger images are real data's business
             raise ValueError(f"data.synthetic.image_size must be in [8, 256], got {self.image_size}")
 
@@ -136,6 +137,12 @@ class DataConfig:
             math.isfinite(self.imbalance_factor) and self.imbalance_factor >= 1
         ):
             raise ValueError(f"data.imbalance_factor must be a finite number >= 1, got {self.imbalance_factor}")
+        if self.dataset in CIFAR_TRAINING_SETS:
+            try:
+                long_tailed_counts(CIFAR_TRAINING_SETS[self.dataset][1], CIFAR_TRAINING_SETS[self.dataset][0],
+                                   self.imbalance_factor)
+            except ValueError as error:
+                raise ValueError(f"data.imbalance_factor: {self.dataset}'s {error}") from None
         if self.image_size < 1:
             raise ValueError(f"data.image_size must be >= 1 (pixels), got {self.image_size}")
         if self.dataset in IN_MEMORY_DATASETS and self.loader.backend in ("torch", "dali", "ffcv"):
