@@ -22,6 +22,7 @@ from ltscale.config.overrides import parse_value
 from ltscale.engine.schedule import OptimConfig, lr_schedule
 from ltscale.stages.config import (
     DistillConfig,
+    EvaluateConfig,
     PipelineConfig,
     RebalanceConfig,
     SoftLabelsConfig,
@@ -200,8 +201,64 @@ def test_validation_reruns_after_an_override(ssd):
     with pytest.raises(ValueError, match=r"loss.kind=ldam expects model.classifier=cosine"):
         apply_overrides(ssd, ["stages.teacher.loss.kind=ldam"])
     # ...and overrides applied in order can make it valid again
-    fixed = apply_overrides(ssd, ["stages.teacher.model.classifier=cosine", "stages.teacher.loss.kind=ldam"])
+    ce = get_recipe("cifar100-lt-if100/ce")
+    fixed = apply_overrides(ce, ["stages.teacher.model.classifier=cosine", "stages.teacher.loss.kind=ldam"])
     assert fixed.stages["teacher"].loss.kind == "ldam"
+    # (in SSD the LDAM teacher's cosine head would then reach LWS, which the pipeline refuses)
+    with pytest.raises(ValueError, match=r"stage 'teacher_lws' \(method=lws\) rescales a linear classifier's weights, "
+                                         r"but head 'cls' of 'teacher' is a cosine head; method=crt"):
+        apply_overrides(ssd, ["stages.teacher.model.classifier=cosine", "stages.teacher.loss.kind=ldam"])
+
+
+def _ldam_teacher_then(consumer_name: str, consumer) -> PipelineConfig:
+    ce = get_recipe("cifar100-lt-if100/ce")
+    teacher = apply_overrides(ce, ["stages.teacher.model.classifier=cosine", "stages.teacher.loss.kind=ldam"]).stages["teacher"]
+    return dataclasses.replace(ce, stages={"teacher": teacher, consumer_name: consumer})
+
+
+@pytest.mark.parametrize(("consumer", "message"), [
+    (SoftLabelsConfig(source="teacher"), r"stage 'c' stores a model's logits, but its source 'teacher' predicts with a "
+                                         r"cosine \(LDAM\) head, whose logits are unscaled cosines; re-balance it with method=crt"),
+    (VirtualExamplesConfig(source="teacher"), r"measures a teacher model's virtual examples, but its source 'teacher' predicts"),
+    (DistillConfig(method="dive", teacher="teacher", power=0.5), r"\(method=dive\) distils .* but its teacher 'teacher' predicts"),
+    (DistillConfig(method="ssd", teacher="teacher"), r"\(method=ssd\) distils .* but its teacher 'teacher' predicts"),
+    (RebalanceConfig(method="tau_norm", source="teacher"), r"\(method=tau_norm\) rescales a linear classifier's weights"),
+])
+def test_an_ldam_cosine_head_is_refused_where_its_logits_or_weights_would_be_used(consumer, message):
+    with pytest.raises(ValueError, match=message):
+        _ldam_teacher_then("c", consumer)
+
+
+def test_an_ldam_teacher_re_balanced_by_crt_feeds_later_stages():
+    pipeline = _ldam_teacher_then("crt", RebalanceConfig(method="crt", source="teacher"))
+    stages = {**pipeline.stages, "lws": RebalanceConfig(method="lws", source="crt"),  # cRT left a linear head
+              "labels": SoftLabelsConfig(source="lws"), "evaluate": EvaluateConfig(source="teacher")}
+    assert list(dataclasses.replace(pipeline, stages=stages).stages) == ["teacher", "crt", "lws", "labels", "evaluate"]
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (dict(method="ssd", power=0.5), r"power=0.5 is DiVE's power normalisation \(method=dive\); method=ssd distils with plain KD"),
+    (dict(method="ssd", alpha=0.3), r"alpha=0.3 weighs DiVE's two terms \(method=dive\); method=ssd weighs its heads with"),
+    (dict(method="dive", hard_weight=2.0), r"hard_weight / soft_weight \(2 / 1\) weigh SSD's two heads \(method=ssd\); method=dive"),
+    (dict(method="dive", soft_weight=0.5), r"hard_weight / soft_weight \(1 / 0.5\)"),
+])
+def test_a_distillation_setting_of_the_other_method_is_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(**fields)
+
+
+def test_ssd_takes_a_temperature_only_from_a_sweep_without_power_normalisation(ssd):
+    stages = dict(ssd.stages)
+    names = list(stages)
+    student = names.index("student")
+    with_sweep = {**{n: stages[n] for n in names[:student]}, "ve": VirtualExamplesConfig(source="teacher_lws"),
+                  **{n: stages[n] for n in names[student:]}}
+    with_sweep["student"] = dataclasses.replace(stages["student"], temperature_from="ve")
+    with pytest.raises(ValueError, match=r"stage 'student' \(method=ssd\) distils with plain KD \(p = 1\), but its "
+                                         r"temperature_from 've' may choose a power from \(1.0, 0.5\); set stages.ve.powers=\[1.0\]"):
+        dataclasses.replace(ssd, stages=with_sweep)
+    with_sweep["ve"] = VirtualExamplesConfig(source="teacher_lws", powers=(1.0,))
+    assert dataclasses.replace(ssd, stages=with_sweep).stages["student"].temperature_from == "ve"
 
 
 @pytest.mark.parametrize("recipe, override, message", [
@@ -253,7 +310,7 @@ def test_a_stage_consuming_a_missing_stage_is_rejected():
 @pytest.mark.parametrize("override, message", [
     ("stages.student.temperature_from=teacher",
      "stage 'student' takes T and p from a virtual_examples stage, but its temperature_from 'teacher' produces a model"),
-    ("stages.student.method=ssd,stages.student.teacher=virtual_examples",
+    ("stages.student.power=1,stages.student.method=ssd,stages.student.teacher=virtual_examples",
      "stage 'student' (method=ssd) distils stored soft labels or a teacher model run on each batch, but its teacher "
      "'virtual_examples' produces a virtual-example distribution"),
     ("stages.student.teacher=virtual_examples",

@@ -179,6 +179,7 @@ def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch, ca
     assert seen == [2, 3], "resumed training must start at the first unfinished epoch"
     assert "teacher: resuming after epoch 2/4 (loss " in capsys.readouterr().err  # off a terminal: a line says so
     assert "resuming epoch 2 with 1 process(es)" in caplog.text and "was saved by 2" in caplog.text
+    assert "never decays" not in caplog.text  # its milestone (2) is before the last epoch
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.get_run(result.outputs["teacher"].run_id)
     assert run.data.tags["ltscale.resumed_from_epoch"] == "2"
@@ -523,6 +524,13 @@ def test_stage_keys_follow_what_changes_results_and_only_that(tmp_path):
     student = plan_pipeline(dive)[-1].key
     assert plan_pipeline(apply_overrides(dive, ["stages.student.backend=torch"]))[-1].key == student
     assert plan_pipeline(apply_overrides(dive, ["stages.student.alpha=0.3"]))[-1].key != student
+    # With temperature_from, the virtual_examples stage's choice replaces the configured T and p.
+    chosen = apply_overrides(dive, ["stages.student.temperature_from=virtual_examples"])
+    chosen_key = plan_pipeline(chosen)[-1].key
+    assert chosen_key != student
+    for override in ("stages.student.temperature=7", "stages.student.power=1"):
+        assert plan_pipeline(apply_overrides(chosen, [override]))[-1].key == chosen_key, override
+        assert plan_pipeline(apply_overrides(dive, [override]))[-1].key != student, override
     # A backend that reads image files is refused for in-memory data when the config is built.
     with pytest.raises(ValueError, match="data.loader.backend=ffcv decodes image files; synthetic is held in memory"):
         apply_overrides(config, ["data.loader.backend=ffcv"])
@@ -697,3 +705,12 @@ def test_a_run_off_a_terminal_reports_stages_and_epochs_as_lines(tmp_path, capsy
     assert f"teacher: reused {first.outputs['teacher'].directory}, test top-1 {top1:.2f}" in capsys.readouterr().err
     run_pipeline(dataclasses.replace(config, progress=False))
     assert "teacher:" not in capsys.readouterr().err  # progress=false: silent
+
+
+def test_a_milestone_past_the_last_epoch_is_warned_about(tmp_path, caplog):
+    config = apply_overrides(tiny("ce", tmp_path), ["stages.teacher.optim.epochs=2", "stages.teacher.optim.warmup_epochs=0"])
+    with caplog.at_level("WARNING", logger="ltscale.engine.trainer"):
+        run_pipeline(config)
+    assert ("stage teacher: optim.milestones [2] are not before optim.epochs=2, so the lr never decays there; "
+            "shortening a schedule for a real run, move the milestones too") in caplog.text
+

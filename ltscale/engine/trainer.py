@@ -121,6 +121,10 @@ class Trainer:
             parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov
         )
         self.lrs = lr_schedule(optim, len(loader))
+        late = [m for m in optim.milestones if m >= optim.epochs] if optim.schedule == "step" else []
+        if late:  # not refused: shortened smoke runs keep the recipe's milestones on purpose
+            logger.warning("stage %s: optim.milestones %s are not before optim.epochs=%d, so the lr never decays there; "
+                           "shortening a schedule for a real run, move the milestones too", name, late, optim.epochs)
         # What the step calls: the task, the task under DDP in a multi-process run, or a ZeRO engine.
         self.zero: ZeroEngine | None = None
         if use_zero:

@@ -142,7 +142,10 @@ class DistillConfig:
     (as SSD-LT's public code does; the recipes' soft_labels stage then still runs, unused).
     ``dive``: one head, alpha * KD_{T,p} + (1 - alpha) * BSCE against the ``teacher`` model stage run
     in eval mode on the same augmented batch. With ``temperature_from`` naming a
-    virtual_examples stage, T and p are that stage's rule-of-thumb choice.
+    virtual_examples stage, T and p are that stage's rule-of-thumb choice (for ``ssd``, whose KD
+    has no power normalisation, a sweep of p = 1 only). Each method's own weights: ``ssd``
+    ``hard_weight`` / ``soft_weight``; ``dive`` ``alpha`` and ``power``. The other method's are
+    refused, not ignored.
     """
 
     kind: Literal["distill"] = "distill"
@@ -169,6 +172,18 @@ class DistillConfig:
         _check_number("hard_weight", self.hard_weight, 0)
         _check_number("soft_weight", self.soft_weight, 0)
         _check_eval_every(self.eval_every)
+        # Each method reads only its own weights; a setting of the other's would change nothing but the key.
+        plain = DistillConfig.__dataclass_fields__
+        if self.method == "ssd":
+            if self.power != plain["power"].default:
+                raise ValueError(f"power={self.power:g} is DiVE's power normalisation (method=dive); method=ssd "
+                                 "distils with plain KD at temperature T (p = 1)")
+            if self.alpha != plain["alpha"].default:
+                raise ValueError(f"alpha={self.alpha:g} weighs DiVE's two terms (method=dive); method=ssd weighs its "
+                                 "heads with hard_weight and soft_weight")
+        elif (self.hard_weight, self.soft_weight) != (plain["hard_weight"].default, plain["soft_weight"].default):
+            raise ValueError(f"hard_weight / soft_weight ({self.hard_weight:g} / {self.soft_weight:g}) weigh SSD's two "
+                             "heads (method=ssd); method=dive weighs its KD and BSCE terms with alpha")
 
 
 @dataclass(frozen=True)
@@ -229,10 +244,16 @@ def stage_inputs(config: StageConfig) -> dict[str, str]:
 @dataclass(frozen=True)
 class _Product:
     """What a stage leaves for later ones: ``kind`` ("model", "soft_labels", "virtual_examples" or
-    "evaluation") and, for a model, the names of its classifier heads."""
+    "evaluation"); for a model, its classifier heads as (name, head kind) and the head it predicts
+    with; for a virtual-example sweep, the powers it may choose."""
 
     kind: str
-    heads: frozenset[str] = frozenset()
+    heads: tuple[tuple[str, str], ...] = ()
+    predicts: str = ""
+    powers: tuple[float, ...] = ()
+
+    def head_kind(self, name: str) -> str:
+        return dict(self.heads)[name]
 
 
 _PRODUCT_WORDS = {"model": "a model", "soft_labels": "soft labels", "virtual_examples": "a virtual-example distribution",
@@ -250,29 +271,53 @@ def _check_inputs(pipeline: str, name: str, stage: StageConfig, products: dict[s
                              f"produces {_PRODUCT_WORDS[product.kind]}")
         return product
 
+    def logits_of(role: str, parent: str, product: _Product, why: str) -> None:
+        # A cosine head's logits are LDAM's unscaled cosines in [-1, 1] (its scale s lives in the
+        # loss): softmax turns them into near-uniform targets.
+        if product.kind == "model" and product.head_kind(product.predicts) == "cosine":
+            raise ValueError(f"pipeline {pipeline!r}: stage {name!r} {why}, but its {role} {parent!r} predicts with a "
+                             "cosine (LDAM) head, whose logits are unscaled cosines; re-balance it with method=crt first")
+
     if isinstance(stage, TeacherConfig):
-        return _Product("model", frozenset({"cls"}))
+        return _Product("model", (("cls", "cosine" if stage.model.classifier == "cosine" else "linear"),), "cls")
     if isinstance(stage, RebalanceConfig):
         source = need("source", stage.source, "model", f"re-balances a classifier head (method={stage.method})")
-        if stage.head not in source.heads:
+        heads = dict(source.heads)
+        if stage.head not in heads:
             raise ValueError(f"pipeline {pipeline!r}: stage {name!r} re-balances head {stage.head!r}, but the model of "
-                             f"{stage.source!r} has the classifier heads {sorted(source.heads)} (set head to one of them)")
-        return source
+                             f"{stage.source!r} has the classifier heads {sorted(heads)} (set head to one of them)")
+        if stage.method != "crt" and heads[stage.head] != "linear":  # checked at run time only after the source trained
+            raise ValueError(f"pipeline {pipeline!r}: stage {name!r} (method={stage.method}) rescales a linear classifier's "
+                             f"weights, but head {stage.head!r} of {stage.source!r} is a {heads[stage.head]} head; "
+                             "method=crt retrains a linear one on the frozen features")
+        heads[stage.head] = {"crt": "linear", "lws": "lws", "tau_norm": "tau_norm"}[stage.method]
+        return _Product("model", tuple(heads.items()), stage.head)
     if isinstance(stage, SoftLabelsConfig):
-        need("source", stage.source, "model", "stores a model's logits")
+        why = "stores a model's logits"
+        logits_of("source", stage.source, need("source", stage.source, "model", why), why)
         return _Product("soft_labels")
     if isinstance(stage, VirtualExamplesConfig):
-        need("source", stage.source, "model", "measures a teacher model's virtual examples")
-        return _Product("virtual_examples")
+        why = "measures a teacher model's virtual examples"
+        logits_of("source", stage.source, need("source", stage.source, "model", why), why)
+        return _Product("virtual_examples", powers=stage.powers)
     if isinstance(stage, DistillConfig):
         if stage.method == "ssd":
-            need("teacher", stage.teacher, ("soft_labels", "model"),
-                 "(method=ssd) distils stored soft labels or a teacher model run on each batch")
+            why = "(method=ssd) distils stored soft labels or a teacher model run on each batch"
+            teacher = need("teacher", stage.teacher, ("soft_labels", "model"), why)
         else:
-            need("teacher", stage.teacher, "model", "(method=dive) distils from a teacher model run on each batch")
+            why = "(method=dive) distils from a teacher model run on each batch"
+            teacher = need("teacher", stage.teacher, "model", why)
+        logits_of("teacher", stage.teacher, teacher, why)
         if stage.temperature_from:
-            need("temperature_from", stage.temperature_from, "virtual_examples", "takes T and p from a virtual_examples stage")
-        return _Product("model", frozenset({"hard", "soft"} if stage.method == "ssd" else {"cls"}))
+            sweep = need("temperature_from", stage.temperature_from, "virtual_examples",
+                         "takes T and p from a virtual_examples stage")
+            if stage.method == "ssd" and any(p != 1 for p in sweep.powers):
+                raise ValueError(f"pipeline {pipeline!r}: stage {name!r} (method=ssd) distils with plain KD (p = 1), but "
+                                 f"its temperature_from {stage.temperature_from!r} may choose a power from {sweep.powers}; "
+                                 f"set stages.{stage.temperature_from}.powers=[1.0] or use method=dive")
+        if stage.method == "ssd":
+            return _Product("model", (("hard", "linear"), ("soft", "linear")), "hard")
+        return _Product("model", (("cls", "linear"),), "cls")
     need("source", stage.source, "model", "evaluates a model")
     return _Product("evaluation")
 

@@ -137,7 +137,8 @@ def _result_fields(stage: StageConfig, init: pretrained.InitWeights | None) -> S
     loss), settings of parts that are switched off (MoCo while ``moco_weight`` is 0,
     ``rotation_batch_norm`` while ``rotation_weight`` is 0, LDAM's margin and scale for other losses,
     DRW's beta without DRW, milestones outside a step schedule, tau-norm's optimiser and sampler, tau
-    when it is searched or unused), and the ``init_from`` spelling when the
+    when it is searched or unused, a student's T and p when ``temperature_from`` chooses them), and
+    the ``init_from`` spelling when the
     weights' identity (their hash) is in the key instead: a copy elsewhere is the same start."""
     changes: dict[str, Any] = {}
     if getattr(stage, "eval_every", 0):
@@ -164,6 +165,9 @@ def _result_fields(stage: StageConfig, init: pretrained.InitWeights | None) -> S
             changes["tau"], changes["tau_search"] = plain_rebalance.tau, plain_rebalance.tau_search
     if isinstance(stage, DistillConfig):
         changes["backend"] = "auto"
+        if stage.temperature_from:  # the virtual_examples stage's choice (its key is a parent's) replaces T and p
+            plain_distill = DistillConfig()
+            changes["temperature"], changes["power"] = plain_distill.temperature, plain_distill.power
     if isinstance(stage, TeacherConfig) and stage.moco_weight == 0:
         changes["moco"] = MoCoConfig()
     if isinstance(stage, TeacherConfig) and stage.rotation_weight == 0:
