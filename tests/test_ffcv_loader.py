@@ -118,6 +118,33 @@ def test_corrupt_training_image_is_replaced_when_writing(tmp_path, caplog):
     assert len(list(Path(config.cache_dir).glob("*.beton"))) == 1
 
 
+def test_an_image_that_failed_only_while_writing_is_named_and_written_again(tmp_path, monkeypatch, caplog):
+    """A read that failed in a writer worker and works again afterwards (NFS, memory): the stored
+    substitute is recorded like a bad file, not kept silently, and the next use writes the file again."""
+    from ltscale.data.loaders import ffcv_backend
+
+    split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
+    original = ffcv_backend._WriterDataset.__getitem__
+
+    def failed_once(self, index):  # image 6's read failed in the worker: its class's next image (7) stored
+        if index == 6:
+            image, _, _ = original(self, 7)
+            return image, int(self.split.targets[6]), 7
+        return original(self, index)
+
+    monkeypatch.setattr(ffcv_backend._WriterDataset, "__getitem__", failed_once)
+    config = FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1)
+    with caplog.at_level(logging.WARNING, logger="ltscale.data.loaders"):
+        loader = _loader(FfcvLoader, split, train=True, shuffle=False, fraction=0.2, ffcv=config)
+    passing = str(split.root / split.paths[6])
+    assert loader.bad_files == [passing]
+    assert any("decodes now" in r.getMessage() and passing in r.getMessage() for r in caplog.records)
+    assert torch.cat([b["index"] for b in loader]).tolist() == [0, 1, 2, 3, 4, 5, 7, 7, 8, 9]
+    monkeypatch.setattr(ffcv_backend._WriterDataset, "__getitem__", original)
+    again = _loader(FfcvLoader, split, train=True, shuffle=False, fraction=0.2, ffcv=config)
+    assert again.bad_files == [] and torch.cat([b["index"] for b in again]).tolist() == list(range(10))
+
+
 def test_the_file_belongs_to_its_image_root_and_abandoned_partials_are_removed(tmp_path):
     import dataclasses
     import shutil

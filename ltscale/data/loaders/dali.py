@@ -207,7 +207,10 @@ class DaliLoader(ImageFileLoader):
     each row came from (a substitute's for a replaced training image). ``num_workers`` is the
     number of DALI CPU threads and file-reading threads. Augmentation randomness comes from the
     pipeline seed, derived from ``seed``, ``rank`` and the epoch, so an epoch's crops do not
-    depend on what ran before it (a resumed run sees the epochs an unbroken one would).
+    depend on what ran before it (a resumed run sees the epochs an unbroken one would). One
+    exception: the pipeline is rebuilt, with a new seed for the rest of the epoch, after a file
+    fails to decode; a resumed run meets an earlier epoch's bad file again (the loader's list of
+    bad files is not part of the checkpoint), so from there its epoch's crops differ.
     """
 
     def __init__(

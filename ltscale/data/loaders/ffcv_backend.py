@@ -234,6 +234,12 @@ def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_b
                     decode_image_file(split.root / split.paths[candidate])
                 except Exception as error:
                     ledger.record([(candidate, describe_error(error))])
+                else:
+                    # It failed in a writer worker (a read error that passed: NFS, memory) and a
+                    # substitute is stored in its place. Recorded like a bad file, so it is named and
+                    # counted, and the next use of the file writes it again (it decodes then).
+                    ledger.record([(candidate, "failed to decode while the file was written, decodes now "
+                                               "(a passing read error?); stored a substitute this time")])
             if served[index] < 0:
                 raise ledger.unusable(index)
         sidecar = {"kind": "ltscale.ffcv", "split": split.name, "images": len(split), "settings": asdict(config),
