@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -248,6 +251,27 @@ def test_code_version_without_git_reads_the_carried_file(tmp_path: Path) -> None
     assert code_version(tmp_path) == f"{'a' * 40}-dirty"
     (tmp_path / ".code-version").write_text("\n")  # empty: not a version
     assert code_version(tmp_path) != ""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="giving a checkout to another user needs root")
+def test_a_checkout_git_refuses_to_read_is_unknown_not_the_package_version(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Git refuses a checkout another user owns (a container's root on a bind mount): its code is
+    not the installed release's, so the version says unknown, and a warning says why."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))  # no global safe.directory from this machine's config
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    command = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*command, "init", "-q"], check=True)
+    (repo / "a.py").write_text("x = 1\n")
+    subprocess.run([*command, "add", "."], check=True)
+    subprocess.run([*command, "commit", "-q", "-m", "init"], check=True)
+    assert re.fullmatch(r"[0-9a-f]{40}", code_version(repo))
+    for path in [repo, *repo.rglob("*")]:
+        os.chown(path, 65534, 65534, follow_symlinks=False)
+    with caplog.at_level(logging.WARNING, logger="ltscale.tracking.provenance"):
+        assert code_version(repo) == "unknown"
+    assert f"git refuses to read the checkout at {repo.resolve()}" in caplog.text and "dubious ownership" in caplog.text
 
 
 def test_code_version_record_marks_a_changed_copy_stale(tmp_path: Path) -> None:

@@ -5,14 +5,21 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import subprocess
 from pathlib import Path
 
 _GIT_TIMEOUT_S = 10.0
+logger = logging.getLogger(__name__)
+
+# Checkouts git refused to read because another user owns them (a container running as root on a
+# bind-mounted tree, a group-shared clone): their version is not the installed package's.
+_REFUSED: dict[str, str] = {}
 
 
 def _git(source_dir: Path | str, *args: str, ok_codes: tuple[int, ...] = (0,), strip: bool = True) -> str | None:
-    """stdout of ``git -C source_dir args``, or None if git is missing or exits outside ``ok_codes``."""
+    """stdout of ``git -C source_dir args``, or None if git is missing or exits outside ``ok_codes``
+    (a refusal over the checkout's ownership is remembered in ``_REFUSED``)."""
     try:
         result = subprocess.run(
             ["git", "-C", str(source_dir), *args],
@@ -25,6 +32,8 @@ def _git(source_dir: Path | str, *args: str, ok_codes: tuple[int, ...] = (0,), s
     except (OSError, subprocess.SubprocessError):
         return None
     if result.returncode not in ok_codes:
+        if "dubious ownership" in result.stderr:
+            _REFUSED[str(source_dir)] = result.stderr.strip().splitlines()[0]
         return None
     return result.stdout.strip() if strip else result.stdout
 
@@ -174,7 +183,8 @@ def code_version(source_dir: Path | None = None) -> str:
     Without git (a copy of the tree, as a lent GPU machine gets), the version recorded in
     ``CODE_VERSION_FILE`` at the tree's top, written where git was (``python -m
     ltscale.tracking.provenance > .code-version``), with ``-stale`` appended when the files it
-    lists no longer have the contents they had then; then the installed ``ltscale`` package
+    lists no longer have the contents they had then; then, for a checkout git refuses to read
+    (owned by another user), ``"unknown"`` with a warning; then the installed ``ltscale`` package
     version, then ``"unknown"``. Never raises. ``source_dir`` (a directory inside a checkout) is
     for tests; by default the checkout holding this file is used.
     """
@@ -191,6 +201,15 @@ def code_version(source_dir: Path | None = None) -> str:
             return recorded
     except Exception:  # noqa: BLE001
         pass
+    directory = str(_source(source_dir)[0])
+    if directory in _REFUSED:
+        # Git could not say which commit this is: "unknown" rather than the package version, which
+        # would credit any checkout's code to a release. Not -c safe.directory: the refusal guards
+        # against running another user's git config and hooks.
+        logger.warning("the code version is recorded as unknown: git refuses to read the checkout at %s (%s); "
+                       "if it is yours to trust, `git config --global --add safe.directory <its top>`",
+                       directory, _REFUSED[directory])
+        return "unknown"
     try:
         return importlib.metadata.version("ltscale")
     except Exception:  # noqa: BLE001
