@@ -194,7 +194,8 @@ def check_resources(kind: str, resources: Resources, config: PipelineConfig) -> 
                     f"stages.{name}.optim.batch_size={optim.batch_size} does not split over {processes} processes "
                     f"({resources.nodes} node(s) x {resources.tasks_per_node} task(s)): the batch is global, so make it "
                     f"a multiple of {processes}")
-    if (kind == "slurm" and config.device.startswith("cuda") and resources.gpus_per_node is not None
+    # device=auto trains on the node's GPUs when it has any, so it is held to this too.
+    if (kind == "slurm" and config.device != "cpu" and resources.gpus_per_node is not None
             and 0 < resources.gpus_per_node < resources.tasks_per_node):
         raise ConfigError(f"--tasks-per-node {resources.tasks_per_node} with --gpus-per-node {resources.gpus_per_node}: "
                           "each process trains on its own GPU")

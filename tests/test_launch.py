@@ -82,6 +82,13 @@ def test_submit_checks_the_config_before_submitting(tmp_path, capsys):
     assert main(["demo/ce", "--executor", "slurm", "--tasks-per-node", "4", "--gpus-per-node", "2", "--set", "device=cuda",
                  "--set", f"output_dir={output}"]) == 2
     assert "each process trains on its own GPU" in capsys.readouterr().err
+    # device=auto (the default) takes the node's GPUs too; on CPUs, tasks need no GPU each.
+    assert main(["demo/ce", "--executor", "slurm", "--tasks-per-node", "4", "--gpus-per-node", "1",
+                 "--set", f"output_dir={output}", "--dry-run"]) == 2
+    assert "--tasks-per-node 4 with --gpus-per-node 1: each process trains on its own GPU" in capsys.readouterr().err
+    assert main(["demo/ce", "--executor", "slurm", "--tasks-per-node", "4", "--gpus-per-node", "1", "--set", "device=cpu",
+                 "--set", f"output_dir={output}", "--dry-run"]) == 0
+    capsys.readouterr()
     assert main(["demo/ce", "--executor", "slurm", "--gpus-per-node", "0", "--set", "device=cuda", "--set", f"output_dir={output}"]) == 2
     assert "--gpus-per-node" in capsys.readouterr().err
     assert main(["demo/ce", "--executor", "slurm", "--slurm-option", "acount=proj1", "--set", f"output_dir={output}"]) == 2
@@ -251,6 +258,8 @@ def test_preempted_slurm_job_is_requeued_and_resumes_training(slurm, tmp_path):
     # requeued attempt would have found its runs RUNNING and marked them KILLED by these tags.
     attempts = {(r.info.status, r.data.tags["ltscale.attempt.slurm_job"], r.data.tags["ltscale.attempt.slurm_restart"]) for r in runs}
     assert attempts == {("KILLED", str(job.job_id), "0"), ("FINISHED", str(job.job_id), "1")}
+    assert {r.data.tags["ltscale.error"] for r in runs if r.info.status == "KILLED"} == {
+        "SystemExit: -1 (preempted or timed out; submitit requeued the job)"}
 
 
 def test_rank_environment_comes_from_the_submitit_job():

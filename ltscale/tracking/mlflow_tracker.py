@@ -306,6 +306,8 @@ def _describe_end(error: BaseException) -> str:
         return "KeyboardInterrupt: interrupted (Ctrl-C)"
     if isinstance(error, SystemExit) and error.code == 143:
         return "SystemExit: terminated (SIGTERM)"
+    if isinstance(error, SystemExit) and error.code == -1:  # submitit's exit once it has requeued the job
+        return "SystemExit: -1 (preempted or timed out; submitit requeued the job)"
     return f"{type(error).__name__}: {error}"
 
 
