@@ -249,6 +249,14 @@ def _model_and_data(args: argparse.Namespace):
     from ltscale.stages.context import load_model
     from ltscale.stages.pipeline import resolve_device
 
+    # The checkpoint is the model and nothing is recorded: of the recipe, only the data, the device
+    # and the precision are read. Any other --set would be accepted and change nothing.
+    for override in args.overrides:
+        key = override_key(override)
+        if not (key.startswith("data.") or key in ("device", "precision")):
+            instead = "; the sweep is --temperatures / --powers" if args.command == "virtual" else ""
+            raise ConfigError(f"--set {key}: ltscale {args.command} reads only the recipe's data.*, device and precision "
+                              f"(the checkpoint is the model, and nothing is recorded){instead}")
     config = _pipeline_config(args.recipe, args)
     device = resolve_device(config.device)
     network = load_model(Path(args.checkpoint), device)  # first: a file that is no checkpoint at all is named as such

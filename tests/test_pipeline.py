@@ -22,7 +22,8 @@ from ltscale.engine.schedule import OptimConfig
 from ltscale.models.network import ModelConfig
 from ltscale.stages.config import PipelineConfig, RebalanceConfig
 from ltscale.stages.pipeline import run_pipeline
-from ltscale.tracking import TAG_CACHED, TAG_CONFIG_HASH, TAG_PARENT_RUNS, TAG_PRODUCED_BY, TrackingConfig, split_run_ids
+from ltscale.tracking import (TAG_CACHED, TAG_CONFIG_HASH, TAG_PARENT_RUNS, TAG_PRODUCED_BY, TAG_PRODUCED_WITH_CODE, TrackingConfig,
+                              split_run_ids)
 
 TINY = Recipe(
     model=ModelConfig(arch="resnet8", width=8),
@@ -115,6 +116,8 @@ def test_dive_pipeline_and_rerun_skips_unchanged_stages(tmp_path):
                       if r.data.tags["ltscale.stage"] == "student"][0]
     assert cached_student.data.tags[TAG_CACHED] == "true"
     assert cached_student.data.tags[TAG_PRODUCED_BY] == first.outputs["student"].run_id
+    assert cached_student.data.tags[TAG_PRODUCED_WITH_CODE] == first.outputs["student"].manifest["code_version"]
+    assert TAG_PRODUCED_WITH_CODE not in client.get_run(again.run_id).data.tags  # all of it this code's
 
     # Changing only the student re-runs only the student; the teacher is shared.
     changed = apply_overrides(config, ["stages.student.alpha=0.7"])
@@ -309,6 +312,14 @@ def test_evaluate_cli_reports_groups(tmp_path, capsys):
         with pytest.raises(SystemExit) as refused:
             main([*args, option, str(tmp_path)])
         assert refused.value.code == 2 and f"unrecognized arguments: {option}" in capsys.readouterr().err
+    # Nor settings of the recipe it does not read (a stage's, the output's): refused, naming what it reads.
+    for command, override, extra in (("evaluate", "stages.teacher.optim.lr=0.5", ""),
+                                     ("virtual", "stages.virtual_examples.temperatures=2", "; the sweep is --temperatures"),
+                                     ("virtual", "output_dir=elsewhere", "")):
+        assert main([command, *args[1:], "--set", override]) == 2
+        err = capsys.readouterr().err
+        assert f"--set {override.split('=')[0]}: ltscale {command} reads only the recipe's data.*, device and precision" in err
+        assert extra in err
 
     # A stage's model file that no longer has the bytes its manifest recorded is refused (torch would
     # load a damaged checkpoint and print wrong numbers); a copy outside the store is taken as it is.
@@ -714,3 +725,31 @@ def test_a_milestone_past_the_last_epoch_is_warned_about(tmp_path, caplog):
     assert ("stage teacher: optim.milestones [2] are not before optim.epochs=2, so the lr never decays there; "
             "shortening a schedule for a real run, move the milestones too") in caplog.text
 
+
+
+def test_outputs_reused_from_other_code_are_credited_to_it(tmp_path, monkeypatch):
+    """A reused stage's metrics were computed by the code that produced it: its run and the pipeline
+    run say which, beside the code version of the process that reused them."""
+    from ltscale.stages import pipeline as pipeline_module
+
+    config = dataclasses.replace(tiny("ce", tmp_path), stages={"teacher": METHODS["ce"](TINY)["teacher"]})
+    monkeypatch.setattr(pipeline_module, "code_version", lambda: "a" * 40 + "-dirty")
+    first = run_pipeline(config)
+    monkeypatch.setattr(pipeline_module, "code_version", lambda: "b" * 40)
+    again = run_pipeline(config)
+    assert again.cached == ["teacher"]
+    client = mlflow.MlflowClient(again.tracking_uri)
+    reused = _stage_run(client, again.run_id, "teacher")  # (the output's run_id is the producer's)
+    assert reused.info.run_id != first.outputs["teacher"].run_id
+    assert reused.data.tags[TAG_PRODUCED_WITH_CODE] == "a" * 40 + "-dirty"
+    assert reused.data.tags["ltscale.code_version"] == "b" * 40
+    assert client.get_run(again.run_id).data.tags[TAG_PRODUCED_WITH_CODE] == "a" * 40 + "-dirty"
+    lineage = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=again.run_id, artifact_path="lineage.json",
+                                                                 tracking_uri=again.tracking_uri)).read_text())
+    assert lineage["teacher"]["code_version"] == "a" * 40 + "-dirty"
+
+
+def _stage_run(client, pipeline_run_id: str, stage: str):
+    experiment = client.get_run(pipeline_run_id).info.experiment_id
+    return next(r for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{pipeline_run_id}'")
+                if r.data.tags["ltscale.stage"] == stage)

@@ -54,6 +54,7 @@ from ltscale.tracking import (
     TAG_PARENT_RUNS,
     TAG_PIPELINE,
     TAG_PRODUCED_BY,
+    TAG_PRODUCED_WITH_CODE,
     NullTracker,
     Tracker,
     code_version,
@@ -461,7 +462,9 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                 run.log_dataset(bundle.name, fingerprint, config.data.root or "generated", "training", len(bundle.train))
                 if finished is not None:
                     progress.note(f"{name}: reused {finished.directory}{_top1(finished.manifest.get('metrics', {}))}")
-                    run.set_tags({TAG_CACHED: "true", TAG_PRODUCED_BY: finished.run_id})
+                    produced_with = finished.manifest.get("code_version")
+                    run.set_tags({TAG_CACHED: "true", TAG_PRODUCED_BY: finished.run_id,
+                                  **({TAG_PRODUCED_WITH_CODE: produced_with} if produced_with else {})})
                     if finished.manifest.get("metrics"):
                         run.log_metrics(finished.manifest["metrics"])
                     finished.name = name
@@ -501,7 +504,11 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
         for name, output in result.outputs.items():
             stage_metrics = output.manifest.get("metrics", {})
             parent.log_metrics({f"{name}/{k}": v for k, v in stage_metrics.items() if k.startswith("test/")})
-        parent.log_dict({n: {"key": o.key, "run_id": o.run_id, "directory": str(o.directory)} for n, o in result.outputs.items()}, "lineage.json")
+        parent.log_dict({n: {"key": o.key, "run_id": o.run_id, "directory": str(o.directory),
+                             "code_version": o.manifest.get("code_version")} for n, o in result.outputs.items()}, "lineage.json")
+        behind = sorted({str(o.manifest.get("code_version")) for o in result.outputs.values()})
+        if behind != [version]:  # a result partly computed by other code (reused outputs) says so
+            parent.set_tags({TAG_PRODUCED_WITH_CODE: ",".join(behind)})
     result.run_id = broadcast_object(result.run_id)  # every rank reports rank 0's record
     return result
 

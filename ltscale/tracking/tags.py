@@ -29,6 +29,11 @@ TAG_CACHED = "ltscale.cached"
 TAG_PRODUCED_BY = "ltscale.produced_by"
 """With ``TAG_CACHED``: the run id that produced the reused output."""
 
+TAG_PRODUCED_WITH_CODE = "ltscale.produced_with_code"
+"""With ``TAG_CACHED``: the code version that produced the reused output (and the metrics the run
+shows again), from its manifest; the run's ``TAG_CODE_VERSION`` is the code that reused it. On a
+pipeline run: the versions behind its stages' outputs, comma-separated, when they are not all its own."""
+
 TAG_ERROR = "ltscale.error"
 """``ExceptionType: message`` of the exception that ended a FAILED run; set by the tracker."""
 
