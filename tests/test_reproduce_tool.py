@@ -77,7 +77,8 @@ def test_smoke_run_on_demo_recipes(tmp_path):
         from reproduce_cifar import variant_suffix
     finally:
         sys.path.pop(0)
-    suffix = variant_suffix(["data.synthetic.max_per_class=100", "data.synthetic.test_per_class=10"])
+    suffix = variant_suffix(["data.synthetic.max_per_class=100", "data.synthetic.test_per_class=10"], 1, "demo")
+    assert suffix.startswith("-demo-1ep-set")
     assert sorted(n for n in names if n.startswith("runs/jobs/") and n.endswith(".json")) == [
         f"runs/jobs/if80-{m}-seed{s}{suffix}.json" for m in ("ce", "lws") for s in (0, 1)]
     assert f"runs/logs/if80-ce-seed0{suffix}.log" in names
@@ -119,12 +120,38 @@ def test_smoke_run_on_demo_recipes(tmp_path):
         assert len(list(csv.DictReader(stream))) == 4
     table = (results / "cifar100_lt.md").read_text()
     assert "Smoke run" in table and "| ce |" in table and by_name["if80-ce-seed0"]["run_id"] in table
+    # The code behind each job's numbers is its stages' producers', and the table names that.
+    for job in report["jobs"]:
+        manifests = {stage["code_version"] for stage in job["stages"].values()}
+        assert job["code_versions"] == sorted(manifests) and None not in manifests
+        assert f"code {', '.join(sorted(manifests))}." in table
     assert "ltscale run demo/lws" in table
 
     # a second invocation skips the finished jobs and rebuilds the same table
     again = run_tool(*args, cwd=tmp_path, timeout=120)
     assert again.returncode == 0 and "[start]" not in again.stdout
     assert json.loads((results / "cifar100_lt.json").read_text())["table"] == report["table"]
+
+
+def test_a_variant_names_its_job_files_and_table_apart_from_the_plain_run():
+    """A smoke run, another recipe prefix or a --set variant in the same --output-dir must not
+    replace the plain run's job files (the only record a lent GPU machine gives back) or table."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import reproduce_cifar as tool
+    finally:
+        sys.path.pop(0)
+    assert tool.variant_suffix([]) == "" and tool.parse_args([]).results_name == "cifar100_lt"
+    assert tool.variant_suffix([], 3) == "-3ep"
+    assert tool.variant_suffix([], 0, "cifar100-lt-if{if}-bbn") == "-cifar100-lt-if-bbn"
+    assert tool.parse_args(["--epochs", "2"]).results_name == "cifar100_lt-2ep"
+    plain = tool.build_plan(tool.parse_args(["--methods", "ce", "--imbalance-factors", "100", "--seeds", "0", "--data", "x.npz"]))
+    smoke = tool.build_plan(tool.parse_args(["--methods", "ce", "--imbalance-factors", "100", "--seeds", "0", "--data", "x.npz",
+                                             "--epochs", "1"]))
+    bbn = tool.build_plan(tool.parse_args(["--methods", "ce", "--imbalance-factors", "100", "--seeds", "0", "--data", "x.npz",
+                                           "--recipe-prefix", "cifar100-lt-if{if}-bbn"]))
+    records = [plan.jobs[0].record.name for plan in (plain, smoke, bbn)]
+    assert records == ["if100-ce-seed0.json", "if100-ce-seed0-1ep.json", "if100-ce-seed0-cifar100-lt-if-bbn.json"]
 
 
 def test_smoke_epochs_move_warm_up_and_drw_below_them(tmp_path):

@@ -51,6 +51,7 @@ METHODS = ("ce", "bsce", "lws", "ldam-drw", "dive", "ssd")
 # Not in the papers' tables (no published number): SSD's teacher with DiVE's targets, "past the papers".
 EXTRA_METHODS = ("ssd-dive",)
 IMBALANCE_FACTORS = (100.0, 50.0, 10.0)
+DEFAULT_PREFIX = "cifar100-lt-if{if}"
 OWN_KEYS = {
     "seed": "--seeds sets seed", "data.root": "--data sets data.root", "data.dataset": "--recipe-prefix sets data.dataset",
     "data.imbalance_factor": "--imbalance-factors sets data.imbalance_factor", "output_dir": "--output-dir sets output_dir",
@@ -173,7 +174,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     plan = Plan()
     # A variant (--set) shares its lanes' output directories, so it reuses their teachers, but
     # writes job files of its own: it must not replace the plain run's record, nor be taken for it.
-    variant = variant_suffix(args.overrides)
+    variant = variant_suffix(args.overrides, args.epochs, args.recipe_prefix)
     for imbalance_factor in args.imbalance_factors:
         for method in args.methods:
             recipe = recipe_name(args.recipe_prefix, imbalance_factor, method)
@@ -258,8 +259,12 @@ def collect(args: argparse.Namespace, job: Job, job_tag: str) -> dict[str, Any]:
     for stage, entry in lineage.items():
         manifest = json.loads((Path(entry["directory"]) / "manifest.json").read_text())
         # run_id: the stage run that produced the output (a cached stage points at its producer)
-        stages[stage] = {"run_id": entry["run_id"], "key": entry["key"], "metrics": manifest.get("metrics", {})}
-    return {"run_id": parent.info.run_id, "tracking_uri": uri, "stages": stages}
+        stages[stage] = {"run_id": entry["run_id"], "key": entry["key"], "metrics": manifest.get("metrics", {}),
+                         "code_version": manifest.get("code_version")}
+    # The code behind the numbers: each stage's producer (a reused stage may predate this tool's
+    # start, and a job started later may run code committed since), not the tool's own version.
+    code_versions = sorted({str(s["code_version"]) for s in stages.values()})
+    return {"run_id": parent.info.run_id, "tracking_uri": uri, "stages": stages, "code_versions": code_versions}
 
 
 def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[str, Any]) -> dict[str, Any]:
@@ -468,7 +473,9 @@ def markdown(args: argparse.Namespace, result: dict[str, Any], env: dict[str, An
     ran = [job.get("environment", {}) for job in result["jobs"]]
     gpus = sorted({str(e.get("gpu") or "none (CPU)") for e in ran})
     versions = sorted({f"torch {e.get('torch')} (CUDA {e.get('cuda')})" for e in ran})
-    codes = sorted({str(e.get("code_version")) for e in ran})
+    # Job files written before jobs recorded their stages' code name the tool's version instead.
+    codes = sorted({str(code) for job in result["jobs"]
+                    for code in job.get("code_versions") or [job.get("environment", {}).get("code_version")]})
     lines += [f"Ran on: {', '.join(gpus) or '—'}; {', '.join(versions) or '—'}; code {', '.join(codes) or '—'}. "
               f"Table written {env['written']}.", ""]
     header = "| method |" + "".join(f" IF {f} | published |" for f in factors)
@@ -536,8 +543,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="runs/cifar100_lt", help="stage outputs, MLflow stores, job files, logs")
     parser.add_argument("--results-dir", default="results", help="where the table files go")
     parser.add_argument("--results-name", default="",
-                        help="<results-dir>/<name>.json/.csv/.md (default cifar100_lt; with --set, cifar100_lt-set<hash>)")
-    parser.add_argument("--recipe-prefix", default="cifar100-lt-if{if}",
+                        help="<results-dir>/<name>.json/.csv/.md (default cifar100_lt, followed by the variant's "
+                             "suffix: another --recipe-prefix, --epochs, --set; e.g. cifar100_lt-set<hash>)")
+    parser.add_argument("--recipe-prefix", default=DEFAULT_PREFIX,
                         help="recipes are <prefix>/<method>; {if} is replaced by the imbalance factor (default %(default)s)")
     parser.add_argument("--concurrency", type=int, default=1, help="lanes (processes) run at once on the one device")
     parser.add_argument("--device", default="", help="passed to ltscale run (default: its auto)")
@@ -576,13 +584,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "{if}" not in args.recipe_prefix and len(args.imbalance_factors) > 1:
         parser.error("--recipe-prefix without {if} names one dataset: pass a single --imbalance-factors value (a label)")
     # A variant's table must not replace the plain one (the table that goes into RESULTS.md).
-    args.results_name = args.results_name or "cifar100_lt" + variant_suffix(args.overrides)
+    args.results_name = args.results_name or "cifar100_lt" + variant_suffix(args.overrides, args.epochs, args.recipe_prefix)
     return args
 
 
-def variant_suffix(overrides: list[str]) -> str:
-    """``-set<hash>`` naming a --set variant's job files and default table; empty without overrides."""
-    return f"-set{hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]}" if overrides else ""
+def variant_suffix(overrides: list[str], epochs: int = 0, recipe_prefix: str = DEFAULT_PREFIX) -> str:
+    """What names a variant's job files and default table apart from the plain run's, so that one
+    never replaces the other in a shared --output-dir: the recipe prefix when it is not the default
+    (``-cifar100-lt-if-bbn``), ``-<N>ep`` for a smoke run's --epochs, ``-set<hash>`` for --set
+    overrides; empty for the plain run."""
+    parts = []
+    if recipe_prefix != DEFAULT_PREFIX:
+        parts.append("-" + (re.sub(r"[^A-Za-z0-9]+", "-", recipe_prefix.replace("{if}", "")).strip("-") or "prefix"))
+    if epochs:
+        parts.append(f"-{epochs}ep")
+    if overrides:
+        parts.append(f"-set{hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]}")
+    return "".join(parts)
 
 
 def preflight(args: argparse.Namespace, plan: Plan) -> None:
@@ -682,8 +700,9 @@ def main(argv: list[str] | None = None) -> int:
         present = sorted(p.name for p in (Path(args.output_dir) / "jobs").glob("*.json"))
         print(f"reproduce_cifar: error: none of the {len(plan.jobs)} jobs asked for has a job file in "
               f"{Path(args.output_dir) / 'jobs'} (present: {', '.join(present[:12]) or 'none'}"
-              f"{' ...' if len(present) > 12 else ''}); the job file names carry the --set variant's hash, "
-              "so pass the same --methods, --seeds and --set as the run. Nothing written.", file=sys.stderr)
+              f"{' ...' if len(present) > 12 else ''}); the job file names carry the variant (--recipe-prefix, "
+              "--epochs, --set), so pass the same --methods, --seeds, --recipe-prefix, --epochs and --set as the run. "
+              "Nothing written.", file=sys.stderr)
         return 1
     paths = write_results(args, result, environment(args))
     if args.archive:
