@@ -375,3 +375,49 @@ def test_a_sweep_recording_into_sqlite_on_a_network_file_system_is_warned_about(
     assert main(["demo/ce", "--executor", "slurm", "--dry-run", "--set", f"output_dir={tmp_path / 'out'}"]) == 0
     assert main([*sweep, "--set", "tracking.tracking_uri=http://127.0.0.1:5000"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_cancelled_slurm_jobs_runs_are_ended_by_the_next_pipeline_or_listing(slurm, tmp_path, monkeypatch):
+    """scancel: SLURM sends SIGTERM, which submitit ignores (it waits for a preemption's USR2), then
+    SIGKILL, so the job's runs stay RUNNING. The scheduler knows the job has ended: from another
+    machine of the cluster, ``ltscale runs`` says so and the next pipeline marks them KILLED."""
+    from ltscale.tracking import Tracker
+    from ltscale.tracking.attempts import TAG_MACHINE, TAG_SLURM_CLUSTER, Attempt
+
+    output = tmp_path / "out"
+    # Long enough to outlast KillWait (30 s): the job runs on through the ignored SIGTERM until SIGKILL.
+    config = apply_overrides(tiny("ce", output), ["stages.teacher.optim.epochs=5000"])
+    executor = build_executor("slurm", tmp_path / "submitit", SLURM_RESOURCES, "ltscale-cancel")
+    job = executor.submit(PipelineJob(config))
+    deadline = time.monotonic() + 120
+    while not list(output.glob("store/teacher-*/progress.pt")):
+        assert not job.done(), f"the job ended before training started:\n{job.stderr() or ''}{slurm.logs()}"
+        assert time.monotonic() < deadline, f"no progress.pt after 120 s\n{job.stdout() or ''}{slurm.logs()}"
+        time.sleep(0.1)
+    job.cancel()
+    deadline = time.monotonic() + 120
+    while "JobState=CANCELLED" not in slurm.run("scontrol", "-o", "show", "job", job.job_id, check=False):
+        assert time.monotonic() < deadline, slurm.run("scontrol", "-o", "show", "job", job.job_id, check=False)
+        time.sleep(0.5)
+    client = mlflow.MlflowClient(f"sqlite:///{output}/mlflow.db")
+    experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    runs = client.search_runs([experiment])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"RUNNING"}  # what scancel leaves
+    assert {r.data.tags[TAG_SLURM_CLUSTER] for r in runs} == {"ltscale-test"}
+    # As seen from another machine of the cluster (the job ran on this one, whose PIDs would tell).
+    for run in runs:
+        client.set_tag(run.info.run_id, TAG_MACHINE, "node7/boot/pid:[1]")
+    for key, value in slurm.env.items():
+        monkeypatch.setenv(key, value)
+    tags = client.get_run(runs[0].info.run_id).data.tags
+    assert Attempt.current().owner_gone(tags) == f"SLURM job {job.job_id} has ended (CANCELLED) without ending the run"
+    assert sorted(Tracker(config.tracking, output).end_abandoned_runs()) == sorted(r.info.run_id for r in runs)
+    for run in client.search_runs([experiment]):
+        assert run.info.status == "KILLED"
+        assert run.data.tags["ltscale.error"] == f"ProcessGone: SLURM job {job.job_id} has ended (CANCELLED) without ending the run"
+    # A job of another cluster with the same id says nothing about this one's.
+    assert Attempt.current().owner_gone({**tags, TAG_SLURM_CLUSTER: "elsewhere"}) is None
+    # A job the controller has forgotten (MinJobAge after its end) has ended too.
+    from ltscale.tracking.attempts import slurm_attempt_over
+
+    assert slurm_attempt_over("987654", 0) == "SLURM job 987654 has ended (the cluster no longer knows it)"
