@@ -40,7 +40,9 @@ IMAGENET_LT_RECIPE = Recipe(
 
 
 def imagenet_lt(method: str, epochs: int = 90) -> PipelineConfig:
-    base = dataclasses.replace(IMAGENET_LT_RECIPE, optim=dataclasses.replace(IMAGENET_LT_RECIPE.optim, epochs=epochs))
+    # DRW starts two thirds in, as at epoch 60 of 90, in the longer schedules too.
+    base = dataclasses.replace(IMAGENET_LT_RECIPE, optim=dataclasses.replace(IMAGENET_LT_RECIPE.optim, epochs=epochs),
+                               ldam_drw_epoch=round(IMAGENET_LT_RECIPE.ldam_drw_epoch * epochs / 90))
     name = f"imagenet-lt/{method}" if epochs == 90 else f"imagenet-lt-{epochs}ep/{method}"  # the registered recipe name
     return PipelineConfig(name=name, data=DataConfig(dataset="imagenet_lt", image_size=224), stages=METHODS[method](base))
 

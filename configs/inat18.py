@@ -33,7 +33,9 @@ INAT18_RECIPE = Recipe(
 
 
 def inat18(method: str, epochs: int = 90) -> PipelineConfig:
-    base = dataclasses.replace(INAT18_RECIPE, optim=dataclasses.replace(INAT18_RECIPE.optim, epochs=epochs))
+    # DRW starts two thirds in, as at epoch 60 of 90, in the longer schedules too.
+    base = dataclasses.replace(INAT18_RECIPE, optim=dataclasses.replace(INAT18_RECIPE.optim, epochs=epochs),
+                               ldam_drw_epoch=round(INAT18_RECIPE.ldam_drw_epoch * epochs / 90))
     name = f"inat18/{method}" if epochs == 90 else f"inat18-{epochs}ep/{method}"  # the registered recipe name
     return PipelineConfig(name=name, data=DataConfig(dataset="inat2018", image_size=224), stages=METHODS[method](base))
 

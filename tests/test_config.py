@@ -386,6 +386,13 @@ def test_paper_methods_are_registered_for_every_cifar100_imbalance():
             assert f"cifar100-lt-if{imbalance}/{method}" in recipes
 
 
+def test_ldam_drw_defers_re_weighting_to_two_thirds_of_every_schedule():
+    drw = {name: (get_recipe(name).stages["teacher"].loss.drw_epoch, get_recipe(name).stages["teacher"].optim.epochs)
+           for name in ("imagenet-lt/ldam-drw", "imagenet-lt-135ep/ldam-drw", "inat18/ldam-drw", "inat18-200ep/ldam-drw")}
+    assert drw == {"imagenet-lt/ldam-drw": (60, 90), "imagenet-lt-135ep/ldam-drw": (90, 135),
+                   "inat18/ldam-drw": (60, 90), "inat18-200ep/ldam-drw": (133, 200)}
+
+
 def test_unknown_recipe_suggests_close_matches():
     with pytest.raises(ConfigError, match=r"unknown recipe 'cifar100-lt-if100/sdd'\. Did you mean .*'cifar100-lt-if100/ssd'"):
         get_recipe("cifar100-lt-if100/sdd")
