@@ -221,20 +221,23 @@ def test_submit_command_runs_a_recipe_on_slurm(slurm, tmp_path, capsys):
     assert watcher.get_state(job_id, mode="cache") == "COMPLETED"
 
 
-@pytest.mark.timeout(300)
-def test_preempted_slurm_job_is_requeued_and_resumes_training(slurm, tmp_path):
+def _training_on_slurm(cluster: SlurmCluster, tmp_path: Path, epochs: int, name: str):
+    """(config, job) of the tiny CE pipeline submitted to ``cluster``, once its first epoch is saved."""
     output = tmp_path / "out"
-    config = apply_overrides(tiny("ce", output), ["stages.teacher.optim.epochs=60"])
-    executor = build_executor("slurm", tmp_path / "submitit", SLURM_RESOURCES, "ltscale-preempt")
-    job = executor.submit(PipelineJob(config))
-
-    # Preempt once the first epoch is saved: SIGTERM, then the USR2 submitit requeues on.
+    config = apply_overrides(tiny("ce", output), [f"stages.teacher.optim.epochs={epochs}"])
+    job = build_executor("slurm", tmp_path / "submitit", SLURM_RESOURCES, name).submit(PipelineJob(config))
     deadline = time.monotonic() + 120
     while not list(output.glob("store/teacher-*/progress.pt")):
-        assert not job.done(), f"the job ended before training started:\n{job.stderr() or ''}{slurm.logs()}"
-        assert time.monotonic() < deadline, f"no progress.pt after 120 s\n{job.stdout() or ''}{slurm.logs()}"
+        assert not job.done(), f"the job ended before training started:\n{job.stderr() or ''}{cluster.logs()}"
+        assert time.monotonic() < deadline, f"no progress.pt after 120 s\n{job.stdout() or ''}{cluster.logs()}"
         time.sleep(0.1)
-    job._interrupt()
+    return config, job
+
+
+@pytest.mark.timeout(300)
+def test_preempted_slurm_job_is_requeued_and_resumes_training(slurm, tmp_path):
+    config, job = _training_on_slurm(slurm, tmp_path, 60, "ltscale-preempt")
+    job._interrupt()  # once the first epoch is saved: SIGTERM, then the USR2 submitit requeues on
 
     summary = _result(job, 200, slurm)
     assert summary["requeues"] == 1, "the job should have finished in its second attempt"
@@ -384,16 +387,9 @@ def test_a_cancelled_slurm_jobs_runs_are_ended_by_the_next_pipeline_or_listing(s
     from ltscale.tracking import Tracker
     from ltscale.tracking.attempts import TAG_MACHINE, TAG_SLURM_CLUSTER, Attempt
 
-    output = tmp_path / "out"
     # Long enough to outlast KillWait (30 s): the job runs on through the ignored SIGTERM until SIGKILL.
-    config = apply_overrides(tiny("ce", output), ["stages.teacher.optim.epochs=5000"])
-    executor = build_executor("slurm", tmp_path / "submitit", SLURM_RESOURCES, "ltscale-cancel")
-    job = executor.submit(PipelineJob(config))
-    deadline = time.monotonic() + 120
-    while not list(output.glob("store/teacher-*/progress.pt")):
-        assert not job.done(), f"the job ended before training started:\n{job.stderr() or ''}{slurm.logs()}"
-        assert time.monotonic() < deadline, f"no progress.pt after 120 s\n{job.stdout() or ''}{slurm.logs()}"
-        time.sleep(0.1)
+    config, job = _training_on_slurm(slurm, tmp_path, 5000, "ltscale-cancel")
+    output = Path(config.output_dir)
     job.cancel()
     deadline = time.monotonic() + 120
     while "JobState=CANCELLED" not in slurm.run("scontrol", "-o", "show", "job", job.job_id, check=False):
