@@ -16,8 +16,25 @@ from ltscale.tracking.tags import (
 )
 from ltscale.tracking.provenance import code_version, uncommitted_changes
 from ltscale.tracking.environment import environment_tags, runtime_environment
-from ltscale.tracking.mlflow_tracker import NullRunHandle, NullTracker, RunHandle, Tracker, TrackingConfig, default_tracking_uri
-from ltscale.tracking.server import ServerHandle, start_local_server, ui, ui_command
+
+# What needs MLflow is imported on first use, so that the tags, the code version and the run
+# environment serve tools run where MLflow is not installed (the kernel benchmarks on a bare GPU
+# machine) instead of failing at import.
+_LAZY = {
+    **dict.fromkeys(("NullRunHandle", "NullTracker", "RunHandle", "Tracker", "TrackingConfig", "default_tracking_uri"),
+                    "ltscale.tracking.mlflow_tracker"),
+    **dict.fromkeys(("ServerHandle", "start_local_server", "ui", "ui_command"), "ltscale.tracking.server"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "TAG_CACHED",
