@@ -417,3 +417,24 @@ def test_a_cancelled_slurm_jobs_runs_are_ended_by_the_next_pipeline_or_listing(s
     from ltscale.tracking.attempts import slurm_attempt_over
 
     assert slurm_attempt_over("987654", 0) == "SLURM job 987654 has ended (the cluster no longer knows it)"
+
+
+def test_an_array_tasks_state_is_read_from_its_own_line(slurm, monkeypatch):
+    """`scontrol show job <array job id>` lists every task of the array; the array's job id is also
+    its last task's. Only the line of that very job id says whether its runs' owner has ended."""
+    from ltscale.tracking.attempts import slurm_attempt_over
+
+    for key, value in slurm.env.items():
+        monkeypatch.setenv(key, value)
+    first = slurm.run("sbatch", "--parsable", "--array=0-1%1", "-p", slurm.partition, "-o", "/dev/null", "--wrap", "sleep $((2 + 20 * SLURM_ARRAY_TASK_ID))")
+    array = first.strip().split(";")[0]
+    deadline = time.monotonic() + 120
+    while "JobState=COMPLETED" not in slurm.run("scontrol", "-o", "show", "job", array, check=False) \
+            or "RUNNING" not in slurm.run("scontrol", "-o", "show", "job", array, check=False):
+        assert time.monotonic() < deadline, slurm.run("scontrol", "-o", "show", "job", array, check=False)
+        time.sleep(0.2)
+    # Task 0 (its own job id) has completed while the last task, which holds the array's id, runs.
+    listing = slurm.run("scontrol", "-o", "show", "job", array, check=False)
+    task0 = next(line for line in listing.splitlines() if "ArrayTaskId=0 " in line).split()[0].removeprefix("JobId=")
+    assert slurm_attempt_over(task0, 0) == f"SLURM job {task0} has ended (COMPLETED)"
+    assert slurm_attempt_over(array, 0) is None  # running, though the listing for its id holds a COMPLETED line

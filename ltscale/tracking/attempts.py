@@ -103,8 +103,12 @@ def slurm_attempt_over(job: str, restart: int) -> str | None:
         return None
     if done.returncode:  # purged from the controller's memory (MinJobAge) long after it ended
         return f"SLURM job {job} has ended (the cluster no longer knows it)" if "Invalid job id" in done.stderr else None
-    state = re.search(r"(?:^|\s)JobState=(\S+)", done.stdout)
-    restarts = re.search(r"(?:^|\s)Restarts=(\d+)", done.stdout)
+    # An array's job id lists every task of the array, one line each: only the line of this very job id counts.
+    lines = [line for line in done.stdout.splitlines() if re.search(rf"(?:^|\s)JobId={re.escape(job)}(?:\s|$)", line)]
+    if len(lines) != 1:
+        return None
+    state = re.search(r"(?:^|\s)JobState=(\S+)", lines[0])
+    restarts = re.search(r"(?:^|\s)Restarts=(\d+)", lines[0])
     if state and state.group(1) in _ENDED_STATES:
         return f"SLURM job {job} has ended ({state.group(1)})"
     if restarts and int(restarts.group(1)) > restart:
