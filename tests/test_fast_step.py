@@ -301,11 +301,11 @@ def fake_packed_cifar100(path: Path) -> Path:
     from ltscale.data.cifar_npz import pack_arrays, write_npz
 
     rng = np.random.default_rng(0)
-    targets = np.repeat(np.arange(100), long_tailed_counts(30, 100, 100.0))
+    targets = np.repeat(np.arange(100), long_tailed_counts(100, 100, 100.0))  # the fewest IF 100 allows: 1 in the rarest
     test_targets = np.repeat(np.arange(100), 2)
     images = rng.integers(0, 256, size=(len(targets), 32, 32, 3), dtype=np.uint8)
     test_images = rng.integers(0, 256, size=(len(test_targets), 32, 32, 3), dtype=np.uint8)
-    write_npz(path, pack_arrays("cifar100_lt", 100.0, 30, np.arange(len(targets)), images, targets, test_images,
+    write_npz(path, pack_arrays("cifar100_lt", 100.0, 100, np.arange(len(targets)), images, targets, test_images,
                                 test_targets, [f"class{c}" for c in range(100)]))
     return path
 
