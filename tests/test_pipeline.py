@@ -718,6 +718,35 @@ def test_a_run_off_a_terminal_reports_stages_and_epochs_as_lines(tmp_path, capsy
     assert "teacher:" not in capsys.readouterr().err  # progress=false: silent
 
 
+def test_a_stage_resumed_twice_keeps_its_whole_lineage(tmp_path, monkeypatch):
+    """Each resumed attempt links the run it continued as soon as it resumes: one stopped again
+    before its end is still linked, so the chain of runs holds every epoch's curve."""
+    config = apply_overrides(tiny("ce", tmp_path), ["stages.teacher.optim.epochs=4"])
+    original = trainer_module.Trainer._epoch
+
+    def stop_at(epoch_to_stop):
+        def epoch(self, epoch, steps, advance):
+            if epoch == epoch_to_stop:
+                raise _Interrupt("simulated preemption")
+            return original(self, epoch, steps, advance)
+        return epoch
+
+    for stop in (1, 2):
+        monkeypatch.setattr(trainer_module.Trainer, "_epoch", stop_at(stop))
+        with pytest.raises(_Interrupt):
+            run_pipeline(config)
+    monkeypatch.setattr(trainer_module.Trainer, "_epoch", original)
+    result = run_pipeline(config)
+    client = mlflow.MlflowClient(result.tracking_uri)
+    last = client.get_run(result.outputs["teacher"].run_id)
+    middle = client.get_run(last.data.tags["ltscale.resumed_from_run"])
+    first = client.get_run(middle.data.tags["ltscale.resumed_from_run"])
+    assert (last.data.tags["ltscale.resumed_from_epoch"], middle.data.tags["ltscale.resumed_from_epoch"]) == ("2", "1")
+    assert "ltscale.resumed_from_run" not in first.data.tags and middle.info.status == "FAILED"
+    curves = [sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/loss")) for r in (first, middle, last)]
+    assert curves == [[0], [0, 1], [1, 2, 3]]  # each resumed curve repeats the epoch it continues after
+
+
 def test_a_milestone_past_the_last_epoch_is_warned_about(tmp_path, caplog):
     config = apply_overrides(tiny("ce", tmp_path), ["stages.teacher.optim.epochs=2", "stages.teacher.optim.warmup_epochs=0"])
     with caplog.at_level("WARNING", logger="ltscale.engine.trainer"):

@@ -29,6 +29,12 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
             ctx.evaluate(network, step=metrics.epoch, final=False)
 
     def on_resume(metrics: EpochMetrics) -> None:
+        # Linked now, not when training ends: an attempt stopped again before its end must still
+        # point at the run it continued, or a stage resumed twice loses the middle of its lineage.
+        tags = {"ltscale.resumed_from_epoch": str(metrics.epoch + 1)}
+        if earlier and earlier != ctx.run.run_id:
+            tags["ltscale.resumed_from_run"] = earlier
+        ctx.run.set_tags(tags)
         # The epoch the stage resumes after, again in this run: its point is lost if the stop came
         # between saving it and sending it, and the resumed curve then starts where it continues.
         ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch, background=True)
@@ -44,12 +50,7 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
     earlier = run_file.read_text().strip() if run_file.is_file() else ""
     if ctx.is_main and ctx.run.run_id:
         run_file.write_text(ctx.run.run_id)
-    resumed_from = trainer.fit()
-    if resumed_from:
-        tags = {"ltscale.resumed_from_epoch": str(resumed_from)}
-        if earlier and earlier != ctx.run.run_id:
-            tags["ltscale.resumed_from_run"] = earlier
-        ctx.run.set_tags(tags)
+    trainer.fit()
     _record_unreadable_images(loader, ctx)
     ctx.evaluate(network, step=optim.epochs - 1)
 
