@@ -28,6 +28,11 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
         if eval_every and (metrics.epoch + 1) % eval_every == 0 and metrics.epoch + 1 < optim.epochs:
             ctx.evaluate(network, step=metrics.epoch, final=False)
 
+    # The run that trained the epochs a resumed stage starts after holds their learning curve:
+    # link it. The file names the run whose progress the stage directory holds.
+    run_file = ctx.directory / TRAINING_RUN
+    earlier = run_file.read_text().strip() if run_file.is_file() else ""
+
     def on_resume(metrics: EpochMetrics) -> None:
         # Linked now, not when training ends: an attempt stopped again before its end must still
         # point at the run it continued, or a stage resumed twice loses the middle of its lineage.
@@ -44,10 +49,6 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
     trainer = Trainer(task, loader, optim, ctx.device, ctx.precision, ctx.directory / PROGRESS, ctx.name,
                       on_epoch_end=on_epoch_end, progress=ctx.progress, step=ctx.step, deepspeed=ctx.deepspeed,
                       on_resume=on_resume)
-    # The run that trained the epochs a resumed stage starts after holds their learning curve:
-    # link it. The file names the run whose progress the stage directory holds.
-    run_file = ctx.directory / TRAINING_RUN
-    earlier = run_file.read_text().strip() if run_file.is_file() else ""
     if ctx.is_main and ctx.run.run_id:
         run_file.write_text(ctx.run.run_id)
     trainer.fit()
