@@ -261,6 +261,29 @@ def test_ssd_takes_a_temperature_only_from_a_sweep_without_power_normalisation(s
     assert dataclasses.replace(ssd, stages=with_sweep).stages["student"].temperature_from == "ve"
 
 
+def test_a_temperature_must_come_from_the_distilled_teachers_own_virtual_examples(ssd):
+    dive = get_recipe("demo/dive")
+    with pytest.raises(ValueError, match=r"stage 'student' distils 'teacher', but its temperature_from 'virtual_examples' "
+                                         r"measures the virtual examples of 'other'; set stages.virtual_examples.source=teacher"):
+        PipelineConfig(
+            name="x", data=dive.data,
+            stages={"teacher": dive.stages["teacher"], "other": dive.stages["teacher"],
+                    "virtual_examples": VirtualExamplesConfig(source="other"),
+                    "student": dataclasses.replace(dive.stages["student"], temperature_from="virtual_examples")})
+    assert apply_overrides(dive, ["stages.student.temperature_from=virtual_examples"])  # its own teacher: accepted
+    # SSD's student distils the soft labels, so the sweep must measure the model they were computed from.
+    stages = dict(ssd.stages)
+    names = list(stages)
+    student = names.index("student")
+    with_sweep = {**{n: stages[n] for n in names[:student]}, "ve": VirtualExamplesConfig(source="teacher", powers=(1.0,)),
+                  **{n: stages[n] for n in names[student:]}}
+    with_sweep["student"] = dataclasses.replace(stages["student"], temperature_from="ve")
+    with pytest.raises(ValueError, match=r"stage 'student' distils 'teacher_lws' \(through 'soft_labels'\), but its "
+                                         r"temperature_from 've' measures the virtual examples of 'teacher'; "
+                                         r"set stages.ve.source=teacher_lws"):
+        dataclasses.replace(ssd, stages=with_sweep)
+
+
 @pytest.mark.parametrize("recipe, override, message", [
     ("demo/ce", "data.root=/data/cifar-100-python.tar.gz", r"data.dataset=synthetic does not read data.root \(the images are generated"),
     ("demo/ce", "data.train_list=train.txt", r"does not read data.train_list"),

@@ -245,12 +245,14 @@ def stage_inputs(config: StageConfig) -> dict[str, str]:
 class _Product:
     """What a stage leaves for later ones: ``kind`` ("model", "soft_labels", "virtual_examples" or
     "evaluation"); for a model, its classifier heads as (name, head kind) and the head it predicts
-    with; for a virtual-example sweep, the powers it may choose."""
+    with; for a virtual-example sweep, the powers it may choose; for soft labels and a sweep, the
+    stage whose model's logits they were computed from."""
 
     kind: str
     heads: tuple[tuple[str, str], ...] = ()
     predicts: str = ""
     powers: tuple[float, ...] = ()
+    computed_from: str = ""
 
     def head_kind(self, name: str) -> str:
         return dict(self.heads)[name]
@@ -295,11 +297,11 @@ def _check_inputs(pipeline: str, name: str, stage: StageConfig, products: dict[s
     if isinstance(stage, SoftLabelsConfig):
         why = "stores a model's logits"
         logits_of("source", stage.source, need("source", stage.source, "model", why), why)
-        return _Product("soft_labels")
+        return _Product("soft_labels", computed_from=stage.source)
     if isinstance(stage, VirtualExamplesConfig):
         why = "measures a teacher model's virtual examples"
         logits_of("source", stage.source, need("source", stage.source, "model", why), why)
-        return _Product("virtual_examples", powers=stage.powers)
+        return _Product("virtual_examples", powers=stage.powers, computed_from=stage.source)
     if isinstance(stage, DistillConfig):
         if stage.method == "ssd":
             why = "(method=ssd) distils stored soft labels or a teacher model run on each batch"
@@ -315,6 +317,14 @@ def _check_inputs(pipeline: str, name: str, stage: StageConfig, products: dict[s
                 raise ValueError(f"pipeline {pipeline!r}: stage {name!r} (method=ssd) distils with plain KD (p = 1), but "
                                  f"its temperature_from {stage.temperature_from!r} may choose a power from {sweep.powers}; "
                                  f"set stages.{stage.temperature_from}.powers=[1.0] or use method=dive")
+            # The rule of thumb reads T and p off the distilled teacher's own distribution; measured
+            # on another model it would choose for a teacher the student never sees.
+            distilled = teacher.computed_from or stage.teacher
+            if sweep.computed_from != distilled:
+                raise ValueError(f"pipeline {pipeline!r}: stage {name!r} distils {distilled!r}"
+                                 + (f" (through {stage.teacher!r})" if distilled != stage.teacher else "")
+                                 + f", but its temperature_from {stage.temperature_from!r} measures the virtual examples of "
+                                 f"{sweep.computed_from!r}; set stages.{stage.temperature_from}.source={distilled}")
         if stage.method == "ssd":
             return _Product("model", (("hard", "linear"), ("soft", "linear")), "hard")
         return _Product("model", (("cls", "linear"),), "cls")
