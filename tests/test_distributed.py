@@ -24,6 +24,7 @@ from ltscale.dist import runtime
 from ltscale.engine.evaluate import evaluate
 from ltscale.engine.schedule import OptimConfig
 from ltscale.engine.trainer import Trainer
+from ltscale.losses.modules import ClassificationLoss, LossConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,27 +157,36 @@ def _dataset(n: int = 48, classes: int = 4, seed: int = 0) -> DatasetBundle:
 
 
 class LinearTask(nn.Module):
-    """A batch-norm-free task: DDP over W ranks must then equal one process on the whole batch."""
+    """A batch-norm-free task: DDP over W ranks must then equal one process on the whole batch.
+    ``loss``: plain CE, or LDAM-DRW (a loss whose per-batch normaliser, the sum of the DRW weights,
+    differs between a rank's batch and the global one) re-weighting from the second epoch."""
 
-    def __init__(self, classes: int) -> None:
+    def __init__(self, classes: int, loss: str = "ce", class_counts: np.ndarray | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.network = nn.Linear(3 * 8 * 8, classes)
         self.unused = nn.Linear(2, 2)  # requires grad but is not trained: DDP must not wait for it
+        self.loss = None
+        if loss == "ldam_drw":
+            assert class_counts is not None
+            config = LossConfig(kind="ldam", drw_epoch=1, ldam_scale=2.0, drw_beta=0.9)
+            self.loss = ClassificationLoss(config, class_counts, torch.device("cpu"))
 
     def set_epoch(self, epoch: int) -> None:
-        pass
+        if self.loss is not None:
+            self.loss.set_epoch(epoch)
 
     def trainable_parameters(self):
         return list(self.network.parameters())
 
     def forward(self, batch):
         logits = self.network(batch["image"].flatten(1))
-        return {"loss": F.cross_entropy(logits, batch["target"]), "logits": logits, "target": batch["target"]}
+        loss = F.cross_entropy(logits, batch["target"]) if self.loss is None else self.loss(logits, batch["target"])
+        return {"loss": loss, "logits": logits, "target": batch["target"]}
 
 
-def _train(bundle: DatasetBundle, batch_size: int, progress: Path) -> tuple[nn.Module, list]:
-    task = LinearTask(bundle.num_classes)
+def _train(bundle: DatasetBundle, batch_size: int, progress: Path, loss: str = "ce") -> tuple[nn.Module, list]:
+    task = LinearTask(bundle.num_classes, loss, bundle.train.class_counts())
     loader = build_loader(bundle.train, bundle, train=True, augment=False, batch_size=batch_size, loader=LoaderConfig(),
                           device=torch.device("cpu"), seed=3, sampler=SamplerConfig(kind="class_balanced", samples_per_class=2))
     optim = OptimConfig(epochs=3, batch_size=16, lr=0.5, warmup_epochs=1, milestones=(2,), decay_factors=(0.1,), weight_decay=1e-3)
@@ -186,22 +196,23 @@ def _train(bundle: DatasetBundle, batch_size: int, progress: Path) -> tuple[nn.M
     return task, seen
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, loss: str) -> None:
     import warnings
 
     _init(rank, world, port)
     bundle = _dataset()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # DDP built with the current torch's arguments
-        task, seen = _train(bundle, 16 // world, Path(out) / "progress.pt")
+        task, seen = _train(bundle, 16 // world, Path(out) / "progress.pt", loss)
     torch.save({"state": task.network.state_dict(), "loss": [m.loss for m in seen], "top1": [m.top1 for m in seen]},
                Path(out) / f"rank{rank}.pt")
     runtime.leave_process_group()  # drains gloo's threads first: a bare destroy aborted now and then
 
 
-def test_ddp_update_equals_one_process_on_the_global_batch(tmp_path):
-    single, seen = _train(_dataset(), 16, tmp_path / "single.pt")
-    _spawn(_ddp_worker, 2, str(tmp_path))
+@pytest.mark.parametrize("loss", ["ce", "ldam_drw"])
+def test_ddp_update_equals_one_process_on_the_global_batch(tmp_path, loss):
+    single, seen = _train(_dataset(), 16, tmp_path / "single.pt", loss)
+    _spawn(_ddp_worker, 2, str(tmp_path), loss)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, value in single.network.state_dict().items():
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), f"{name} differs between ranks"

@@ -36,17 +36,24 @@ def ldam_loss(
     max_margin: float = 0.5,
     scale: float = 30.0,
     class_weights: torch.Tensor | None = None,
+    weight_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LDAM: subtract Delta_y from the true-class logit, scale by ``s``, then (weighted) CE.
 
-    ``class_weights`` carries the DRW re-weighting (effective-number weights) in its second phase.
+    ``class_weights`` carries the DRW re-weighting (effective-number weights) in its second phase;
+    the weighted mean divides by the batch's sum of weights, or by ``weight_sum`` when given (a
+    multi-process run passes the global batch's sum over the number of processes, so that averaging
+    the processes' gradients gives the global batch's weighted mean, not a mean of per-process means).
     The logits are expected to come from a normalised linear head (cosine logits in [-1, 1]),
     as in the LDAM-DRW reference code.
     """
     margins = ldam_margins(class_counts, max_margin).to(logits.device)
     shifted = logits.float() - F.one_hot(targets, logits.shape[1]).float() * margins[targets, None]
-    weight = None if class_weights is None else class_weights.float().to(logits.device)
-    return F.cross_entropy(scale * shifted, targets, weight=weight)
+    if class_weights is None:
+        return F.cross_entropy(scale * shifted, targets)
+    weights = class_weights.float().to(logits.device)[targets]
+    per_image = F.cross_entropy(scale * shifted, targets, reduction="none")
+    return (weights * per_image).sum() / (weights.sum() if weight_sum is None else weight_sum)
 
 
 def teacher_distribution(

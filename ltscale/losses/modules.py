@@ -15,6 +15,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from ltscale.dist.gather import all_reduce_sum, rank_and_world_size
 from ltscale.losses import functional
 
 LossBackend = Literal["auto", "torch", "triton"]
@@ -79,8 +80,14 @@ class ClassificationLoss:
         if self.config.kind == "bsce":
             return functional.balanced_softmax_cross_entropy(logits, targets, self.counts)
         if self.config.kind == "ldam":
+            weight_sum = None
+            world_size = rank_and_world_size()[1]
+            if self.weights is not None and world_size > 1:
+                # DDP averages the processes' gradients: each divides by the global batch's weight
+                # sum over the world size so that the average is the global weighted mean.
+                weight_sum = all_reduce_sum(self.weights[targets].sum()) / world_size
             return functional.ldam_loss(
-                logits, targets, self.counts, self.config.ldam_max_margin, self.config.ldam_scale, self.weights
+                logits, targets, self.counts, self.config.ldam_max_margin, self.config.ldam_scale, self.weights, weight_sum
             )
         return functional.cross_entropy(logits, targets)
 
