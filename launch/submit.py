@@ -186,14 +186,9 @@ def check_resources(kind: str, resources: Resources, config: PipelineConfig) -> 
         raise ConfigError(f"--nodes {resources.nodes}: the local executor runs on this one machine; use --nodes 1")
     if kind == "debug" and processes != 1:
         raise ConfigError("the debug executor runs the pipeline in this process: use one node and one task")
-    if processes > 1:
-        for name, stage in config.stages.items():
-            optim = getattr(stage, "optim", None)
-            if optim is not None and optim.batch_size % processes:
-                raise ConfigError(
-                    f"stages.{name}.optim.batch_size={optim.batch_size} does not split over {processes} processes "
-                    f"({resources.nodes} node(s) x {resources.tasks_per_node} task(s)): the batch is global, so make it "
-                    f"a multiple of {processes}")
+    problem = config.batch_split_problem(processes)
+    if problem:
+        raise ConfigError(f"{problem} ({resources.nodes} node(s) x {resources.tasks_per_node} task(s))")
     # device=auto trains on the node's GPUs when it has any, so it is held to this too.
     if (kind == "slurm" and config.device != "cpu" and resources.gpus_per_node is not None
             and 0 < resources.gpus_per_node < resources.tasks_per_node):

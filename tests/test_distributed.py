@@ -464,19 +464,21 @@ def test_moco_teacher_pipeline_under_torchrun(tmp_path):
     assert (progress["network"]["moco.queue_labels"] >= 0).all()
 
 
-def test_batch_size_that_does_not_split_over_ranks_is_refused(tmp_path):
+def test_batch_size_that_does_not_split_over_ranks_is_refused_before_anything_trains(tmp_path):
+    # The second stage's batch is the one that does not split: refused before the teacher trains.
     driver = tmp_path / "driver.py"
     driver.write_text(
         "import sys, dataclasses\nfrom pathlib import Path\nfrom tests.test_pipeline import tiny\n"
         "from ltscale.config import apply_overrides\nfrom ltscale.stages.pipeline import run_pipeline\n"
-        "run_pipeline(apply_overrides(tiny('ce', Path(sys.argv[1])), ['stages.teacher.optim.batch_size=63']))\n"
+        "run_pipeline(apply_overrides(tiny('lws', Path(sys.argv[1])), ['stages.lws.optim.batch_size=63']))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(driver), str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode != 0
-    assert "batch size 63 does not split evenly over 2 processes" in done.stderr
+    assert "stages.lws.optim.batch_size=63 does not split over 2 processes" in done.stderr
+    assert not list((tmp_path / "out").glob("**/progress.pt")) and not list((tmp_path / "out").glob("**/model.pt"))
 
 
 def test_cli_run_under_torchrun_reports_once(tmp_path):

@@ -394,6 +394,17 @@ class PipelineConfig:
         if self.deepspeed.enabled and self.step == "fast":
             raise ValueError("step=fast (one CUDA graph per step) cannot run under deepspeed.enabled; use step=auto or eager")
 
+    def batch_split_problem(self, processes: int) -> str | None:
+        """Why this pipeline cannot train on ``processes`` processes, or None: every stage's batch is
+        global (each process loads ``batch_size / processes`` of it), so it must split evenly.
+        Checked before anything runs; found at its stage, it ended a run after the earlier stages trained."""
+        for name, stage in self.stages.items():
+            optim = getattr(stage, "optim", None)
+            if optim is not None and optim.batch_size % processes:
+                return (f"stages.{name}.optim.batch_size={optim.batch_size} does not split over {processes} processes: "
+                        f"the batch is global, so make it a multiple of {processes}")
+        return None
+
     @property
     def result(self) -> str:
         if self.result_stage:

@@ -59,7 +59,7 @@ class StageContext:
         _, world_size = rank_and_world_size()
         if batch_size % world_size:
             raise ValueError(f"stage {self.name}: the batch size {batch_size} does not split evenly over {world_size} "
-                             f"processes; set {self.name}.optim.batch_size to a multiple of {world_size}")
+                             f"processes; set stages.{self.name}.optim.batch_size to a multiple of {world_size}")
         return build_loader(self.bundle.train, self.bundle, train=True, batch_size=batch_size // world_size, sampler=sampler,
                             loader=self.loader_config, device=self.device, seed=self.seed, views=views)
 

@@ -416,6 +416,9 @@ def _releasing(lock: locks.StageLock | None):
 
 
 def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progress | None) -> PipelineResult:
+    problem = config.batch_split_problem(rank_and_world_size()[1])
+    if problem:
+        raise ValueError(f"pipeline {config.name!r}: {problem}")
     torch.manual_seed(config.seed)
     output_dir = Path(config.output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
