@@ -196,6 +196,27 @@ def test_class_balanced_ranks_deal_whole_draws_round_robin(world_size):
     np.testing.assert_array_equal(interleaved[len(targets) :], global_order[: len(interleaved) - len(targets)])
 
 
+@pytest.mark.parametrize("class_order", ["random", "cycle"])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_a_ragged_last_draw_is_completed_from_its_own_class_on_several_ranks(world_size, class_order):
+    # 121 images = 30 draws of 4 and a ragged one of 1: on several ranks the last draw is made whole
+    # from its own class (padding it with the epoch's first images mixed another class in).
+    targets = _long_tailed_targets([70, 30, 15, 6], seed=4)
+    s = 4
+    make = lambda r, w: ClassBalancedSampler(targets, samples_per_class=s, seed=1, rank=r, world_size=w,  # noqa: E731
+                                             class_order=class_order)
+    global_order = make(0, 1).indices(1)
+    per_rank = _ranks(make, world_size, epoch=1)
+    for indices in per_rank:
+        assert all(len(set(targets[g].tolist())) == 1 for g in indices.reshape(-1, s))
+    interleaved = np.stack([indices.reshape(-1, s) for indices in per_rank], axis=1).reshape(-1)
+    np.testing.assert_array_equal(interleaved[: len(targets)], global_order)
+    whole = math.ceil(len(targets) / s) * s
+    assert targets[interleaved[len(targets) - 1]] == targets[interleaved[whole - 1]]  # the completed draw
+    # what pads the ranks to equal length are whole draws from the start of the epoch
+    np.testing.assert_array_equal(interleaved[whole:], interleaved[: len(interleaved) - whole])
+
+
 @pytest.mark.parametrize("samples_per_class", [1, 3])
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_class_cycle_draws_every_class_once_per_pass_on_every_rank_count(samples_per_class, world_size):

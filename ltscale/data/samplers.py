@@ -99,6 +99,11 @@ class ClassBalancedSampler(_RankSampler):
         self.present_classes = np.array([c for c, idx in enumerate(self.class_indices) if len(idx)])
 
     def global_order(self, epoch: int) -> np.ndarray:
+        return self._whole_draws(epoch)[: self.num_samples]
+
+    def _whole_draws(self, epoch: int) -> np.ndarray:
+        """The epoch's draws, the last one whole (``num_samples`` rounded up to a multiple of
+        ``samples_per_class``)."""
         rng = self._rng(epoch)
         draws = -(-self.num_samples // self.samples_per_class)
         if self.class_order == "cycle":
@@ -121,17 +126,19 @@ class ClassBalancedSampler(_RankSampler):
             positions = draws_of[c]
             chunks = stream[: len(positions) * s].reshape(len(positions), s)
             order[(positions[:, None] * s + np.arange(s)).ravel()] = chunks.ravel()
-        return order[: self.num_samples]
+        return order
 
     def indices(self, epoch: int | None = None) -> np.ndarray:
         """This rank's indices: whole draws (``samples_per_class`` images of one class) are dealt
         round-robin to the ranks, so each rank still sees same-class groups."""
-        order = self.global_order(self.epoch if epoch is None else epoch)
+        epoch = self.epoch if epoch is None else epoch
         if self.world_size == 1:
-            return order
+            return self.global_order(epoch)
         s = self.samples_per_class
-        draws = -(-len(order) // s)
-        grouped = np.resize(order, draws * s).reshape(draws, s)  # a ragged last draw wraps around
+        # The last draw whole (the single-process order cuts it at num_samples): padded with the
+        # epoch's first images instead, it mixed another class into a draw.
+        grouped = self._whole_draws(epoch).reshape(-1, s)
+        draws = len(grouped)
         per_rank = -(-draws // self.world_size)
         rows = np.resize(np.arange(draws), per_rank * self.world_size)[self.rank :: self.world_size]
         return grouped[rows].ravel()
