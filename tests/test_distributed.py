@@ -491,6 +491,7 @@ def test_cli_run_under_torchrun_reports_once(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("demo/ce") == 1, done.stdout  # rank 0 prints the table; rank 1 stays quiet
+    assert done.stderr.count("the lr never decays") == 1, done.stderr  # 3 epochs keep the recipe's milestones: warned once
 
 
 EXIT_DRIVER = r"""

@@ -97,7 +97,7 @@ def test_ssd_pipeline_end_to_end_with_lineage_in_mlflow_server(tmp_path, mlflow_
     assert "per_class/cls/per_class_accuracy.png" in per_class
     manifest = json.loads((result.outputs["student"].directory / "manifest.json").read_text())
     assert manifest["parents"]["teacher"]["key"] == result.outputs["soft_labels"].key
-    assert manifest["code_version"] and manifest["world_size"] == 1
+    assert manifest["code_version"] and manifest["world_size"] == 1 and manifest["world_sizes"] == [1]
 
 
 def test_dive_pipeline_and_rerun_skips_unchanged_stages(tmp_path):
@@ -171,7 +171,8 @@ def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch, ca
 
     state = torch.load(store[0] / "progress.pt", weights_only=False)
     assert state["world_size"] == 1 and state["metrics"]["epoch"] == 1
-    torch.save({**state, "world_size": 2}, store[0] / "progress.pt")
+    assert state["world_sizes"] == [1]
+    torch.save({**state, "world_size": 2, "world_sizes": [2]}, store[0] / "progress.pt")
 
     seen.clear()
     monkeypatch.setattr(trainer_module.Trainer, "_epoch", lambda self, e, s, a: (seen.append(e), original(self, e, s, a))[1])
@@ -183,6 +184,9 @@ def test_interrupted_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch, ca
     assert "teacher: resuming after epoch 2/4 (loss " in capsys.readouterr().err  # off a terminal: a line says so
     assert "resuming epoch 2 with 1 process(es)" in caplog.text and "was saved by 2" in caplog.text
     assert "never decays" not in caplog.text  # its milestone (2) is before the last epoch
+    manifest = result.outputs["teacher"].manifest
+    assert manifest["world_size"] == 1 and manifest["world_sizes"] == [1, 2]  # epochs 0-1 by two processes
+    assert torch.load(store[0] / "progress.pt", weights_only=False)["world_sizes"] == [1, 2]
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.get_run(result.outputs["teacher"].run_id)
     assert run.data.tags["ltscale.resumed_from_epoch"] == "2"

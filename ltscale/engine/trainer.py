@@ -111,6 +111,8 @@ class Trainer:
         self.on_resume = on_resume
         self.progress = progress or Progress(enabled=False)
         _, self.world_size = rank_and_world_size()
+        # Every process count that trained some of the stage's epochs (a resume may change it).
+        self.world_sizes: tuple[int, ...] = (self.world_size,)
         use_zero = deepspeed is not None and deepspeed.enabled
         self.step = resolve_step(step, device, self.world_size, zero=use_zero)  # "fast": fast_step.py
         self.fast_step: FastStep | None = None
@@ -122,7 +124,7 @@ class Trainer:
         )
         self.lrs = lr_schedule(optim, len(loader))
         late = [m for m in optim.milestones if m >= optim.epochs] if optim.schedule == "step" else []
-        if late:  # not refused: shortened smoke runs keep the recipe's milestones on purpose
+        if late and is_main_process():  # not refused: shortened smoke runs keep the recipe's milestones on purpose
             logger.warning("stage %s: optim.milestones %s are not before optim.epochs=%d, so the lr never decays there; "
                            "shortening a schedule for a real run, move the milestones too", name, late, optim.epochs)
         # What the step calls: the task, the task under DDP in a multi-process run, or a ZeRO engine.
@@ -149,7 +151,9 @@ class Trainer:
         load_state_strict(self.task.network, state["network"], self.progress_path)
         self.optimizer.load_state_dict(state["optimizer"])
         saved_world = state.get("world_size")
-        if saved_world is not None and int(saved_world) != self.world_size:
+        earlier = state.get("world_sizes") or ([int(saved_world)] if saved_world is not None else [])
+        self.world_sizes = tuple(sorted({*map(int, earlier), self.world_size}))
+        if saved_world is not None and int(saved_world) != self.world_size and is_main_process():
             # Valid (the state is an epoch boundary and the samplers deal the epoch over the new
             # ranks), but the result will match neither an unbroken run with the old number of
             # processes nor one with the new: say so rather than let it pass unnoticed.
@@ -188,6 +192,7 @@ class Trainer:
                 "epoch": next_epoch,
                 "metrics": dataclasses.asdict(metrics),  # the epoch just finished, for on_resume
                 "world_size": self.world_size,
+                "world_sizes": list(self.world_sizes),
             },
             self.progress_path,
         )

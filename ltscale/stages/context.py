@@ -38,6 +38,7 @@ class StageContext:
     step: str = "auto"  # the trainer's step: auto, eager or fast (PipelineConfig.step)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # PipelineConfig.deepspeed
     init_weights: InitWeights | None = None  # this stage's model.init_from, resolved by the pipeline
+    world_sizes: tuple[int, ...] = ()  # a training stage's process counts over its attempts (Trainer.world_sizes)
     _eval_loaders: dict = field(default_factory=dict, repr=False)
 
     @property

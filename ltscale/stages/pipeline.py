@@ -495,7 +495,10 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                     "stage": name, "config": dataclasses.asdict(stage), "run_id": run.run_id, "pipeline": config.name,
                     "parents": {role: {"stage": p.name, "key": p.key, "run_id": p.run_id} for role, p in parents.items()},
                     "data_fingerprint": fingerprint, "data_identity": identity, "code_version": version, "files": files, "metrics": ctx.metrics,
-                    "world_size": rank_and_world_size()[1],  # not in the key: how many processes trained it
+                    # Not in the key: how many processes finished the stage, and every count that
+                    # trained some of its epochs (a resume may have changed it).
+                    "world_size": rank_and_world_size()[1],
+                    "world_sizes": list(ctx.world_sizes or (rank_and_world_size()[1],)),
                 }
                 # Rank 0 writes the manifest; the broadcast also holds the other ranks until it has.
                 output = broadcast_object(store.finish(name, stage.kind, key, manifest) if main else None)

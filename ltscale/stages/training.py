@@ -52,6 +52,7 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
     if ctx.is_main and ctx.run.run_id:
         run_file.write_text(ctx.run.run_id)
     trainer.fit()
+    ctx.world_sizes = trainer.world_sizes
     _record_unreadable_images(loader, ctx)
     ctx.evaluate(network, step=optim.epochs - 1)
 
