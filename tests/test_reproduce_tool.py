@@ -82,6 +82,9 @@ def test_smoke_run_on_demo_recipes(tmp_path):
     assert sorted(n for n in names if n.startswith("runs/jobs/") and n.endswith(".json")) == [
         f"runs/jobs/if80-{m}-seed{s}{suffix}.json" for m in ("ce", "lws") for s in (0, 1)]
     assert f"runs/logs/if80-ce-seed0{suffix}.log" in names
+    # A job's log follows it: a line per stage and epoch (the log is a file, so lines, not bars).
+    log = (tmp_path / "runs" / "logs" / f"if80-ce-seed0{suffix}.log").read_text()
+    assert "teacher: epoch 1/1" in log and "teacher: finished in" in log, log
     assert {"results/cifar100_lt.json", "results/cifar100_lt.csv", "results/cifar100_lt.md"} <= set(names)
     assert any(n.startswith("runs/logs/") for n in names) and not any(n.endswith(".pt") for n in names)
     # ...and each lane's MLflow store and stage manifests: the runs the table's ids point to come back too
@@ -271,7 +274,7 @@ def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(t
         ([*demo, "--set", "seed=5"], "--set 'seed=5': --seeds sets seed for every job"),
         ([*cifar, "--set", " data.imbalance_factor=50"], "--imbalance-factors sets data.imbalance_factor for every job"),
         ([*demo, "--set", "output_dir=/elsewhere"], "--output-dir sets output_dir"),
-        ([*demo, "--set", "progress=true"], "--set 'progress=true': every job runs with --no-progress"),
+        ([*demo, "--set", "progress=true"], "--set 'progress=true': every job's log gets a line per stage and epoch"),
     ]:
         with pytest.raises(SystemExit) as refused:
             tool.main(argv)

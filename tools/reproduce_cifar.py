@@ -56,11 +56,11 @@ OWN_KEYS = {
     "seed": "--seeds sets seed", "data.root": "--data sets data.root", "data.dataset": "--recipe-prefix sets data.dataset",
     "data.imbalance_factor": "--imbalance-factors sets data.imbalance_factor", "output_dir": "--output-dir sets output_dir",
     "device": "--device sets device", "tracking.tracking_uri": "--tracking-uri / --tracking-store set tracking.tracking_uri",
-    "progress": "every job runs with --no-progress (its log gets a line per epoch instead)",
+    "progress": "every job's log gets a line per stage and epoch (progress on, off a terminal)",
 }
 """Settings the tool gives every job itself. The job files and the table are labelled by them, so a
-``--set`` of one would train a run other than its row says, or be overridden (``progress``: be
-refused by ``ltscale run`` beside --no-progress, failing every job after the preflight)."""
+``--set`` of one would train a run other than its row says (``progress=false``: a log without a
+line per stage and epoch, the only way to follow a job)."""
 
 # Methods in one lane share an output directory and run in this order, so the later one reuses
 # the earlier one's teacher from the stage cache.
@@ -199,7 +199,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
                                      f"experiment {resolved.tracking.experiment!r}")
                 if resolved.data.dataset in ("cifar100_lt", "cifar10_lt"):
                     plan.datasets.add((resolved.data.dataset, resolved.data.imbalance_factor))
-                tail = [recipe, "--no-progress", "--output-dir", str(output_dir / "runs" / lane)]
+                # No --no-progress: a job writes into its log file, not a terminal, so progress
+                # is a line per stage and epoch there (--no-progress silenced those too).
+                tail = [recipe, "--output-dir", str(output_dir / "runs" / lane)]
                 for item in overrides:
                     tail += ["--set", item]
                 if args.tracking_uri or args.tracking_store == "file":
