@@ -9,6 +9,7 @@
     ltscale evaluate CHECKPOINT ...         top-1/top-5, many/medium/few of a model checkpoint
     ltscale virtual CHECKPOINT ...          DiVE's virtual-example distribution and (T, p) choice
     ltscale runs                            recorded pipelines: status, time, top-1 / few, run ids
+    ltscale store verify                    re-hash every finished stage output, list those that changed
     ltscale ui                              the MLflow UI over the local store
 """
 
@@ -34,13 +35,15 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 def _common_run_arguments(parser: argparse.ArgumentParser, pipeline: bool = True) -> None:
     """``--set`` and ``--device``; with ``pipeline`` (commands that run stages and record them)
     also where outputs and the MLflow record go, and the progress switch."""
+    # evaluate / virtual read only the recipe's data, device and precision (the checkpoint is the model)
+    example = "stages.teacher.optim.lr=0.05" if pipeline else "data.root=/data/cifar-100-python.tar.gz; only data.*, device, precision"
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="typed override of the recipe config, e.g. stages.teacher.optim.lr=0.05 (repeatable)")
+                        help=f"typed override of the recipe config, e.g. {example} (repeatable)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default)")
     if pipeline:
         parser.add_argument("--output-dir", default=None, help=f"where stage outputs and the local MLflow store go (default: {DEFAULT_OUTPUT})")
         parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: a local sqlite store in the output dir)")
-        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+        parser.add_argument("--no-progress", action="store_true", help="no progress: no bars on a terminal, no stage and epoch lines elsewhere")
         parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE",
                             help="an MLflow tag on the pipeline run, e.g. sweep=lr-0.05 (repeatable)")
 
