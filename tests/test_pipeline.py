@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import platform
 from pathlib import Path
 
@@ -246,7 +247,7 @@ def test_a_stage_key_gives_the_same_weights_whatever_ran_before_it(tmp_path, mon
     assert resumed.metrics() == unbroken.metrics()
 
 
-def test_corrupt_checkpoint_is_recomputed_and_cli_names_it(tmp_path, capsys):
+def test_corrupt_checkpoint_is_recomputed_and_cli_names_it(tmp_path, capsys, caplog):
     config = tiny("ce", tmp_path)
     first = run_pipeline(config)
     model = first.outputs["teacher"].file("model")
@@ -274,10 +275,22 @@ def test_corrupt_checkpoint_is_recomputed_and_cli_names_it(tmp_path, capsys):
     truncated.write_bytes(truncated.read_bytes()[:300])
     code = main(["evaluate", str(truncated), "--recipe", "demo/ce", "--device", "cpu"])
     assert code == 2 and "is damaged; if it is in a stage directory, delete it" in capsys.readouterr().err
+    # What killed writes left (temporaries of a model and of a ZeRO pointer) goes when the stage is
+    # recomputed; a file that only looks alike stays.
+    stale = [model.parent / ".model.pt.k3x_9abc.tmp", model.parent / "deepspeed-progress" / ".progress.json.a1b2c3d4.tmp"]
+    for path in stale:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half a file")
+    (model.parent / "notes.tmp").write_text("mine")
     # A rerun does not trust the damaged output: the checksum no longer matches, so it recomputes.
-    again = run_pipeline(config)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ltscale"):
+        again = run_pipeline(config)
     assert again.executed == ["teacher"]
     assert again.metrics() == first.metrics()  # resumed from its final progress checkpoint, same weights
+    assert caplog.text.count("model.pt does not match its checksum; recomputing") == 1, caplog.text  # said once
+    assert "removed 2 temporary file(s) of writes a stopped attempt left" in caplog.text
+    assert not any(path.exists() for path in stale) and (model.parent / "notes.tmp").exists()
 
 
 def test_cli_rejects_unknown_recipe_and_key(capsys):

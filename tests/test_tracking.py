@@ -583,6 +583,41 @@ def test_pipelines_starting_together_on_a_new_local_store_all_record(tmp_path: P
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
 
 
+def test_a_run_killed_while_creating_a_new_local_store_leaves_it_usable(tmp_path: Path) -> None:
+    """MLflow builds a new SQLite store's schema table by table; killed in that window (a Ctrl-C a
+    second after starting), the store was left half-built and every later command failed with
+    "table ... already exists". Built aside and renamed, it is absent or whole."""
+    import signal
+    import sqlite3
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    script = "import sys\nfrom pathlib import Path\nfrom ltscale.tracking import Tracker, TrackingConfig\nTracker(TrackingConfig(), Path(sys.argv[1]))\n"
+    worker = subprocess.Popen([sys.executable, "-c", script, str(out)], env={**os.environ, "PYTHONPATH": str(root)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def tables(path: Path) -> int:
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.05) as db:
+                return db.execute("select count(*) from sqlite_master where type = 'table'").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    deadline = time.monotonic() + 120
+    while worker.poll() is None and time.monotonic() < deadline:
+        if any(30 <= tables(p) < 65 for p in [*out.glob("mlflow.db"), *out.glob(".mlflow.db.*")]):  # migrations half done (65 when whole)
+            worker.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    worker.wait(timeout=60)
+    assert worker.returncode == -signal.SIGKILL, "the worker finished before it could be killed mid-creation"
+    tracker = Tracker(TrackingConfig(), out)  # the next run: no leftover of the killed creation in its way
+    with tracker.pipeline_run("p", {}, {}):
+        pass
+    client = MlflowClient(default_tracking_uri(out))
+    assert len(client.search_runs([tracker.experiment_id])) == 1
+    assert not list(out.glob(".mlflow.db.*"))  # the dead creation's temporary file is gone
+
+
 class _FlakyClient:
     """An MlflowClient stand-in whose store refuses the first ``failures`` batches."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,22 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # mkstemp's name in _atomic_write
+
+
+def remove_interrupted_writes(directory: Path) -> list[Path]:
+    """Delete, under ``directory``, the temporary files of atomic writes whose process was killed
+    mid-write (one that raises removes its own); returns them. Each could be as large as the file it
+    was replacing (6.6 GiB of soft labels) and nothing else ever removes it. Only for a directory no
+    live process writes into: a stage's, under its lock."""
+    removed = []
+    for path in Path(directory).rglob(".*.tmp"):
+        if path.is_file() and _TEMPORARY.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_save(obj: Any, path: Path) -> None:

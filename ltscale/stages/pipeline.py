@@ -35,7 +35,7 @@ from ltscale.data.config import IN_MEMORY_DATASETS
 from ltscale.data.errors import DatasetError
 from ltscale.dist import runtime
 from ltscale.dist.gather import all_gather_object, barrier, broadcast_object, is_main_process, rank_and_world_size
-from ltscale.engine.checkpoint import atomic_write_json
+from ltscale.engine.checkpoint import atomic_write_json, remove_interrupted_writes
 from ltscale.engine.progress import Progress
 from ltscale.engine.schedule import OptimConfig
 from ltscale.engine.trainer import saved_progress
@@ -393,10 +393,15 @@ def _finished_or_claimed(store: Store, name: str, kind: str, key: str) -> tuple[
                 if lock is None:
                     holder = locks.holder(directory) or "another pipeline"
                 else:
-                    finished = store.finished(name, kind, key)  # finished between our look and our lock
+                    finished = store.finished(name, kind, key, warn=False)  # finished between our look and our lock
                     if finished is not None:
                         lock.release()
                         lock = None
+                    else:  # ours to produce: what a killed attempt was writing goes
+                        swept = remove_interrupted_writes(directory) if directory.is_dir() else []
+                        if swept:
+                            logger.info("stage %s: removed %d temporary file(s) of writes a stopped attempt left in %s",
+                                        name, len(swept), directory)
         finished, waiting = broadcast_object((finished, bool(holder)))
         if not waiting:
             return finished, lock

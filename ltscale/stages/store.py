@@ -65,8 +65,9 @@ class Store:
     def directory(self, kind: str, key: str) -> Path:
         return self.root / f"{kind}-{key}"
 
-    def finished(self, name: str, kind: str, key: str) -> StageOutput | None:
-        """The output if it is complete and every file it lists exists, else None."""
+    def finished(self, name: str, kind: str, key: str, warn: bool = True) -> StageOutput | None:
+        """The output if it is complete and every file it lists exists, else None. ``warn``: say
+        why a damaged output is recomputed (off for a second look that would say it again)."""
         directory = self.directory(kind, key)
         path = directory / MANIFEST
         if not path.is_file():
@@ -74,7 +75,8 @@ class Store:
         try:
             manifest = read_manifest(path)
         except ManifestError as error:
-            log.warning("stage output %s: %s; recomputing", directory, error)
+            if warn:
+                log.warning("stage output %s: %s; recomputing", directory, error)
             return None  # recompute rather than trust it
         if manifest.get("key") != key:
             return None
@@ -85,7 +87,8 @@ class Store:
             problem, stat = _check_file(directory / filename, recorded.get(role), known.get(role))
             if problem:
                 # Recompute instead of handing a corrupt checkpoint to the next stage.
-                log.warning("stage output %s: %s %s; recomputing", directory, filename, problem)
+                if warn:
+                    log.warning("stage output %s: %s %s; recomputing", directory, filename, problem)
                 return None
             if stat is not None:
                 rehashed[role] = stat  # touched or copied, same bytes

@@ -13,10 +13,12 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -522,6 +524,34 @@ def _sqlite_init_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+_CREATING = ".creating"
+"""Suffix of a SQLite store whose schema is being created (beside the store, under the init lock)."""
+
+
+def _create_sqlite_store_atomically(uri: str) -> None:
+    """Create a new SQLite store's schema in a temporary file and rename it into place.
+
+    MLflow builds the schema table by table on first use; a run stopped in that window (Ctrl-C
+    a second after starting) left a store with half its tables, on which every later command
+    failed ("table ... already exists"). Built aside, the store is either absent or whole.
+    Call under :func:`_sqlite_init_lock`: a temporary file found there is a dead creation's.
+    """
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return
+    path = Path(uri[len("sqlite:///") :])
+    for stale in path.parent.glob(f".{path.name}.*{_CREATING}*"):  # with SQLite's -journal beside it
+        stale.unlink(missing_ok=True)
+    if path.exists():
+        return
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{_CREATING}")
+    try:
+        # Any query makes MLflow build (and migrate) the schema of the store it opens.
+        MlflowClient(tracking_uri=f"sqlite:///{temp.as_posix()}").search_experiments(max_results=1)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 class Tracker:
     """Records a pipeline as one MLflow parent run with a child run per stage.
 
@@ -540,6 +570,7 @@ class Tracker:
             self._uri = default_tracking_uri(self.output_dir)
         check_sqlite_store(self._uri)
         with _sqlite_init_lock(self._uri):
+            _create_sqlite_store_atomically(self._uri)
             self.client = MlflowClient(tracking_uri=self._uri)
             self.experiment_id = self._ensure_experiment()
         self.code_version = code_version()
