@@ -1,4 +1,5 @@
-"""iNaturalist 2018 recipes: ResNet-50, 90 epochs, batch 256, lr 0.1 cosine, wd 1e-4.
+"""iNaturalist 2018 recipes: ResNet-50, 90 epochs, batch 256, lr 0.1 cosine, wd 1e-4 (also in the
+re-balancing stages).
 
 DiVE: T = 3 with power normalisation p = 0.5 (as on CIFAR). SSD's teacher trains with CE + MoCo v2
 instance discrimination, weights 1 / 1 (see configs/imagenet_lt.py). Set ``data.root`` to the iNat
@@ -22,7 +23,8 @@ INAT18_RECIPE = Recipe(
     model=ModelConfig(arch="resnet50"),
     optim=OptimConfig(epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4, warmup_epochs=0, schedule="cosine",
                       milestones=(), decay_factors=()),
-    rebalance_optim=OptimConfig(epochs=10, batch_size=512, lr=0.2, weight_decay=5e-4, warmup_epochs=0, schedule="cosine",
+    # wd 1e-4 as classifier-balancing's iNaturalist18 cRT / LWS configs (5e-4 is its ImageNet-LT value).
+    rebalance_optim=OptimConfig(epochs=10, batch_size=512, lr=0.2, weight_decay=1e-4, warmup_epochs=0, schedule="cosine",
                                 milestones=(), decay_factors=()),
     rebalance_sampler=SamplerConfig(kind="class_balanced", samples_per_class=4),
     lws_epochs=5,  # cRT 10; no validation split, so tau-norm keeps a fixed tau

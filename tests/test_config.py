@@ -531,17 +531,17 @@ def test_cifar_baseline_recipes():
 
 @pytest.mark.parametrize("imbalance", [100, 50, 10])
 @pytest.mark.parametrize("method", ["ce", "bsce", "crt", "lws", "tau-norm", "dive", "ssd", "ssd-dive"])
-def test_cifar_bbn_recipes_differ_only_in_the_lr_schedule(method, imbalance):
-    """SSD and DiVE say they follow BBN's schedule: x0.01 after 120 and x1e-4 after 160 (absolute);
-    SSD re-ran its CE and LWS baselines with it."""
+def test_cifar_bbn_recipes_differ_only_in_the_lr_schedule_and_nesterov(method, imbalance):
+    """SSD and DiVE say they follow BBN's schedule: x0.01 after 120 and x1e-4 after 160 (absolute),
+    with BBN's SGD with Nesterov momentum; SSD re-ran its CE and LWS baselines with it."""
     default, bbn = get_recipe(f"cifar100-lt-if{imbalance}/{method}"), get_recipe(f"cifar100-lt-if{imbalance}-bbn/{method}")
     assert bbn.name == f"cifar100-lt-if{imbalance}-bbn/{method}" and bbn.data == default.data
     assert list(bbn.stages) == list(default.stages)
     for name, stage in bbn.stages.items():
         optim = getattr(stage, "optim", None)
         if optim is not None and optim.schedule == "step":  # the teacher and the student
-            assert (optim.milestones, optim.decay_factors) == ((120, 160), (0.01, 1e-4))
-            stage = dataclasses.replace(stage, optim=dataclasses.replace(optim, milestones=(160, 180)))
+            assert (optim.milestones, optim.decay_factors, optim.nesterov) == ((120, 160), (0.01, 1e-4), True)
+            stage = dataclasses.replace(stage, optim=dataclasses.replace(optim, milestones=(160, 180), nesterov=False))
         assert stage == default.stages[name], name
     np.testing.assert_allclose(lr_schedule(bbn.stages["teacher"].optim, 1)[[119, 120, 159, 160, 199]],
                                [0.1, 1e-3, 1e-3, 1e-5, 1e-5], rtol=1e-12)
@@ -558,6 +558,8 @@ def test_large_data_rebalancing_recipes(prefix):
             stage = config.stages[name]
             epochs = {"crt": 10, "lws": 5, "tau_norm": 10}[stage.method]
             assert (stage.optim.epochs, stage.optim.lr, stage.optim.batch_size, stage.optim.schedule) == (epochs, 0.2, 512, "cosine")
+            # classifier-balancing's configs: wd 1e-4 on iNaturalist18, 5e-4 on ImageNet-LT (and Places-LT here)
+            assert stage.optim.weight_decay == (1e-4 if prefix.startswith("inat18") else 5e-4), (method, name)
             assert (stage.sampler.kind, stage.sampler.samples_per_class) == ("class_balanced", 4), (method, name)
             assert stage.tau_search == (stage.method == "tau_norm" and not prefix.startswith("inat18")), (method, name)
     teacher = get_recipe(f"{prefix}/ssd").stages["teacher"]
