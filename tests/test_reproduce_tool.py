@@ -305,3 +305,14 @@ def test_fetch_gpu_wheels_refuses_unknown_arguments_and_starts_from_an_empty_fol
     done = subprocess.run(["bash", str(script), "--sqlite"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / ".whl").is_dir() and not any((tmp_path / ".whl").iterdir())
+
+
+def test_a_mean_of_seeds_is_rounded_from_its_decimal_value(monkeypatch):
+    # 42.07 and 41.44 average to 41.755 exactly; a binary mean is 41.754999... and printed 41.75.
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    import reproduce_cifar as tool
+
+    stats = tool._stats([42.07, 41.44])
+    assert tool._two_places(stats["mean"]) == "41.76" and stats["n"] == 2
+    assert tool._two_places(stats["std"]) == "0.45"  # sample standard deviation (n - 1)
+    assert tool._two_places(tool._stats([38.61, 39.13])["mean"]) == "38.87"
