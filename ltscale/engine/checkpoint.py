@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the file and what was expected."""
 
 
+_TEMPORARY_SUFFIX = ".tmp"
+"""_atomic_write's temporary is ``.<name>.<random><suffix>`` beside its target."""
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX)
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
@@ -38,17 +41,14 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # mkstemp's name in _atomic_write
-
-
 def remove_interrupted_writes(directory: Path) -> list[Path]:
     """Delete, under ``directory``, the temporary files of atomic writes whose process was killed
     mid-write (one that raises removes its own); returns them. Each could be as large as the file it
     was replacing (6.6 GiB of soft labels) and nothing else ever removes it. Only for a directory no
     live process writes into: a stage's, under its lock."""
     removed = []
-    for path in Path(directory).rglob(".*.tmp"):
-        if path.is_file() and _TEMPORARY.match(path.name):
+    for path in Path(directory).rglob(f".*{_TEMPORARY_SUFFIX}"):
+        if path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

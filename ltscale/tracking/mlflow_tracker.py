@@ -139,12 +139,20 @@ def check_uri_form(uri: str, what: str) -> None:
                          f"{', '.join(_STORE_SCHEMES + tuple(plugins))}; e.g. sqlite:///runs/mlflow.db or http://host:5000)")
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file a ``sqlite:///`` URI names; None for other URIs and an in-memory store."""
+    if not uri.lower().startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :]
+    return Path(path) if path and path != ":memory:" else None
+
+
 def check_sqlite_store(uri: str) -> None:
     """A ValueError when a ``sqlite:///`` URI names an existing file that is not an SQLite database
     (MLflow would answer with an SQLAlchemy traceback)."""
-    if not uri.lower().startswith("sqlite:///"):
+    path = _sqlite_file(uri)
+    if path is None:
         return
-    path = Path(uri[len("sqlite:///"):])
     try:
         with open(path, "rb") as handle:
             header = handle.read(len(_SQLITE_HEADER))
@@ -509,12 +517,13 @@ def _sqlite_init_lock(uri: str) -> Iterator[None]:
     that at once (pipelines of a sweep starting together on one output directory) all fail with
     alembic errors. Other URIs (a server, a database server) need no lock.
     """
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+    path = _sqlite_file(uri)
+    if path is None:
         yield
         return
     import fcntl
 
-    lock_path = Path(uri[len("sqlite:///") :] + ".init-lock")
+    lock_path = path.with_name(path.name + ".init-lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -536,9 +545,9 @@ def _create_sqlite_store_atomically(uri: str) -> None:
     failed ("table ... already exists"). Built aside, the store is either absent or whole.
     Call under :func:`_sqlite_init_lock`: a temporary file found there is a dead creation's.
     """
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+    path = _sqlite_file(uri)
+    if path is None:
         return
-    path = Path(uri[len("sqlite:///") :])
     for stale in path.parent.glob(f".{path.name}.*{_CREATING}*"):  # with SQLite's -journal beside it
         stale.unlink(missing_ok=True)
     if path.exists():
@@ -586,9 +595,9 @@ class Tracker:
         """Artifact root for a new experiment; None lets the store (or server) decide."""
         scheme = self._uri.split(":", 1)[0].lower()
         if scheme == "sqlite":
-            path = self._uri[len("sqlite:///") :] if self._uri.startswith("sqlite:///") else ""
-            if path and path != ":memory:":
-                return (Path(path).resolve().parent / ARTIFACT_DIR).as_uri()
+            path = _sqlite_file(self._uri)
+            if path is not None:
+                return (path.resolve().parent / ARTIFACT_DIR).as_uri()
             return (self.output_dir.resolve() / ARTIFACT_DIR).as_uri()
         if scheme in {"postgresql", "mysql", "mssql"} or scheme.startswith(("postgresql+", "mysql+", "mssql+")):
             # Without it MLflow would put artifacts in ./mlruns of whatever the working directory is.
