@@ -119,6 +119,11 @@ def test_balanced_softmax_hand_computed():
     _close(L.balanced_softmax_cross_entropy(_t(STUDENT), _y(), _n()), expected)
     # the prior shift must change the loss here (tail target in row 0), or the test proves nothing
     assert abs(expected - _ce(STUDENT, TARGETS)) > 1.0
+    # Row by row: the two rows mirror each other (reversed and shifted, targets 2 and 0), so over the
+    # batch "- log n" gives the same mean as "+ log n"; a single row tells the sign.
+    for row, target in zip(STUDENT, TARGETS):
+        _close(L.balanced_softmax_cross_entropy(_t([row]), torch.tensor([target]), _n()), _bsce([row], [target], COUNTS))
+    assert _bsce(STUDENT[:1], TARGETS[:1], COUNTS) != pytest.approx(_bsce(STUDENT[:1], TARGETS[:1], [1 / n for n in COUNTS]))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
@@ -162,6 +167,12 @@ def test_virtual_example_rule_picks_the_least_flattening_that_lifts_the_tail():
     # Equal tau: the power-normalised setting (smaller T) is taken.
     chosen, _ = choose_setting(logits, np.array([200, 10]), temperatures=(4, 2), powers=(1.0, 0.5))
     assert (chosen["temperature"], chosen["power"]) == (2.0, 0.5)
+    # A medium class (50 images) that the teacher never scores is in neither mean: the head is the
+    # many-shot classes only, so the choice stays tau = 3 (a head that took the medium class would
+    # be met at once, tau = 1).
+    with_medium = torch.tensor([[1.5, -5.0, 0.0]] * 3 + [[0.0, -5.0, 10.0]])
+    chosen, _ = choose_setting(with_medium, np.array([200, 50, 5]), temperatures=range(1, 11), powers=(1.0, 0.5))
+    assert (chosen["temperature"], chosen["power"]) == (3.0, 1.0)
 
 
 def test_dive_hand_computed():
@@ -356,6 +367,40 @@ def test_torch_backend_returns_the_references():
     assert losses.kd is L.kd_loss
     assert losses.dive is L.dive_loss
     assert losses.ssd_hybrid is L.ssd_hybrid_loss
+
+
+def test_fused_losses_fall_back_to_the_references_with_every_argument_in_place(monkeypatch):
+    """Where the kernels cannot run (a CPU without the interpreter, meta tensors...), each fused
+    loss calls its reference: with T != 1, p != 1, alpha != 1/2 and unequal weights, so an argument
+    passed in the wrong place changes the loss or its gradient."""
+    from ltscale.kernels import distill
+
+    monkeypatch.setattr(distill, "_all_usable", lambda *tensors: False)
+    generator = torch.Generator().manual_seed(0)
+    student, teacher, hard = (torch.randn(5, 7, generator=generator) * 2 for _ in range(3))
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    counts = torch.tensor([300, 120, 60, 30, 12, 6, 2])
+    cases = [
+        (distill.fused_kd_loss, L.kd_loss, (student, teacher), (3.0, 0.5)),
+        (distill.fused_dive_loss, L.dive_loss, (student, teacher), (targets, counts, 3.0, 0.5, 0.3)),
+        (distill.fused_ssd_hybrid_loss, L.ssd_hybrid_loss, (hard, student), (targets, teacher, 2.5, 0.7, 1.9)),
+    ]
+    for fused, reference, leaves, args in cases:
+        results = []
+        for fn in (fused, reference):
+            inputs = [x.clone().requires_grad_(True) for x in leaves]
+            loss = fn(*inputs, *args)
+            loss.backward()
+            results.append((loss.detach(), [x.grad for x in inputs]))
+        (loss, grads), (loss_ref, grads_ref) = results
+        torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
+        for grad, grad_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
+    # The arguments matter at these values (a swap would not hide behind a symmetry).
+    assert not torch.isclose(L.dive_loss(student, teacher, targets, counts, 0.5, 3.0, 0.3),
+                             L.dive_loss(student, teacher, targets, counts, 3.0, 0.5, 0.3))
+    assert not torch.isclose(L.ssd_hybrid_loss(hard, student, targets, teacher, 2.5, 1.9, 0.7),
+                             L.ssd_hybrid_loss(hard, student, targets, teacher, 2.5, 0.7, 1.9))
 
 
 def test_auto_backend_on_cpu_without_interpreter_falls_back_to_references(monkeypatch):

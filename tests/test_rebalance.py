@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ltscale.engine.schedule import OptimConfig
 from ltscale.models.heads import HeadSpec, LinearHead, LWSHead, TauNormHead, rebalanced_head
@@ -77,7 +78,11 @@ def test_rebalance_task_keeps_backbone_and_batch_norm_frozen():
     task.train()
     assert not network.backbone.training, "batch-norm statistics must not move while re-balancing"
     for _ in range(3):
-        out = task({"image": torch.randn(8, 3, 8, 8), "target": torch.randint(0, 3, (8,))})
+        batch = {"image": torch.randn(8, 3, 8, 8), "target": torch.randint(0, 3, (8,))}
+        out = task(batch)
+        with torch.no_grad():  # plain cross-entropy of the head on the eval-mode backbone's features
+            expected = F.cross_entropy(network.heads["cls"](network.backbone(batch["image"])), batch["target"])
+        torch.testing.assert_close(out["loss"], expected)
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
@@ -211,6 +216,7 @@ def test_tau_search_runs_the_backbone_once_and_picks_the_brute_force_tau(tmp_pat
     passes = []
     network.backbone.register_forward_hook(lambda module, args, output: passes.append(len(output)))
 
+    assert TAU_GRID == tuple(step / 10 for step in range(21))  # 0, 0.1, ..., 2.0: both ends searched
     best = _choose_tau(RebalanceConfig(source="teacher", method="tau_norm", tau_search=True), ctx, network)
     assert sum(passes) == len(bundle.val)  # one pass over the validation images for the whole grid
     source = network.heads["cls"]

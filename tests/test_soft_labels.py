@@ -59,7 +59,8 @@ def test_the_student_task_holds_the_table_as_an_attribute_not_a_buffer():
     from ltscale.stages.tasks import SSDDistillTask
 
     table = torch.randn(10, 3)
-    task = SSDDistillTask(_Network(3), table, distillation_losses("torch", torch.device("cpu")), 2.0, 1.0, 1.0)
+    # T, hard and soft weights all different from SSD's defaults: each must reach its place in the loss.
+    task = SSDDistillTask(_Network(3), table, distillation_losses("torch", torch.device("cpu")), 2.5, 0.7, 1.9)
     assert not any(buffer is table for buffer in task.buffers()) and "soft_label_logits" not in task.state_dict()
     batch = {"image": torch.randn(4, 4), "target": torch.tensor([0, 1, 2, 0]), "index": torch.tensor([9, 0, 3, 3])}
     out = task(batch)
@@ -67,8 +68,11 @@ def test_the_student_task_holds_the_table_as_an_attribute_not_a_buffer():
 
     network = task.network
     expected = ssd_hybrid_loss(network.hard(batch["image"]), network.soft(batch["image"]), batch["target"],
-                               table[[9, 0, 3, 3]], 2.0, 1.0, 1.0)
+                               table[[9, 0, 3, 3]], temperature=2.5, hard_weight=0.7, soft_weight=1.9)
     torch.testing.assert_close(out["loss"], expected)
+    swapped = ssd_hybrid_loss(network.hard(batch["image"]), network.soft(batch["image"]), batch["target"],
+                              table[[9, 0, 3, 3]], temperature=2.5, hard_weight=1.9, soft_weight=0.7)
+    assert not torch.isclose(out["loss"], swapped)
 
 
 def test_the_student_task_can_distil_a_teacher_run_in_eval_mode_on_each_batch():
