@@ -223,6 +223,58 @@ def test_ddp_update_equals_one_process_on_the_global_batch(tmp_path, loss):
     assert (tmp_path / "progress.pt").is_file()  # written by rank 0
 
 
+class BatchNormTask(nn.Module):
+    """A task with batch norm: each rank's running statistics follow its own batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.network = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def trainable_parameters(self):
+        return list(self.network.parameters())
+
+    def forward(self, batch):
+        logits = self.network(batch["image"])
+        return {"loss": F.cross_entropy(logits, batch["target"]), "logits": logits, "target": batch["target"]}
+
+
+class _RankBatches(list):
+    batch_size = 4
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def _batch_norm_worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    generator = torch.Generator().manual_seed(rank)  # each rank's images differ, so would its statistics
+    batches = _RankBatches({"image": torch.randn(4, 6, generator=generator) * (1 + rank) + rank,
+                            "target": torch.tensor([0, 1, 2, 0])} for _ in range(3))
+    task = BatchNormTask()
+    optim = OptimConfig(epochs=2, batch_size=4 * world, lr=0.1, warmup_epochs=0, milestones=(), decay_factors=())
+    seen = []
+    Trainer(task, batches, optim, torch.device("cpu"), "fp32", Path(out) / "progress.pt", "bn", step="eager",
+            on_epoch_end=lambda metrics: seen.append({k: v.clone() for k, v in task.network.named_buffers()})).fit()
+    torch.save(seen, Path(out) / f"bn{rank}.pt")
+    runtime.leave_process_group()
+
+
+def test_batch_norm_statistics_are_the_same_on_every_rank_after_each_epoch(tmp_path):
+    """DDP here does not broadcast buffers each forward (MoCo's queue would go every step); the
+    trainer sends rank 0's once an epoch, so every rank evaluates and saves the same model."""
+    _spawn(_batch_norm_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"bn{r}.pt") for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    for epoch, (first, second) in enumerate(zip(*ranks)):
+        for name in first:
+            assert torch.equal(first[name], second[name]), f"{name} differs between ranks after epoch {epoch}"
+    assert not torch.equal(ranks[0][0]["1.running_mean"], torch.zeros(5))  # the statistics did move
+
+
 def _eval_worker(rank: int, world: int, port: int, out: str) -> None:
     _init(rank, world, port)
     bundle = _dataset(n=37)  # 37 test images: shards of 13, 12, 12 on 3 ranks

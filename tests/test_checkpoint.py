@@ -1,0 +1,41 @@
+"""The checkpoint primitives on their own: a write that fails leaves the old file and no
+temporary; a loaded checkpoint missing a key, or a state with keys the model lacks (or lacks keys
+the model has), is refused by name. (Kills and resumes end to end: test_pipeline.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ltscale.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_strict
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot be saved")
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "model.pt"
+    atomic_save({"kind": "k", "value": 1}, path)
+    with pytest.raises(RuntimeError, match="cannot be saved"):
+        atomic_save({"kind": "k", "value": Unpicklable()}, path)
+    assert load_checkpoint(path, kind="k")["value"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_a_checkpoint_without_a_required_key_is_refused_by_name(tmp_path):
+    path = tmp_path / "progress.pt"
+    atomic_save({"kind": "k", "network": {}}, path)
+    with pytest.raises(CheckpointError, match=r"lacks the keys \['epoch'\]"):
+        load_checkpoint(path, kind="k", required=("network", "epoch"))
+
+
+def test_a_state_that_does_not_match_the_model_is_refused_with_its_keys():
+    model = nn.Linear(2, 2)
+    state = model.state_dict()
+    with pytest.raises(CheckpointError, match=r"model\.pt does not match the model: unexpected keys \['extra'\]"):
+        load_state_strict(model, {**state, "extra": torch.zeros(1)}, "model.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys \['bias'\]"):
+        load_state_strict(model, {"weight": state["weight"]}, "model.pt")

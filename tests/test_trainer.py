@@ -1,0 +1,121 @@
+"""The one training loop's bookkeeping: the lr each step trains with, the epoch handed to the
+loader and the task (samplers reshuffle by it, DRW switches on by it), the progress bar's length,
+and all three after a resume. The losses and updates themselves: test_fast_step.py, test_distributed.py."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ltscale.engine.progress import Progress
+from ltscale.engine.schedule import OptimConfig, lr_schedule
+from ltscale.engine.trainer import Trainer
+
+STEPS = 3
+OPTIM = OptimConfig(epochs=4, batch_size=4, lr=0.3, warmup_epochs=2, milestones=(3,), decay_factors=(0.1,))
+
+
+class RecordingLoader:
+    """``STEPS`` fixed batches an epoch; records the epochs it is set to."""
+
+    batch_size = 4
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.batches = [{"image": torch.randn(4, 6, generator=generator), "target": torch.tensor([0, 1, 2, 1])}
+                        for _ in range(STEPS)]
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class RecordingTask(nn.Module):
+    """A linear classifier that records the lr its optimizer holds at each step and its epochs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.network = nn.Linear(6, 3)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lrs: list[float] = []
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def trainable_parameters(self):
+        return list(self.network.parameters())
+
+    def forward(self, batch):
+        self.lrs.append(self.optimizer.param_groups[0]["lr"])
+        logits = self.network(batch["image"])
+        return {"loss": F.cross_entropy(logits, batch["target"]), "logits": logits, "target": batch["target"]}
+
+
+class CountingProgress(Progress):
+    def __init__(self) -> None:
+        super().__init__(enabled=False)
+        self.totals: list[int] = []
+        self.advanced = 0
+
+    @contextmanager
+    def task(self, name, total, unit="it"):
+        self.totals.append(total)
+
+        def advance(n=1):
+            self.advanced += n
+        yield advance
+
+
+class Stop(Exception):
+    pass
+
+
+def _fit(progress_path: Path, optim: OptimConfig, stop_after: int | None = None):
+    task, loader, progress = RecordingTask(), RecordingLoader(), CountingProgress()
+    ended = []
+
+    def on_epoch_end(metrics):  # called after the epoch's progress is saved, as a kill there would find it
+        ended.append(metrics)
+        if len(ended) == stop_after:
+            raise Stop
+    trainer = Trainer(task, loader, optim, torch.device("cpu"), "fp32", progress_path, "toy", progress=progress,
+                      on_epoch_end=on_epoch_end, step="eager")
+    task.optimizer = trainer.optimizer
+    start = trainer.fit()
+    return start, task, loader, progress
+
+
+def test_each_step_trains_at_its_own_point_of_the_schedule(tmp_path):
+    start, task, loader, progress = _fit(tmp_path / "progress.pt", OPTIM)
+    expected = lr_schedule(OPTIM, STEPS)
+    assert start == 0 and len(expected) == OPTIM.epochs * STEPS
+    # Per step, not per epoch: the warm-up rises within an epoch and epochs differ.
+    assert len(set(expected[:STEPS])) == STEPS and expected[STEPS] != expected[0]
+    np.testing.assert_allclose(task.lrs, expected, rtol=0, atol=0)
+    assert loader.epochs == task.epochs == [0, 1, 2, 3]  # samplers reshuffle by it, DRW switches by it
+    assert progress.totals == [OPTIM.epochs * STEPS] and progress.advanced == OPTIM.epochs * STEPS
+
+
+def test_a_resumed_stage_continues_the_schedule_and_the_epochs_where_it_stopped(tmp_path):
+    path = tmp_path / "progress.pt"
+    with pytest.raises(Stop):
+        _fit(path, OPTIM, stop_after=2)
+    start, task, loader, progress = _fit(path, OPTIM)
+    assert start == 2
+    np.testing.assert_allclose(task.lrs, lr_schedule(OPTIM, STEPS)[2 * STEPS:], rtol=0, atol=0)
+    assert loader.epochs == task.epochs == [2, 3]
+    assert progress.totals == [2 * STEPS] and progress.advanced == 2 * STEPS  # the bar counts what is left
