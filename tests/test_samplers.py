@@ -167,6 +167,25 @@ def test_class_balanced_default_length_and_epoch_and_seed_dependence():
     assert not np.array_equal(sampler.indices(3), ClassBalancedSampler(targets, seed=1).indices(3))
 
 
+@pytest.mark.parametrize("samples_per_class", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_class_balanced_length_is_what_each_rank_yields(samples_per_class, world_size):
+    """The trainer's steps per epoch (and the lr schedule's length) come from len(sampler): it must
+    count what the rank really yields, whole draws dealt over the ranks."""
+    targets = _long_tailed_targets([50, 20, 6, 2], seed=3)
+    for num_samples in (78, 401):
+        lengths = []
+        for rank in range(world_size):
+            sampler = ClassBalancedSampler(targets, samples_per_class=samples_per_class, seed=1, rank=rank,
+                                           world_size=world_size, num_samples=num_samples)
+            sampler.set_epoch(2)
+            lengths.append(len(list(sampler)))
+            assert len(sampler) == lengths[-1], (num_samples, rank)
+        draws = -(-num_samples // samples_per_class)  # one process cuts the last draw at num_samples
+        expected = num_samples if world_size == 1 else -(-draws // world_size) * samples_per_class
+        assert lengths == [expected] * world_size
+
+
 def test_class_balanced_skips_classes_without_images():
     targets = np.array([0, 0, 0, 2, 2, 4])  # classes 1 and 3 are empty
     order = ClassBalancedSampler(targets, seed=0, num_samples=3000).indices(0)
