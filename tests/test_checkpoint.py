@@ -39,3 +39,10 @@ def test_a_state_that_does_not_match_the_model_is_refused_with_its_keys():
         load_state_strict(model, {**state, "extra": torch.zeros(1)}, "model.pt")
     with pytest.raises(CheckpointError, match=r"missing keys \['bias'\]"):
         load_state_strict(model, {"weight": state["weight"]}, "model.pt")
+
+
+def test_a_checkpoint_of_another_kind_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    atomic_save({"kind": "ltscale.model", "state": {}}, path)
+    with pytest.raises(CheckpointError, match=r"is of kind 'ltscale\.model', expected 'ltscale\.soft_labels'"):
+        load_checkpoint(path, kind="ltscale.soft_labels")

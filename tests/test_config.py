@@ -851,3 +851,29 @@ def test_cli_tags_reach_the_tracking_config_and_bad_ones_are_named(capsys, tmp_p
         assert code == 2 and f"ltscale: error: --tag: tracking.run_tags: {message}" in err, err
     code, err = _cli(capsys, "run", "demo/ce", "--plan", "--set", f"output_dir={tmp_path}", "--tag", "a=1", "--tag", "a=2")
     assert code == 2 and "tag 'a' is given twice ('1' and '2')" in err
+
+
+def test_synthetic_set_head_first_test_images_its_own_and_layout_by_seed(monkeypatch):
+    """Class 0 is the largest (the profile runs head to tail), the test images are drawn apart from
+    the training ones (none repeats one, even where the two could coincide), and the seed changes
+    the classes' look, not only the noise."""
+    from ltscale.data.cifar import long_tailed_counts
+    from ltscale.data.config import SyntheticConfig
+    from ltscale.data import synthetic
+    from ltscale.data.synthetic import make_synthetic
+
+    config = SyntheticConfig(num_classes=4, max_per_class=12, imbalance_factor=4.0, test_per_class=12, image_size=8)
+    bundle = make_synthetic(config)
+    np.testing.assert_array_equal(bundle.train.class_counts(), long_tailed_counts(12, 4, 4.0))
+    assert bundle.train.class_counts()[0] == 12 and bundle.train.class_counts()[-1] == 3
+    # Balanced, with as many test as training images per class: the label lists are equal, so a
+    # test set drawn from the training stream would repeat the training images one for one.
+    balanced = make_synthetic(dataclasses.replace(config, imbalance_factor=1.0))
+    np.testing.assert_array_equal(balanced.train.targets, balanced.test.targets)
+    train = {image.tobytes() for image in balanced.train.images}
+    assert not any(image.tobytes() in train for image in balanced.test.images)
+    layouts = []
+    original = synthetic._class_attributes
+    monkeypatch.setattr(synthetic, "_class_attributes", lambda *args: layouts.append(original(*args)) or layouts[-1])
+    make_synthetic(config), make_synthetic(dataclasses.replace(config, seed=1))
+    assert len(layouts) == 2 and repr(layouts[0]) != repr(layouts[1])
