@@ -285,7 +285,16 @@ def _eval_worker(rank: int, world: int, port: int, out: str) -> None:
     from ltscale.dist import gather
 
     gather.GATHER_CHUNK_BYTES = 5 * rows[0].numel() * rows.element_size() * world  # 5 rows a rank: chunks of 5, 5, 3
+    collectives: list[int] = []  # bytes each collective delivers to every rank, all ranks' rows together
+    plain_all_gather = gather.all_gather_no_grad
+
+    def counting_all_gather(piece):
+        gathered = plain_all_gather(piece)
+        collectives.append(gathered.numel() * gathered.element_size())
+        return gathered
+    gather.all_gather_no_grad = counting_all_gather
     on_main = gather.gather_strided_rows_to_main(rows, 37)
+    gather.all_gather_no_grad = plain_all_gather
     # A split smaller than the number of ranks (2 images, 3 ranks): rank 2's shard is empty, and it
     # still counts with the others (tau-norm's search over a validation split does this).
     from ltscale.engine.evaluate import evaluate_head_on_features, extract_features
@@ -301,6 +310,7 @@ def _eval_worker(rank: int, world: int, port: int, out: str) -> None:
     small_top1 = evaluate_head_on_features(network.heads["cls"], features, targets, bundle.train.class_counts(),
                                            torch.device("cpu")).top1
     torch.save({"top1": result.top1, "per_class": result.per_class_top1, "count": result.per_class_count, "on_main": on_main,
+                "collectives": collectives, "chunk_bytes": gather.GATHER_CHUNK_BYTES,
                 "small_rows": len(features), "small_top1": small_top1}, Path(out) / f"eval{rank}.pt")
     runtime.leave_process_group()  # drains gloo's threads first: a bare destroy aborted now and then
 
@@ -349,6 +359,9 @@ def test_sharded_evaluation_and_gather_equal_one_process(tmp_path):
             torch.testing.assert_close(got["on_main"], every_row, rtol=0, atol=0)
         else:
             assert got["on_main"] is None
+        # Each collective stays within the budget counted over all ranks (37 rows of 2 floats, 3 ranks).
+        assert got["collectives"] == [5 * 3 * 8, 5 * 3 * 8, 3 * 3 * 8]
+        assert max(got["collectives"]) <= got["chunk_bytes"]
 
 
 def _shared_check_worker(rank: int, world: int, port: int, directories: list[str], rounds: int, out: str) -> None:

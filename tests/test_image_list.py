@@ -329,6 +329,31 @@ def test_inat_dataset_from_annotation_files(tmp_path):
     assert bundle.normalization.mean == (0.466, 0.471, 0.380)
 
 
+
+def test_class_names_come_from_the_folders_between_the_split_folder_and_the_file(tmp_path):
+    """iNat's lists nest two folders deep (super-category / id): the name keeps both, since the
+    id alone repeats the label and the super-category alone names thousands of classes."""
+    (tmp_path / "train.txt").write_text(
+        "train_val2018/Plantae/7291/a.jpg 7291\n"
+        "train_val2018/Aves/0/b.jpg 0\n"
+        "train_val2018/Plantae/7291/c.jpg 7291\n"
+    )
+    (tmp_path / "test.txt").write_text("train_val2018/Aves/0/d.jpg 0\n")
+    config = DataConfig(dataset="inat2018", root=str(tmp_path), train_list=str(tmp_path / "train.txt"),
+                        test_list=str(tmp_path / "test.txt"))
+    names = build_image_list_dataset(config, check_files=False).train.class_names
+    assert len(names) == 8142
+    assert (names[7291], names[0]) == ("Plantae/7291", "Aves/0")
+    assert names[1] == "1" and names[8141] == "8141"  # classes absent from the list keep their number
+
+    (tmp_path / "imagenet.txt").write_text("train/n01440764/n01440764_190.JPEG 0\nflat.JPEG 1\ntrain/loose.JPEG 2\n")
+    (tmp_path / "imagenet_test.txt").write_text("val/ILSVRC2012_val_00000001.JPEG 0\n")
+    config = DataConfig(dataset="imagenet_lt", root=str(tmp_path), train_list=str(tmp_path / "imagenet.txt"),
+                        test_list=str(tmp_path / "imagenet_test.txt"))
+    names = build_image_list_dataset(config, check_files=False).train.class_names
+    assert names[:3] == ["n01440764", "1", "2"]  # a file outside any class folder names nothing
+
+
 # ---------------------------------------------------------------- image trees and the loader
 
 

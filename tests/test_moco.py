@@ -343,35 +343,62 @@ def test_moco_forward_uses_the_queue_before_its_enqueue_and_the_positive_key():
 # ---- shuffled BN on one process ----------------------------------------------------------------
 
 
+def _keys_by_hand(moco: MoCo, chunk: torch.Tensor) -> torch.Tensor:
+    """The key encoder on ``chunk`` with its own batch statistics, written out."""
+    conv = moco.key_encoder.conv(chunk)
+    mean = conv.mean(dim=(0, 2, 3), keepdim=True)
+    var = conv.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    bn = moco.key_encoder.bn
+    normed = (conv - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    return F.normalize(moco.key_projection(F.relu(normed).mean(dim=(2, 3))), dim=1)
+
+
 def test_sub_batch_bn_normalises_each_key_with_its_sub_batch_statistics():
     moco = _moco(sub_batches=2)
     moco.train()
     images = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
     permutation = torch.tensor([3, 0, 6, 1, 7, 4, 2, 5])
 
-    def by_hand(chunk: torch.Tensor) -> torch.Tensor:
-        conv = moco.key_encoder.conv(chunk)
-        mean = conv.mean(dim=(0, 2, 3), keepdim=True)
-        var = conv.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        bn = moco.key_encoder.bn
-        normed = (conv - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
-        return F.normalize(moco.key_projection(F.relu(normed).mean(dim=(2, 3))), dim=1)
-
     keys = moco.encode_keys(images, permutation)
     expected = torch.empty_like(keys)
-    expected[permutation[:4]] = by_hand(images[permutation[:4]])  # the shuffled batch's first half
-    expected[permutation[4:]] = by_hand(images[permutation[4:]])
+    expected[permutation[:4]] = _keys_by_hand(moco, images[permutation[:4]])  # the shuffled batch's first half
+    expected[permutation[4:]] = _keys_by_hand(moco, images[permutation[4:]])
     torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-6)
-    full_batch = by_hand(images)
+    full_batch = _keys_by_hand(moco, images)
     assert (keys - full_batch).abs().max() > 1e-3, "sub-batch statistics must differ from full-batch ones"
     # shuffle_bn=none is plain full-batch BN.
     moco_none = _moco(shuffle_bn="none")
     moco_none.load_state_dict(moco.state_dict())
     torch.testing.assert_close(moco_none.encode_keys(images), full_batch, rtol=1e-5, atol=1e-6)
-    # A batch too small to split keeps >= 2 images per sub-batch (BN needs two values per channel).
-    assert moco.encode_keys(images[:3]).shape == (3, 5)
     with pytest.raises(ValueError, match="more than one rank"):
         _moco(shuffle_bn="ddp").encode_keys(images)
+
+
+@pytest.mark.parametrize(
+    "sub_batches, batch, sizes",
+    [
+        (4, 5, [3, 2]),  # 4 sub-batches asked, 5 images: 2 sub-batches, none of one image
+        (4, 3, [3]),  # one sub-batch of 3 rather than 2 + 1
+        (2, 4, [2, 2]),
+        (8, 8, [2, 2, 2, 2]),
+    ],
+)
+def test_shuffled_bn_sub_batches_keep_at_least_two_images(sub_batches, batch, sizes):
+    """A sub-batch of one image would be normalised by its own statistics alone (instance norm,
+    not batch norm; and BN on a 1x1 map raises). The count drops until every sub-batch has two
+    images or more, split as ``tensor_split`` does."""
+    moco = _moco(sub_batches=sub_batches)
+    moco.train()
+    images = torch.randn(batch, 3, 5, 5, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    permutation = torch.randperm(batch, generator=torch.Generator().manual_seed(2))
+    keys = moco.encode_keys(images, permutation)
+    expected = torch.empty_like(keys)
+    start = 0
+    for size in sizes:
+        rows = permutation[start : start + size]
+        expected[rows] = _keys_by_hand(moco, images[rows])
+        start += size
+    torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-6)
 
 
 # ---- two-view loaders --------------------------------------------------------------------------

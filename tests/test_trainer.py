@@ -119,3 +119,32 @@ def test_a_resumed_stage_continues_the_schedule_and_the_epochs_where_it_stopped(
     np.testing.assert_allclose(task.lrs, lr_schedule(OPTIM, STEPS)[2 * STEPS:], rtol=0, atol=0)
     assert loader.epochs == task.epochs == [2, 3]
     assert progress.totals == [2 * STEPS] and progress.advanced == 2 * STEPS  # the bar counts what is left
+
+
+def test_epoch_lines_go_to_logs_but_not_over_the_bars_of_a_terminal():
+    """On a terminal the bar already shows an epoch's progress: printing each epoch's line there
+    would push the bars down the screen. Milestones (a stage started, finished) print in both."""
+    import io
+
+    from rich.console import Console
+
+    screen = io.StringIO()
+    terminal = Progress(console=Console(file=screen, force_terminal=True, width=120))
+    assert terminal.enabled and not terminal.lines
+    terminal.note("teacher: epoch 3/200", epoch=True)
+    terminal.note("teacher: done")
+    assert "teacher: done" in screen.getvalue() and "epoch 3/200" not in screen.getvalue()
+
+    log = io.StringIO()
+    pipe = Progress(console=Console(file=io.StringIO(), force_terminal=False), stream=log)
+    assert pipe.lines and not pipe.enabled
+    pipe.note("teacher: epoch 3/200", epoch=True)
+    pipe.note("teacher: done")
+    lines = log.getvalue().splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == ["teacher: epoch 3/200", "teacher: done"]  # after the timestamp
+
+    silent = io.StringIO()
+    off = Progress(enabled=False, console=Console(file=io.StringIO(), force_terminal=False), stream=silent)
+    off.note("teacher: epoch 3/200", epoch=True)
+    off.note("teacher: done")
+    assert silent.getvalue() == ""
