@@ -134,6 +134,15 @@ def test_global_numpy_rng_state_is_left_untouched(bundles):
     np.testing.assert_array_equal(before[1], after[1])
 
 
+def test_normalisation_is_the_statistics_of_the_official_training_set(bundles, raw):
+    """The loaders normalise with these constants; they must be CIFAR-100's own per-channel
+    training mean and std (the CIFAR-10 values, or a typo, would shift every input)."""
+    pixels = _as_images(np.asarray(raw["train"]["data"])).reshape(-1, 3).astype(np.float64) / 255
+    normalization = bundles[0][100].normalization
+    np.testing.assert_allclose(normalization.mean, pixels.mean(axis=0), atol=5e-4)
+    np.testing.assert_allclose(normalization.std, pixels.std(axis=0), atol=5e-4)
+
+
 def test_long_tailed_indices_restores_the_global_rng_even_on_error():
     np.random.seed(99)
     expected = np.random.RandomState(99).random_sample(3)
@@ -302,6 +311,8 @@ class _Exploit:
     ("train", {"data": np.zeros((300, 3072), np.uint8)}, r"cifar-100-python/train has no key 'fine_labels' \(its keys: \['data'\]\)"),
     ("train", {"data": np.zeros((300, 3072), np.uint8), "fine_labels": [0] * 299 + [150]},
      r"cifar-100-python/train: key 'fine_labels' has labels outside 0..99 \(row 299: 150; 1 in all\)"),
+    ("train", {"data": np.zeros((300, 3072), np.uint8), "fine_labels": [0] * 299 + [100]},
+     r"cifar-100-python/train: key 'fine_labels' has labels outside 0..99 \(row 299: 100; 1 in all\)"),
     ("test", {"data": np.zeros((300, 3072), np.uint8), "fine_labels": [-1] * 300},
      r"cifar-100-python/test: key 'fine_labels' has labels outside 0..99 \(row 0: -1; 300 in all\)"),
     ("train", {"data": np.zeros((300, 3072), np.uint8), "fine_labels": [0] * 10},
@@ -346,6 +357,8 @@ def test_cifar10_folder_loads_and_names_a_batch_without_labels(tmp_path):
     (folder / "batches.meta").write_bytes(_pickle_bytes({"label_names": [f"c{c}" for c in range(10)]}))
     bundle = load_cifar_lt("cifar10_lt", tmp_path, 1.0)
     assert len(bundle.train) == 100 and len(bundle.test) == 30 and bundle.train.class_names[3] == "c3"
+    # CIFAR-10's own training statistics, not CIFAR-100's
+    assert bundle.normalization.mean == (0.4914, 0.4822, 0.4465) and bundle.normalization.std == (0.2470, 0.2435, 0.2616)
 
     (folder / "data_batch_3").write_bytes(_pickle_bytes({"data": np.zeros((20, 3072), np.uint8)}))
     with pytest.raises(DatasetError, match=rf"{folder / 'data_batch_3'} has no key 'labels'"):

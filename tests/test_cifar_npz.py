@@ -109,3 +109,17 @@ def test_a_file_that_is_not_an_npz_is_named_without_pickle_advice(tmp_path):
     missing = tmp_path / "absent.npz"
     with pytest.raises(DatasetError, match=rf"data.root '{missing}' is not a readable packed CIFAR-LT file"):
         load_cifar_lt("cifar100_lt", missing, 100)
+
+
+def test_a_packed_file_of_another_format_version_is_refused(tmp_path):
+    """Members of another layout (a future codec, say) would decode to wrong pixels without error."""
+    from ltscale.data.cifar_npz import write_npz
+
+    packed = tmp_path / "p.npz"
+    pack_from_archive("cifar100_lt", fake_cifar100(tmp_path / "archive"), 10.0, packed)
+    with np.load(packed) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    arrays["format"] = np.array("ltscale-cifar-lt-npz-2")
+    write_npz(packed, arrays)
+    with pytest.raises(DatasetError, match="is not a packed CIFAR-LT file of format ltscale-cifar-lt-npz-1"):
+        load_cifar_lt("cifar100_lt", str(packed), 10.0)

@@ -290,6 +290,7 @@ def test_a_temperature_must_come_from_the_distilled_teachers_own_virtual_example
     ("demo/ce", "data.imbalance_factor=10", r"data.imbalance_factor \(the generated set's is data.synthetic.imbalance_factor\)"),
     ("demo/ce", "data.image_size=32", r"data.image_size \(the generated set's is data.synthetic.image_size\)"),
     ("cifar100-lt-if100/ce", "data.test_list=test.txt", r"data.dataset=cifar100_lt does not read data.test_list"),
+    ("cifar100-lt-if100/ce", "data.train_list=train.txt", r"data.dataset=cifar100_lt does not read data.train_list"),
     ("cifar100-lt-if100/ce", "data.image_size=64", r"data.image_size \(CIFAR images are 32 px"),
     ("cifar100-lt-if100/ce", "data.synthetic.num_classes=10", r"data.synthetic.\* \(that is the generated set's config\)"),
     ("imagenet-lt/ce", "data.imbalance_factor=50", r"data.imbalance_factor \(the imagenet_lt split lists fix its imbalance"),
@@ -696,6 +697,8 @@ def test_distill_and_virtual_example_ranges():
         ("data.synthetic.image_size=100000", r"data.synthetic.image_size must be in \[8, 256\], got 100000"),
         ("data.synthetic.max_per_class=20", r"data.synthetic: imbalance factor 80 leaves the rarest of 30 classes no image"),
         ("data.loader.max_bad_image_fraction=nan", r"max_bad_image_fraction must be in \[0, 1\), got nan"),
+        ("data.loader.max_bad_image_fraction=1", r"max_bad_image_fraction must be in \[0, 1\), got 1"),
+        ("data.loader.backend=torch", r"data.loader.backend=torch decodes image files; synthetic is held in memory"),
     ],
 )
 def test_synthetic_data_fields_are_checked(override, message):

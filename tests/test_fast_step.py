@@ -249,6 +249,27 @@ def test_fast_step_rejects_dampening(bundle):
         FastStep(task, torch.optim.SGD(task.trainable_parameters(), lr=0.1), torch.device("cpu"), None, graphs=True)
 
 
+def test_nesterov_update_and_recorded_lr_match_sgd(bundle, tmp_path):
+    """``optim.nesterov`` (the BBN recipes): the hand-written update takes SGD's Nesterov step
+    (g + m * buf), and the learning rate of the step is left in the optimiser's param groups,
+    where progress checkpoints record it, as the eager step does."""
+    batch = batches_of(bundle, torch.device("cpu"), 32)[:1]
+    optim = OptimConfig(epochs=1, batch_size=32, lr=0.1, warmup_epochs=0, milestones=(), decay_factors=(), nesterov=True)
+    trainers = {}
+    for step in ("eager", "fast"):
+        task = make_task("ce", bundle, torch.device("cpu"))
+        trainers[step] = Trainer(task, ListLoader(batch + batch), optim, torch.device("cpu"), "fp32", tmp_path / f"{step}.pt",
+                                 "test", step=step)
+        trainers[step].fit()
+    assert trainers["fast"].fast_step is not None
+    assert_same_state(trainers["eager"].task.network, trainers["fast"].task.network, rtol=1e-5, atol=1e-6)
+
+    task = make_task("ce", bundle, torch.device("cpu"))
+    optimizer = torch.optim.SGD(task.trainable_parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    FastStep(task, optimizer, torch.device("cpu"), None)(batch[0], 0.03)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.03] * len(optimizer.param_groups)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ("rotation", "rotation_split", "ldam_drw", "ssd", "ssd_fused", "dive"))

@@ -138,6 +138,7 @@ def test_image_listed_twice_names_both_lines(tmp_path, lines, found):
         ("/etc/passwd", "is absolute"),
         ("train/../../etc/passwd", "leaves the image root"),
         ("../x.jpg", "leaves the image root"),
+        ("train/../..", "leaves the image root"),  # normalises to '..' itself
     ],
 )
 def test_path_outside_the_root_names_line_and_path(tmp_path, path, problem):
@@ -649,3 +650,131 @@ def test_forked_workers_read_paths_without_copying_them(tmp_path):
     os.waitpid(child, 0)
     assert total == sum(len(p) for p in paths)
     assert grown < 4096, f"a worker reading the paths gained {grown} KiB of private memory"
+
+
+# ---------------------------------------------------------------- what each dataset's recipe fixes
+
+
+def test_dataset_specs_carry_the_standard_statistics_and_colour_jitter():
+    """ImageNet-pretrained backbones (Places-LT's ResNet-152) expect exactly torchvision's ImageNet
+    statistics; the ImageNet-LT / Places-LT recipes jitter colour at 0.4, the iNat ones not at all."""
+    assert IMAGENET_NORMALIZATION.mean == (0.485, 0.456, 0.406) and IMAGENET_NORMALIZATION.std == (0.229, 0.224, 0.225)
+    for name in ("imagenet_lt", "places_lt"):
+        assert DATASET_SPECS[name].normalization == IMAGENET_NORMALIZATION
+        assert DATASET_SPECS[name].train_color_jitter == 0.4
+    assert DATASET_SPECS["inat2018"].normalization != IMAGENET_NORMALIZATION
+    assert DATASET_SPECS["inat2018"].train_color_jitter == 0.0
+    assert {name: spec.num_classes for name, spec in DATASET_SPECS.items()} == {"imagenet_lt": 1000, "places_lt": 365, "inat2018": 8142}
+
+
+def test_eval_transform_resizes_the_short_side_to_256_over_224_then_centre_crops():
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, size=(3, 300, 400), dtype=np.uint8))
+    import torchvision.transforms.v2.functional as TF
+
+    for size, resized in ((224, 256), (112, 128)):
+        expected = TF.center_crop(TF.resize(image, [resized], antialias=True), [size])
+        got = build_transform(False, size)(image)
+        assert got.shape == (3, size, size) and torch.equal(got, expected)
+
+
+def test_train_transform_is_random_resized_crop_of_the_imagenet_recipe_and_a_fair_flip():
+    import torchvision.transforms.v2 as transforms
+
+    steps = build_transform(True, 32).transforms
+    crop = next(step for step in steps if isinstance(step, transforms.RandomResizedCrop))
+    # torchvision's defaults, which the ImageNet-LT / Places-LT / iNat recipes use
+    assert list(crop.size) == [32, 32] and crop.scale == (0.08, 1.0)
+    assert crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    # A left-to-right ramp stays increasing under any crop and resize, and decreases when flipped.
+    ramp = torch.arange(64, dtype=torch.uint8).mul(4).expand(3, 64, 64).contiguous()
+    flipped = 0
+    for draw in range(400):
+        torch.manual_seed(draw)
+        row = build_transform(True, 32)(ramp)[0, 16].int()
+        flipped += int(row[0] > row[-1])
+    assert abs(flipped / 400 - 0.5) < 0.1  # sd 0.025
+
+
+def test_training_crops_change_with_the_epoch(tree):
+    """Each sample's crop and flip is seeded from (seed, epoch, rank): the same sample gets a new
+    augmentation in a new epoch, and the same one when that epoch is replayed."""
+    _, bundle = tree
+    split = FileSplit(name="few", targets=bundle.train.targets[:4], num_classes=1000, root=bundle.train.root,
+                      paths=bundle.train.paths[:4])
+
+    def epoch(number: int) -> torch.Tensor:
+        loader = FileLoader(split, train=True, batch_size=4, sampler=InstanceBalancedSampler(4, seed=0, shuffle=False),
+                            image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=0,
+                            max_bad_image_fraction=0.0, drop_last=False, device="cpu", color_jitter=0.0)
+        loader.set_epoch(number)
+        (batch,) = list(loader)
+        assert batch["index"].tolist() == [0, 1, 2, 3]
+        return batch["image"]
+
+    first = epoch(1)
+    assert torch.equal(first, epoch(1))
+    assert not torch.equal(first, epoch(2))
+
+
+def test_drop_last_delivers_only_full_batches(tree):
+    _, bundle = tree
+    loader = FileLoader(bundle.train, train=True, batch_size=4, sampler=InstanceBalancedSampler(10, seed=0),
+                        image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=0,
+                        max_bad_image_fraction=0.0, drop_last=True, device="cpu", color_jitter=0.4)
+    batches = list(loader)
+    assert len(loader) == 2 and [len(b["index"]) for b in batches] == [4, 4]
+
+
+def test_the_pixel_limit_is_twice_pils(monkeypatch):
+    """PIL warns above MAX_IMAGE_PIXELS and refuses above twice it; the JPEG path refuses where PIL does."""
+    from ltscale.data.loaders.files import check_pixel_limit
+
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10_000)
+    check_pixel_limit(100, 200)  # exactly twice the limit: allowed
+    with pytest.raises(PIL.Image.DecompressionBombError, match="over the decompression-bomb limit of 20000"):
+        check_pixel_limit(100, 201)
+
+
+def test_a_run_of_corrupt_images_is_replaced_by_the_next_readable_image_of_the_class(tmp_path):
+    split = build_image_list_dataset(_make_tree(tmp_path)).train
+    for index in (2, 3):  # class 0 holds indices 0-5
+        _truncate(split.root / split.paths[index])
+    loader = _loader(split, train=True, fraction=0.2, shuffle=False)  # 2 allowed
+    indices = torch.cat([b["index"] for b in loader]).tolist()
+    assert indices == [0, 1, 4, 4, 4, 5, 6, 7, 8, 9]
+    assert loader.bad_files == sorted(str(split.root / split.paths[i]) for i in (2, 3))
+
+
+def test_same_class_candidates_follow_list_order_in_a_large_split():
+    """'The next images of its class' in list order: numpy's default sort is not stable on
+    large arrays, which would make the substitute depend on the sort algorithm."""
+    from ltscale.data.loaders.bad_images import MAX_SUBSTITUTES, SameClassCandidates
+
+    targets = np.random.default_rng(0).integers(0, 3, size=3000)
+    candidates = SameClassCandidates(targets, 3)
+    for index in (0, 17, 1500, 2999):
+        members = np.flatnonzero(targets == targets[index]).tolist()
+        position = members.index(index)
+        expected = (members[position + 1 :] + members[:position])[:MAX_SUBSTITUTES]
+        assert candidates(index) == expected
+
+
+def test_ledger_replacement_skips_known_bad_images(tmp_path):
+    """What the DALI and FFCV backends serve for a bad image: the first same-class candidate not
+    itself known bad; nothing in evaluation."""
+    from ltscale.data.loaders.bad_images import BadImageLedger
+
+    split = FileSplit(name="toy/train", targets=np.array([0, 1, 0, 0, 1, 0]), num_classes=2, root=tmp_path,
+                      paths=[f"{i}.jpg" for i in range(6)])
+    ledger = BadImageLedger(split, substitute=True, max_bad_image_fraction=0.9)  # 5 allowed
+    ledger.record([(2, "broken"), (3, "broken")])
+    assert [ledger.replacement(i) for i in range(6)] == [0, 1, 5, 5, 4, 5]
+    ledger.record([(5, "broken")])
+    assert ledger.replacement(2) == 0
+    ledger.record([(0, "broken")])
+    with pytest.raises(DatasetError, match="no readable image of its class 0"):
+        ledger.replacement(2)
+    evaluation = BadImageLedger(split, substitute=False, max_bad_image_fraction=0.5)
+    with pytest.raises(DatasetError, match="never substitutes"):
+        evaluation.record([(1, "broken")])

@@ -43,6 +43,31 @@ def test_a_ddp_checkpoint_with_classifier_loads_into_the_backbone(tmp_path):
     assert _same(source, target)  # every tensor, BN running statistics included
 
 
+def test_a_checkpoint_with_the_weights_under_model_loads(tmp_path):
+    """DeiT / timm-style training checkpoints keep the network under 'model', beside the optimiser."""
+    source = _backbone(seed=1)
+    torch.save({"model": source.state_dict(), "epoch": 300, "optimizer": {"lr": 0.1}}, tmp_path / "ckpt.pth")
+    target = _backbone(seed=2)
+    pretrained.load_backbone(target, pretrained.resolve(str(tmp_path / "ckpt.pth")))
+    assert _same(source, target)
+
+
+def test_a_checkpoint_without_batch_norm_step_counters_loads(tmp_path):
+    """The layout before PyTorch 0.4.1 (torchvision's model-zoo files, many ImageNet checkpoints):
+    no num_batches_tracked buffers. torch's strict load takes it; so must ours, every other
+    tensor copied. A missing weight is still refused."""
+    source = _backbone(seed=1)
+    old = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(source.state_dict())
+    torch.save(old, tmp_path / "old.pth")
+    target = _backbone(seed=2)
+    pretrained.load_backbone(target, pretrained.resolve(str(tmp_path / "old.pth")))
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in old.items())
+    del old["bn1.running_var"]
+    torch.save(old, tmp_path / "older.pth")
+    with pytest.raises(PretrainedWeightsError, match=r"1 missing \(e\.g\. bn1\.running_var\)"):
+        pretrained.load_backbone(_backbone(seed=2), pretrained.resolve(str(tmp_path / "older.pth")))
+
 def test_mismatched_unreadable_and_missing_checkpoints_are_clear_errors(tmp_path):
     torch.save(_backbone(ModelConfig(arch="resnet20", width=8)).state_dict(), tmp_path / "resnet20.pth")
     with pytest.raises(PretrainedWeightsError, match=r"resnet20\.pth.*does not fit this backbone: .*unexpected \(e\.g\. layer"):
@@ -126,3 +151,55 @@ def test_a_missing_student_checkpoint_fails_before_the_teacher_trains(tmp_path):
     with pytest.raises(PretrainedWeightsError, match=r"stage student: model.init_from='.*missing\.pth': no such file"):
         run_pipeline(config)
     assert not list((tmp_path / "out").glob("store/teacher-*"))
+
+
+# ---- the CIFAR backbone the papers' tables use ---------------------------------------------------
+
+
+def _reference_resnet(state: dict[str, torch.Tensor], images: torch.Tensor, blocks: int) -> torch.Tensor:
+    """ResNet-(6n+2) of He et al. 2016 (sec. 4.2) as the LDAM-DRW code writes it, in eval mode:
+    3x3 stem, three stages of n basic blocks at 16/32/64 channels, stride 2 in the first block
+    of stages 2 and 3, option-A shortcuts (subsample by 2, zero channels padded on both sides),
+    global average pooling. Reads the weights by their names in ``state``."""
+    import torch.nn.functional as F
+
+    def bn(x, name):
+        return F.batch_norm(x, state[f"{name}.running_mean"], state[f"{name}.running_var"], state[f"{name}.weight"],
+                            state[f"{name}.bias"], training=False, eps=1e-5)
+
+    out = F.relu(bn(F.conv2d(images, state["conv1.weight"], padding=1), "bn1"))
+    layer, in_planes = 0, 16
+    for stage, planes in enumerate((16, 32, 64)):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            name = f"layers.{layer}"
+            y = F.relu(bn(F.conv2d(out, state[f"{name}.conv1.weight"], stride=stride, padding=1), f"{name}.bn1"))
+            y = bn(F.conv2d(y, state[f"{name}.conv2.weight"], padding=1), f"{name}.bn2")
+            shortcut = out
+            if stride != 1 or in_planes != planes:  # LDAM-DRW's LambdaLayer
+                shortcut = F.pad(out[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4))
+            out = F.relu(y + shortcut)
+            layer, in_planes = layer + 1, planes
+    return out.mean(dim=(2, 3))
+
+
+def test_resnet32_is_the_papers_network():
+    """Depth, widths, strides and option-A shortcuts, against an independent implementation with
+    the same weights (BN statistics made non-trivial so every layer matters), and the published
+    parameter count (0.46M with a 10-way classifier: 464,154)."""
+    backbone = _backbone(ModelConfig(arch="resnet32", width=16), seed=3).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0, 0.1, generator=generator)
+    assert sum(p.numel() for p in backbone.parameters()) + 64 * 10 + 10 == 464_154
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in backbone.modules()) == 31  # + the classifier: 32 layers
+    assert backbone.feature_dim == 64
+    images = torch.randn(4, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), _reference_resnet(backbone.state_dict(), images, blocks=5),
+                                   rtol=1e-4, atol=1e-5)

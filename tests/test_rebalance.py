@@ -68,6 +68,22 @@ def test_lws_and_tau_norm_refuse_a_cosine_head():
         rebalanced_head(CosineHead(5, 4), HeadSpec("lws", 4), 5)
 
 
+def test_cosine_head_gives_the_cosine_of_feature_and_class_weight():
+    """LDAM's NormedLinear: logits are cosines (in [-1, 1]), whatever the norms of the features
+    and of each class's weight vector."""
+    from ltscale.models.heads import CosineHead
+
+    torch.manual_seed(0)
+    head = CosineHead(5, 4)
+    with torch.no_grad():
+        head.weight.mul_(torch.tensor([0.1, 1.0, 3.0, 10.0])[:, None])  # unequal class norms
+    features = torch.randn(6, 5) * 7
+    expected = F.cosine_similarity(features[:, None, :], head.weight[None, :, :], dim=2)
+    logits = head(features)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+    assert logits.abs().max() <= 1 + 1e-6
+
+
 def test_rebalance_task_keeps_backbone_and_batch_norm_frozen():
     network = Network(ModelConfig(arch="resnet8", width=4), {"cls": HeadSpec("linear", 3)}, "cls")
     spec = HeadSpec("lws", 3)

@@ -175,6 +175,44 @@ def test_class_balanced_sampler_gives_uniform_class_frequencies():
     assert torch.all((frequency - p).abs() < 5 * sigma), frequency
 
 
+def test_training_crops_use_every_offset_of_the_4_pixel_padding_and_flip_half_the_images():
+    """The CIFAR recipe: RandomCrop(32, padding=4) draws each of the 9 x 9 offsets, and the
+    horizontal flip has probability 0.5. Each delivered image is matched to the one crop and flip
+    of its source that produces it (the source's pixels are random, so the match is unique)."""
+    from ltscale.data import LoaderConfig, build_loader
+    from ltscale.data.base import DatasetBundle
+
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
+    split = ArraySplit(name="one/train", targets=np.zeros(600, np.int64), num_classes=1, images=np.repeat(image, 600, axis=0))
+    bundle = DatasetBundle(name="one", train=split, test=split, normalization=NORMALIZATION, image_size=32)
+    loader = build_loader(split, bundle, train=True, batch_size=100, loader=LoaderConfig(), device=CPU, seed=0)
+    source = torch.from_numpy(image).permute(0, 3, 1, 2)
+    views = {
+        random_crop_flip(source, torch.tensor([[top, left]]), torch.tensor([flip]), 4)[0].numpy().tobytes(): (top, left, flip)
+        for top in range(9) for left in range(9) for flip in (False, True)
+    }
+    assert len(views) == 162
+    mean = torch.tensor(NORMALIZATION.mean, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(NORMALIZATION.std, dtype=torch.float64).view(1, 3, 1, 1)
+    drawn = []
+    for batch in _epoch(loader, 0):
+        pixels = ((batch["image"].double() * std + mean) * 255).round().to(torch.uint8)
+        drawn += [views[pixels[i].numpy().tobytes()] for i in range(len(pixels))]
+    assert len(drawn) == 600
+    assert {top for top, _, _ in drawn} == set(range(9)) and {left for _, left, _ in drawn} == set(range(9))
+    flipped = sum(flip for _, _, flip in drawn) / len(drawn)
+    assert abs(flipped - 0.5) < 0.1  # sd 0.02
+
+
+def test_a_split_refuses_labels_outside_its_classes():
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), found 0..3"):
+        ArraySplit(name="toy/train", targets=np.array([0, 3]), num_classes=3, images=images)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), found -1..2"):
+        ArraySplit(name="toy/train", targets=np.array([-1, 2]), num_classes=3, images=images)
+    assert len(ArraySplit(name="toy/train", targets=np.array([0, 2]), num_classes=3, images=images)) == 2
+
 # ---- the rotation task's batched rotation -----------------------------------------------------------
 
 

@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'ltscale[deepspeed]')")
-
-from ltscale.data import LoaderConfig, SamplerConfig, build_loader  # noqa: E402
-from ltscale.dist import runtime  # noqa: E402
-from ltscale.engine.schedule import OptimConfig  # noqa: E402
-from ltscale.engine.trainer import Trainer  # noqa: E402
-from ltscale.engine.zero import DeepSpeedConfig  # noqa: E402
-from tests.test_distributed import LinearTask, _dataset, _spawn, free_port  # noqa: E402
+from ltscale.data import LoaderConfig, SamplerConfig, build_loader
+from ltscale.dist import runtime
+from ltscale.engine.schedule import OptimConfig
+from ltscale.engine.trainer import Trainer
+from ltscale.engine.zero import DeepSpeedConfig, ZeroEngine, deepspeed_available, engine_config
+from tests.test_distributed import LinearTask, _dataset, _spawn, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+# The config and progress-pointer tests run everywhere; the engine's own runs need DeepSpeed.
+requires_deepspeed = pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed (pip install 'ltscale[deepspeed]')")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
@@ -35,6 +35,59 @@ def test_config_refuses_stage_3_and_unknown_stages():
         DeepSpeedConfig(enabled=True, zero_stage=3)
     with pytest.raises(ValueError, match="must be 0, 1 or 2"):
         DeepSpeedConfig(enabled=True, zero_stage=4)
+
+
+# ---- without DeepSpeed: the engine's config and the progress pointer ------------------------------
+
+
+def test_engine_config_keeps_the_recipe():
+    config = engine_config(64, 2)
+    assert config["train_micro_batch_size_per_gpu"] == 64 and config["gradient_accumulation_steps"] == 1
+    assert config["zero_optimization"] == {"stage": 2}
+    assert config["gradient_clipping"] == 0.0  # DeepSpeed would clip at 1.0; no recipe clips
+    assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]  # the loop's autocast decides
+
+
+class _FakeEngine:
+    """What ZeroEngine.save / load use of DeepSpeed's engine: a folder per tag."""
+
+    def __init__(self):
+        self.loaded = []
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        (Path(directory) / tag).mkdir(parents=True)
+        (Path(directory) / tag / "rank0.pt").write_text(json.dumps(client_state))
+
+    def load_checkpoint(self, directory, tag, load_optimizer_states, load_lr_scheduler_states):
+        self.loaded.append(tag)
+        return (str(Path(directory) / tag) if (Path(directory) / tag).is_dir() else None), {}
+
+
+def _zero_engine(stage: int):
+    engine = object.__new__(ZeroEngine)  # no DeepSpeed: only the pointer bookkeeping runs
+    engine.config = DeepSpeedConfig(enabled=True, zero_stage=stage)
+    engine.engine = _FakeEngine()
+    return engine
+
+
+def test_progress_pointer_names_the_last_complete_epoch_and_a_resume_checks_the_layout(tmp_path):
+    from ltscale.engine.checkpoint import CheckpointError
+
+    engine = _zero_engine(1)
+    assert engine.load(tmp_path) == (0, None)  # nothing saved yet
+    engine.save(tmp_path, 1, {"loss": 2.0})
+    engine.save(tmp_path, 2, {"loss": 1.5})
+    assert sorted(p.name for p in tmp_path.glob("epoch-*")) == ["epoch-0002"]  # the older one removed
+    pointer = json.loads((tmp_path / "progress.json").read_text())
+    assert pointer == {"kind": "ltscale.deepspeed_progress", "tag": "epoch-0002", "epoch": 2, "world_size": 1,
+                       "zero_stage": 1, "metrics": {"loss": 1.5}}
+    assert engine.load(tmp_path) == (2, {"loss": 1.5}) and engine.engine.loaded == ["epoch-0002"]
+    # ZeRO's partitions are per rank and per stage: another layout must not load them.
+    with pytest.raises(CheckpointError, match="saved by 1 rank\\(s\\) under ZeRO stage 1, this run has 1 under stage 2"):
+        _zero_engine(2).load(tmp_path)
+    (tmp_path / "progress.json").write_text(json.dumps({**pointer, "world_size": 2}))
+    with pytest.raises(CheckpointError, match="saved by 2 rank\\(s\\)"):
+        _zero_engine(1).load(tmp_path)
 
 
 def _train(world: int, progress: Path, deepspeed: DeepSpeedConfig | None, epochs: int = 3):
@@ -66,6 +119,7 @@ def _worker(rank: int, world: int, port: int, out: str, stage: int, epochs: int,
                Path(out) / f"{tag}-rank{rank}.pt")
 
 
+@requires_deepspeed
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_zero_on_two_ranks_equals_one_plain_process(tmp_path, stage):
     plain, seen, _ = _train(1, tmp_path / "plain.pt", None)
@@ -92,6 +146,7 @@ def test_zero_on_two_ranks_equals_one_plain_process(tmp_path, stage):
             assert [t.numel() for t in optimizer["single_partition_of_fp32_groups"]] == [772 // 2]
 
 
+@requires_deepspeed
 def test_zero_resume_continues_exactly_and_refuses_another_layout(tmp_path):
     one_go = tmp_path / "one_go"
     one_go.mkdir()
@@ -121,6 +176,7 @@ def test_zero_resume_continues_exactly_and_refuses_another_layout(tmp_path):
     assert not (interrupted / "stage" / "progress.pt").exists() and not (interrupted / "plain-rank0.pt").exists()
 
 
+@requires_deepspeed
 def test_zero_run_refuses_progress_saved_without_deepspeed(tmp_path, capsys):
     _train(1, tmp_path / "stage" / "progress.pt", None, epochs=2)  # a plain run interrupted after epoch 2
     with pytest.raises(Exception) as caught:
@@ -185,6 +241,7 @@ def _run(tmp_path: Path, nproc: int, method: str, *overrides: str) -> list[dict]
     return [json.loads((out / f"report{r}.json").read_text()) for r in range(nproc)]
 
 
+@requires_deepspeed
 def test_lws_pipeline_under_zero_2_on_two_ranks(tmp_path):
     """A teacher then a classifier re-balanced on its frozen features (only the LWS scales train),
     both stages under ZeRO stage 2 on two torchrun ranks: one tracked run, the same metrics on
@@ -195,6 +252,7 @@ def test_lws_pipeline_under_zero_2_on_two_ranks(tmp_path):
     assert reports[0]["metrics"] == reports[1]["metrics"] and "test/top1" in reports[0]["metrics"]
 
 
+@requires_deepspeed
 def test_single_process_pipeline_refuses_the_fast_step_with_deepspeed(tmp_path):
     from ltscale.config import apply_overrides
     from tests.test_pipeline import tiny
