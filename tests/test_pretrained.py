@@ -53,7 +53,7 @@ def test_a_checkpoint_with_the_weights_under_model_loads(tmp_path):
 
 
 def test_a_checkpoint_without_batch_norm_step_counters_loads(tmp_path):
-    """The layout before PyTorch 0.4.1 (torchvision's model-zoo files, many ImageNet checkpoints):
+    """The layout before PyTorch 0.4.1 (many published ImageNet checkpoints):
     no num_batches_tracked buffers. torch's strict load takes it; so must ours, every other
     tensor copied. A missing weight is still refused."""
     source = _backbone(seed=1)

@@ -133,7 +133,7 @@ def load_backbone(backbone: nn.Module, weights: InitWeights) -> None:
                                      f"{type(error).__name__}: {error}") from None
     state = {k: v for k, v in _state_dict(payload, weights.path).items() if not k.startswith(_CLASSIFIER_PREFIXES)}
     expected = backbone.state_dict()
-    # Checkpoints saved before PyTorch 0.4.1 (torchvision's model-zoo files among them) have no
+    # Checkpoints saved before PyTorch 0.4.1 (many published ImageNet ones) have no
     # batch-norm step counters; torch's own strict load keeps the module's, and so do we. The
     # counter only matters to BN with momentum=None, which no network here uses.
     missing = sorted(key for key in set(expected) - set(state) if not key.endswith(".num_batches_tracked"))
