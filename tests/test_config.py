@@ -569,6 +569,46 @@ def test_large_data_rebalancing_recipes(prefix):
     assert teacher.moco_weight == 1.0 and teacher.rotation_weight == 0.0
 
 
+@pytest.mark.parametrize("prefix", ["imagenet-lt", "imagenet-lt-135ep", "inat18", "inat18-200ep"])
+def test_large_data_training_recipes(prefix):
+    """METHODS.md: ImageNet-LT trains a ResNeXt-50 32x4d with wd 5e-4 and DiVE without power
+    normalisation (T = 3, p = 1); iNat18 a ResNet-50 with wd 1e-4 and DiVE at T = 3, p = 0.5. Both
+    batch 256, lr 0.1 cosine (the recipes' docstrings), teacher and student alike."""
+    imagenet = prefix.startswith("imagenet")
+    arch, weight_decay, power = ("resnext50_32x4d", 5e-4, 1.0) if imagenet else ("resnet50", 1e-4, 0.5)
+    for method in ("ce", "dive", "ssd"):
+        config = get_recipe(f"{prefix}/{method}")
+        for name in ("teacher", "student"):
+            if name not in config.stages:
+                continue
+            stage = config.stages[name]
+            assert stage.model.arch == arch, (method, name)
+            assert (stage.optim.batch_size, stage.optim.lr, stage.optim.schedule, stage.optim.weight_decay) == \
+                (256, 0.1, "cosine", weight_decay), (method, name)
+    student = get_recipe(f"{prefix}/dive").stages["student"]
+    assert (student.temperature, student.power, student.alpha) == (3.0, power, 0.5)
+
+
+@pytest.mark.parametrize("prefix", ["cifar100-lt-if100", "imagenet-lt", "inat18", "places-lt"])
+def test_ssd_dive_recipe_distils_the_re_balanced_self_supervised_teacher(prefix):
+    """SSD's teacher after its stage II (LWS), distilled with DiVE's targets; stage IV is LWS again."""
+    ssd, config = get_recipe(f"{prefix}/ssd"), get_recipe(f"{prefix}/ssd-dive")
+    assert list(config.stages) == ["teacher", "teacher_lws", "student", "student_lws"]
+    assert config.stages["teacher"] == ssd.stages["teacher"] and config.stages["teacher_lws"] == ssd.stages["teacher_lws"]
+    student, stage_iv = config.stages["student"], config.stages["student_lws"]
+    assert (student.method, student.teacher) == ("dive", "teacher_lws")
+    assert (stage_iv.method, stage_iv.source, stage_iv.head) == ("lws", "student", "cls")
+    assert stage_iv.optim == ssd.stages["student_lws"].optim and stage_iv.sampler == ssd.stages["student_lws"].sampler
+
+
+def test_drw_starting_at_the_last_epoch_is_refused():
+    """drw_epoch is the first epoch with re-weighting: at optim.epochs it would never start."""
+    ldam = get_recipe("cifar100-lt-if100/ldam-drw")
+    with pytest.raises(ValueError, match=r"loss.drw_epoch=200 is not before the last epoch \(optim.epochs=200\)"):
+        apply_overrides(ldam, ["stages.teacher.loss.drw_epoch=200"])
+    assert apply_overrides(ldam, ["stages.teacher.loss.drw_epoch=199"]).stages["teacher"].loss.drw_epoch == 199
+
+
 # ---- lr schedules -------------------------------------------------------------------------------------
 
 
@@ -880,3 +920,96 @@ def test_synthetic_set_head_first_test_images_its_own_and_layout_by_seed(monkeyp
     monkeypatch.setattr(synthetic, "_class_attributes", lambda *args: layouts.append(original(*args)) or layouts[-1])
     make_synthetic(config), make_synthetic(dataclasses.replace(config, seed=1))
     assert len(layouts) == 2 and repr(layouts[0]) != repr(layouts[1])
+
+
+def test_override_spellings_that_are_accepted_and_refused(ssd):
+    """Booleans take on/off/yes/no/1/0 besides true/false; an empty value sets an optional field
+    to None; blanks around a key are ignored; a choice must match exactly (case included)."""
+    for text, value in [("on", True), ("off", False), ("yes", True), ("no", False), ("1", True), ("0", False), ("TRUE", True)]:
+        assert apply_overrides(ssd, [f"stages.teacher.optim.nesterov={text}"]).stages["teacher"].optim.nesterov is value, text
+    assert parse_value("", Optional[int], "k") is None and parse_value(" ", int | None, "k") is None
+    assert apply_overrides(ssd, [" seed = 3"]).seed == 3
+    with pytest.raises(ConfigError, match=r"precision='BF16': expected one of"):
+        apply_overrides(ssd, ["precision=BF16"])
+
+
+def test_a_recipe_name_is_registered_once_and_described_in_one_line(monkeypatch):
+    from ltscale.config import registry
+
+    list_recipes()  # the real recipes registered first, then a private copy of the registry
+    monkeypatch.setattr(registry, "_RECIPES", dict(registry._RECIPES))
+    monkeypatch.setattr(registry, "_DESCRIPTIONS", dict(registry._DESCRIPTIONS))
+
+    def toy():
+        """A toy recipe.
+
+        More about it, which `ltscale recipes` does not print."""
+
+    registry.recipe("test/toy")(toy)
+    registry.recipe("test/toy")(toy)  # the same function again (a module imported twice): fine
+    assert list_recipes()["test/toy"] == "A toy recipe."
+    with pytest.raises(ValueError, match=r"recipe 'test/toy' is registered twice"):
+        registry.recipe("test/toy")(lambda: None)
+
+    def blank():
+        """   """
+    registry.recipe("test/blank")(blank)  # a docstring of spaces describes nothing (it raised IndexError)
+    assert list_recipes()["test/blank"] == ""
+
+
+def test_config_hash_values_are_stable_and_ignore_dict_order():
+    """Stage keys name stored outputs: a change to how hashes are computed (key order, separators,
+    digest) would silently orphan every stored stage, so one value is pinned."""
+    assert config_hash({"b": 1, "a": [1.5, "x"]}, "parent") == config_hash({"a": [1.5, "x"], "b": 1}, "parent")
+    # sha256 of the canonical JSON [{"a":[1.5,"x"],"b":1},"parent"], cut to 16 hex digits
+    assert config_hash({"b": 1, "a": [1.5, "x"]}, "parent") == "158ef4758f51ccba"
+
+
+def test_cli_flags_reach_the_config(tmp_path):
+    import argparse
+
+    from ltscale.cli import _pipeline_config, build_parser
+
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    args = build_parser().parse_args(["run", "demo/ce", "--no-progress", "--device", "cpu", "--output-dir", str(tmp_path),
+                                      "--tracking-uri", uri, "--tag", "b=2", "--set", "tracking.run_tags=a=1"])
+    config = _pipeline_config(args.recipe, args)
+    assert config.progress is False and config.device == "cpu" and config.output_dir == str(tmp_path)
+    assert config.tracking.tracking_uri == uri
+    assert config.tracking.tags() == {"a": "1", "b": "2"}  # --tag adds to the recipe's tags, not in place of them
+    default = _pipeline_config("demo/ce", argparse.Namespace(overrides=[], device=None))
+    assert default.progress is True
+
+
+def test_cli_demo_sends_a_star_override_to_every_recipe_with_the_field(capsys, tmp_path):
+    """``stages.*.<field>`` goes to each demo recipe where some stage has the field (SSD's and
+    DiVE's students have a temperature, CE has no student)."""
+    code, err = _cli(capsys, "demo", "--set", "stages.*.temperature=0", "--output-dir", str(tmp_path / "out"))
+    assert code == 2 and "recipe demo/ssd: stages.student: temperature must be a finite number > 0" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_evaluate_takes_data_device_and_precision_settings_only(capsys, tmp_path):
+    missing = tmp_path / "model.pt"
+    for setting in ("precision=fp32", "device=cpu", "data.synthetic.num_classes=5"):
+        code, err = _cli(capsys, "evaluate", str(missing), "--recipe", "demo/ce", "--set", setting)
+        assert code == 2 and f"checkpoint {missing} does not exist" in err, (setting, err)  # past the check of the keys
+    code, err = _cli(capsys, "evaluate", str(missing), "--recipe", "demo/ce", "--set", "stages.teacher.optim.lr=1")
+    assert code == 2 and "ltscale evaluate reads only the recipe's data.*, device and precision" in err
+
+
+def test_cli_recipes_lists_names_containing_the_filter(capsys):
+    from ltscale.cli import main
+
+    assert main(["recipes", "if100/ssd"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "cifar100-lt-if100/ssd" in names and "cifar10-lt-if100/ssd" in names
+    assert all("if100/ssd" in name for name in names)
+
+
+def test_cli_plan_creates_no_output_directory(capsys, tmp_path):
+    """--plan runs nothing: a mistyped --output-dir must not leave a directory behind."""
+    from ltscale.cli import main
+
+    assert main(["run", "demo/ce", "--plan", "--output-dir", str(tmp_path / "new")]) == 0
+    assert "teacher  run" in capsys.readouterr().out and not (tmp_path / "new").exists()

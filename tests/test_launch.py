@@ -102,6 +102,8 @@ def test_submit_checks_the_config_before_submitting(tmp_path, capsys):
         (["--gpus-per-node", "-1"], "--gpus-per-node -1: must be 0 or more"),
         (["--cpus-per-task", "-3"], "--cpus-per-task -3: must be at least 1"),
         (["--max-timeouts", "-1"], "--max-timeouts -1: must be 0 or more"),
+        (["--timeout-min", "10"], "--timeout-min 10: use more than 10 minutes"),  # submitit takes every signal for a time-out
+        (["--gpus-per-node", "0", "--set", "device=cuda:1"], "device=cuda:1 but --gpus-per-node 0"),
         (["--partition", "cpu", "--slurm-option", "partition=gpu"], "--slurm-option partition=...: this tool sets it from --partition"),
         (["--slurm-option", "time=10"], "--slurm-option time=...: this tool sets it from --timeout-min"),
         (["--folder", str(tmp_path / "file")], f"--folder {tmp_path / 'file'}: is a file"),
@@ -281,6 +283,55 @@ def test_rank_environment_comes_from_the_submitit_job():
     single: dict[str, str] = {}
     export_rank_environment(type("One", (Job,), {"num_tasks": 1})(), single)
     assert single == {}, "a one-task job stays a single process"
+    # One node: the rendezvous is this machine's loopback, whatever its host name resolves to.
+    one_node: dict[str, str] = {}
+    export_rank_environment(type("OneNode", (Job,), {"num_tasks": 2, "num_nodes": 1, "hostnames": ["gpu07"]})(), one_node)
+    assert one_node["MASTER_ADDR"] == "127.0.0.1" and one_node["WORLD_SIZE"] == "2"
+    # Variables a launcher already set win over submitit's view.
+    preset = {"MASTER_PORT": "29999", "MASTER_ADDR": "10.0.0.5"}
+    export_rank_environment(Job(), preset)
+    assert (preset["MASTER_PORT"], preset["MASTER_ADDR"], preset["RANK"]) == ("29999", "10.0.0.5", "3")
+
+
+def test_the_executor_requeues_after_as_many_time_outs_as_asked(tmp_path):
+    """--max-timeouts reaches submitit on every executor (its own default would apply silently)."""
+    for kind in ("slurm", "local"):
+        executor = build_executor(kind, tmp_path / kind, Resources(max_timeouts=7), "ltscale-test")
+        assert executor._executor.max_num_timeout == 7, kind
+
+
+def test_a_job_keeps_the_callers_thread_count_and_otherwise_takes_slurms(tmp_path, monkeypatch):
+    """Where SLURM does not bind tasks to CPUs, the job sizes torch's pool to SLURM_CPUS_PER_TASK;
+    an OMP_NUM_THREADS the caller set wins."""
+    import torch
+
+    import ltscale.stages.pipeline as pipeline_module
+    from ltscale.stages.pipeline import PipelineResult
+
+    seen: list[int] = []
+
+    def fake_run(config):
+        seen.append(torch.get_num_threads())
+        return PipelineResult(config.name, "run", "uri", "teacher", outputs={
+            "teacher": pipeline_module.StageOutput("teacher", "teacher", "k", tmp_path, {"metrics": {"test/top1": 1.0}})})
+
+    class OneTask:
+        job_id, num_tasks, num_nodes, global_rank, local_rank, hostnames = "1", 1, 1, 0, 0, ["localhost"]
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run)
+    monkeypatch.setattr(submitit, "JobEnvironment", OneTask)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        summary = PipelineJob(tiny("ce", tmp_path))()
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        PipelineJob(tiny("ce", tmp_path))()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 3]
+    assert summary["metrics"] == {"test/top1": 1.0} and summary["requeues"] == 0
 
 
 def _check_two_task_summary(summary: dict, output: Path, job_id: str) -> None:
@@ -326,6 +377,11 @@ def test_a_sweep_is_resolved_and_checked_job_by_job_before_submitting(tmp_path, 
     assert [(job["pipeline"], job["seed"]) for job in report["jobs"]] == [
         ("demo/ce", 0), ("demo/ce", 1), ("demo/lws", 0), ("demo/lws", 1)]
     assert {job["output_dir"] for job in report["jobs"]} == {str(output)}  # one store: shared stages are shared
+    # Each job is held to the request, not only the first: demo/ce's batch of 128 does not split over
+    # 32 x 8 processes, though imagenet-lt/ce's 256 does.
+    assert main(["imagenet-lt/ce", "demo/ce", "--executor", "slurm", "--nodes", "32", "--tasks-per-node", "8", "--dry-run",
+                 "--set", f"output_dir={output}"]) == 2
+    assert "stages.teacher.optim.batch_size=128 does not split over 256 processes" in capsys.readouterr().err
     # One bad job stops the whole sweep before anything is submitted.
     assert main(["demo/ce", "demo/lwss", "--executor", "slurm", "--set", f"output_dir={output}"]) == 2
     assert "demo/lws" in capsys.readouterr().err

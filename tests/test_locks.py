@@ -68,6 +68,94 @@ def test_the_holder_keeps_its_lock_fresh_and_never_removes_a_successors(tmp_path
     assert json.loads(lock.path.read_text())["token"] == "successor"
 
 
+def test_a_stalled_holder_does_not_keep_a_successors_lock_fresh(tmp_path):
+    """After a takeover the old holder's heartbeat must leave the new lock alone: kept fresh by a
+    live process that does not own it, a dead successor's lock would never go stale."""
+    lock = StageLock.try_acquire(tmp_path / "s", heartbeat_s=3600)
+    running = lock._stop
+
+    class OneBeat:  # one round of the heartbeat loop, run here instead of waiting for its thread
+        calls = 0
+
+        def wait(self, period):
+            self.calls += 1
+            return self.calls > 1
+
+    def beat_once() -> None:
+        lock._stop = OneBeat()
+        lock._beat(0)
+        lock._stop = running
+
+    old = time.time() - 1000
+    os.utime(lock.path, (old, old))
+    beat_once()
+    assert time.time() - lock.path.stat().st_mtime < 60  # its own lock: refreshed
+    lock.path.write_text(json.dumps({"token": "successor"}))
+    os.utime(lock.path, (old, old))
+    beat_once()
+    assert time.time() - lock.path.stat().st_mtime > 900  # a successor's: untouched
+    lock.release()
+    assert json.loads(lock.path.read_text())["token"] == "successor"
+
+
+def test_a_lock_whose_heartbeat_resumes_before_the_takeover_is_kept(tmp_path, monkeypatch):
+    """Judged dead by a stale heartbeat, then touched by its owner (only stalled) before the taker
+    holds the claim: the taker looks again and leaves the lock alone."""
+    directory = tmp_path / "stage"
+    stalled = _lock_file(directory, **{"ltscale.attempt.machine": "node9/boot/pid:[1]"})
+    old = time.time() - 120
+    os.utime(stalled, (old, old))
+    real = locks._claim
+
+    def claim_after_a_beat(path, identity, owner, stale_s):
+        os.utime(path)  # the owner's heartbeat, between the judgement and the claim
+        return real(path, identity, owner, stale_s)
+
+    monkeypatch.setattr(locks, "_claim", claim_after_a_beat)
+    assert StageLock.try_acquire(directory, stale_s=60) is None
+    assert json.loads(stalled.read_text())["token"] == "theirs" and list(directory.iterdir()) == [stalled]
+
+
+def test_a_damaged_lock_is_judged_by_its_age(tmp_path):
+    """A lock file cut short (being written, or its writer died mid-write) has no owner to ask: it
+    is busy while fresh and taken over once older than stale_s."""
+    directory = tmp_path / "stage"
+    directory.mkdir()
+    path = directory / locks.LOCK
+    path.write_text('{"token": "ab')
+    assert StageLock.try_acquire(directory, stale_s=60) is None
+    assert locks.live_holder(directory, stale_s=60) == "another process (its lock is being written)"
+    old = time.time() - 90  # past stale_s, not twice it
+    os.utime(path, (old, old))
+    assert locks.live_holder(directory, stale_s=60) == ""
+    lock = StageLock.try_acquire(directory, stale_s=60)
+    assert lock is not None and json.loads(path.read_text())["token"] == lock.token
+    lock.release()
+
+
+def test_an_output_finished_just_before_the_lock_was_taken_is_reused(tmp_path, monkeypatch):
+    """Another pipeline may finish the stage between this one's look and its lock: it looks again
+    once it holds the lock, reuses the output, and lets the lock go, rather than training it again."""
+    from ltscale.stages import pipeline
+    from ltscale.stages.store import Store
+
+    store = Store(tmp_path)
+    directory = store.directory("teacher", "k1")
+    directory.mkdir(parents=True)
+    (directory / "model.pt").write_bytes(b"m" * 100)
+    store.finish("teacher", "teacher", "k1", {"files": {"model": "model.pt"}})
+    real, looks = store.finished, []
+
+    def finished_after_the_first_look(*args, **kwargs):
+        looks.append(args)
+        return None if len(looks) == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "finished", finished_after_the_first_look)
+    output, lock = pipeline._finished_or_claimed(store, "teacher", "teacher", "k1")
+    assert output is not None and output.key == "k1" and lock is None and len(looks) == 2
+    assert not (directory / locks.LOCK).exists()
+
+
 def test_two_pipelines_sharing_a_stage_train_it_once(tmp_path):
     """CE and LWS at the same time in one store: LWS waits for CE's teacher, then reuses it."""
     # The first pipeline holds its teacher (and so the stage's lock) after training until a gate file

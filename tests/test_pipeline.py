@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import platform
+import re
 from pathlib import Path
 
 import mlflow
@@ -433,6 +434,10 @@ def test_large_soft_labels_are_stored_in_fp16_and_distilled_from(tmp_path, monke
     with torch.no_grad():  # plain torch: the teacher's predicted head on every training image, in order
         exact = torch.cat([teacher(batch["image"], heads=(teacher.predict_head,))[teacher.predict_head] for batch in loader])
     torch.testing.assert_close(payload["logits"].float(), exact, rtol=1e-3, atol=1e-3)  # fp16 rounding only
+    # The stage reports how often the stored labels' top class is the image's own.
+    targets = torch.cat([batch["target"] for batch in loader])
+    expected = 100 * (payload["logits"].argmax(1) == targets).double().mean().item()
+    assert result.metrics("soft_labels")["soft_labels/train_top1"] == pytest.approx(expected)
 
 
 def test_runs_lists_recorded_pipelines_with_status_and_results(tmp_path, capsys, monkeypatch):
@@ -489,6 +494,39 @@ def test_runs_says_where_a_running_pipeline_is(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     row = next(i for i, line in enumerate(lines) if parent.info.run_id in line)
     assert lines[row + 1].strip() == "now: student, epoch 6/90 done (train loss 1.0000); 56.0 m left at 40 s per epoch"
+
+
+def test_runs_lists_the_newest_pipelines_first_up_to_the_limit_with_the_recent_pace(tmp_path, capsys):
+    """Newest first, ``--limit`` of them; a running pipeline's time left is at the median pace of
+    its last five epochs (a slow start, or the first epochs of a resumed run elsewhere, left out)."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from ltscale.tracking import TAG_PIPELINE, TAG_STAGE, default_tracking_uri
+
+    client = mlflow.MlflowClient(default_tracking_uri(tmp_path))
+    experiment = client.create_experiment("ltscale")
+    ids = {}
+    for name, start in [("old", 1_000_000), ("newer", 3_000_000), ("middle", 2_000_000)]:
+        ids[name] = client.create_run(experiment, tags={TAG_PIPELINE: name}, start_time=start).info.run_id
+        client.set_terminated(ids[name], end_time=start + 60_000)
+    ids["running"] = client.create_run(experiment, tags={TAG_PIPELINE: "running"}, start_time=4_000_000).info.run_id
+    stage = client.create_run(experiment, start_time=4_000_000, tags={
+        TAG_PIPELINE: "running", TAG_STAGE: "teacher", MLFLOW_PARENT_RUN_ID: ids["running"]}).info.run_id
+    client.log_param(stage, "optim.epochs", 20)
+    for epoch, seconds in enumerate([100.0, 100.0, 100.0, 10.0, 20.0, 30.0, 90.0, 40.0]):
+        client.log_metric(stage, "train/loss", 1.0, step=epoch)
+        client.log_metric(stage, "train/epoch_seconds", seconds, step=epoch)
+
+    def listed(*limit: str) -> list[str]:
+        assert main(["runs", "--output-dir", str(tmp_path), *limit]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return [line.split()[-1] for line in lines[1:] if not line.startswith(" ")], lines
+
+    order, lines = listed()
+    assert order == [ids["running"], ids["newer"], ids["middle"], ids["old"]]
+    assert lines[2].strip() == "now: teacher, epoch 8/20 done (train loss 1.0000); 6.0 m left at 30 s per epoch"
+    assert listed("--limit", "2")[0] == [ids["running"], ids["newer"]]
 
 
 def test_stage_keys_follow_what_changes_results_and_only_that(tmp_path):
@@ -564,6 +602,73 @@ def test_stage_keys_follow_what_changes_results_and_only_that(tmp_path):
         apply_overrides(config, ["data.loader.backend=ffcv"])
 
 
+def test_stage_keys_follow_the_seed_the_precision_and_the_keys_of_their_inputs(tmp_path):
+    """Another seed or precision is another output (a sweep's seeds must not share a teacher), and a
+    stage whose input changed is recomputed: the student of a retrained teacher is a new student."""
+    from ltscale.stages.pipeline import plan_pipeline
+
+    config = tiny("dive", tmp_path)
+    keys = [p.key for p in plan_pipeline(config)]
+    for override in ("seed=1", "precision=fp32"):
+        assert all(a != b for a, b in zip(keys, [p.key for p in plan_pipeline(apply_overrides(config, [override]))])), override
+    teacher_changed = [p.key for p in plan_pipeline(apply_overrides(config, ["stages.teacher.optim.lr=0.07"]))]
+    assert all(a != b for a, b in zip(keys, teacher_changed))  # teacher, its virtual examples and the student
+    # The settings of SSD's large-data self-supervision count while it is on.
+    moco = apply_overrides(config, ["stages.teacher.moco_weight=1.0"])
+    moco_key = plan_pipeline(moco)[0].key
+    assert plan_pipeline(apply_overrides(moco, ["stages.teacher.moco.temperature=0.1"]))[0].key != moco_key
+
+
+def test_each_stage_hands_its_settings_and_its_inputs_to_its_training_task(tmp_path, monkeypatch):
+    """What each training stage builds from its config and its inputs, with the training itself left
+    out: the teacher's head, self-supervision and its settings, the SSD student's T, weights and
+    stored soft labels, the DiVE student's teacher, T and p (chosen by the virtual-example stage
+    when temperature_from names it), alpha and class counts, and the pipeline seed for the loaders."""
+    from ltscale.data import build_dataset
+    from ltscale.stages import distill, teacher
+    from ltscale.stages.tasks import DiVEDistillTask, MoCoTask, SSDDistillTask, SupervisedTask
+
+    built: dict[str, tuple] = {}
+
+    def record(task, network, optim, sampler, eval_every, ctx, views=1):
+        built[ctx.name] = (task, network, ctx.seed, views)
+
+    monkeypatch.setattr(teacher, "train_and_evaluate", record)
+    monkeypatch.setattr(distill, "train_and_evaluate", record)
+
+    ssd = run_pipeline(apply_overrides(tiny("ssd", tmp_path / "ssd"), [
+        "seed=5", "stages.teacher.rotation_weight=1.5", "stages.teacher.rotation_batch_norm=split",
+        "stages.student.temperature=3.5", "stages.student.hard_weight=0.6", "stages.student.soft_weight=1.7"]))
+    task, network, seed, _ = built["teacher"]
+    assert isinstance(task, SupervisedTask) and (task.rotation_weight, task.rotation_batch_norm) == (1.5, "split")
+    assert {name: spec.kind for name, spec in network.head_specs.items()} == {"cls": "linear", "rotation": "rotation"}
+    assert seed == 5
+    task, network, seed, _ = built["student"]
+    assert isinstance(task, SSDDistillTask) and (task.temperature, task.hard_weight, task.soft_weight) == (3.5, 0.6, 1.7)
+    stored = torch.load(ssd.outputs["soft_labels"].file("soft_labels"), weights_only=True)["logits"]
+    assert torch.equal(task.soft_label_logits, stored) and network.predict_head == "hard" and seed == 5
+
+    run_pipeline(tiny("ldam-drw", tmp_path / "ldam"))
+    assert built["teacher"][1].head_specs["cls"].kind == "cosine"
+
+    run_pipeline(apply_overrides(tiny("ce", tmp_path / "moco"), [
+        "stages.teacher.moco_weight=0.4", "stages.teacher.moco.queue_size=64", "stages.teacher.moco.projection_dim=16"]))
+    task, _, _, views = built["teacher"]
+    assert isinstance(task, MoCoTask) and task.moco_weight == 0.4 and views == 2
+
+    config = apply_overrides(tiny("dive", tmp_path / "dive"), [
+        "stages.student.temperature_from=virtual_examples", "stages.student.temperature=9.5", "stages.student.power=0.25",
+        "stages.student.alpha=0.3"])
+    dive = run_pipeline(config)
+    chosen = json.loads(dive.outputs["virtual_examples"].file("virtual_examples").read_text())["chosen"]
+    task, network, _, _ = built["student"]
+    assert isinstance(task, DiVEDistillTask) and (task.temperature, task.power, task.alpha) == (
+        float(chosen["temperature"]), float(chosen["power"]), 0.3)
+    counts = build_dataset(config.data).train.class_counts()
+    assert task.class_counts.tolist() == list(counts) and len(set(counts)) > 1
+    assert _same_weights(task.teacher.state_dict(), _weights(dive.outputs["teacher"]))
+
+
 def test_image_file_stage_keys_cover_test_and_validation_lists_not_the_root(tmp_path):
     from PIL import Image
 
@@ -630,6 +735,28 @@ def test_results_table_keeps_whole_run_ids_when_not_a_terminal(capsys):
     print_results([result])
     out = capsys.readouterr().out
     assert run_id in out and "20.50" in out and "imagenet-lt/ssd-with-a-long-name" in out
+
+
+def test_results_table_puts_each_group_in_its_column_and_the_run_id_on_the_pipeline_row():
+    from rich.console import Console
+
+    from ltscale.report import print_results
+    from ltscale.stages.pipeline import PipelineResult
+    from ltscale.stages.store import StageOutput
+
+    student = {"test/many": 71.0, "test/medium": 52.0, "test/few": 23.0, "test/top1": 54.0}
+    teacher = {"test/many": 81.0, "test/medium": 42.0, "test/few": 13.0, "test/top1": 44.0}
+    run_id = "0123456789abcdef0123456789abcdef"
+    result = PipelineResult(name="demo/ssd", run_id=run_id, tracking_uri="", result_stage="student", outputs={
+        "teacher": StageOutput("teacher", "teacher", "k1", Path(), {"metrics": teacher, "run_id": "f" * 32}),
+        "student": StageOutput("student", "distill", "k2", Path(), {"metrics": student, "run_id": "e" * 32})})
+    console = Console(width=200, record=True)
+    print_results([result], detail=True, console=console)
+    rows = {cells[0]: cells[1:] for line in console.export_text().splitlines()
+            if len(cells := [cell.strip() for cell in re.split("[│┃]", line)[1:-1]]) == 6}
+    assert rows["pipeline / stage"][:4] == ["many", "medium", "few", "all"]
+    assert rows["demo/ssd"] == ["71.00", "52.00", "23.00", "54.00", run_id]
+    assert rows["teacher"] == ["81.00", "42.00", "13.00", "44.00", ""]  # a stage's row: the pipeline run's id is above
 
 
 def test_top5_is_left_out_where_every_image_is_in_its_top_5():

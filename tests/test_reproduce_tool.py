@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "reproduce_cifar.py"
 
@@ -30,6 +32,9 @@ def test_dry_run_prints_the_full_table_plan(tmp_path):
     # LWS shares the CE teacher's lane (output directory) so its teacher comes from the stage cache
     lws = next(c for c in commands if "cifar100-lt-if50/lws" in c and "seed=2" in c)
     assert "/runs/if50-ce-seed2 " in lws
+    # ... and DiVE the BSCE teacher's (DiVE distils a BSCE teacher)
+    dive = next(c for c in commands if "cifar100-lt-if10/dive" in c and "seed=1" in c)
+    assert "/runs/if10-bsce-seed1 " in dive
 
 
 def test_past_the_papers_runs_are_planned_with_their_overrides(tmp_path):
@@ -316,3 +321,79 @@ def test_a_mean_of_seeds_is_rounded_from_its_decimal_value(monkeypatch):
     assert tool._two_places(stats["mean"]) == "41.76" and stats["n"] == 2
     assert tool._two_places(stats["std"]) == "0.45"  # sample standard deviation (n - 1)
     assert tool._two_places(tool._stats([38.61, 39.13])["mean"]) == "38.87"
+
+
+def test_the_table_averages_each_rows_own_stage_and_head_per_imbalance_factor(tmp_path, monkeypatch):
+    """Each cell is the mean and sample std over the seeds of one imbalance factor; SSD's rows read
+    the student's hard and soft heads and stage IV; a job file of another variant (a smoke run's)
+    does not count."""
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    import reproduce_cifar as tool
+
+    args = tool.parse_args(["--methods", "ce,ssd", "--imbalance-factors", "100,10", "--seeds", "0,1", "--data", "x.npz",
+                            "--output-dir", str(tmp_path)])
+    plan = tool.build_plan(args)
+    ce = {(100.0, 0): 40.0, (100.0, 1): 41.0, (10.0, 0): 56.0, (10.0, 1): 58.0}
+    ssd = {(100.0, 0): (44.0, 43.0, 46.0), (100.0, 1): (45.0, 42.0, 47.5)}  # hard, soft, after stage IV
+    for job in plan.jobs:
+        key = (job.imbalance_factor, job.seed)
+        if job.method == "ce":
+            stages = {"teacher": {"run_id": "t", "metrics": {"test/top1": ce[key], "test/few": 1.0}}}
+        elif key in ssd:
+            hard, soft, after = ssd[key]
+            stages = {"student": {"run_id": "s", "metrics": {"test/top1": hard, "test/hard/top1": hard, "test/soft/top1": soft}},
+                      "student_lws": {"run_id": "l", "metrics": {"test/top1": after}}}
+        else:  # IF 10, seed 0: a one-epoch smoke run's file in the full run's place
+            stages = {"student_lws": {"run_id": "l", "metrics": {"test/top1": 99.0}}}
+        signature = job.signature if key in ssd or job.method == "ce" else {**job.signature, "epochs": 1}
+        if job.method == "ssd" and key == (10.0, 1):
+            continue  # never ran
+        job.record.parent.mkdir(parents=True, exist_ok=True)
+        job.record.write_text(json.dumps({"signature": signature, "result_stage": job.result_stage, "stages": stages,
+                                          "run_id": "p", "tracking_uri": "u", "command": job.command, "seconds": 1}))
+    table = {row["row"]: row["cells"] for row in tool.aggregate(args, plan)["table"]}
+    assert list(table) == ["ce", "ssd (hard head)", "ssd (soft head)", "ssd (after stage IV)"]
+
+    def cell(row, factor):
+        found = table[row][factor]
+        return found["n"], found["mean"], found["std"]
+
+    assert cell("ce", "100") == (2, 40.5, pytest.approx(0.5 ** 0.5))
+    assert cell("ce", "10") == (2, 57.0, pytest.approx(2 ** 0.5))
+    assert cell("ssd (hard head)", "100") == (2, 44.5, pytest.approx(0.5 ** 0.5))
+    assert cell("ssd (soft head)", "100") == (2, 42.5, pytest.approx(0.5 ** 0.5))
+    assert cell("ssd (after stage IV)", "100") == (2, 46.75, pytest.approx(1.125 ** 0.5))
+    assert cell("ssd (after stage IV)", "10") == (0, None, None)
+    assert table["ssd (after stage IV)"]["100"]["published"] == 46.0 and table["ce"]["10"]["published"] == 56.51
+
+
+def test_published_numbers_are_those_of_methods_md(monkeypatch):
+    """The table's reference column against ../shared/METHODS.md (which rounds DiVE's CE and BSCE to
+    one decimal)."""
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    import reproduce_cifar as tool
+
+    methods_md = {"ce": (38.3, 42.4, 56.5), "bsce": (42.4, 47.6, 58.4), "lws": (42.3, 46.0, 58.1),
+                  "dive": (45.35, 51.13, 62.0), "ssd (after stage IV)": (46.0, 50.5, 62.3)}
+    for label, numbers in methods_md.items():
+        for factor, number in zip((100.0, 50.0, 10.0), numbers):
+            assert abs(tool.published(label, factor, tool.DEFAULT_PREFIX) - number) <= 0.051, (label, factor)
+    assert [tool.published("dive", f, tool.DEFAULT_PREFIX) for f in (100.0, 50.0, 10.0)] == [45.35, 51.13, 62.0]
+    assert [tool.published("ssd (after stage IV)", f, tool.DEFAULT_PREFIX) for f in (100.0, 50.0, 10.0)] == [46.0, 50.5, 62.3]
+
+
+def test_concurrent_lanes_split_the_cpus_between_them(monkeypatch):
+    """Each of N concurrent jobs gets 1/N of the usable CPUs (all of them each oversubscribed the
+    cores); one lane, or an OMP_NUM_THREADS the caller set, leaves torch's default."""
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    import argparse
+
+    import reproduce_cifar as tool
+
+    import ltscale.dist.runtime as runtime
+
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [tool.job_threads(argparse.Namespace(concurrency=n)) for n in (1, 2, 3, 16)] == [None, 4, 2, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert tool.job_threads(argparse.Namespace(concurrency=2)) is None

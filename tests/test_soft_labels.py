@@ -154,6 +154,21 @@ def test_stored_soft_labels_are_memory_mapped_not_copied(tmp_path):
     assert int(grown) < 16 << 20, f"loading grew the process by {int(grown) >> 20} MiB for a 64 MiB file"
 
 
+def test_soft_labels_of_another_training_set_are_refused(tmp_path):
+    """Rows are looked up by training-image index: a table from other data (same size or not) would
+    hand each image another image's targets."""
+    from ltscale.stages.store import StageOutput
+
+    torch.save({"kind": soft_labels.SOFT_LABELS_KIND, "logits": torch.zeros(8, 3), "train_fingerprint": "fp"},
+               tmp_path / "soft_labels.pt")
+    output = StageOutput("soft_labels", "soft_labels", "k", tmp_path, {"files": {"soft_labels": "soft_labels.pt"}})
+    assert soft_labels.load_soft_labels(output, "fp", 8).shape == (8, 3)
+    with pytest.raises(ValueError, match=r"were computed on a different training set \(fingerprint fp, 8 rows; expected other, 8\)"):
+        soft_labels.load_soft_labels(output, "other", 8)
+    with pytest.raises(ValueError, match="expected fp, 9"):
+        soft_labels.load_soft_labels(output, "fp", 9)
+
+
 def test_overflowing_soft_labels_are_refused_with_the_count(tmp_path, monkeypatch):
     """Checked batch by batch as stored (fp16 overflows where fp32 did not), summed over ranks,
     and nothing is written."""

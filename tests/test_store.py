@@ -157,3 +157,12 @@ def test_a_manifest_of_the_wrong_shape_is_not_trusted_and_named(tmp_path, capsys
     assert f"CHANGED  {directory}: unreadable manifest (manifest.json" in captured.out and problem in captured.out
     assert "the next run of its pipeline resumes or re-runs that stage" in captured.err
     assert "not recomputed while its files keep" not in captured.err
+
+
+def test_an_output_under_another_key_is_not_trusted(tmp_path, hashes):
+    """The manifest names the key it was finished under: a directory copied or renamed to another
+    key's name is not that key's output (its files are intact, so only the key tells)."""
+    store, directory = _finished_output(tmp_path)
+    directory.rename(store.directory("soft_labels", "k2"))
+    assert store.finished("soft_labels", "soft_labels", "k2") is None
+    assert store.finished("soft_labels", "soft_labels", "k1") is None  # (gone from its own place)

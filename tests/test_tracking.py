@@ -470,6 +470,11 @@ def test_attempt_tells_gone_owners_from_live_and_foreign_ones(monkeypatch: pytes
     assert "attempt 1 of SLURM job 4242 was requeued (this is attempt 2)" in requeued.owner_gone(earlier)
     assert requeued.owner_gone({**earlier, "ltscale.attempt.slurm_restart": "2"}) is None
     assert requeued.owner_gone({**earlier, "ltscale.attempt.slurm_job": "4243"}) is None
+    # Job ids are per cluster: job 4242 of another cluster sharing the tracking server is another job.
+    monkeypatch.setenv("SLURM_CLUSTER_NAME", "cluster-b")
+    requeued = Attempt.current()
+    assert "was requeued" in requeued.owner_gone({**earlier, "ltscale.attempt.slurm_cluster": "cluster-b"})
+    assert requeued.owner_gone({**earlier, "ltscale.attempt.slurm_cluster": "cluster-a"}) is None
 
 
 def test_end_abandoned_runs_marks_only_certainly_dead_ones_killed(tmp_path: Path) -> None:
@@ -747,3 +752,149 @@ def test_run_tags_go_on_the_pipeline_run_below_the_systems_own(tmp_path: Path) -
     assert [r.info.run_id for r in runs] == [pipeline.run_id]
     with pytest.raises(ValueError, match="tag 'ltscale.stage' is reserved"):
         TrackingConfig(run_tags=("ltscale.stage=x",))
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An output directory whose local store exists (creating one takes seconds): a test makes its
+    own experiment there (``_experiment()``)."""
+    out = tmp_path_factory.mktemp("local-store")
+    Tracker(TrackingConfig(), out)
+    return out
+
+
+def test_tracking_config_refuses_a_blank_experiment_and_reserved_tags_in_any_case() -> None:
+    with pytest.raises(ValueError, match="tracking.experiment is empty"):
+        TrackingConfig(experiment="  ")
+    for key in ("MLflow.runName", "LTSCALE.stage"):
+        with pytest.raises(ValueError, match=f"tag '{re.escape(key)}' is reserved"):
+            TrackingConfig(run_tags=(f"{key}=x",))
+
+
+def test_stage_runs_carry_the_pipeline_tag_and_nest_under_the_innermost_run(local_store: Path) -> None:
+    """A stage run is tagged with its pipeline's ``ltscale.pipeline`` (not the pipeline run's
+    name, which may add the seed), and a run opened inside a stage run is that stage's child."""
+    tracker = Tracker(TrackingConfig(experiment=_experiment()), local_store)
+    tracker.code_version = "f" * 40  # as a clean checkout: no patch artifact whatever state this tree is in
+    with tracker.pipeline_run("demo/ce seed 3", {}, {TAG_PIPELINE: "demo/ce"}) as pipeline:
+        with tracker.stage_run("teacher", {}, {}) as stage:
+            with tracker.stage_run("probe", {}, {}) as inner:
+                pass
+        with tracker.stage_run("student", {}, {}) as after:
+            pass
+    client = MlflowClient(tracker.tracking_uri)
+    runs = {handle: client.get_run(handle.run_id).data.tags for handle in (stage, inner, after)}
+    assert {tags[TAG_PIPELINE] for tags in runs.values()} == {"demo/ce"}
+    assert runs[stage]["mlflow.parentRunId"] == pipeline.run_id
+    assert runs[inner]["mlflow.parentRunId"] == stage.run_id
+    assert runs[after]["mlflow.parentRunId"] == pipeline.run_id
+
+
+def test_per_class_accuracy_leaves_classes_without_test_images_out_of_the_means(local_store: Path, tmp_path: Path) -> None:
+    """NaN marks a class with no test image: its accuracy is unknown, not 0, so no mean counts it."""
+    tracker = Tracker(TrackingConfig(experiment=_experiment()), local_store)
+    tracker.code_version = "f" * 40
+    accuracy = [0.9, math.nan, 0.5, 0.3, math.nan]
+    with tracker.pipeline_run("pipe", {}, {}) as pipeline:
+        pipeline.log_per_class_accuracy(accuracy, [500, 300, 50, 5, 2], prefix="test")
+    path = download_artifacts(run_id=pipeline.run_id, artifact_path="test/per_class_accuracy.json", dst_path=str(tmp_path / "dl"),
+                              tracking_uri=tracker.tracking_uri)
+    table = json.loads(Path(path).read_text())
+    assert table["mean_accuracy"] == pytest.approx((0.9 + 0.5 + 0.3) / 3)
+    assert table["groups"]["many"] == {"classes": 1, "accuracy": pytest.approx(0.9)}
+    assert table["groups"]["few"] == {"classes": 1, "accuracy": pytest.approx(0.3)}
+    assert [row["accuracy"] for row in table["classes"]] == [0.9, None, 0.5, 0.3, None]
+
+
+def test_a_dataset_is_recorded_with_its_source_kind(local_store: Path) -> None:
+    tracker = Tracker(TrackingConfig(experiment=_experiment()), local_store)
+    tracker.code_version = "f" * 40
+    with tracker.pipeline_run("pipe", {}, {}) as pipeline:
+        pipeline.log_dataset("remote", "d1", "http://data.example/cifar.tar.gz", "training", 10)
+        pipeline.log_dataset("local", "d2", "/data/cifar", "evaluation", 10)
+    inputs = MlflowClient(tracker.tracking_uri).get_run(pipeline.run_id).inputs.dataset_inputs
+    sources = {i.dataset.name: (i.dataset.source_type, json.loads(i.dataset.source)) for i in inputs}
+    assert sources == {"remote": ("http", {"url": "http://data.example/cifar.tar.gz"}), "local": ("local", {"uri": "/data/cifar"})}
+
+
+def test_an_abandoned_run_ends_when_it_was_last_heard_of(local_store: Path) -> None:
+    """Its newest metric, not its start (nor the time the next pipeline noticed): run time is the
+    time it trained."""
+    from ltscale.tracking.attempts import Attempt
+
+    tracker = Tracker(TrackingConfig(experiment=_experiment()), local_store)
+    pid, started = _exited_process()
+    tags = {**Attempt.current().tags(), "ltscale.attempt.pid": str(pid), "ltscale.attempt.process_start": started}
+    run = tracker.client.create_run(tracker.experiment_id, run_name="r", tags=tags, start_time=1_000_000)
+    tracker.client.log_metric(run.info.run_id, "train/loss", 1.0, timestamp=1_500_000, step=0)
+    assert tracker.end_abandoned_runs() == [run.info.run_id]
+    ended = tracker.client.get_run(run.info.run_id).info
+    assert (ended.status, ended.end_time) == ("KILLED", 1_500_000)
+
+
+def test_a_live_process_whose_start_time_was_not_recorded_keeps_its_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a recorded start time (no /proc where the run began) a live PID is not proof of PID
+    reuse: only a process that has exited is certainly gone."""
+    from ltscale.tracking.attempts import Attempt
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    here = Attempt.current()
+    with subprocess.Popen(["sleep", "30"]) as live:
+        try:
+            assert here.owner_gone({**here.tags(), "ltscale.attempt.pid": str(live.pid), "ltscale.attempt.process_start": ""}) is None
+        finally:
+            live.kill()
+    pid, _ = _exited_process()
+    assert "has exited" in here.owner_gone({**here.tags(), "ltscale.attempt.pid": str(pid), "ltscale.attempt.process_start": ""})
+
+
+def test_code_version_is_that_of_the_checkout_tracking_the_code(tmp_path: Path) -> None:
+    """An untracked directory inside some other repository (an installed copy in a venv under a
+    project) is not credited to that repository's commit; and in a tracked subdirectory, new code
+    anywhere in the checkout makes the version dirty."""
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    commit = git("rev-parse", "HEAD")
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / "installed.py").write_text("y = 1\n")
+    assert commit not in code_version(tmp_path / "venv")
+    (tmp_path / "venv" / "installed.py").unlink()
+    assert code_version(tmp_path / "pkg") == commit
+    (tmp_path / "new_module.py").write_text("z = 1\n")  # untracked, outside pkg/
+    assert code_version(tmp_path / "pkg") == f"{commit}-dirty"
+
+
+def test_store_uri_checks_take_database_driver_uris_and_an_empty_database_file(tmp_path: Path) -> None:
+    from ltscale.tracking.mlflow_tracker import check_sqlite_store, check_uri_form
+
+    for uri in ("postgresql+psycopg2://user@db/mlflow", "mysql+pymysql://user@db/mlflow", "sqlite:///runs/mlflow.db"):
+        check_uri_form(uri, "--tracking-uri")
+    with pytest.raises(ValueError, match="no tracking store for the scheme 'garbage\\+x'"):
+        check_uri_form("garbage+x://host", "--tracking-uri")
+    empty = tmp_path / "mlflow.db"
+    empty.touch()  # SQLite takes an empty file for a new database
+    check_sqlite_store(f"sqlite:///{empty}")
+    check_sqlite_store(f"sqlite:///{tmp_path / 'missing.db'}")
+
+
+def test_consumed_run_ids_are_joined_once_each_and_checked() -> None:
+    assert join_run_ids(["a1", "b2", "a1"]) == "a1,b2"
+    assert split_run_ids(join_run_ids(["a1", "b2", "a1"])) == ["a1", "b2"] and split_run_ids("") == []
+    for bad in ("", "a,b"):
+        with pytest.raises(ValueError, match="not a run id"):
+            join_run_ids(["a1", bad])
+
+
+def test_virtual_example_figure_runs_head_to_tail() -> None:
+    counts = [5, 500, 50, 20]
+    figure = virtual_example_figure({"T=2, p=0.5": np.asarray([40.0, 100.0, 60.0, 45.0])}, counts, "t")
+    lines = {line.get_label(): list(line.get_ydata()) for line in figure.axes[0].get_lines()}
+    assert lines["input counts"] == [500, 50, 20, 5]
+    assert lines["T=2, p=0.5"] == [100.0, 60.0, 45.0, 40.0]

@@ -21,7 +21,8 @@ def recipe(name: str, description: str = "") -> Callable[[Callable[[], Any]], Ca
         if name in _RECIPES and _RECIPES[name] is not fn:
             raise ValueError(f"recipe {name!r} is registered twice ({_RECIPES[name].__module__}, {fn.__module__})")
         _RECIPES[name] = fn
-        _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0] if (description or fn.__doc__) else ""
+        doc = (fn.__doc__ or "").strip()
+        _DESCRIPTIONS[name] = description or (doc.splitlines()[0] if doc else "")
         return fn
 
     return register

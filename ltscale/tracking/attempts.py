@@ -144,11 +144,14 @@ class Attempt:
     def owner_gone(self, tags: dict[str, str]) -> str | None:
         """Why the attempt that wrote ``tags`` is certainly over, or None if it may still be running."""
         job, restart = tags.get(TAG_SLURM_JOB, ""), tags.get(TAG_SLURM_RESTART, "")
-        if job and job == self.slurm_job and restart.isdigit() and int(restart) < self.slurm_restart:
+        cluster = tags.get(TAG_SLURM_CLUSTER, "")
+        # A job id names a job within its cluster only: job 4242 of another cluster sharing the
+        # tracking server is another job, whatever its restart count.
+        if (job and job == self.slurm_job and cluster == self.slurm_cluster and restart.isdigit()
+                and int(restart) < self.slurm_restart):
             return (f"attempt {restart} of SLURM job {job} was requeued "
                     f"(this is attempt {self.slurm_restart}) without ending the run")
         pid = tags.get(TAG_PID, "")
-        cluster = tags.get(TAG_SLURM_CLUSTER, "")
         if (tags.get(TAG_MACHINE) != self.machine and job and restart.isdigit() and cluster
                 and (job, int(restart)) != (self.slurm_job, self.slurm_restart) and cluster == slurm_cluster()):
             # Another machine's SLURM job: its processes cannot be inspected from here, but the scheduler knows.
