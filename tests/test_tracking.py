@@ -45,6 +45,14 @@ COUNTS = [500, 120, 100, 60, 20, 19, 5]
 ACCURACY = [0.9, 0.8, 0.75, 0.6, 0.5, 0.3, 0.1]
 
 
+def _git_in(repo: Path):
+    """``git(*args)`` in ``repo`` with a throwaway identity, returning its stripped output."""
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+    return git
+
+
 def _experiment() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
@@ -282,10 +290,7 @@ def test_code_version_record_marks_a_changed_copy_stale(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
 
-    def git(*args: str) -> str:
-        command = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args]
-        return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
-
+    git = _git_in(repo)
     git("init", "-q")
     (repo / "pkg").mkdir()
     (repo / "pkg" / "a.py").write_text("x = 1\n")
@@ -339,10 +344,7 @@ def test_code_version_record_marks_a_changed_copy_stale(tmp_path: Path) -> None:
 
 
 def test_code_version_reads_git(tmp_path: Path) -> None:
-    def git(*args: str) -> str:
-        command = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args]
-        return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
-
+    git = _git_in(tmp_path)
     fallback = code_version(tmp_path)  # not a checkout: the package version or "unknown", no error
     assert fallback and "-dirty" not in fallback
     git("init", "-q")
@@ -852,10 +854,7 @@ def test_code_version_is_that_of_the_checkout_tracking_the_code(tmp_path: Path) 
     """An untracked directory inside some other repository (an installed copy in a venv under a
     project) is not credited to that repository's commit; and in a tracked subdirectory, new code
     anywhere in the checkout makes the version dirty."""
-    def git(*args: str) -> str:
-        command = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args]
-        return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
-
+    git = _git_in(tmp_path)
     git("init", "-q")
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "m.py").write_text("x = 1\n")
