@@ -41,13 +41,14 @@ def bundle(tmp_path_factory) -> DatasetBundle:
 
 
 def _loader(cls, split: FileSplit, *, train: bool, shuffle: bool = True, fraction: float = 0.001,
-            sampler=None, views: int = 1, seed: int = 0, batch_size: int = 4):
-    return cls(
-        split, train=train, batch_size=batch_size,
+            sampler=None, views: int = 1, seed: int = 0, batch_size: int = 4, **overrides):
+    arguments = dict(
+        train=train, batch_size=batch_size,
         sampler=sampler if sampler is not None else InstanceBalancedSampler(len(split), seed=0, shuffle=shuffle),
         image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=2,
         max_bad_image_fraction=fraction, drop_last=False, device="cpu", views=views, seed=seed,
     )
+    return cls(split, **{**arguments, **overrides})
 
 
 def test_training_epochs_follow_the_sampler_like_the_torch_backend(bundle):
@@ -315,6 +316,77 @@ def test_build_loader_chooses_and_refuses_backends(bundle, monkeypatch):
     monkeypatch.setattr(dali_module, "dali_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"pip install 'ltscale\[dali\]'"):
         build_loader(bundle.test, bundle, loader=LoaderConfig(backend="dali"), **common)
+
+
+def _ramp_split(root: Path, count: int) -> FileSplit:
+    """One square image listed ``count`` times, whose red channel rises 0..255 left to right and green
+    top to bottom: in any crop of it, red's slope across the crop is the crop's width as a fraction of
+    the image (negative when flipped) and green's slope its height."""
+    ramp = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (256, 1)), np.tile(ramp[:, None], (1, 256)), np.full((256, 256), 128, np.uint8)], -1)
+    PIL.Image.fromarray(pixels).save(root / "ramp.png")
+    return FileSplit(name="ramp", targets=np.zeros(count, dtype=np.int64), num_classes=1, root=root, paths=["ramp.png"] * count)
+
+
+def _crop_extents(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, S, S) normalised crops of the ramp -> each crop's signed width and height, as fractions of the image."""
+    mean = torch.tensor(IMAGENET_NORMALIZATION.mean).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_NORMALIZATION.std).view(1, 3, 1, 1)
+    pixels = (images * std + mean) * 255
+    size = images.shape[-1]
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+
+    def slope(profile: torch.Tensor) -> torch.Tensor:  # least squares, per image: grey levels per output pixel
+        return (profile * x).sum(-1) / (x * x).sum()
+
+    return slope(pixels[:, 0].mean(1)) * size / 256, slope(pixels[:, 1].mean(2)) * size / 256
+
+
+def test_training_crops_and_flips_follow_random_resized_crop(tmp_path):
+    """RandomResizedCrop's scale 0.08-1 and ratio 3/4-4/3, and a horizontal flip with probability 1/2,
+    measured on crops of a ramp image (the pixel comparisons with torchvision cover evaluation only)."""
+    n = 200
+    loader = DaliLoader(
+        _ramp_split(tmp_path, n), train=True, batch_size=50, sampler=None, image_size=IMAGE_SIZE,
+        normalization=IMAGENET_NORMALIZATION, num_workers=2, max_bad_image_fraction=0.0, drop_last=False, device="cpu",
+        color_jitter=0.0,
+    )
+    width, height = _crop_extents(torch.cat([b["image"] for b in loader]))
+    assert abs((width < 0).float().mean().item() - 0.5) < 4 * (0.25 / n) ** 0.5  # binomial, 4 sigma
+    area, ratio = width.abs() * height, width.abs() / height
+    assert area.min() > 0.06 and area.max() < 1.02 and ratio.min() > 0.7 and ratio.max() < 4 / 3 + 0.05
+    # The whole ranges are drawn from (one crop in 200 outside these would be a ~1e-20 chance).
+    assert area.min() < 0.3 and ratio.min() < 0.85 and ratio.max() > 1.18
+
+
+def test_crops_and_flips_are_drawn_anew_each_epoch_and_per_rank(bundle):
+    """The pipeline seed includes the epoch and the rank: with the same images in the same order (an
+    unshuffled sampler) and no colour jitter (seeded apart), epochs and ranks must not crop and flip
+    alike, while the same epoch and rank repeat exactly."""
+    def images(epoch, rank):
+        loader = _loader(DaliLoader, bundle.train, train=True, shuffle=False, rank=rank, color_jitter=0.0)
+        loader.set_epoch(epoch)
+        return torch.cat([b["image"] for b in loader])
+
+    first = images(0, 0)
+    assert torch.equal(images(0, 0), first)
+    assert not torch.equal(images(1, 0), first) and not torch.equal(images(0, 1), first)
+
+
+def test_drop_last_drops_the_short_batch_and_len_agrees(bundle):
+    loader = _loader(DaliLoader, bundle.train, train=True, drop_last=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 2 and [len(b["index"]) for b in batches] == [4, 4]
+    assert len(set(torch.cat([b["index"] for b in batches]).tolist())) == 8
+
+
+def test_a_sound_or_padded_jpeg_reaches_dali_as_its_own_bytes(tmp_path):
+    """Only suspect files go through the CPU decoders: a sound JPEG, or one with bytes after its end
+    marker (some cameras pad files), is handed to DALI unchanged (not re-encoded as a PNG)."""
+    padded = tmp_path / "padded.JPEG"
+    padded.write_bytes(_sample_files()[1].read_bytes() + b"\0" * 100)
+    for path in (_sample_files()[1], padded):
+        assert np.array_equal(dali_module._read_bytes(str(path)), np.fromfile(path, dtype=np.uint8))
 
 
 @pytest.mark.gpu

@@ -41,13 +41,14 @@ def cache(tmp_path_factory) -> FfcvConfig:
 
 
 def _loader(cls, split: FileSplit, *, train: bool, shuffle: bool = True, fraction: float = 0.001, ffcv: FfcvConfig | None = None,
-            views: int = 1, substitute: bool | None = None):
+            views: int = 1, substitute: bool | None = None, **overrides):
     extra = {"ffcv": ffcv} if cls is FfcvLoader else {}
-    return cls(
-        split, train=train, batch_size=4, sampler=InstanceBalancedSampler(len(split), seed=0, shuffle=shuffle),
+    arguments = dict(
+        train=train, batch_size=4, sampler=InstanceBalancedSampler(len(split), seed=0, shuffle=shuffle),
         image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=1, max_bad_image_fraction=fraction,
         drop_last=False, device="cpu", views=views, substitute=substitute, **extra,
     )
+    return cls(split, **{**arguments, **overrides})
 
 
 def test_training_epochs_follow_the_sampler_and_the_file_is_written_once(bundle, cache):
@@ -210,6 +211,97 @@ def test_backend_choice_and_refusals(bundle, cache):
     with pytest.raises(ValueError, match="jpeg_quality"):
         FfcvConfig(jpeg_quality=0)
     assert np.isfinite(len(chosen))
+
+
+def _ramp_split(root: Path, count: int) -> FileSplit:
+    """One square image listed ``count`` times, whose red channel rises 0..255 left to right and green
+    top to bottom: in any crop of it, red's slope across the crop is the crop's width as a fraction of
+    the image (negative when flipped) and green's slope its height."""
+    import PIL.Image
+
+    ramp = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (256, 1)), np.tile(ramp[:, None], (1, 256)), np.full((256, 256), 128, np.uint8)], -1)
+    PIL.Image.fromarray(pixels).save(root / "ramp.png")
+    return FileSplit(name="ramp", targets=np.zeros(count, dtype=np.int64), num_classes=1, root=root, paths=["ramp.png"] * count)
+
+
+def _crop_extents(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, S, S) normalised crops of the ramp -> each crop's signed width and height, as fractions of the image."""
+    mean = torch.tensor(IMAGENET_NORMALIZATION.mean).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_NORMALIZATION.std).view(1, 3, 1, 1)
+    pixels = (images * std + mean) * 255
+    size = images.shape[-1]
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+
+    def slope(profile: torch.Tensor) -> torch.Tensor:  # least squares, per image: grey levels per output pixel
+        return (profile * x).sum(-1) / (x * x).sum()
+
+    return slope(pixels[:, 0].mean(1)) * size / 256, slope(pixels[:, 1].mean(2)) * size / 256
+
+
+def test_crops_and_flips_follow_random_resized_crop_and_the_centre_crop(tmp_path):
+    """Training: RandomResizedCrop's scale 0.08-1 and ratio 3/4-4/3, a horizontal flip with probability
+    1/2; evaluation: the centre 224/256 of the shorter side. Measured on crops of a ramp image (the
+    evaluation comparison with the torch backend is too loose to see a wrong crop fraction)."""
+    n = 200
+    split = _ramp_split(tmp_path, n)
+    common = dict(batch_size=50, sampler=None, image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=1,
+                  max_bad_image_fraction=0.0, drop_last=False, device="cpu", color_jitter=0.0,
+                  ffcv=FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1))
+    width, height = _crop_extents(torch.cat([b["image"] for b in FfcvLoader(split, train=True, **common)]))
+    assert abs((width < 0).float().mean().item() - 0.5) < 4 * (0.25 / n) ** 0.5  # binomial, 4 sigma
+    area, ratio = width.abs() * height, width.abs() / height
+    assert area.min() > 0.06 and area.max() < 1.02 and ratio.min() > 0.7 and ratio.max() < 4 / 3 + 0.05
+    # The whole ranges are drawn from (one crop in 200 outside these would be a ~1e-20 chance).
+    assert area.min() < 0.3 and ratio.min() < 0.85 and ratio.max() > 1.18
+    width, height = _crop_extents(torch.cat([b["image"] for b in FfcvLoader(split, train=False, **common)]))
+    assert torch.allclose(width, torch.full_like(width, 224 / 256), atol=0.02)
+    assert torch.allclose(height, torch.full_like(height, 224 / 256), atol=0.02)
+
+
+def test_stored_images_follow_the_image_settings_which_name_the_file(bundle, tmp_path):
+    import dataclasses
+
+    from ffcv.reader import Reader
+
+    small = FfcvConfig(cache_dir=str(tmp_path), write_workers=1, max_resolution=32, jpeg_quality=20)
+    fine = dataclasses.replace(small, jpeg_quality=95)
+    larger = dataclasses.replace(small, max_resolution=48)
+    paths = [_loader(FfcvLoader, bundle.test, train=False, shuffle=False, ffcv=config).path for config in (small, fine, larger)]
+    assert len(set(paths)) == 3  # a setting changed: another file, not the stale one
+    for path, limit in zip(paths, (32, 32, 48)):
+        reader = Reader(str(path))
+        stored = reader.metadata[f"f{reader.field_names.index('image')}"]
+        assert max(stored["width"].max(), stored["height"].max()) == limit  # the samples are larger than 48 px
+    stored_bytes = [int(Reader(str(path)).alloc_table["size"].sum()) for path in paths[:2]]  # the JPEGs, not the file's pages
+    assert stored_bytes[0] < 0.7 * stored_bytes[1]  # quality 20 against 95
+
+
+def test_a_file_without_its_sidecar_is_written_again(bundle, tmp_path):
+    """The sidecar is written last and marks the file complete: a ``.beton`` without one (a write
+    killed between the two) is written again, not read."""
+    config = FfcvConfig(cache_dir=str(tmp_path), write_workers=1)
+    path = _loader(FfcvLoader, bundle.test, train=False, shuffle=False, ffcv=config).path
+    path.with_name(path.name + ".json").unlink()
+    loader = _loader(FfcvLoader, bundle.test, train=False, shuffle=False, ffcv=config)
+    assert path.with_name(path.name + ".json").is_file()
+    assert torch.cat([b["index"] for b in loader]).tolist() == list(range(10))
+
+
+def test_corrupt_image_without_readable_class_mate_stops_the_write(tmp_path):
+    split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
+    _truncate(split.root / split.paths[9])  # class 2 has a single image
+    config = FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1)
+    with pytest.raises(DatasetError, match=r"no readable image of its class 2"):
+        _loader(FfcvLoader, split, train=True, shuffle=False, fraction=0.5, ffcv=config)
+    assert list(Path(config.cache_dir).iterdir()) == []
+
+
+def test_drop_last_drops_the_short_batch_and_len_agrees(bundle, cache):
+    loader = _loader(FfcvLoader, bundle.train, train=True, ffcv=cache, drop_last=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 2 and [len(b["index"]) for b in batches] == [4, 4]
+    assert len(set(torch.cat([b["index"] for b in batches]).tolist())) == 8
 
 
 def test_jpeg_loader_benchmark_ffcv_variant_cpu_smoke(tmp_path):
