@@ -4,8 +4,13 @@ torch backend's. The first FFCV epoch in a process spends ~10-40 s compiling (nu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +28,7 @@ from ltscale.data.base import DatasetBundle, FileSplit  # noqa: E402
 from ltscale.data.config import FfcvConfig, LoaderConfig, SyntheticConfig  # noqa: E402
 from ltscale.data.errors import DatasetError  # noqa: E402
 from ltscale.data.image_list import IMAGENET_NORMALIZATION, build_image_list_dataset  # noqa: E402
-from ltscale.data.loaders.ffcv_backend import FfcvLoader, beton_path  # noqa: E402
+from ltscale.data.loaders.ffcv_backend import FfcvLoader, beton_path, write_beton  # noqa: E402
 from ltscale.data.loaders.files import FileLoader  # noqa: E402
 from ltscale.data.samplers import InstanceBalancedSampler  # noqa: E402
 from ltscale.data.synthetic import make_synthetic  # noqa: E402
@@ -125,33 +130,114 @@ def test_an_image_that_failed_only_while_writing_is_named_and_written_again(tmp_
     from ltscale.data.loaders import ffcv_backend
 
     split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
-    original = ffcv_backend._WriterDataset.__getitem__
+    passing = split.root / split.paths[6]
+    good = passing.read_bytes()
+    real = ffcv_backend._write_in_fresh_process
 
-    def failed_once(self, index):  # image 6's read failed in the worker: its class's next image (7) stored
-        if index == 6:
-            image, _, _ = original(self, 7)
-            return image, int(self.split.targets[6]), 7
-        return original(self, index)
+    def unreadable_while_written(job):  # image 6 reads as truncated in the workers, whole again after
+        _truncate(passing)
+        try:
+            real(job)
+        finally:
+            passing.write_bytes(good)
 
-    monkeypatch.setattr(ffcv_backend._WriterDataset, "__getitem__", failed_once)
+    monkeypatch.setattr(ffcv_backend, "_write_in_fresh_process", unreadable_while_written)
     config = FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1)
     with caplog.at_level(logging.WARNING, logger="ltscale.data.loaders"):
         loader = _loader(FfcvLoader, split, train=True, shuffle=False, fraction=0.2, ffcv=config)
-    passing = str(split.root / split.paths[6])
-    assert loader.bad_files == [passing]
-    assert any("decodes now" in r.getMessage() and passing in r.getMessage() for r in caplog.records)
+    assert loader.bad_files == [str(passing)]
+    assert any("decodes now" in r.getMessage() and str(passing) in r.getMessage() for r in caplog.records)
     assert torch.cat([b["index"] for b in loader]).tolist() == [0, 1, 2, 3, 4, 5, 7, 7, 8, 9]
-    monkeypatch.setattr(ffcv_backend._WriterDataset, "__getitem__", original)
+    monkeypatch.setattr(ffcv_backend, "_write_in_fresh_process", real)
     again = _loader(FfcvLoader, split, train=True, shuffle=False, fraction=0.2, ffcv=config)
     assert again.bad_files == [] and torch.cat([b["index"] for b in again]).tolist() == list(range(10))
 
 
+class _PathsThatKillTheirReader(list):
+    """A split's paths whose entry ``fatal`` kills any process but their maker that reads it: an
+    FFCV writer worker dying in the middle of a write, as under the OOM killer."""
+
+    def __init__(self, paths: list[str], fatal: int) -> None:
+        super().__init__(paths)
+        self.fatal = fatal
+        self.maker = os.getpid()
+
+    def __getitem__(self, index):
+        if index == self.fatal and os.getpid() != self.maker:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(index)
+
+
+def _write_processes() -> list[str]:
+    """The processes of an FFCV write (the writer and its workers) alive on this machine."""
+    listing = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in listing.splitlines() if "ltscale.data.loaders.ffcv_write" in line and " Z" not in line]
+
+
+@pytest.mark.timeout(300)
+def test_a_writer_worker_that_dies_ends_the_write_with_its_reason(tmp_path):
+    """FFCV's writer waits for every sample and never looks at its workers: one killed mid-write
+    left it waiting forever. The write ends at once, says why, and leaves no file and no process."""
+    split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
+    dying = dataclasses.replace(split, paths=_PathsThatKillTheirReader(split.paths, fatal=3))
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(DatasetError, match="killed by signal 9") as caught:
+        write_beton(dying, FfcvConfig(cache_dir=str(cache_dir), write_workers=2), substitute=True,
+                    max_bad_image_fraction=0.2)
+    assert "OOM killer" in str(caught.value) and split.name in str(caught.value)
+    assert list(cache_dir.iterdir()) == []  # no partial file, no .beton, no sidecar
+    assert _write_processes() == []
+
+
+@pytest.mark.timeout(300)
+def test_a_write_whose_caller_is_gone_stops(tmp_path):
+    """A training process killed outright (no chance to stop its write): the writer and its workers
+    notice and end, instead of writing a file nobody will rename."""
+    _ramp_split(tmp_path, 1)
+    script = f"""
+import numpy as np
+from pathlib import Path
+from ltscale.data.base import FileSplit
+from ltscale.data.config import FfcvConfig
+from ltscale.data.loaders.ffcv_backend import write_beton
+split = FileSplit(name="ramp", targets=np.zeros(20000, dtype=np.int64), num_classes=1, root=Path({str(tmp_path)!r}),
+                  paths=["ramp.png"] * 20000)
+write_beton(split, FfcvConfig(cache_dir={str(tmp_path / "cache")!r}, write_workers=1), substitute=False,
+            max_bad_image_fraction=0.0)
+"""
+    caller = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("ffcv_write" in line for line in _write_processes()) or not list(tmp_path.glob("cache/.*.partial")):
+            assert caller.poll() is None and time.monotonic() < deadline, "the write never started"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        caller.kill()
+        caller.wait()
+        deadline = time.monotonic() + 30
+        while _write_processes():
+            assert time.monotonic() < deadline, f"still running after the caller was killed: {_write_processes()}"
+            time.sleep(0.2)
+    finally:
+        caller.kill()
+    assert not list(tmp_path.glob("cache/*.beton"))
+
+
+@pytest.mark.timeout(300)
+def test_a_write_after_reading_in_the_same_process_finishes(bundle, cache, tmp_path):
+    """FFCV's reading leaves torch's OpenMP and OpenCV's thread pools started in this process. Workers
+    forked from it got those pools without their threads, and the first parallel region there (the
+    decode of a PNG makes a tensor contiguous) waited for them forever: this write hung."""
+    assert sum(len(b["index"]) for b in _loader(FfcvLoader, bundle.train, train=True, ffcv=cache)) == len(bundle.train)
+    split = _ramp_split(tmp_path, 8)
+    path = write_beton(split, FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1), substitute=False,
+                       max_bad_image_fraction=0.0)
+    assert path.is_file()
+
+
 def test_the_file_belongs_to_its_image_root_and_abandoned_partials_are_removed(tmp_path):
-    import dataclasses
     import shutil
     import socket
-    import subprocess
-    import sys
 
     data = _make_tree(tmp_path / "tree")
     split = build_image_list_dataset(data).train
@@ -213,9 +299,53 @@ def test_backend_choice_and_refusals(bundle, cache):
     assert np.isfinite(len(chosen))
 
 
-def test_stored_images_follow_the_image_settings_which_name_the_file(bundle, tmp_path):
-    import dataclasses
+def _ramp_split(root: Path, count: int) -> FileSplit:
+    """One square image listed ``count`` times, whose red channel rises 0..255 left to right and green
+    top to bottom: in any crop of it, red's slope across the crop is the crop's width as a fraction of
+    the image (negative when flipped) and green's slope its height."""
+    import PIL.Image
 
+    ramp = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (256, 1)), np.tile(ramp[:, None], (1, 256)), np.full((256, 256), 128, np.uint8)], -1)
+    PIL.Image.fromarray(pixels).save(root / "ramp.png")
+    return FileSplit(name="ramp", targets=np.zeros(count, dtype=np.int64), num_classes=1, root=root, paths=["ramp.png"] * count)
+
+
+def _crop_extents(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, S, S) normalised crops of the ramp -> each crop's signed width and height, as fractions of the image."""
+    mean = torch.tensor(IMAGENET_NORMALIZATION.mean).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_NORMALIZATION.std).view(1, 3, 1, 1)
+    pixels = (images * std + mean) * 255
+    size = images.shape[-1]
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+
+    def slope(profile: torch.Tensor) -> torch.Tensor:  # least squares, per image: grey levels per output pixel
+        return (profile * x).sum(-1) / (x * x).sum()
+
+    return slope(pixels[:, 0].mean(1)) * size / 256, slope(pixels[:, 1].mean(2)) * size / 256
+
+
+def test_crops_and_flips_follow_random_resized_crop_and_the_centre_crop(tmp_path):
+    """Training: RandomResizedCrop's scale 0.08-1 and ratio 3/4-4/3, a horizontal flip with probability
+    1/2; evaluation: the centre 224/256 of the shorter side. Measured on crops of a ramp image (the
+    evaluation comparison with the torch backend is too loose to see a wrong crop fraction)."""
+    n = 200
+    split = _ramp_split(tmp_path, n)
+    common = dict(batch_size=50, sampler=None, image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=1,
+                  max_bad_image_fraction=0.0, drop_last=False, device="cpu", color_jitter=0.0,
+                  ffcv=FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1))
+    width, height = _crop_extents(torch.cat([b["image"] for b in FfcvLoader(split, train=True, **common)]))
+    assert abs((width < 0).float().mean().item() - 0.5) < 4 * (0.25 / n) ** 0.5  # binomial, 4 sigma
+    area, ratio = width.abs() * height, width.abs() / height
+    assert area.min() > 0.06 and area.max() < 1.02 and ratio.min() > 0.7 and ratio.max() < 4 / 3 + 0.05
+    # The whole ranges are drawn from (one crop in 200 outside these would be a ~1e-20 chance).
+    assert area.min() < 0.3 and ratio.min() < 0.85 and ratio.max() > 1.18
+    width, height = _crop_extents(torch.cat([b["image"] for b in FfcvLoader(split, train=False, **common)]))
+    assert torch.allclose(width, torch.full_like(width, 224 / 256), atol=0.02)
+    assert torch.allclose(height, torch.full_like(height, 224 / 256), atol=0.02)
+
+
+def test_stored_images_follow_the_image_settings_which_name_the_file(bundle, tmp_path):
     from ffcv.reader import Reader
 
     small = FfcvConfig(cache_dir=str(tmp_path), write_workers=1, max_resolution=32, jpeg_quality=20)
@@ -262,8 +392,6 @@ def test_jpeg_loader_benchmark_ffcv_variant_cpu_smoke(tmp_path):
     """tools/bench/jpeg_loader.py's FFCV variant: the one-off write reported apart from the epochs."""
     import json
     import shutil
-    import subprocess
-    import sys
 
     from tests.test_image_list import _sample_files
 

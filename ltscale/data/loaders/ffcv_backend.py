@@ -31,7 +31,11 @@ import functools
 import json
 import logging
 import os
+import pickle
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -47,6 +51,7 @@ from ltscale.data.config import FfcvConfig
 from ltscale.data.errors import DatasetError
 from ltscale.data.loaders import ImageFileLoader
 from ltscale.data.loaders.bad_images import BadImageLedger, SameClassCandidates
+from ltscale.data.loaders.ffcv_write import FAILURE_PREFIX, WriteJob
 from ltscale.data.loaders.files import decode_image_file, describe_error
 from ltscale.dist.runtime import usable_cpus
 from ltscale.engine.checkpoint import atomic_write_json
@@ -189,10 +194,9 @@ def _remove_abandoned_partials(path: Path) -> None:
 def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_bad_image_fraction: float) -> Path:
     """Write ``split`` to its ``.beton`` (unless a complete one exists) and return its path.
 
-    Raises :class:`DatasetError` (leaving no file) when the bad-image policy says stop."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
+    FFCV's writer runs in a fresh process (:mod:`ltscale.data.loaders.ffcv_write`); the bad-image
+    policy is applied here, to what its workers stored. Raises :class:`DatasetError` (leaving no
+    file) when the policy says stop or the write fails."""
     path = beton_path(split, config)
     if path.is_file() and _sidecar(path).is_file():
         repaired = _repaired(split, path)
@@ -207,17 +211,9 @@ def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_b
     # A job given 8 of 128 cores must not start 128 encoders on them.
     workers = config.write_workers or usable_cpus()
     logger.info("writing %d images of %s to %s (%d workers)", len(split), split.name, path, workers)
-    writer = DatasetWriter(
-        str(partial),
-        {
-            "image": RGBImageField(write_mode="jpg", max_resolution=config.max_resolution, jpeg_quality=config.jpeg_quality),
-            "label": IntField(),
-            "served": IntField(),
-        },
-        num_workers=workers,
-    )
     try:
-        writer.from_indexed_dataset(_WriterDataset(split, substitute))
+        _write_in_fresh_process(WriteJob(partial=str(partial), split=split, config=config, substitute=substitute,
+                                         workers=workers, caller_pid=os.getpid()))
         served = _read_served(partial)
         if len(served) != len(split):
             raise DatasetError(f"{partial}: {len(served)} images written for the {len(split)} of {split.name}")
@@ -249,6 +245,34 @@ def write_beton(split: FileSplit, config: FfcvConfig, *, substitute: bool, max_b
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _write_in_fresh_process(job: WriteJob) -> None:
+    """Run ``job`` in a new process (:mod:`ltscale.data.loaders.ffcv_write` says why), in a session
+    of its own so that stopping it stops its workers too. Raises :class:`DatasetError` with its
+    reason when it fails; stops it when this process is interrupted."""
+    import ltscale
+
+    env = dict(os.environ)
+    # The child imports ltscale as this process does, installed or from a source tree.
+    source = str(Path(ltscale.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([source] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # FFCV starts numba's threading layer on import; the writer runs nothing parallel in it, and
+    # TBB's (numba's first choice) fork handling is what can hang a process that forks workers.
+    env["NUMBA_THREADING_LAYER"] = "workqueue"
+    process = subprocess.Popen([sys.executable, "-m", "ltscale.data.loaders.ffcv_write"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        report, _ = process.communicate(pickle.dumps(job))
+    finally:
+        if process.poll() is None:  # interrupted here (Ctrl-C): the write is of no use now
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    if process.returncode != 0:
+        reasons = [line[len(FAILURE_PREFIX):] for line in report.decode(errors="replace").splitlines()
+                   if line.startswith(FAILURE_PREFIX)]
+        reason = reasons[0] if reasons else f"the writer process exited with code {process.returncode} (its output is above)"
+        raise DatasetError(f"writing {job.split.name} to {job.partial} failed: {reason}")
 
 
 def _run_into(future: concurrent.futures.Future, call: Any) -> None:
