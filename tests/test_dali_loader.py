@@ -30,7 +30,15 @@ from ltscale.data.loaders.files import FileLoader  # noqa: E402
 from ltscale.data.samplers import InstanceBalancedSampler, ShardSampler  # noqa: E402
 from ltscale.data.synthetic import make_synthetic  # noqa: E402
 from ltscale.data.config import SyntheticConfig  # noqa: E402
-from tests.test_image_list import IMAGE_SIZE, _make_tree, _oversized_split, _sample_files, _truncate  # noqa: E402
+from tests.test_image_list import (  # noqa: E402
+    IMAGE_SIZE,
+    _make_tree,
+    _oversized_split,
+    _sample_files,
+    _truncate,
+    crop_extents,
+    ramp_split,
+)
 
 ONE_GREY_LEVEL = 1.01 / 255 / min(IMAGENET_NORMALIZATION.std)  # in normalised units
 
@@ -318,40 +326,16 @@ def test_build_loader_chooses_and_refuses_backends(bundle, monkeypatch):
         build_loader(bundle.test, bundle, loader=LoaderConfig(backend="dali"), **common)
 
 
-def _ramp_split(root: Path, count: int) -> FileSplit:
-    """One square image listed ``count`` times, whose red channel rises 0..255 left to right and green
-    top to bottom: in any crop of it, red's slope across the crop is the crop's width as a fraction of
-    the image (negative when flipped) and green's slope its height."""
-    ramp = np.arange(256, dtype=np.uint8)
-    pixels = np.stack([np.tile(ramp, (256, 1)), np.tile(ramp[:, None], (1, 256)), np.full((256, 256), 128, np.uint8)], -1)
-    PIL.Image.fromarray(pixels).save(root / "ramp.png")
-    return FileSplit(name="ramp", targets=np.zeros(count, dtype=np.int64), num_classes=1, root=root, paths=["ramp.png"] * count)
-
-
-def _crop_extents(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 3, S, S) normalised crops of the ramp -> each crop's signed width and height, as fractions of the image."""
-    mean = torch.tensor(IMAGENET_NORMALIZATION.mean).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_NORMALIZATION.std).view(1, 3, 1, 1)
-    pixels = (images * std + mean) * 255
-    size = images.shape[-1]
-    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-
-    def slope(profile: torch.Tensor) -> torch.Tensor:  # least squares, per image: grey levels per output pixel
-        return (profile * x).sum(-1) / (x * x).sum()
-
-    return slope(pixels[:, 0].mean(1)) * size / 256, slope(pixels[:, 1].mean(2)) * size / 256
-
-
 def test_training_crops_and_flips_follow_random_resized_crop(tmp_path):
     """RandomResizedCrop's scale 0.08-1 and ratio 3/4-4/3, and a horizontal flip with probability 1/2,
     measured on crops of a ramp image (the pixel comparisons with torchvision cover evaluation only)."""
     n = 200
     loader = DaliLoader(
-        _ramp_split(tmp_path, n), train=True, batch_size=50, sampler=None, image_size=IMAGE_SIZE,
+        ramp_split(tmp_path, n), train=True, batch_size=50, sampler=None, image_size=IMAGE_SIZE,
         normalization=IMAGENET_NORMALIZATION, num_workers=2, max_bad_image_fraction=0.0, drop_last=False, device="cpu",
         color_jitter=0.0,
     )
-    width, height = _crop_extents(torch.cat([b["image"] for b in loader]))
+    width, height = crop_extents(torch.cat([b["image"] for b in loader]))
     assert abs((width < 0).float().mean().item() - 0.5) < 4 * (0.25 / n) ** 0.5  # binomial, 4 sigma
     area, ratio = width.abs() * height, width.abs() / height
     assert area.min() > 0.06 and area.max() < 1.02 and ratio.min() > 0.7 and ratio.max() < 4 / 3 + 0.05

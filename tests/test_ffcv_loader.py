@@ -32,7 +32,7 @@ from ltscale.data.loaders.ffcv_backend import FfcvLoader, beton_path, write_beto
 from ltscale.data.loaders.files import FileLoader  # noqa: E402
 from ltscale.data.samplers import InstanceBalancedSampler  # noqa: E402
 from ltscale.data.synthetic import make_synthetic  # noqa: E402
-from tests.test_image_list import IMAGE_SIZE, _make_tree, _truncate  # noqa: E402
+from tests.test_image_list import IMAGE_SIZE, _make_tree, _truncate, crop_extents, ramp_split  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_a_writer_worker_that_dies_ends_the_write_with_its_reason(tmp_path):
 def test_a_write_whose_caller_is_gone_stops(tmp_path):
     """A training process killed outright (no chance to stop its write): the writer and its workers
     notice and end, instead of writing a file nobody will rename."""
-    _ramp_split(tmp_path, 1)
+    ramp_split(tmp_path, 1)
     script = f"""
 import numpy as np
 from pathlib import Path
@@ -229,7 +229,7 @@ def test_a_write_after_reading_in_the_same_process_finishes(bundle, cache, tmp_p
     forked from it got those pools without their threads, and the first parallel region there (the
     decode of a PNG makes a tensor contiguous) waited for them forever: this write hung."""
     assert sum(len(b["index"]) for b in _loader(FfcvLoader, bundle.train, train=True, ffcv=cache)) == len(bundle.train)
-    split = _ramp_split(tmp_path, 8)
+    split = ramp_split(tmp_path, 8)
     path = write_beton(split, FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1), substitute=False,
                        max_bad_image_fraction=0.0)
     assert path.is_file()
@@ -299,48 +299,22 @@ def test_backend_choice_and_refusals(bundle, cache):
     assert np.isfinite(len(chosen))
 
 
-def _ramp_split(root: Path, count: int) -> FileSplit:
-    """One square image listed ``count`` times, whose red channel rises 0..255 left to right and green
-    top to bottom: in any crop of it, red's slope across the crop is the crop's width as a fraction of
-    the image (negative when flipped) and green's slope its height."""
-    import PIL.Image
-
-    ramp = np.arange(256, dtype=np.uint8)
-    pixels = np.stack([np.tile(ramp, (256, 1)), np.tile(ramp[:, None], (1, 256)), np.full((256, 256), 128, np.uint8)], -1)
-    PIL.Image.fromarray(pixels).save(root / "ramp.png")
-    return FileSplit(name="ramp", targets=np.zeros(count, dtype=np.int64), num_classes=1, root=root, paths=["ramp.png"] * count)
-
-
-def _crop_extents(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 3, S, S) normalised crops of the ramp -> each crop's signed width and height, as fractions of the image."""
-    mean = torch.tensor(IMAGENET_NORMALIZATION.mean).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_NORMALIZATION.std).view(1, 3, 1, 1)
-    pixels = (images * std + mean) * 255
-    size = images.shape[-1]
-    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-
-    def slope(profile: torch.Tensor) -> torch.Tensor:  # least squares, per image: grey levels per output pixel
-        return (profile * x).sum(-1) / (x * x).sum()
-
-    return slope(pixels[:, 0].mean(1)) * size / 256, slope(pixels[:, 1].mean(2)) * size / 256
-
-
 def test_crops_and_flips_follow_random_resized_crop_and_the_centre_crop(tmp_path):
     """Training: RandomResizedCrop's scale 0.08-1 and ratio 3/4-4/3, a horizontal flip with probability
     1/2; evaluation: the centre 224/256 of the shorter side. Measured on crops of a ramp image (the
     evaluation comparison with the torch backend is too loose to see a wrong crop fraction)."""
     n = 200
-    split = _ramp_split(tmp_path, n)
+    split = ramp_split(tmp_path, n)
     common = dict(batch_size=50, sampler=None, image_size=IMAGE_SIZE, normalization=IMAGENET_NORMALIZATION, num_workers=1,
                   max_bad_image_fraction=0.0, drop_last=False, device="cpu", color_jitter=0.0,
                   ffcv=FfcvConfig(cache_dir=str(tmp_path / "cache"), write_workers=1))
-    width, height = _crop_extents(torch.cat([b["image"] for b in FfcvLoader(split, train=True, **common)]))
+    width, height = crop_extents(torch.cat([b["image"] for b in FfcvLoader(split, train=True, **common)]))
     assert abs((width < 0).float().mean().item() - 0.5) < 4 * (0.25 / n) ** 0.5  # binomial, 4 sigma
     area, ratio = width.abs() * height, width.abs() / height
     assert area.min() > 0.06 and area.max() < 1.02 and ratio.min() > 0.7 and ratio.max() < 4 / 3 + 0.05
     # The whole ranges are drawn from (one crop in 200 outside these would be a ~1e-20 chance).
     assert area.min() < 0.3 and ratio.min() < 0.85 and ratio.max() > 1.18
-    width, height = _crop_extents(torch.cat([b["image"] for b in FfcvLoader(split, train=False, **common)]))
+    width, height = crop_extents(torch.cat([b["image"] for b in FfcvLoader(split, train=False, **common)]))
     assert torch.allclose(width, torch.full_like(width, 224 / 256), atol=0.02)
     assert torch.allclose(height, torch.full_like(height, 224 / 256), atol=0.02)
 

@@ -407,6 +407,30 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 3])
 
 
+def ramp_split(root: Path, count: int) -> FileSplit:
+    """One square image listed ``count`` times, whose red channel rises 0..255 left to right and green
+    top to bottom: in any crop of it, red's slope across the crop is the crop's width as a fraction of
+    the image (negative when flipped) and green's slope its height."""
+    ramp = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (256, 1)), np.tile(ramp[:, None], (1, 256)), np.full((256, 256), 128, np.uint8)], -1)
+    PIL.Image.fromarray(pixels).save(root / "ramp.png")
+    return FileSplit(name="ramp", targets=np.zeros(count, dtype=np.int64), num_classes=1, root=root, paths=["ramp.png"] * count)
+
+
+def crop_extents(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, S, S) normalised crops of the ramp -> each crop's signed width and height, as fractions of the image."""
+    mean = torch.tensor(IMAGENET_NORMALIZATION.mean).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_NORMALIZATION.std).view(1, 3, 1, 1)
+    pixels = (images * std + mean) * 255
+    size = images.shape[-1]
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+
+    def slope(profile: torch.Tensor) -> torch.Tensor:  # least squares, per image: grey levels per output pixel
+        return (profile * x).sum(-1) / (x * x).sum()
+
+    return slope(pixels[:, 0].mean(1)) * size / 256, slope(pixels[:, 1].mean(2)) * size / 256
+
+
 def test_tree_builds_from_default_list_names(tree):
     _, bundle = tree
     assert bundle.val is None  # no ImageNet_LT_val.txt in the root: the validation split is optional
