@@ -313,6 +313,36 @@ def test_moco_key_view_follows_its_definition(tmp_path):
     assert abs(grey - 0.2) < 4 * (0.2 * 0.8 / n) ** 0.5  # binomial, 4 sigma
 
 
+def _grating_cycles(profiles: torch.Tensor) -> torch.Tensor:
+    """(N, S) profiles of a cosine -> the cycles each spans, at the peak of its Hann-windowed spectrum
+    (0.005-cycle steps; within about 1 % of the truth from 3 cycles up, measured on the crops below)."""
+    size = profiles.shape[-1]
+    centred = (profiles - profiles.mean(-1, keepdim=True)) * torch.hann_window(size, periodic=False, dtype=profiles.dtype)
+    cycles = torch.arange(1.0, 20.0, 0.005, dtype=profiles.dtype)
+    phase = 2 * np.pi * cycles[:, None] * torch.arange(size, dtype=profiles.dtype)[None, :] / size
+    power = (centred @ torch.cos(phase).T) ** 2 + (centred @ torch.sin(phase).T) ** 2
+    return cycles[power.argmax(-1)]
+
+
+def test_moco_key_crops_take_a_fifth_to_all_of_the_image(tmp_path):
+    """MoCo v2's key view crops 0.2-1 of the image (ratio 3/4-4/3), the query view 0.08-1. Measured on a
+    grey grating, 8 cycles across each axis: a crop's width and height are the cycles it shows over 8.
+    Grey survives the colour jitter and greyscale, which move only the grating's level and contrast,
+    and blur does not move its frequency (the ramp of the training-crop test does not survive them)."""
+    wave = np.cos(2 * np.pi * np.arange(256) / 32)
+    grey = np.round(128 + 50 * wave[None, :] + 50 * wave[:, None]).astype(np.uint8)
+    PIL.Image.fromarray(np.repeat(grey[..., None], 3, -1)).save(tmp_path / "grating.png")
+    n = 200
+    split = FileSplit(name="grating", targets=np.zeros(n, dtype=np.int64), num_classes=1, root=tmp_path, paths=["grating.png"] * n)
+    batches = list(_loader(DaliLoader, split, train=True, views=2, batch_size=100))
+    for view, smallest in (("image_key", 0.2), ("image", 0.08)):
+        images = torch.cat([b[view] for b in batches]).double().mean(1)  # (N, S, S): grey, any scale will do
+        width, height = _grating_cycles(images.mean(1)) / 8, _grating_cycles(images.mean(2)) / 8
+        area, ratio = width * height, width / height
+        assert smallest - 0.015 < area.min() < smallest + 0.1, view  # the lower bound, and reached
+        assert area.max() < 1.03 and 0.72 < ratio.min() < 0.85 and 1.18 < ratio.max() < 4 / 3 + 0.03, view
+
+
 def test_build_loader_chooses_and_refuses_backends(bundle, monkeypatch):
     common = dict(train=False, batch_size=4, device=torch.device("cpu"), seed=0)
     assert isinstance(build_loader(bundle.test, bundle, loader=LoaderConfig(backend="dali", num_workers=1), **common), DaliLoader)
