@@ -172,6 +172,20 @@ def _install_fork_guard() -> None:
         _fork_guard_installed = True
 
 
+def random_blur(images: Any, image_size: int) -> Any:
+    """MoCo v2's (SimCLR's) Gaussian blur, inside a DALI pipeline definition: with probability 0.5,
+    sigma uniform in [0.1, 2], a window of about a tenth of the ``image_size`` images (odd, at
+    least 3 pixels)."""
+    from nvidia.dali import fn, types
+
+    window = max(3, int(0.1 * image_size) // 2 * 2 + 1)
+    # Unblurred samples get sigma 0.01, whose kernel is the identity to float precision: per-
+    # sample arguments keep image arithmetic (and CPU/GPU operand mixing) out of the graph.
+    blur = fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.FLOAT)
+    sigma = _IDENTITY_SIGMA + blur * (fn.random.uniform(range=[0.1, 2.0]) - _IDENTITY_SIGMA)
+    return fn.gaussian_blur(images, window_size=window, sigma=sigma)
+
+
 class _EpochSource:
     """DALI's ``external_source`` callback for one pipeline: batch ``start + iteration`` of
     ``batches``, read with the loader's substitutions; remembers what it served per batch.
@@ -380,12 +394,7 @@ class DaliLoader(ImageFileLoader):
             saturation=factor(0.4) * keep_colour,  # saturation 0 is greyscale
             hue=jitter * fn.random.uniform(range=[-36.0, 36.0]),  # torchvision's hue 0.1 of a turn, in degrees
         )
-        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, ~10% of the image as in SimCLR
-        # Unblurred samples get sigma 0.01, whose kernel is the identity to float precision: per-
-        # sample arguments keep image arithmetic (and CPU/GPU operand mixing) out of the graph.
-        blur = fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.FLOAT)
-        sigma = _IDENTITY_SIGMA + blur * (fn.random.uniform(range=[0.1, 2.0]) - _IDENTITY_SIGMA)
-        return fn.gaussian_blur(key, window_size=kernel, sigma=sigma)
+        return random_blur(key, size)
 
     def _start(self, batches: list[np.ndarray], first: int, attempt: int) -> tuple[Any, _EpochSource]:
         seed = self._seed_for(attempt)
