@@ -33,6 +33,12 @@ from ltscale.data.loaders.files import FileLoader  # noqa: E402
 from ltscale.data.samplers import InstanceBalancedSampler  # noqa: E402
 from ltscale.data.synthetic import make_synthetic  # noqa: E402
 from tests.test_image_list import IMAGE_SIZE, _make_tree, _truncate, crop_extents, ramp_split  # noqa: E402
+# Imported here, not inside the test that uses it: importing a test module runs pytest's assertion
+# rewriting (ast.parse), and CPython before 3.11.8 keeps the ast module's recursion count per
+# interpreter. An earlier test's FFCV loader thread, compiling its pipeline (numba's array-expression
+# lowering calls ast.parse there: checked), parsing at the same moment failed the import with
+# "SystemError: AST constructor recursion depth mismatch" (this file run alone on 3.11.7; cpython#106905).
+from tests.test_distributed import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -413,8 +419,6 @@ def _slow_write_worker(rank: int, world: int, port: int, root: str, cache: str, 
 
 def test_a_write_longer_than_the_process_group_timeout_does_not_fail_the_other_ranks(tmp_path):
     import torch.multiprocessing as mp
-
-    from tests.test_distributed import free_port
 
     data = _make_tree(tmp_path / "tree")
     mp.spawn(_slow_write_worker, args=(2, free_port(), data.root, str(tmp_path / "cache"), str(tmp_path)), nprocs=2, join=True)
