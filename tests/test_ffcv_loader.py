@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -161,23 +162,47 @@ def test_an_image_that_failed_only_while_writing_is_named_and_written_again(tmp_
 
 class _PathsThatKillTheirReader(list):
     """A split's paths whose entry ``fatal`` kills any process but their maker that reads it: an
-    FFCV writer worker dying in the middle of a write, as under the OOM killer."""
+    FFCV writer worker dying in the middle of a write, as under the OOM killer. Entry ``stall``
+    (if given) holds its reader for ten minutes: a worker still busy when another dies."""
 
-    def __init__(self, paths: list[str], fatal: int) -> None:
+    def __init__(self, paths: list[str], fatal: int, stall: int | None = None) -> None:
         super().__init__(paths)
-        self.fatal = fatal
+        self.fatal, self.stall = fatal, stall
         self.maker = os.getpid()
 
     def __getitem__(self, index):
-        if index == self.fatal and os.getpid() != self.maker:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if index in (self.fatal, self.stall) and os.getpid() != self.maker:
+            if index == self.fatal:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(600)
         return super().__getitem__(index)
 
 
+# Marks the environment of the processes a test here starts (writers and workers inherit it), so that
+# _write_processes counts this test's and not those of another test run on the machine.
+_MARK = f"LTSCALE_TEST_FFCV_WRITE={os.getpid()}-{time.time_ns()}"
+
+
+@pytest.fixture(autouse=True)
+def _mark_processes(monkeypatch):
+    name, value = _MARK.split("=")
+    monkeypatch.setenv(name, value)
+
+
 def _write_processes() -> list[str]:
-    """The processes of an FFCV write (the writer and its workers) alive on this machine."""
+    """The processes of an FFCV write (the writer and its workers) that a test here started, alive."""
     listing = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in listing.splitlines() if "ltscale.data.loaders.ffcv_write" in line and " Z" not in line]
+    found = []
+    for line in listing.splitlines():
+        if "ltscale.data.loaders.ffcv_write" not in line or " Z" in line:
+            continue
+        try:
+            environment = Path(f"/proc/{line.split()[0]}/environ").read_bytes().split(b"\0")
+        except OSError:  # ended since the listing
+            continue
+        if _MARK.encode() in environment:
+            found.append(line)
+    return found
 
 
 @pytest.mark.timeout(300)
@@ -185,7 +210,11 @@ def test_a_writer_worker_that_dies_ends_the_write_with_its_reason(tmp_path):
     """FFCV's writer waits for every sample and never looks at its workers: one killed mid-write
     left it waiting forever. The write ends at once, says why, and leaves no file and no process."""
     split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
-    dying = dataclasses.replace(split, paths=_PathsThatKillTheirReader(split.paths, fatal=3))
+    # Two chunks of FFCV's 100 images, one per worker: the first worker dies at image 3 while the
+    # second is held at image 150, so only ending the write's process group leaves no process.
+    n = 250
+    dying = dataclasses.replace(split, paths=_PathsThatKillTheirReader(list(np.resize(split.paths, n)), fatal=3, stall=150),
+                                targets=np.resize(split.targets, n))
     cache_dir = tmp_path / "cache"
     with pytest.raises(DatasetError, match="killed by signal 9") as caught:
         write_beton(dying, FfcvConfig(cache_dir=str(cache_dir), write_workers=2), substitute=True,
@@ -227,6 +256,40 @@ write_beton(split, FfcvConfig(cache_dir={str(tmp_path / "cache")!r}, write_worke
     finally:
         caller.kill()
     assert not list(tmp_path.glob("cache/*.beton"))
+
+
+@pytest.mark.timeout(300)
+def test_a_writer_killed_outright_ends_the_write_and_its_workers(tmp_path):
+    """The writer process itself killed (the OOM killer may pick it, or kill -9): its workers, still
+    holding the pipe the caller reads, went on with the split. The caller ends them at the writer's
+    exit and raises, leaving no file and no process."""
+    split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
+    n = 250  # two chunks of FFCV's 100 images: both workers held, as on a split still being written
+    held = dataclasses.replace(split, paths=_PathsThatKillTheirReader(list(np.resize(split.paths, n)), fatal=-1, stall=150),
+                               targets=np.resize(split.targets, n))
+    cache_dir = tmp_path / "cache"
+    outcome: list[BaseException | Path] = []
+
+    def write() -> None:
+        try:
+            outcome.append(write_beton(held, FfcvConfig(cache_dir=str(cache_dir), write_workers=2), substitute=True,
+                                       max_bad_image_fraction=0.0))
+        except BaseException as error:  # noqa: BLE001 - looked at below
+            outcome.append(error)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len(_write_processes()) < 3:  # the writer and both workers
+        assert thread.is_alive() and time.monotonic() < deadline, f"the write never started: {outcome}"
+        time.sleep(0.2)
+    writer = next(int(line.split()[0]) for line in _write_processes()
+                  if Path(f"/proc/{line.split()[0]}/stat").read_text().split(")")[1].split()[1] == str(os.getpid()))
+    os.kill(writer, signal.SIGKILL)
+    thread.join(60)
+    assert not thread.is_alive(), f"the caller still waits for the killed writer's workers: {_write_processes()}"
+    assert isinstance(outcome[0], DatasetError) and "code -9" in str(outcome[0]) and split.name in str(outcome[0])
+    assert _write_processes() == [] and list(cache_dir.iterdir()) == []
 
 
 @pytest.mark.timeout(300)

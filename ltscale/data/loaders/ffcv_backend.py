@@ -262,14 +262,34 @@ def _write_in_fresh_process(job: WriteJob) -> None:
     env["NUMBA_THREADING_LAYER"] = "workqueue"
     process = subprocess.Popen([sys.executable, "-m", "ltscale.data.loaders.ffcv_write"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, env=env, start_new_session=True)
+    # Not communicate(): it waits for the end of stdout, which the writer's workers hold open too,
+    # and a writer killed outright (the OOM killer may pick it; kill -9) left them writing on, for
+    # hours on a large split. The writer's exit is what counts; its workers end with it.
+    report: list[bytes] = []
+    reader = threading.Thread(target=lambda: report.append(process.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
     try:
-        report, _ = process.communicate(pickle.dumps(job))
-    finally:
-        if process.poll() is None:  # interrupted here (Ctrl-C): the write is of no use now
-            os.killpg(process.pid, signal.SIGKILL)
+        try:
+            with process.stdin:  # type: ignore[union-attr]
+                process.stdin.write(pickle.dumps(job))  # type: ignore[union-attr]
+        except BrokenPipeError:  # it ended before reading its job: its exit code and output say why
+            pass
+        if hasattr(os, "waitid"):
+            # Waited for without being reaped: its process group id cannot be reused before it is.
+            os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+        else:  # a platform without os.waitid
             process.wait()
+    finally:
+        # What is left of the write: workers that outlived a killed writer, or all of it when
+        # interrupted here (Ctrl-C). On success and on a failure it reported, nothing is.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+        reader.join()
     if process.returncode != 0:
-        reasons = [line[len(FAILURE_PREFIX):] for line in report.decode(errors="replace").splitlines()
+        reasons = [line[len(FAILURE_PREFIX):] for line in b"".join(report).decode(errors="replace").splitlines()
                    if line.startswith(FAILURE_PREFIX)]
         reason = reasons[0] if reasons else f"the writer process exited with code {process.returncode} (its output is above)"
         raise DatasetError(f"writing {job.split.name} to {job.partial} failed: {reason}")
