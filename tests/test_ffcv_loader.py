@@ -280,7 +280,8 @@ def test_a_writer_killed_outright_ends_the_write_and_its_workers(tmp_path):
     thread = threading.Thread(target=write, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
-    while len(_write_processes()) < 3:  # the writer and both workers
+    # The writer and a worker: the one of the two that is not held may already have finished.
+    while len(_write_processes()) < 2:
         assert thread.is_alive() and time.monotonic() < deadline, f"the write never started: {outcome}"
         time.sleep(0.2)
     writer = next(int(line.split()[0]) for line in _write_processes()
