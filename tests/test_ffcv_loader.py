@@ -161,21 +161,45 @@ def test_an_image_that_failed_only_while_writing_is_named_and_written_again(tmp_
 
 
 class _PathsThatKillTheirReader(list):
-    """A split's paths whose entry ``fatal`` kills any process but their maker that reads it: an
-    FFCV writer worker dying in the middle of a write, as under the OOM killer. Entry ``stall``
-    (if given) holds its reader for ten minutes: a worker still busy when another dies."""
+    """A split's paths whose entry ``fatal`` (if given) kills any process but their maker that reads
+    it: an FFCV writer worker dying in the middle of a write, as under the OOM killer. Entry ``stall``
+    (if given) holds its reader for ten minutes: a worker still busy."""
 
-    def __init__(self, paths: list[str], fatal: int, stall: int | None = None) -> None:
+    def __init__(self, paths: list[str], fatal: int | None = None, stall: int | None = None) -> None:
         super().__init__(paths)
         self.fatal, self.stall = fatal, stall
         self.maker = os.getpid()
 
     def __getitem__(self, index):
-        if index in (self.fatal, self.stall) and os.getpid() != self.maker:
+        if os.getpid() != self.maker:
             if index == self.fatal:
                 os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(600)
+            if index == self.stall:
+                time.sleep(600)
         return super().__getitem__(index)
+
+
+def _held_split(tmp_path: Path, **entries: int) -> FileSplit:
+    """250 images (FFCV's chunks of 100: 0-99, 100-199, 200-249) with ``_PathsThatKillTheirReader``'s
+    ``entries``."""
+    split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
+    n = 250
+    return dataclasses.replace(split, paths=_PathsThatKillTheirReader(list(np.resize(split.paths, n)), **entries),
+                               targets=np.resize(split.targets, n))
+
+
+def _segments() -> set[str]:
+    """The POSIX shared-memory segments Python's SharedMemory made (FFCV's writer keeps its metadata in one)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+
+
+def _kill_write_processes() -> None:
+    """A failed test's leftovers, so that the next test's count of processes starts from none."""
+    for line in _write_processes():
+        try:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # Marks the environment of the processes a test here starts (writers and workers inherit it), so that
@@ -208,20 +232,21 @@ def _write_processes() -> list[str]:
 @pytest.mark.timeout(300)
 def test_a_writer_worker_that_dies_ends_the_write_with_its_reason(tmp_path):
     """FFCV's writer waits for every sample and never looks at its workers: one killed mid-write
-    left it waiting forever. The write ends at once, says why, and leaves no file and no process."""
-    split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
-    # Two chunks of FFCV's 100 images, one per worker: the first worker dies at image 3 while the
-    # second is held at image 150, so only ending the write's process group leaves no process.
-    n = 250
-    dying = dataclasses.replace(split, paths=_PathsThatKillTheirReader(list(np.resize(split.paths, n)), fatal=3, stall=150),
-                                targets=np.resize(split.targets, n))
+    left it waiting forever. The write ends at once, says why, and leaves no file, no process and
+    no shared memory (the other worker is held at image 150 meanwhile)."""
+    dying = _held_split(tmp_path, fatal=3, stall=150)
     cache_dir = tmp_path / "cache"
-    with pytest.raises(DatasetError, match="killed by signal 9") as caught:
-        write_beton(dying, FfcvConfig(cache_dir=str(cache_dir), write_workers=2), substitute=True,
-                    max_bad_image_fraction=0.2)
-    assert "OOM killer" in str(caught.value) and split.name in str(caught.value)
+    segments = _segments()
+    try:
+        with pytest.raises(DatasetError, match="killed by signal 9") as caught:
+            write_beton(dying, FfcvConfig(cache_dir=str(cache_dir), write_workers=2), substitute=True,
+                        max_bad_image_fraction=0.2)
+    finally:
+        left = _write_processes()
+        _kill_write_processes()
+    assert "OOM killer" in str(caught.value) and dying.name in str(caught.value)
     assert list(cache_dir.iterdir()) == []  # no partial file, no .beton, no sidecar
-    assert _write_processes() == []
+    assert left == [] and _segments() - segments == set()
 
 
 @pytest.mark.timeout(300)
@@ -240,6 +265,7 @@ split = FileSplit(name="ramp", targets=np.zeros(20000, dtype=np.int64), num_clas
 write_beton(split, FfcvConfig(cache_dir={str(tmp_path / "cache")!r}, write_workers=1), substitute=False,
             max_bad_image_fraction=0.0)
 """
+    segments = _segments()
     caller = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -255,19 +281,19 @@ write_beton(split, FfcvConfig(cache_dir={str(tmp_path / "cache")!r}, write_worke
             time.sleep(0.2)
     finally:
         caller.kill()
-    assert not list(tmp_path.glob("cache/*.beton"))
+        _kill_write_processes()
+    assert not list(tmp_path.glob("cache/*.beton")) and _segments() - segments == set()
 
 
 @pytest.mark.timeout(300)
 def test_a_writer_killed_outright_ends_the_write_and_its_workers(tmp_path):
     """The writer process itself killed (the OOM killer may pick it, or kill -9): its workers, still
     holding the pipe the caller reads, went on with the split. The caller ends them at the writer's
-    exit and raises, leaving no file and no process."""
-    split = build_image_list_dataset(_make_tree(tmp_path / "tree")).train
-    n = 250  # two chunks of FFCV's 100 images: both workers held, as on a split still being written
-    held = dataclasses.replace(split, paths=_PathsThatKillTheirReader(list(np.resize(split.paths, n)), fatal=-1, stall=150),
-                               targets=np.resize(split.targets, n))
+    exit and raises, leaving no file, no process and no shared memory (the writer's resource tracker,
+    which would have removed it, is in the group the caller kills)."""
+    held = _held_split(tmp_path, stall=150)  # the worker at image 150 stays, as on a split still being written
     cache_dir = tmp_path / "cache"
+    segments = _segments()
     outcome: list[BaseException | Path] = []
 
     def write() -> None:
@@ -279,18 +305,22 @@ def test_a_writer_killed_outright_ends_the_write_and_its_workers(tmp_path):
 
     thread = threading.Thread(target=write, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 120
-    # The writer and a worker: the one of the two that is not held may already have finished.
-    while len(_write_processes()) < 2:
-        assert thread.is_alive() and time.monotonic() < deadline, f"the write never started: {outcome}"
-        time.sleep(0.2)
-    writer = next(int(line.split()[0]) for line in _write_processes()
-                  if Path(f"/proc/{line.split()[0]}/stat").read_text().split(")")[1].split()[1] == str(os.getpid()))
-    os.kill(writer, signal.SIGKILL)
-    thread.join(60)
-    assert not thread.is_alive(), f"the caller still waits for the killed writer's workers: {_write_processes()}"
-    assert isinstance(outcome[0], DatasetError) and "code -9" in str(outcome[0]) and split.name in str(outcome[0])
-    assert _write_processes() == [] and list(cache_dir.iterdir()) == []
+    try:
+        deadline = time.monotonic() + 120
+        # The writer and a worker: the worker that is not held may already have finished.
+        while len(_write_processes()) < 2:
+            assert thread.is_alive() and time.monotonic() < deadline, f"the write never started: {outcome}"
+            time.sleep(0.2)
+        writer = next(int(line.split()[0]) for line in _write_processes()
+                      if Path(f"/proc/{line.split()[0]}/stat").read_text().split(")")[1].split()[1] == str(os.getpid()))
+        os.kill(writer, signal.SIGKILL)
+        thread.join(60)
+        assert not thread.is_alive(), f"the caller still waits for the killed writer's workers: {_write_processes()}"
+    finally:
+        left = _write_processes()
+        _kill_write_processes()
+    assert isinstance(outcome[0], DatasetError) and "code -9" in str(outcome[0]) and held.name in str(outcome[0])
+    assert left == [] and list(cache_dir.iterdir()) == [] and _segments() - segments == set()
 
 
 @pytest.mark.timeout(300)

@@ -8,7 +8,6 @@ import sys
 import textwrap
 import time
 
-
 from ltscale.data.loaders.ffcv_write import FAILURE_PREFIX
 
 # A stand-in for a write: the watchdog, one forked worker that exits with ``code`` after ``work`` s,
@@ -25,9 +24,9 @@ SCRIPT = textwrap.dedent("""
 
     if __name__ == "__main__":
         multiprocessing.set_start_method("fork")
+        multiprocessing.Process(target=work).start()  # first: the watchdog must find it
         watchdog = ffcv_write._Watchdog({caller})
         watchdog.start()
-        multiprocessing.Process(target=work).start()
         time.sleep({wait})
         watchdog.finished.set()
         print("the write returned", flush=True)

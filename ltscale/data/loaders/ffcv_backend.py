@@ -51,7 +51,7 @@ from ltscale.data.config import FfcvConfig
 from ltscale.data.errors import DatasetError
 from ltscale.data.loaders import ImageFileLoader
 from ltscale.data.loaders.bad_images import BadImageLedger, SameClassCandidates
-from ltscale.data.loaders.ffcv_write import FAILURE_PREFIX, WriteJob
+from ltscale.data.loaders.ffcv_write import FAILURE_PREFIX, SEGMENT_PREFIX, WriteJob, remove_segment
 from ltscale.data.loaders.files import decode_image_file, describe_error
 from ltscale.dist.runtime import usable_cpus
 from ltscale.engine.checkpoint import atomic_write_json
@@ -260,37 +260,45 @@ def _write_in_fresh_process(job: WriteJob) -> None:
     # FFCV starts numba's threading layer on import; the writer runs nothing parallel in it, and
     # TBB's (numba's first choice) fork handling is what can hang a process that forks workers.
     env["NUMBA_THREADING_LAYER"] = "workqueue"
+    payload = pickle.dumps(job)
     process = subprocess.Popen([sys.executable, "-m", "ltscale.data.loaders.ffcv_write"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, env=env, start_new_session=True)
     # Not communicate(): it waits for the end of stdout, which the writer's workers hold open too,
     # and a writer killed outright (the OOM killer may pick it; kill -9) left them writing on, for
     # hours on a large split. The writer's exit is what counts; its workers end with it.
     report: list[bytes] = []
-    reader = threading.Thread(target=lambda: report.append(process.stdout.read()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
+    reader: threading.Thread | None = None
     try:
+        reader = threading.Thread(target=lambda: report.append(process.stdout.read()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
         try:
             with process.stdin:  # type: ignore[union-attr]
-                process.stdin.write(pickle.dumps(job))  # type: ignore[union-attr]
+                process.stdin.write(payload)  # type: ignore[union-attr]
         except BrokenPipeError:  # it ended before reading its job: its exit code and output say why
             pass
         if hasattr(os, "waitid"):
             # Waited for without being reaped: its process group id cannot be reused before it is.
             os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
-        else:  # a platform without os.waitid
+        else:  # a platform without os.waitid: reaped first, a (tiny) chance of the id's reuse below
             process.wait()
     finally:
         # What is left of the write: workers that outlived a killed writer, or all of it when
-        # interrupted here (Ctrl-C). On success and on a failure it reported, nothing is.
+        # interrupted here (Ctrl-C); workers still exiting after a success (FFCV does not join them).
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         process.wait()
-        reader.join()
+        if reader is not None:
+            reader.join()
+        process.stdout.close()  # type: ignore[union-attr]
+        lines = b"".join(report).decode(errors="replace").splitlines()
+        if process.returncode != 0:  # its resource tracker, which would remove the segment, is killed too
+            for line in lines:
+                if line.startswith(SEGMENT_PREFIX):
+                    remove_segment(line[len(SEGMENT_PREFIX):])
     if process.returncode != 0:
-        reasons = [line[len(FAILURE_PREFIX):] for line in b"".join(report).decode(errors="replace").splitlines()
-                   if line.startswith(FAILURE_PREFIX)]
+        reasons = [line[len(FAILURE_PREFIX):] for line in lines if line.startswith(FAILURE_PREFIX)]
         reason = reasons[0] if reasons else f"the writer process exited with code {process.returncode} (its output is above)"
         raise DatasetError(f"writing {job.split.name} to {job.partial} failed: {reason}")
 

@@ -34,6 +34,11 @@ FAILURE_PREFIX = "ltscale-ffcv-write-failed: "
 POLL_S = 0.1
 """How often the watchdog looks at the workers and at the process that asked for the write."""
 
+SEGMENT_PREFIX = "ltscale-ffcv-write-segment: "
+"""Starts the line in which the writer names the shared-memory segment FFCV keeps the samples'
+metadata in while writing. Killing the write's process group kills the resource tracker that would
+remove it after a failure, so whoever kills the group removes it (:func:`remove_segment`)."""
+
 STRANDED_S = 60.0
 """How long the write may go on once no worker is left (FFCV then only writes its page table, a
 second's work): a worker that died unseen between two looks left samples nobody will store."""
@@ -54,15 +59,35 @@ class WriteJob:
 _report = sys.stdout
 """Where the reason goes: the caller reads it from this process's stdout (see :func:`main`)."""
 
+_segment: str | None = None
+"""The name of FFCV's shared-memory segment, once it has made it."""
+
+
+def remove_segment(name: str) -> None:
+    """Remove the POSIX shared-memory segment ``name`` (``SharedMemory.name``) if it is still there.
+
+    By its file: attaching a ``SharedMemory`` to unlink it would start a resource tracker here. FFCV
+    runs on Linux, where the segments are the files of /dev/shm."""
+    try:
+        os.unlink(os.path.join("/dev/shm", name.lstrip("/")))
+    except FileNotFoundError:
+        pass
+
+
+def _announce(line: str) -> None:
+    _report.write(line + "\n")
+    _report.flush()
+
 
 def _give_up(reason: str) -> None:
     """Report ``reason`` to the caller and end this process with every worker it started.
 
     The write runs in a session of its own (the caller starts it so), so the process group is this
     process and its workers: killing it leaves nothing blocked on the work queue."""
+    if _segment is not None:  # the resource tracker that would remove it dies with the group
+        remove_segment(_segment)
     try:
-        _report.write(FAILURE_PREFIX + " ".join(reason.split()) + "\n")
-        _report.flush()
+        _announce(FAILURE_PREFIX + " ".join(reason.split()))
         sys.stderr.flush()
     except OSError:  # the caller is gone (a broken pipe): nobody to tell, the workers still to stop
         pass
@@ -115,7 +140,15 @@ def write(job: WriteJob) -> None:
     # inside each of them would only oversubscribe the CPUs (and are what a fork must not inherit).
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    writer = DatasetWriter(
+
+    class Writer(DatasetWriter):
+        def prepare(self) -> None:  # FFCV's: the file's header and the metadata segment
+            global _segment
+            super().prepare()
+            _segment = self.metadata_sm.name
+            _announce(SEGMENT_PREFIX + _segment)  # before any worker starts: the caller may have to remove it
+
+    writer = Writer(
         job.partial,
         {
             "image": RGBImageField(write_mode="jpg", max_resolution=job.config.max_resolution,
