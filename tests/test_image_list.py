@@ -94,7 +94,7 @@ def test_missing_default_train_list_names_the_config_key():
 
 def test_read_split_list_splits_on_last_whitespace_and_skips_blank_lines(tmp_path):
     list_path = tmp_path / "list.txt"
-    list_path.write_text("train/a b/x.jpg 3\n\n   \ntrain/c/y.jpg\t0\r\n")
+    list_path.write_text("\ufefftrain/a b/x.jpg 3\n\n   \ntrain/c/y.jpg\t0\r\n", encoding="utf-8")  # a leading BOM is fine
     paths, labels = read_split_list(list_path)
     assert paths == ["train/a b/x.jpg", "train/c/y.jpg"]
     assert labels.dtype == np.int64 and labels.tolist() == [3, 0]
@@ -103,7 +103,10 @@ def test_read_split_list_splits_on_last_whitespace_and_skips_blank_lines(tmp_pat
 @pytest.mark.parametrize(
     ("bad_line", "problem"),
     [("train/c/z.jpg", "no label"), ("train/c/z.jpg cat", "not an integer"), ("train/c/z.jpg 1.5", "not an integer"),
-     ("train/c/z.jpg -2", "negative")],
+     ("train/c/z.jpg -2", "negative"),
+     # A list zero-filled by a crash; two lists joined with `cat` (the second one's byte-order mark).
+     ("\x00\x00train/c/z.jpg 1", "invisible character U+0000"), ("\ufefftrain/c/z.jpg 1", "invisible character U+FEFF"),
+     ("train/c/\x1bz.jpg 1", "invisible character U+001B")],
 )
 def test_malformed_line_names_file_line_number_and_text(tmp_path, bad_line, problem):
     list_path = tmp_path / "bad.txt"
@@ -207,7 +210,7 @@ def test_check_files_exist_reports_count_and_first_missing(tmp_path):
         check_files_exist(tmp_path, listed, "list.txt (data.train_list)")
     message = str(caught.value)
     assert "3 of 5" in message and str(tmp_path) in message and "list.txt (data.train_list)" in message
-    assert "train/a/missing.jpg, train/c/4.jpg, train/a/sub (a directory)" in message
+    assert "'train/a/missing.jpg', 'train/c/4.jpg', 'train/a/sub' (a directory)" in message
 
 
 # ---------------------------------------------------------------- iNaturalist JSON
@@ -248,8 +251,22 @@ def test_inat_json_errors_name_file_and_key(tmp_path):
     del data["images"][1]["file_name"]
     no_file_name = tmp_path / "no_file_name.json"
     no_file_name.write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match=r"no_file_name\.json: an entry of 'images' has no key 'file_name'"):
+    with pytest.raises(DatasetError, match=r"no_file_name\.json: entry 1 of 'images' has no key 'file_name'"):
         read_inat_annotations(no_file_name)
+
+    data = _coco([0, 1, 2])
+    del data["categories"][-1]["name"]
+    no_name = tmp_path / "no_name.json"
+    no_name.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=rf"no_name\.json: entry {len(data['categories']) - 1} of 'categories' has no key 'name'"):
+        read_inat_annotations(no_name)
+
+    data = _coco([0, 1])
+    data["annotations"][0] = [0, 1]
+    not_an_object = tmp_path / "not_an_object.json"
+    not_an_object.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"not_an_object\.json: entry 0 of 'annotations' is a list, not an object"):
+        read_inat_annotations(not_an_object)
 
     data = _coco([0, 1])
     del data["categories"]
@@ -802,3 +819,25 @@ def test_ledger_replacement_skips_known_bad_images(tmp_path):
     evaluation = BadImageLedger(split, substitute=False, max_bad_image_fraction=0.5)
     with pytest.raises(DatasetError, match="never substitutes"):
         evaluation.record([(1, "broken")])
+
+
+def test_the_pixel_limit_holds_when_the_frame_header_is_hard_to_reach(tmp_path, monkeypatch):
+    """The limit is checked from the frame header before libjpeg decodes. A stray byte between two
+    segments (libjpeg skips it with a warning) hides the header from that walk, and metadata
+    segments can put it past any fixed window: neither lets an oversized image through."""
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(tmp_path / "clean.JPEG")
+    clean = (tmp_path / "clean.JPEG").read_bytes()
+    after_app0 = 4 + ((clean[4] << 8) | clean[5])  # SOI, then the JFIF segment
+    (tmp_path / "stray.JPEG").write_bytes(clean[:after_app0] + b"\x00" + clean[after_app0:])
+    app9 = b"\xff\xe9" + (65535).to_bytes(2, "big") + bytes(65533)  # a 64 KiB metadata segment
+    (tmp_path / "metadata.JPEG").write_bytes(clean[:2] + app9 * 17 + clean[2:])  # frame header past 1 MiB
+    assert jpeg_frame_size(np.fromfile(tmp_path / "stray.JPEG", dtype=np.uint8)) is None
+    assert jpeg_frame_size(np.fromfile(tmp_path / "metadata.JPEG", dtype=np.uint8)) == (150, 200)
+    reference = decode_image_file(tmp_path / "clean.JPEG")
+    for name in ("stray.JPEG", "metadata.JPEG"):  # both decode, as libjpeg reads them
+        assert (decode_image_file(tmp_path / name).int() - reference.int()).abs().max() <= 1
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10_000)  # refused: over 20,000 pixels
+    for name in ("stray.JPEG", "metadata.JPEG"):
+        with pytest.raises(PIL.Image.DecompressionBombError):
+            decode_image_file(tmp_path / name)

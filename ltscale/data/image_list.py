@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,10 @@ INAT_NORMALIZATION = Normalization(mean=(0.466, 0.471, 0.380), std=(0.195, 0.194
 
 SPLIT_ROLES = ("train", "val", "test")
 _MAX_LISTED = 5  # missing / malformed entries quoted in an error message
+# Control characters and a byte-order mark inside a line: a list zero-filled by a crash, or two
+# lists joined with `cat` (the second one's BOM), would otherwise give a path that looks right
+# and is not, or no error at all until the file system refuses it.
+_INVISIBLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,9 @@ def read_split_list(path: str | Path, num_classes: int | None = None) -> tuple[l
                 text = line.strip()
                 if not text:
                     continue
+                invisible = _INVISIBLE.search(text)
+                if invisible:
+                    raise _malformed(path, number, text, f"an invisible character U+{ord(invisible.group()):04X}")
                 parts = text.rsplit(None, 1)
                 if len(parts) != 2:
                     raise _malformed(path, number, text, "no label")
@@ -173,7 +181,13 @@ def read_split_list(path: str | Path, num_classes: int | None = None) -> tuple[l
 
 
 def _require(mapping: object, key: str, path: Path, where: str) -> object:
-    if not isinstance(mapping, dict) or key not in mapping:
+    if not isinstance(mapping, dict):
+        raise DatasetError(
+            f"{path}: {where} is a {type(mapping).__name__}, not an object; expected the iNaturalist 2018 COCO-style "
+            "layout (top-level 'images' [{'id', 'file_name'}], 'annotations' [{'image_id', 'category_id'}], "
+            "'categories' [{'id', 'name'}])."
+        )
+    if key not in mapping:
         raise DatasetError(
             f"{path}: {where} has no key {key!r}; expected the iNaturalist 2018 COCO-style layout "
             "(top-level 'images' [{'id', 'file_name'}], 'annotations' [{'image_id', 'category_id'}], "
@@ -191,7 +205,7 @@ def _require_list(data: dict, key: str, path: Path) -> list:
 
 def _entry_id(entry: object, key: str, path: Path, section: str, index: int) -> int:
     """``entry[key]`` of entry ``index`` of ``section``, which must be an integer id."""
-    value = _require(entry, key, path, f"an entry of {section!r}")
+    value = _require(entry, key, path, f"entry {index} of {section!r}")
     # The iNat 2018 files use integer ids. Anything else would reach sorted() or a dict as a
     # TypeError (mixed types, lists), or be taken for 0/1 (JSON true/false, a bool in Python).
     if isinstance(value, bool) or not isinstance(value, int):
@@ -248,7 +262,7 @@ def read_inat_annotations(json_path: str | Path) -> tuple[list[str], np.ndarray,
                 f"{category_id}; expected one entry per category id."
             )
         category_index[category_id] = index
-        names_by_id[category_id] = str(_require(entry, "name", path, "an entry of 'categories'"))
+        names_by_id[category_id] = str(_require(entry, "name", path, f"entry {index} of 'categories'"))
     sorted_ids = sorted(names_by_id)
     # iNat 2018 ids are already 0..8141 and the split lists use them as labels: keep id == label
     # then, so JSON- and list-built splits agree. Sorting gives the same result in that case.
@@ -288,7 +302,7 @@ def read_inat_annotations(json_path: str | Path) -> tuple[list[str], np.ndarray,
                 "expected each image id once, with exactly one annotation."
             )
         image_index[image_id] = position
-        file_name = str(_require(image, "file_name", path, "an entry of 'images'"))
+        file_name = str(_require(image, "file_name", path, f"entry {position} of 'images'"))
         normal, where = _inside_root(file_name)
         if where:
             raise DatasetError(
@@ -356,7 +370,7 @@ def check_files_exist(root: str | Path, paths: list[str], source: str) -> None:
             missing.append(relative)
     if missing:
         # a listed name that exists as a folder: "missing" alone would send the user looking for it
-        shown = [f"{relative} (a directory)" if (root / relative).is_dir() else relative for relative in missing[:_MAX_LISTED]]
+        shown = [f"{relative!r} (a directory)" if (root / relative).is_dir() else repr(relative) for relative in missing[:_MAX_LISTED]]
         raise DatasetError(
             f"{len(missing)} of {len(paths)} files listed in {source} are missing under data.root = {root} "
             f"(first {min(len(missing), _MAX_LISTED)}: {', '.join(shown)}). "

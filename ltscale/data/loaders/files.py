@@ -41,7 +41,9 @@ def jpeg_frame_size(data: np.ndarray) -> tuple[int, int] | None:
     """(height, width) from the frame header of a JPEG whose marker segments chain properly from
     SOI to the first scan (SOS), or None when they do not. A few microseconds: only the segment
     headers are read."""
-    header = data[: 1 << 20].tobytes()
+    # The whole file, not a first window: metadata segments (ICC profiles, XMP, 64 KiB each at most)
+    # can put the frame header anywhere before the scan. A memoryview indexes it without a copy.
+    header = memoryview(data)
     i, size = 2, None
     while i + 4 <= len(header):
         if header[i] != 0xFF:
@@ -82,19 +84,21 @@ def decode_image_file(path: str | Path) -> torch.Tensor:
     """Read and decode one image file into a (3, H, W) uint8 RGB tensor.
 
     JPEGs go through ``torchvision.io.decode_jpeg`` (libjpeg-turbo, converting greyscale and CMYK
-    to RGB); anything it rejects, and every non-JPEG (ImageNet holds a PNG and a few CMYK files
-    named .JPEG), goes through PIL. Both refuse an image over PIL's decompression-bomb limit
+    to RGB); anything it rejects, a JPEG whose frame header :func:`jpeg_frame_size` cannot reach,
+    and every non-JPEG (ImageNet holds a PNG and a few CMYK files named .JPEG), go through PIL. Both refuse an image over PIL's decompression-bomb limit
     (:func:`check_pixel_limit`). Raises whatever the decoders raise for an unreadable file.
     """
     data = np.fromfile(path, dtype=np.uint8)
     if data[:3].tobytes() == _JPEG_MAGIC:
         size = jpeg_frame_size(data)
+        # Without a size (segments that do not chain: libjpeg skips stray bytes between them with a
+        # warning) the limit cannot be checked here, so PIL, which finds the size and applies it, decodes.
         if size is not None:
             check_pixel_limit(*size)
-        try:
-            return decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            pass  # PIL below reads some JPEG variants libjpeg rejects, and otherwise gives the error
+            try:
+                return decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB)
+            except RuntimeError:
+                pass  # PIL below reads some JPEG variants libjpeg rejects, and otherwise gives the error
     try:
         image = PIL.Image.open(io.BytesIO(data.tobytes()))
     except PIL.UnidentifiedImageError:
