@@ -319,6 +319,10 @@ class _Exploit:
      r"cifar-100-python/train: key 'fine_labels' must be one integer label per image \(300\), got shape \(10,\)"),
     ("train", {"data": np.zeros((300, 3072), np.uint8), "fine_labels": ["a"] * 300},
      r"cifar-100-python/train: key 'fine_labels' must be one integer label per image"),
+    ("train", {"data": np.zeros((300, 3072), np.float32), "fine_labels": [0] * 300},
+     r"cifar-100-python/train: key 'data' must be N x 3072 uint8 \(channel-planar 32x32 RGB\), got float32 of shape \(300, 3072\)"),
+    ("test", {"data": np.zeros((300, 1024), np.uint8), "fine_labels": [0] * 300},
+     r"cifar-100-python/test: key 'data' must be N x 3072 uint8 \(channel-planar 32x32 RGB\), got uint8 of shape \(300, 1024\)"),
 ])
 def test_malformed_batches_are_named(tmp_path, member, payload, problem):
     members = _fake_members()

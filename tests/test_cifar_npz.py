@@ -123,3 +123,22 @@ def test_a_packed_file_of_another_format_version_is_refused(tmp_path):
     write_npz(packed, arrays)
     with pytest.raises(DatasetError, match="is not a packed CIFAR-LT file of format ltscale-cifar-lt-npz-1"):
         load_cifar_lt("cifar100_lt", str(packed), 10.0)
+
+
+def test_a_damaged_member_is_named_as_an_unreadable_file(tmp_path):
+    """One flipped byte inside a compressed member: lzma's error, not a traceback."""
+    import zipfile
+
+    from ltscale.data.cifar import load_cifar_lt
+
+    packed = tmp_path / "p.npz"
+    pack_from_archive("cifar100_lt", fake_cifar100(tmp_path / "archive"), 10.0, packed)
+    with zipfile.ZipFile(packed) as archive:
+        member = archive.getinfo("train_residuals.npy")
+    raw = bytearray(packed.read_bytes())
+    local_header = member.header_offset
+    name_length, extra_length = (int.from_bytes(raw[local_header + at:local_header + at + 2], "little") for at in (26, 28))
+    raw[local_header + 30 + name_length + extra_length + 10] ^= 0xFF  # inside the member's lzma stream
+    packed.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match=rf"data.root '{packed}' is not a readable packed CIFAR-LT file \(Corrupt input data\)"):
+        load_cifar_lt("cifar100_lt", str(packed), 10.0)

@@ -172,9 +172,11 @@ class _Archive:
 
 def _images(batch: dict, where: str) -> np.ndarray:
     data = np.asarray(batch.get("data"))
-    if data.ndim != 2 or data.shape[1] != 3072:
-        raise DatasetError(f"{where}: key 'data' must be N x 3072 uint8 (channel-planar 32x32 RGB), got {data.shape}")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8, copy=False)
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        # Not converted: floats in [0, 1] would become black images, values over 255 would wrap.
+        raise DatasetError(f"{where}: key 'data' must be N x 3072 uint8 (channel-planar 32x32 RGB), "
+                           f"got {data.dtype} of shape {data.shape}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
 def _labels(batch: dict, key: str, num_classes: int, where: str) -> np.ndarray:

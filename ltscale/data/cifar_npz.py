@@ -20,7 +20,9 @@ pixels (zlib alone reaches ~91%). Decoding is two cumulative sums, a fraction of
 from __future__ import annotations
 
 import io
+import lzma
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,11 @@ def pack_arrays(dataset: str, imbalance_factor: float, max_per_class: int, train
     }
 
 
+# What reading a damaged packed file raises: the zip layer, numpy's header, and the members'
+# decompressors (lzma, as written here; zlib, as np.savez_compressed writes).
+_UNREADABLE = (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile, lzma.LZMAError, zlib.error)
+
+
 def _open_packed(path: Path):
     """The packed file, opened lazily (members are read when indexed)."""
     if path.is_file() and not zipfile.is_zipfile(path):
@@ -92,7 +99,7 @@ def _open_packed(path: Path):
                            "write one with tools/pack_cifar_npz.py")
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+    except _UNREADABLE as error:
         raise DatasetError(f"data.root {str(path)!r} is not a readable packed CIFAR-LT file ({error})") from None
 
 
@@ -110,7 +117,7 @@ def _check_packed(packed, path: Path, dataset: str, imbalance_factor: float) -> 
         targets = packed["train_targets"]
         class_names = [str(name) for name in packed["class_names"]]
         max_per_class = int(packed["max_per_class"])
-    except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+    except _UNREADABLE as error:
         raise DatasetError(f"data.root {str(path)!r} is not a readable packed CIFAR-LT file ({error})") from None
     stored = np.bincount(targets, minlength=len(class_names))
     counts = long_tailed_counts(max_per_class, len(class_names), imbalance_factor)
@@ -137,7 +144,7 @@ def load_cifar_lt_npz(dataset: str, path: Path, imbalance_factor: float) -> Data
         targets, class_names, stored, counts = _check_packed(packed, path, dataset, imbalance_factor)
         try:
             train_residuals, test_residuals, test_targets = packed["train_residuals"], packed["test_residuals"], packed["test_targets"]
-        except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        except _UNREADABLE as error:
             raise DatasetError(f"data.root {str(path)!r} is not a readable packed CIFAR-LT file ({error})") from None
     num_classes = len(class_names)
     starts = np.concatenate([[0], np.cumsum(stored)[:-1]])
