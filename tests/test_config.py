@@ -302,6 +302,15 @@ def test_a_data_setting_the_dataset_would_ignore_is_refused(recipe, override, me
         apply_overrides(get_recipe(recipe), [override])
 
 
+@pytest.mark.parametrize("role", ["train", "test"])
+def test_a_split_list_beside_an_annotation_file_is_refused(role):
+    """The annotation file replaces the list: the list would be dropped without a word."""
+    with pytest.raises(ValueError, match=rf"data.dataset=inat2018 does not read data.{role}_list when "
+                                         rf"data.{role}_annotations is set \(the annotation file replaces the list"):
+        apply_overrides(get_recipe("inat18/ce"), [f"data.{role}_list=l.txt", f"data.{role}_annotations=a.json"])
+    apply_overrides(get_recipe("inat18/ce"), [f"data.{role}_annotations=a.json"])
+
+
 def test_settings_every_dataset_reads_are_accepted():
     apply_overrides(get_recipe("cifar100-lt-if100/ce"), ["data.root=/x.tar.gz", "data.imbalance_factor=50"])
     apply_overrides(get_recipe("demo/ce"), ["data.synthetic.imbalance_factor=20", "data.loader.cutout=8"])

@@ -175,9 +175,13 @@ class DataConfig:
                        for name in files[1:] if getattr(self, name)]
             if self.image_size != defaults["image_size"].default:
                 unused.append("data.image_size (CIFAR images are 32 px, cropped at 32 after 4 px padding)")
-        elif self.imbalance_factor != defaults["imbalance_factor"].default:
-            unused.append(f"data.imbalance_factor (the {self.dataset} split lists fix its imbalance; "
-                          "it applies to cifar100_lt and cifar10_lt)")
+        else:
+            if self.imbalance_factor != defaults["imbalance_factor"].default:
+                unused.append(f"data.imbalance_factor (the {self.dataset} split lists fix its imbalance; "
+                              "it applies to cifar100_lt and cifar10_lt)")
+            unused += [f"data.{role}_list when data.{role}_annotations is set (the annotation file replaces the list; "
+                       "set one of them)"
+                       for role in ("train", "test") if getattr(self, f"{role}_list") and getattr(self, f"{role}_annotations")]
         return unused
 
 
