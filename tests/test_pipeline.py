@@ -891,6 +891,78 @@ def test_a_stage_resumed_twice_keeps_its_whole_lineage(tmp_path, monkeypatch):
     assert curves == [[0], [0, 1], [1, 2, 3]]  # each resumed curve repeats the epoch it continues after
 
 
+def test_an_attempt_that_dies_while_resuming_keeps_the_link_to_the_trained_epochs(tmp_path, monkeypatch):
+    """An attempt stopped while it loads the progress (preempted, out of memory) holds none of the
+    stage's epochs: the next attempt links to the run that trained them, not to the empty one."""
+    config = apply_overrides(tiny("ce", tmp_path), ["stages.teacher.optim.epochs=4"])
+    original_epoch, original_resume = trainer_module.Trainer._epoch, trainer_module.Trainer._resume
+
+    def stop_in_epoch_2(self, epoch, steps, advance):
+        if epoch == 2:
+            raise _Interrupt("simulated preemption")
+        return original_epoch(self, epoch, steps, advance)
+
+    def stop_while_loading(self):
+        raise _Interrupt("simulated preemption while loading progress.pt")
+
+    monkeypatch.setattr(trainer_module.Trainer, "_epoch", stop_in_epoch_2)
+    with pytest.raises(_Interrupt):
+        run_pipeline(config)
+    monkeypatch.setattr(trainer_module.Trainer, "_epoch", original_epoch)
+    monkeypatch.setattr(trainer_module.Trainer, "_resume", stop_while_loading)
+    with pytest.raises(_Interrupt):
+        run_pipeline(config)
+    monkeypatch.setattr(trainer_module.Trainer, "_resume", original_resume)
+    result = run_pipeline(config)
+    client = mlflow.MlflowClient(result.tracking_uri)
+    last = client.get_run(result.outputs["teacher"].run_id)
+    first = client.get_run(last.data.tags["ltscale.resumed_from_run"])
+    assert last.data.tags["ltscale.resumed_from_epoch"] == "2"
+    curves = [sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/loss")) for r in (first, last)]
+    assert curves == [[0, 1], [1, 2, 3]]
+
+
+def test_a_tracking_store_down_when_a_stage_ends_fails_its_run_but_keeps_its_work(tmp_path, monkeypatch):
+    """The final evaluation's metrics and per-class tables reach MLflow after the stage's outputs
+    are stored: a store that is down then (MLflow's client gives up after minutes) fails the run,
+    and the next run of the pipeline reuses the trained stage instead of training it again."""
+    from mlflow.exceptions import MlflowException
+
+    config = tiny("ce", tmp_path)
+    down = {"now": False}
+    log_batch, fit = mlflow.MlflowClient.log_batch, trainer_module.Trainer.fit
+
+    def failing_log_batch(self, *args, **kwargs):
+        if down["now"]:
+            raise MlflowException("simulated outage: max retries exceeded")
+        return log_batch(self, *args, **kwargs)
+
+    def fit_then_store_goes_down(self):
+        start = fit(self)
+        down["now"] = True  # right after the last epoch
+        return start
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", failing_log_batch)
+    monkeypatch.setattr(trainer_module.Trainer, "fit", fit_then_store_goes_down)
+    with pytest.raises(MlflowException, match="simulated outage"):
+        run_pipeline(config)
+    (directory,) = (Path(config.output_dir) / "store").glob("teacher-*")
+    assert {"model.pt", "manifest.json"} <= {p.name for p in directory.iterdir()}
+    stored = json.loads((directory / "manifest.json").read_text())["metrics"]
+    from ltscale.tracking.mlflow_tracker import default_tracking_uri
+
+    failed = mlflow.MlflowClient(default_tracking_uri(Path(config.output_dir))).get_run(
+        json.loads((directory / "manifest.json").read_text())["run_id"])
+    assert failed.info.status == "FAILED" and "test/top1" not in failed.data.metrics
+
+    down["now"] = False
+    trained = []
+    monkeypatch.setattr(trainer_module.Trainer, "fit", lambda self: trained.append(self.name) or fit(self))
+    result = run_pipeline(config)
+    assert result.cached == ["teacher"] and trained == []
+    assert result.metrics("teacher")["test/top1"] == stored["test/top1"]
+
+
 def test_a_milestone_past_the_last_epoch_is_warned_about(tmp_path, caplog):
     config = apply_overrides(tiny("ce", tmp_path), ["stages.teacher.optim.epochs=2", "stages.teacher.optim.warmup_epochs=0"])
     with caplog.at_level("WARNING", logger="ltscale.engine.trainer"):

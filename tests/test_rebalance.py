@@ -238,7 +238,9 @@ def test_tau_search_runs_the_backbone_once_and_picks_the_brute_force_tau(tmp_pat
     source = network.heads["cls"]
     assert network.heads["cls"] is source  # the search leaves the network's head alone
 
-    # The same numbers as evaluating the whole network once per tau.
+    # The same numbers as evaluating the whole network once per tau (in the run once the stage is stored).
+    assert run.metrics == []
+    ctx.record.send()
     searched = {step: metrics["rebalance/val_top1"] for metrics, step in run.metrics}
     brute = {}
     for tau in TAU_GRID:

@@ -66,6 +66,11 @@ def atomic_write_json(obj: Any, path: Path) -> None:
     _atomic_write(Path(path), lambda stream: stream.write(data))
 
 
+def atomic_write_text(text: str, path: Path) -> None:
+    data = text.encode()
+    _atomic_write(Path(path), lambda stream: stream.write(data))
+
+
 PROGRESS_KIND = "ltscale.progress"
 """``kind`` of a training stage's ``progress.pt`` (the trainer's resumable state)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,8 +20,43 @@ from ltscale.models.heads import HeadSpec
 from ltscale.models.network import ModelConfig, Network
 from ltscale.models.pretrained import InitWeights, load_backbone
 from ltscale.tracking import RunHandle
+from ltscale.tracking.mlflow_tracker import metric_entries
 
 MODEL_KIND = "ltscale.model"
+
+
+class StageRecord:
+    """A stage's results for its MLflow run, sent once the stage's outputs are stored.
+
+    Has the logging methods of :class:`~ltscale.tracking.RunHandle`; each call is kept, in order,
+    until :meth:`send`, which the pipeline calls after it has finished the stage in the store. A
+    tracking store that is down when a stage ends (MLflow's client gives up after about four
+    minutes) then fails the stage's run, not its work: the outputs are complete, and the next run
+    of the pipeline reuses them instead of training the stage, or passing over iNat, again.
+    """
+
+    def __init__(self, run: RunHandle) -> None:
+        self._run = run
+        self._calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, method: str) -> Callable[..., None]:
+        if method.startswith("_") or not callable(getattr(self._run, method, None)):
+            raise AttributeError(f"{type(self).__name__} has no method {method!r}")
+
+        def keep(*args: Any, **kwargs: Any) -> None:
+            self._calls.append((method, args, kwargs))
+
+        return keep
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        metric_entries(metrics, step)  # a value MLflow would refuse (NaN: a diverged model) fails the stage now, unstored
+        self._calls.append(("log_metrics", (metrics,), {"step": step}))
+
+    def send(self) -> None:
+        """Log every kept call on the run, in the order they were made."""
+        calls, self._calls = self._calls, []
+        for method, args, kwargs in calls:
+            getattr(self._run, method)(*args, **kwargs)
 
 
 @dataclass
@@ -40,6 +76,10 @@ class StageContext:
     init_weights: InitWeights | None = None  # this stage's model.init_from, resolved by the pipeline
     world_sizes: tuple[int, ...] = ()  # a training stage's process counts over its attempts (Trainer.world_sizes)
     _eval_loaders: dict = field(default_factory=dict, repr=False)
+    record: StageRecord = field(init=False, repr=False)  # the stage's results, logged once its outputs are stored
+
+    def __post_init__(self) -> None:
+        self.record = StageRecord(self.run)
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -99,11 +139,13 @@ class StageContext:
         if len(results) > 1:  # one head: test/<head>/* would repeat test/*
             for head, result in results.items():
                 metrics.update(result.metrics(f"test/{head}"))
-        self.run.log_metrics(metrics, step=step, background=not final)  # mid-training: as the epoch metrics
-        if final:
-            self.metrics.update(metrics)
-            for head, result in results.items():
-                self.run.log_per_class_accuracy(result.per_class_top1, self.class_counts, prefix=f"per_class/{head}")
+        if not final:  # mid-training: as the epoch metrics
+            self.run.log_metrics(metrics, step=step, background=True)
+            return results
+        self.metrics.update(metrics)
+        self.record.log_metrics(metrics, step=step)
+        for head, result in results.items():
+            self.record.log_per_class_accuracy(result.per_class_top1, self.class_counts, prefix=f"per_class/{head}")
         return results
 
     def new_network(self, model: ModelConfig, heads: dict[str, HeadSpec], predict_head: str) -> Network:

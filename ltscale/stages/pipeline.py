@@ -507,6 +507,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                 }
                 # Rank 0 writes the manifest; the broadcast also holds the other ranks until it has.
                 output = broadcast_object(store.finish(name, stage.kind, key, manifest) if main else None)
+                ctx.record.send()  # stored first: a tracking store that fails here loses no work
                 run.log_dict(output.manifest, "manifest.json")
                 result.outputs[name] = output
                 result.executed.append(name)

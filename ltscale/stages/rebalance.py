@@ -34,7 +34,7 @@ def run(config: RebalanceConfig, ctx: StageContext, inputs: dict[str, StageOutpu
     replace_head(network, config.head, rebalanced_head(network.heads[config.head], spec, network.feature_dim), spec)
     network.predict_head = config.head
     if config.method == "tau_norm":
-        ctx.run.log_metrics({"rebalance/tau": spec.tau})
+        ctx.record.log_metrics({"rebalance/tau": spec.tau})
         ctx.evaluate(network, step=0)
     else:
         task = RebalanceTask(network, config.head, config.backbone_bn)
@@ -59,7 +59,7 @@ def _choose_tau(config: RebalanceConfig, ctx: StageContext, network) -> float:
         spec = HeadSpec(kind="tau_norm", num_outputs=network.head_specs[config.head].num_outputs, tau=float(tau))
         head = rebalanced_head(source_head, spec, network.feature_dim).to(ctx.device).eval()
         top1 = evaluate_head_on_features(head, features, targets, ctx.class_counts, ctx.device, ctx.autocast).top1
-        ctx.run.log_metrics({"rebalance/val_top1": 100 * top1}, step=int(round(tau * 10)))
+        ctx.record.log_metrics({"rebalance/val_top1": 100 * top1}, step=int(round(tau * 10)))
         if top1 > best_top1:
             best_tau, best_top1 = float(tau), top1
     return best_tau

@@ -69,7 +69,7 @@ def run(config: SoftLabelsConfig, ctx: StageContext, inputs: dict[str, StageOutp
             ctx.directory / "soft_labels.pt",
         )
     top1 = correct / max(images, 1)
-    ctx.run.log_metrics({"soft_labels/train_top1": 100 * top1})
+    ctx.record.log_metrics({"soft_labels/train_top1": 100 * top1})
     ctx.metrics["soft_labels/train_top1"] = 100 * top1
     return {"soft_labels": "soft_labels.pt"}
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ltscale.dist.gather import all_gather_object
-from ltscale.engine.trainer import EpochMetrics, Trainer
+from ltscale.engine.checkpoint import atomic_write_text
+from ltscale.engine.trainer import EpochMetrics, Trainer, saved_progress
 from ltscale.models.network import Network
 from ltscale.stages.context import StageContext
 from ltscale.stages.store import PROGRESS
@@ -33,6 +34,14 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
     run_file = ctx.directory / TRAINING_RUN
     earlier = run_file.read_text().strip() if run_file.is_file() else ""
 
+    def hold_progress() -> None:
+        # Written once this run holds the progress (resumed from it, or starting without any), not
+        # before: an attempt that dies while resuming (preempted, out of memory) would otherwise
+        # leave the file naming its empty run, and the next attempt would link to that one and
+        # lose the run that trained the first epochs.
+        if ctx.is_main and ctx.run.run_id:
+            atomic_write_text(ctx.run.run_id, run_file)
+
     def on_resume(metrics: EpochMetrics) -> None:
         # Linked now, not when training ends: an attempt stopped again before its end must still
         # point at the run it continued, or a stage resumed twice loses the middle of its lineage.
@@ -40,6 +49,7 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
         if earlier and earlier != ctx.run.run_id:
             tags["ltscale.resumed_from_run"] = earlier
         ctx.run.set_tags(tags)
+        hold_progress()
         # The epoch the stage resumes after, again in this run: its point is lost if the stop came
         # between saving it and sending it, and the resumed curve then starts where it continues.
         ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch, background=True)
@@ -49,8 +59,8 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
     trainer = Trainer(task, loader, optim, ctx.device, ctx.precision, ctx.directory / PROGRESS, ctx.name,
                       on_epoch_end=on_epoch_end, progress=ctx.progress, step=ctx.step, deepspeed=ctx.deepspeed,
                       on_resume=on_resume)
-    if ctx.is_main and ctx.run.run_id:
-        run_file.write_text(ctx.run.run_id)
+    if not saved_progress(ctx.directory / PROGRESS):
+        hold_progress()
     trainer.fit()
     ctx.world_sizes = trainer.world_sizes
     _record_unreadable_images(loader, ctx)
@@ -65,6 +75,6 @@ def _record_unreadable_images(loader, ctx: StageContext) -> None:
     if not unreadable:
         return
     ctx.metrics["data/unreadable_train_images"] = float(len(unreadable))
-    ctx.run.log_metrics({"data/unreadable_train_images": float(len(unreadable))})
+    ctx.record.log_metrics({"data/unreadable_train_images": float(len(unreadable))})
     if ctx.is_main:
-        ctx.run.log_dict({"replaced_by_same_class_images": unreadable}, "unreadable_train_images.json")
+        ctx.record.log_dict({"replaced_by_same_class_images": unreadable}, "unreadable_train_images.json")

@@ -83,14 +83,14 @@ def run(config: VirtualExamplesConfig, ctx: StageContext, inputs: dict[str, Stag
     summary = {"chosen": {"temperature": chosen["temperature"], "power": chosen["power"]}, "sweep": rows}
     if ctx.is_main:  # one writer; the other ranks computed the same choice
         atomic_write_json(summary, ctx.directory / "virtual_examples.json")
-        ctx.run.log_dict(summary, "virtual_examples.json")
+        ctx.record.log_dict(summary, "virtual_examples.json")
         from ltscale.tracking.plots import virtual_example_figure
 
         shown = {f"T={r['temperature']:g}, p={r['power']:g}": np.array(r["distribution"]) for r in rows
                  if r["temperature"] in (1.0, chosen["temperature"]) and r["power"] in (1.0, chosen["power"])}
-        ctx.run.log_figure(virtual_example_figure(shown, ctx.class_counts, f"virtual examples ({ctx.bundle.name})"), "virtual_examples.png")
+        ctx.record.log_figure(virtual_example_figure(shown, ctx.class_counts, f"virtual examples ({ctx.bundle.name})"), "virtual_examples.png")
     metrics = {"virtual/temperature": chosen["temperature"], "virtual/power": chosen["power"],
                "virtual/head_mean": chosen["head_mean"], "virtual/tail_mean": chosen["tail_mean"]}
-    ctx.run.log_metrics(metrics)
+    ctx.record.log_metrics(metrics)
     ctx.metrics.update(metrics)
     return {"virtual_examples": "virtual_examples.json"}

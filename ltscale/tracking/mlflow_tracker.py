@@ -328,6 +328,23 @@ def _last_sign_of_life(run: Any) -> int:
     return max([run.info.start_time, *stamps])
 
 
+def metric_entries(metrics: dict[str, float], step: int | None = None) -> list[Metric]:
+    """``metrics`` as MLflow metrics at ``step`` (0 when None), stamped now. Raises ValueError
+    naming the key if any value is NaN or infinite, TypeError if one is not a number."""
+    timestamp = int(time.time() * 1000)
+    step = 0 if step is None else int(step)
+    entries = []
+    for key, value in metrics.items():
+        try:
+            number = float(value)  # host sync if a device tensor slips through
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__}") from error
+        if not math.isfinite(number):
+            raise ValueError(f"metric {key!r} is {number} at step {step}: not finite, refusing to log it")
+        entries.append(Metric(key=str(key), value=number, timestamp=timestamp, step=step))
+    return entries
+
+
 class RunHandle:
     """One MLflow run: what a pipeline or stage logs through.
 
@@ -358,17 +375,7 @@ class RunHandle:
         Raises ValueError naming the key if any value is NaN or infinite; then nothing is logged.
         ``background``: queue them for the sender thread (:class:`_MetricSender`) and return.
         """
-        timestamp = int(time.time() * 1000)
-        step = 0 if step is None else int(step)
-        entries = []
-        for key, value in metrics.items():
-            try:
-                number = float(value)  # host sync if a device tensor slips through
-            except (TypeError, ValueError) as error:
-                raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__}") from error
-            if not math.isfinite(number):
-                raise ValueError(f"metric {key!r} is {number} at step {step}: not finite, refusing to log it")
-            entries.append(Metric(key=str(key), value=number, timestamp=timestamp, step=step))
+        entries = metric_entries(metrics, step)
         if background:
             if self._sender is None:
                 self._sender = _MetricSender(self._client, self.run_id)
