@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from ltscale.stages import locks
 from ltscale.stages.locks import StageLock
@@ -130,6 +134,74 @@ def test_a_damaged_lock_is_judged_by_its_age(tmp_path):
     assert locks.live_holder(directory, stale_s=60) == ""
     lock = StageLock.try_acquire(directory, stale_s=60)
     assert lock is not None and json.loads(path.read_text())["token"] == lock.token
+    lock.release()
+
+
+def _fail_with(code: int):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_lock_whose_owner_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch, hard_links):
+    """Disk full (or over quota) while the owner is written: nothing is left to block the stage. An
+    empty lock, with no owner to ask, kept every later run waiting for STALE_S."""
+    directory = tmp_path / "stage"
+    if not hard_links:  # (SMB and some FUSE mounts): the lock is written in place
+        monkeypatch.setattr(locks.os, "link", _fail_with(errno.EPERM))
+    dump = json.dump
+    monkeypatch.setattr(locks.json, "dump", _fail_with(errno.ENOSPC))
+    with pytest.raises(OSError, match="No space left"):
+        StageLock.try_acquire(directory)
+    assert list(directory.iterdir()) == [] and locks.live_holder(directory) == ""
+    monkeypatch.setattr(locks.json, "dump", dump)
+    lock = StageLock.try_acquire(directory)  # space freed: the next run takes it at once
+    assert lock is not None and list(directory.iterdir()) == [lock.path]
+    lock.release()
+
+
+def _die_in(module, name: str, directory: Path) -> None:
+    """Take ``directory``'s lock, SIGKILLed (nothing cleaned up) when calling ``module.name``."""
+    setattr(module, name, lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL))
+    StageLock.try_acquire(directory)
+
+
+def test_a_process_killed_while_taking_the_lock_leaves_none(tmp_path):
+    """Killed while writing its owner, or before removing the temporary it wrote it to, a process
+    leaves no lock. The next taker removes its temporary: at once when it names a dead owner, once
+    older than stale_s when it is empty."""
+    directory = tmp_path / "stage"
+    context = multiprocessing.get_context("fork")
+    for module, name in ((json, "dump"), (os, "link")):
+        child = context.Process(target=_die_in, args=(module, name, directory))
+        child.start()
+        child.join(timeout=60)
+        assert child.exitcode == -signal.SIGKILL
+        assert not (directory / locks.LOCK).exists() and locks.live_holder(directory) == ""
+    empty, written = sorted(directory.iterdir(), key=lambda path: path.stat().st_size)
+    assert empty.stat().st_size == 0 and json.loads(written.read_text())["token"]
+    lock = StageLock.try_acquire(directory, stale_s=60)
+    assert lock is not None and sorted(directory.iterdir()) == sorted([lock.path, empty])
+    old = time.time() - 90
+    os.utime(empty, (old, old))
+    assert StageLock.try_acquire(directory, stale_s=60) is None and list(directory.iterdir()) == [lock.path]
+    lock.release()
+
+
+def test_a_lock_linked_although_the_link_reported_it_existed_is_held(tmp_path, monkeypatch):
+    """Over NFS a LINK retried after its reply was lost reports EEXIST although it worked."""
+    real = os.link
+
+    def reply_lost(source, target, **kwargs):
+        real(source, target, **kwargs)
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+
+    monkeypatch.setattr(locks.os, "link", reply_lost)
+    lock = StageLock.try_acquire(tmp_path / "stage")
+    assert lock is not None and json.loads(lock.path.read_text())["token"] == lock.token
+    assert list(lock.path.parent.iterdir()) == [lock.path]
     lock.release()
 
 

@@ -6,16 +6,22 @@ two terminals on a laptop), both would train that stage into the same directory,
 other's progress checkpoints. Instead the first takes ``<stage dir>/.lock`` and the others wait for
 its manifest, then reuse the output.
 
-The lock file is created exclusively (``O_CREAT | O_EXCL``, atomic on local file systems and NFS)
-and holds its owner (:mod:`ltscale.tracking.attempts`: machine, PID, SLURM job). Its holder
-refreshes the file's modification time every ``HEARTBEAT_S`` seconds. A lock is taken over when its
-owner is certainly gone (an exited process of this machine, an earlier attempt of this SLURM job)
-or, for owners elsewhere, when its heartbeat is older than ``STALE_S`` (a killed job, a lost node).
+The lock file holds its owner (:mod:`ltscale.tracking.attempts`: machine, PID, SLURM job) from the
+moment it exists: the owner is written to a temporary file beside it (``.lock.new-<random>``), which
+is then hard-linked under the lock's name (``link`` fails if the name exists: atomic on local file
+systems and NFS). A lock created empty and written afterwards was left empty by a write that failed
+(disk full) or a process killed in between, and with no owner to ask it blocked the stage for
+``STALE_S``. Only on a file system without hard links is the lock created exclusively
+(``O_CREAT | O_EXCL``) and written in place. Its holder refreshes the file's modification time every
+``HEARTBEAT_S`` seconds. A lock is taken over when its owner is certainly gone (an exited process of
+this machine, an earlier attempt of this SLURM job) or, for owners elsewhere, when its heartbeat is
+older than ``STALE_S`` (a killed job, a lost node).
 
 Taking a lock over must never remove a live one. Waiting pipelines poll, so several of them judge a
 lock dead at about the same moment; had each moved ``.lock`` aside and created its own, a slow one
 would move aside the fresh lock of the first and both would train the stage. Only operations that
-are atomic on NFS as well are used (exclusive create, rename within the directory; no ``flock``):
+are atomic on NFS as well are used (exclusive create, hard link, rename within the directory; no
+``flock``):
 
 1. The right to remove the lock judged dead is itself taken by exclusive create of
    ``.lock.takeover-<its token>``: of all processes that judged that very lock dead, one wins; the
@@ -70,18 +76,14 @@ class StageLock:
         """The lock if this process now holds it; None while a live owner holds it (see :func:`holder`)."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / LOCK
+        _remove_dead_temporaries(directory, stale_s)
         token = uuid.uuid4().hex
         owner = {"token": token, "since": time.time(), **Attempt.current().tags()}
         for _ in range(3):  # again after a dead owner's lock was moved away (or released meanwhile)
-            try:
-                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not _take_over(path, token, owner, stale_s):
-                    return None
-                continue
-            with os.fdopen(descriptor, "w") as handle:
-                json.dump(owner, handle)
-            return cls(path, token, heartbeat_s)
+            if _create(path, owner):
+                return cls(path, token, heartbeat_s)
+            if not _take_over(path, token, owner, stale_s):
+                return None
         return None
 
     def _beat(self, period: float) -> None:
@@ -174,19 +176,65 @@ def _claim(path: Path, identity: str, owner: dict, stale_s: float) -> list[Path]
     name, dead = f"{LOCK}.takeover-{identity}", []
     for _ in range(TAKEOVER_LEVELS):
         claim = path.with_name(name)
+        if _create(claim, owner):
+            return dead + [claim]
+        other = _read(claim)
+        if other is None or _gone(claim, other, stale_s) is None:
+            return None  # being taken over (or just taken over) by another process
+        dead.append(claim)
+        name += "+"  # the right to succeed that dead taker
+    return None
+
+
+NEW = f"{LOCK}.new-"
+"""Prefix of the temporary file a lock or claim is written to before it is linked under its name."""
+
+
+def _create(path: Path, owner: dict) -> bool:
+    """Create ``path`` holding ``owner`` unless a file of that name exists; True if this call created it."""
+    if os.path.lexists(path):
+        return False  # most calls are polls of a held lock: no temporary written for them
+    temp = path.with_name(f"{NEW}{uuid.uuid4().hex}")
+    try:
+        _write_new(temp, owner)
         try:
-            descriptor = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            other = _read(claim)
-            if other is None or _gone(claim, other, stale_s) is None:
-                return None  # being taken over (or just taken over) by another process
-            dead.append(claim)
-            name += "+"  # the right to succeed that dead taker
-            continue
+            os.link(temp, path)
+        except FileExistsError:  # (over NFS a retried link reports EEXIST although it worked)
+            return _same_file(temp, path)
+        except OSError:  # no hard links on this file system (or the temporary was removed meanwhile)
+            return _create_in_place(path, owner)
+        return True
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _create_in_place(path: Path, owner: dict) -> bool:
+    """:func:`_create` without hard links: the lock exists empty until written (judged by its age
+    alone meanwhile), and is left so only by a process killed in between."""
+    try:
+        _write_new(path, owner)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _write_new(path: Path, owner: dict) -> None:
+    """Create ``path`` (exclusively) holding ``owner``; a file whose write failed is removed."""
+    descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
         with os.fdopen(descriptor, "w") as handle:
             json.dump(owner, handle)
-        return dead + [claim]
-    return None
+    except BaseException:
+        path.unlink(missing_ok=True)  # just created by this call: nobody else's yet
+        raise
+
+
+def _remove_dead_temporaries(directory: Path, stale_s: float) -> None:
+    """Delete the temporaries of :func:`_create` left by processes killed before they removed them.
+    Removing one still in use would be harmless too: its link then fails and its maker creates in place."""
+    for temp in directory.glob(f"{NEW}*"):
+        if _gone(temp, _read(temp), stale_s) is not None:
+            temp.unlink(missing_ok=True)
 
 
 def _identity(path: Path, owner: dict | None) -> str | None:
@@ -231,7 +279,9 @@ def _read(path: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError):
-        return {}  # being written right now, or damaged: judged by its age alone
+        # Being written right now (in place, without hard links; or by an older ltscale that wrote
+        # every lock so, still running in another pipeline), or damaged: judged by its age alone.
+        return {}
 
 
 def _gone(path: Path, owner: dict | None, stale_s: float) -> str | None:
