@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -100,6 +101,32 @@ def test_a_stalled_holder_does_not_keep_a_successors_lock_fresh(tmp_path):
     assert time.time() - lock.path.stat().st_mtime > 900  # a successor's: untouched
     lock.release()
     assert json.loads(lock.path.read_text())["token"] == "successor"
+
+
+def test_a_passing_error_does_not_stop_the_heartbeat(tmp_path, monkeypatch, caplog):
+    """A refresh that fails now and then (ESTALE while an NFS server fails over) must not end the
+    heartbeat: the lock would go stale while its holder works on, and a second pipeline would take it
+    over and train the same stage into the same directory. Warned once, not at every beat."""
+    real, failures = os.utime, []
+
+    def flaky_utime(path, *args, **kwargs):
+        if Path(path).name == locks.LOCK and len(failures) < 3:
+            failures.append(path)
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(locks.os, "utime", flaky_utime)
+    caplog.set_level(logging.WARNING, logger=locks.__name__)
+    lock = StageLock.try_acquire(tmp_path / "s", heartbeat_s=0.02)
+    old = time.time() - 1000
+    real(lock.path, (old, old))
+    deadline = time.monotonic() + 4
+    while time.time() - lock.path.stat().st_mtime > 60 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(failures) == 3 and time.time() - lock.path.stat().st_mtime < 60  # refreshed after the errors
+    assert lock._thread.is_alive()
+    assert [r.getMessage().startswith(f"cannot refresh {lock.path}") for r in caplog.records].count(True) == 1
+    lock.release()
 
 
 def test_a_lock_whose_heartbeat_resumes_before_the_takeover_is_kept(tmp_path, monkeypatch):

@@ -87,14 +87,26 @@ class StageLock:
         return None
 
     def _beat(self, period: float) -> None:
+        failing = False
         while not self._stop.wait(period):
             if (_read(self.path) or {}).get("token", self.token) != self.token:
                 log.warning("%s was taken over while this process was stalled", self.path)
                 return  # another holder's lock now: not ours to keep fresh
             try:
                 os.utime(self.path)
-            except OSError:  # removed under us (taken over after a long stall): nothing left to refresh
+            except FileNotFoundError:  # removed under us (taken over after a long stall): nothing left to refresh
                 return
+            except OSError as error:
+                # A passing error (ESTALE or EIO while an NFS server fails over) must not end the
+                # heartbeat: the lock would go stale while this process works on, and another
+                # pipeline would take it over and train the same stage into the same directory.
+                if not failing:
+                    log.warning("cannot refresh %s (%s); trying again at every heartbeat", self.path, error)
+                failing = True
+                continue
+            if failing:
+                log.info("%s is refreshed again", self.path)
+                failing = False
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock, if it is still this holder's."""
