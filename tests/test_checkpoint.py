@@ -1,14 +1,20 @@
 """The checkpoint primitives on their own: a write that fails leaves the old file and no
-temporary; a loaded checkpoint missing a key, or a state with keys the model lacks (or lacks keys
-the model has), is refused by name. (Kills and resumes end to end: test_pipeline.py.)"""
+temporary; a written file gets the mode the umask gives; a loaded checkpoint missing a key, or a
+state with keys the model lacks (or lacks keys the model has), is refused by name. (Kills and
+resumes end to end: test_pipeline.py.)"""
 
 from __future__ import annotations
+
+import errno
+import os
+import stat
 
 import pytest
 import torch
 import torch.nn as nn
 
-from ltscale.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_strict
+from ltscale.engine import checkpoint
+from ltscale.engine.checkpoint import CheckpointError, atomic_save, atomic_write_json, load_checkpoint, load_state_strict
 
 
 class Unpicklable:
@@ -23,6 +29,34 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         atomic_save({"kind": "k", "value": Unpicklable()}, path)
     assert load_checkpoint(path, kind="k")["value"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+@pytest.mark.parametrize("proc", [True, False])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, monkeypatch, proc):
+    """As torch.save's: mkstemp's 0600 made every model and manifest of a shared store readable by
+    its writer alone."""
+    if not proc:  # no /proc/self/status (macOS, Linux before 4.7): the umask is read by setting it
+        real_open = open
+
+        def no_proc(file, *args, **kwargs):
+            if str(file).startswith("/proc/"):
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), file)
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint, "open", no_proc, raising=False)
+    previous = os.umask(0o022)
+    try:
+        for mask in (0o022, 0o027):
+            os.umask(mask)
+            directory = tmp_path / f"{mask:o}"
+            atomic_save({"kind": "k"}, directory / "model.pt")
+            atomic_write_json({"kind": "k"}, directory / "manifest.json")
+            torch.save({"kind": "k"}, directory / "plain.pt")
+            modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in directory.iterdir()}
+            assert modes == dict.fromkeys(["model.pt", "manifest.json", "plain.pt"], 0o666 & ~mask)
+            assert os.umask(mask) == mask  # read, and left as it was
+    finally:
+        os.umask(previous)
 
 
 def test_a_checkpoint_without_a_required_key_is_refused_by_name(tmp_path):

@@ -31,6 +31,7 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX)
     try:
+        _give_default_mode(handle)
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
@@ -39,6 +40,31 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _give_default_mode(descriptor: int) -> None:
+    """Give the file open as ``descriptor`` the mode ``open`` would have (0666 less the umask).
+    mkstemp makes 0600 whatever the umask, which the rename keeps: on a shared store nobody but
+    the writer could read the models and manifests that torch.save alone leaves readable."""
+    try:
+        os.fchmod(descriptor, 0o666 & ~_umask())
+    except OSError:  # (a file system without modes, such as SMB or FAT: its mount decides them)
+        pass
+
+
+def _umask() -> int:
+    """This process's umask, from /proc where shown (Linux 4.7 on): os.umask only reads it by setting
+    it, for a moment in which every thread's new files get the mode set."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)  # the narrowest for that moment: another thread's file is never left wider open
+    os.umask(mask)
+    return mask
 
 
 def remove_interrupted_writes(directory: Path) -> list[Path]:
