@@ -58,6 +58,21 @@ def test_slurm_step_environment():
     assert env.master_port == 20000 + 4242  # every task derives the same port from the job id
 
 
+def test_concurrent_steps_of_a_slurm_job_rendezvous_on_their_own_ports():
+    """Two seeds as two srun steps of one job on one node: the same port made one step fail with
+    EADDRINUSE and the other join the first step's store. The tasks of a step still agree."""
+    def port(job: int, step: int, rank: int) -> int:
+        return runtime.detect({"SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": str(rank),
+                               "SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step), "SLURM_STEP_NODELIST": "n1"}).master_port
+
+    assert port(4242, 0, 0) == port(4242, 0, 1) and port(4242, 1, 0) == port(4242, 1, 1)
+    assert port(4242, 0, 0) != port(4242, 1, 0)
+    # Neighbouring job ids (submitted one after another, running together) do not meet either.
+    ports = [port(job, step, 0) for job in range(4240, 4250) for step in range(4)]
+    assert len(set(ports)) == len(ports)
+    assert all(20000 <= port(job, step, 0) < 40000 for job in (0, 19999, 39999, 2**31) for step in (0, 3, 4294967294))
+
+
 def test_slurm_batch_script_is_one_process():
     # The batch step sees the job's task count but is a single process: it must not wait for peers.
     env = runtime.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"})

@@ -6,7 +6,8 @@ A pipeline runs as one process per GPU. It learns its place from the launcher's 
   ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``;
 - a SLURM job step started by ``srun`` with several tasks: ``SLURM_PROCID``,
   ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``; the rendezvous host is the step's first node and
-  the port is derived from the job id, so every task computes the same address without talking.
+  the port is derived from the job and step ids, so every task of a step computes the same address
+  without talking, and two steps of one job running at once on a node (a seed each) do not meet.
 
 Without either, the run is a single process and nothing here touches ``torch.distributed``.
 """
@@ -29,6 +30,15 @@ import torch.distributed as dist
 # A job id maps into this port range, so two multi-task jobs sharing a node rarely collide; an
 # explicit MASTER_PORT always wins.
 _PORT_BASE, _PORT_SPAN = 20000, 20000
+# Each step of a job moves its port by this much: steps run at once share the job id, and on one
+# node the same port made one step fail with EADDRINUSE and another join the wrong store. A stride
+# rather than +1, so that step 1 of job N is not step 0 of job N+1 (job ids run consecutively).
+_STEP_PORT_STRIDE = 7919
+
+
+def slurm_port(job_id: int, step_id: int) -> int:
+    """The rendezvous port of a SLURM job step, in ``[_PORT_BASE, _PORT_BASE + _PORT_SPAN)``."""
+    return _PORT_BASE + (job_id + step_id * _STEP_PORT_STRIDE) % _PORT_SPAN
 
 
 class DistributedEnvError(RuntimeError):
@@ -100,12 +110,13 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
         # Only an srun step with several tasks: the batch script itself (one process) also sees
         # SLURM_NTASKS > 1 and must not wait for peers that will never come.
         job = _int(environ, "SLURM_JOB_ID") if "SLURM_JOB_ID" in environ else 0
+        step = _int(environ, "SLURM_STEP_ID") if "SLURM_STEP_ID" in environ else 0
         nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         env = DistEnv(
             rank=_int(environ, "SLURM_PROCID"), world_size=_int(environ, "SLURM_STEP_NUM_TASKS"),
             local_rank=_int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
             master_addr=environ.get("MASTER_ADDR") or first_host(nodes),
-            master_port=_int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _PORT_BASE + job % _PORT_SPAN,
+            master_port=_int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else slurm_port(job, step),
             source="slurm",
         )
     else:
