@@ -148,3 +148,29 @@ def test_epoch_lines_go_to_logs_but_not_over_the_bars_of_a_terminal():
     off.note("teacher: epoch 3/200", epoch=True)
     off.note("teacher: done")
     assert silent.getvalue() == ""
+
+
+def test_a_log_file_gets_epoch_lines_whatever_the_environment_says(tmp_path, monkeypatch):
+    """sbatch passes the submitter's environment on: FORCE_COLOR / TTY_COMPATIBLE made rich take a
+    job's stderr log for a terminal, which then got bar redraws and no epoch lines. Only a real tty
+    gets bars; progress=false silences either."""
+    import os
+
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE"):
+        monkeypatch.setenv(name, "1")
+    with open(tmp_path / "job.err", "w") as log:
+        monkeypatch.setattr("sys.stderr", log)
+        progress = Progress()
+        assert progress.lines and not progress.enabled
+        progress.note("teacher: epoch 3/200", epoch=True)
+        assert not Progress(enabled=False).lines
+    assert (tmp_path / "job.err").read_text().split(" ", 2)[2] == "teacher: epoch 3/200\n"
+
+    leader, follower = os.openpty()
+    with open(leader, "rb", buffering=0), open(follower, "w") as tty:
+        monkeypatch.setattr("sys.stderr", tty)
+        assert Progress().enabled and not Progress().lines
+        off = Progress(enabled=False)
+        assert not off.enabled and not off.lines
+        monkeypatch.setenv("TTY_COMPATIBLE", "0")  # a terminal that asks for no bars still gets lines
+        assert Progress().lines

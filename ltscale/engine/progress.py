@@ -4,6 +4,7 @@ SLURM job's log file, a pipe), so a run hours long is not silent until its final
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from typing import Callable, Iterator, TextIO
@@ -25,11 +26,20 @@ class Progress:
     :meth:`note` reports a milestone (a stage started or finished, an epoch's metrics).
 
     On a terminal the bars run and notes print above them; off a terminal there are no bars and
-    each note is one line on ``stream`` (stderr), flushed at once.
+    each note is one line on ``stream`` (stderr), flushed at once. ``enabled=False`` (the
+    pipeline's ``progress=false``) silences both. A ``console`` passed in decides for itself.
+
+    Without one, stderr must really be a tty for bars: rich's ``Console.is_terminal`` alone
+    follows FORCE_COLOR / TTY_COMPATIBLE, which sbatch passes on from the submitter's shell, and a
+    SLURM log file then got bar redraws and not one epoch line.
     """
 
     def __init__(self, enabled: bool = True, console: Console | None = None, stream: TextIO | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        if console is None:
+            # On a tty rich still decides (TTY_COMPATIBLE=0 there asks for no bars); off one, no
+            # variable brings the bars back.
+            console = Console(stderr=True, force_terminal=None if _stderr_is_a_tty() else False)
+        self.console = console
         self.enabled = enabled and self.console.is_terminal  # the bars
         self.lines = enabled and not self.console.is_terminal
         self.stream = stream
@@ -65,3 +75,10 @@ class Progress:
                     bar.update(handle, rate=f"{speed:.1f} {unit}/s")
 
             yield advance
+
+
+def _stderr_is_a_tty() -> bool:
+    try:
+        return os.isatty(sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):  # replaced by an object without a descriptor, or closed
+        return False
