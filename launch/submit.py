@@ -200,6 +200,15 @@ def check_resources(kind: str, resources: Resources, config: PipelineConfig) -> 
         raise ConfigError(f"--timeout-min {resources.timeout_min}: use more than 10 minutes")
     if kind == "slurm" and config.device.startswith("cuda") and resources.gpus_per_node == 0:
         raise ConfigError(f"device={config.device} but --gpus-per-node 0: request a GPU or set device=cpu / auto")
+    # A GPU index counts among the GPUs the job is given on its node (SLURM and the local executor
+    # show it only those), and it names one GPU for every process of the node.
+    index = int(config.device.partition(":")[2]) if config.device.startswith("cuda:") else None
+    if index is not None and resources.tasks_per_node > 1:
+        raise ConfigError(f"device={config.device} with --tasks-per-node {resources.tasks_per_node}: every process of a node "
+                          "would train on that one GPU; use device=cuda, which gives each process its own (its local rank's)")
+    if index is not None and resources.gpus_per_node is not None and index >= resources.gpus_per_node:
+        raise ConfigError(f"device={config.device} but the job is given {resources.gpus_per_node} GPU(s) per node "
+                          f"(--gpus-per-node), numbered from 0 there: use device=cuda, or --gpus-per-node {index + 1}")
 
 
 def build_executor(kind: str, folder: str | Path, resources: Resources, name: str) -> submitit.Executor:

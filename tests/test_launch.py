@@ -104,6 +104,12 @@ def test_submit_checks_the_config_before_submitting(tmp_path, capsys):
         (["--max-timeouts", "-1"], "--max-timeouts -1: must be 0 or more"),
         (["--timeout-min", "10"], "--timeout-min 10: use more than 10 minutes"),  # submitit takes every signal for a time-out
         (["--gpus-per-node", "0", "--set", "device=cuda:1"], "device=cuda:1 but --gpus-per-node 0"),
+        # A GPU index counts among the node's GPUs given to the job, and names one GPU for all its tasks.
+        (["--set", "device=cuda:1"], "device=cuda:1 but the job is given 1 GPU(s) per node"),
+        (["--set", "device=cuda:1", "--gpus-per-node", "2"], None),
+        (["--set", "device=cuda:0", "--tasks-per-node", "2"],
+         "device=cuda:0 with --tasks-per-node 2: every process of a node would train on that one GPU; use device=cuda"),
+        (["--set", "device=cuda", "--tasks-per-node", "2"], None),
         (["--partition", "cpu", "--slurm-option", "partition=gpu"], "--slurm-option partition=...: this tool sets it from --partition"),
         (["--slurm-option", "time=10"], "--slurm-option time=...: this tool sets it from --timeout-min"),
         (["--folder", str(tmp_path / "file")], f"--folder {tmp_path / 'file'}: is a file"),
