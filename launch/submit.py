@@ -33,13 +33,18 @@ exception opens pdb). Logs (``<job id>_0_log.out`` / ``.err``) and the pickled j
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
+import difflib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import tempfile
+import types
+import typing
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -227,9 +232,81 @@ def build_executor(kind: str, folder: str | Path, resources: Resources, name: st
         parameters["slurm_partition"] = resources.partition
     if resources.array_parallelism is not None:
         parameters["slurm_array_parallelism"] = resources.array_parallelism
-    parameters.update({f"slurm_{key}": value for key, value in resources.slurm_options})
+    parameters.update({f"slurm_{key}": value for key, value in slurm_parameters(resources.slurm_options).items()})
     executor.update_parameters(**parameters)
     return executor
+
+
+# List parameters whose items are lines of the batch script (``setup=module load cuda`` is one
+# command), not words; every other list (srun_args) is split as a shell splits it.
+SLURM_LINE_LISTS = frozenset({"setup", "teardown"})
+_TRUE, _FALSE = frozenset({"true", "yes", "1"}), frozenset({"false", "no", "0"})
+
+
+def slurm_parameter_types() -> dict[str, Any]:
+    """The type submitit's SlurmExecutor annotates each parameter it accepts with (the keyword
+    arguments of the function that writes the batch script), read from the installed submitit."""
+    from submitit.slurm import slurm
+
+    hints = typing.get_type_hints(slurm._make_sbatch_string)
+    return {key: hints.get(key, str) for key in slurm._get_default_parameters()}
+
+
+def slurm_parameters(options: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """``--slurm-option`` values (text) as the types submitit expects: a string reaching a list
+    parameter was split into characters (srun_args) or crashed the submission (setup), and
+    ``use_srun=false`` counted as true. A list parameter given several times collects the items."""
+    expected = slurm_parameter_types()
+    parameters: dict[str, Any] = {}
+    for key, text in options:
+        if key not in expected:
+            close = difflib.get_close_matches(key, expected, n=3)
+            raise ConfigError(f"--slurm-option {key}=...: submitit has no SLURM parameter {key!r}"
+                              + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        value = _slurm_value(key, text, expected[key])
+        if isinstance(value, list):
+            parameters[key] = parameters.get(key, []) + value
+        else:
+            parameters[key] = value
+    return parameters
+
+
+def _slurm_value(key: str, text: str, kind: Any) -> Any:
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    # exclusive is bool or str: "true" is the flag, "user" its value
+    alternatives = [member for member in typing.get_args(kind) if member is not type(None)] if union else [kind]
+    expected = []
+    for alternative in alternatives:
+        base = typing.get_origin(alternative) or alternative
+        if base is str:
+            return text
+        if base is bool:
+            if text.strip().lower() in _TRUE | _FALSE:
+                return text.strip().lower() in _TRUE
+            expected.append("true or false (or yes / no, 1 / 0)")
+        elif base is int:
+            try:
+                return int(text)
+            except ValueError:
+                expected.append("an integer")
+        elif base in (list, collections.abc.Iterable, collections.abc.Sequence):
+            if key in SLURM_LINE_LISTS:
+                return [text]
+            try:
+                return shlex.split(text)
+            except ValueError as error:
+                expected.append(f"arguments as a shell splits them ({error})")
+        elif base is dict:
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                return value
+            expected.append('a JSON object, e.g. {"reservation": "r1"}')
+        else:
+            expected.append(f"a {alternative} (not settable from the command line)")
+    raise ConfigError(f"--slurm-option {key}={text}: submitit expects {' or '.join(expected)}")
 
 
 def default_gpus(kind: str, tasks_per_node: int = 1, device: str = "auto") -> int | None:
@@ -330,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"requeues after hitting the time limit before giving up (default {DEFAULT_MAX_TIMEOUTS}; "
                              "preemptions are not counted)")
     parser.add_argument("--slurm-option", dest="slurm_options", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other submitit SLURM parameter, e.g. account=proj1, qos=high, constraint=a100 (repeatable)")
+                        help="any other submitit SLURM parameter, e.g. account=proj1, qos=high, constraint=a100, "
+                             "use_srun=false, srun_args='--cpu-bind=none' (split like a shell), setup='module load cuda' "
+                             "(one batch-script line; repeat for more) (repeatable)")
     parser.add_argument("--folder", default=None,
                         help="submitit logs and pickles, named by job id; %%j in the path becomes the job id (default: <output_dir>/submitit)")
     parser.add_argument("--wait", action="store_true", help="wait for the job and print its summary as JSON")

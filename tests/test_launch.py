@@ -160,6 +160,47 @@ def test_dry_run_prints_the_resolved_executor_parameters(tmp_path, capsys, monke
     assert json.loads(capsys.readouterr().out)["parameters"]["gpus_per_node"] == 0
 
 
+def test_slurm_options_reach_submitit_as_the_types_it_expects(tmp_path, capsys, monkeypatch):
+    """--slurm-option values are text; submitit takes lists, bools and ints. A string srun_args was
+    split into characters, use_srun=false counted as true, setup crashed even a dry run, and
+    array_parallelism crashed the sweep's submission after the dry run had passed."""
+    output = tmp_path / "out"
+    base = ["demo/ce", "--executor", "slurm", "--set", "device=cpu", "--set", f"output_dir={output}"]
+    code = main([*base, "--dry-run", "--slurm-option", "srun_args=--cpu-bind=none --overlap", "--slurm-option", "use_srun=false",
+                 "--slurm-option", "setup=module load cuda", "--slurm-option", "setup=source env/bin/activate",
+                 "--slurm-option", "exclusive=true", "--slurm-option", "signal_delay_s=120",
+                 "--slurm-option", 'additional_parameters={"reservation": "r1"}'])
+    assert code == 0
+    parameters = json.loads(capsys.readouterr().out)["parameters"]
+    assert parameters["srun_args"] == ["--cpu-bind=none", "--overlap"] and parameters["use_srun"] is False
+    assert parameters["setup"] == ["module load cuda", "source env/bin/activate"]  # a line each, not a word each
+    assert parameters["exclusive"] is True and parameters["signal_delay_s"] == 120
+    assert parameters["additional_parameters"] == {"reservation": "r1"}
+    assert main([*base, "--dry-run", "--slurm-option", "exclusive=user"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"]["exclusive"] == "user"
+    # Refused before anything is submitted, naming the option and what it takes.
+    for option, message in [("use_srun=maybe", "--slurm-option use_srun=maybe: submitit expects true or false"),
+                            ("array_parallelism=two", "--slurm-option array_parallelism=two: submitit expects an integer"),
+                            ("srun_args=--comment='x", "--slurm-option srun_args=--comment='x: submitit expects arguments"),
+                            ("additional_parameters=r1", "--slurm-option additional_parameters=r1: submitit expects a JSON object"),
+                            ("acount=proj1", "submitit has no SLURM parameter 'acount' (did you mean account")]:
+        assert main([*base, "--dry-run", "--slurm-option", option]) == 2, option
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (option, err)
+
+    # The batch script a sweep sends to sbatch (a stand-in that keeps it).
+    bin_dir, script = tmp_path / "bin", tmp_path / "sent.sh"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\nfor a in "$@"; do f="$a"; done\ncp "$f" {script}\necho "Submitted batch job 4242"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert main([*base, "--seeds", "0,1", "--slurm-option", "array_parallelism=1", "--slurm-option", "srun_args=--cpu-bind=none",
+                 "--slurm-option", "setup=module load cuda"]) == 0
+    lines = script.read_text().splitlines()
+    assert "#SBATCH --array=0-1%1" in lines and "module load cuda" in lines
+    assert " --cpu-bind=none " in next(line for line in lines if line.startswith("srun "))
+
+
 def test_pipeline_job_pickles_and_checkpoints_to_itself(tmp_path):
     import pickle
 
