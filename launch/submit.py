@@ -53,6 +53,7 @@ import submitit
 
 from ltscale.config import ConfigError, apply_overrides, get_recipe, override_key
 from ltscale.stages.config import PipelineConfig
+from ltscale.tracking.mlflow_tracker import sqlite_file
 
 EXECUTORS = ("slurm", "local", "debug")
 DEFAULT_TIMEOUT_MIN = 24 * 60
@@ -362,8 +363,8 @@ def shared_sqlite_warning(configs: Sequence[PipelineConfig]) -> str | None:
         uri = config.tracking.tracking_uri
         if not uri:
             stores.add(Path(config.output_dir).expanduser() / "mlflow.db")
-        elif uri.startswith("sqlite:///"):
-            stores.add(Path(uri[len("sqlite:///"):]))
+        elif (store := sqlite_file(uri)) is not None:
+            stores.add(store)
     shared = sorted((str(store), kind) for store in stores if (kind := file_system_type(store.parent)) in NETWORK_FILE_SYSTEMS)
     if not shared:
         return None

@@ -341,15 +341,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     from ltscale.tracking import TAG_ERROR, TAG_PIPELINE, default_tracking_uri
     from ltscale.tracking.attempts import TAG_PID, Attempt
-    from ltscale.tracking.mlflow_tracker import check_server_answers, check_sqlite_store, check_uri_form
+    from ltscale.tracking.mlflow_tracker import check_server_answers, check_sqlite_store, check_uri_form, sqlite_file
 
     uri = args.tracking_uri or default_tracking_uri(Path(args.output_dir))
     check_uri_form(uri, "--tracking-uri")
     check_sqlite_store(uri)
     check_server_answers(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        print(f"ltscale runs: no MLflow store at {uri[len('sqlite:///'):]} (run a pipeline first, or pass --output-dir)",
-              file=sys.stderr)
+    store = sqlite_file(uri)
+    if store is not None and not store.is_file():
+        print(f"ltscale runs: no MLflow store at {store} (run a pipeline first, or pass --output-dir)", file=sys.stderr)
         return 2
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(args.experiment)

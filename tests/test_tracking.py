@@ -883,6 +883,37 @@ def test_store_uri_checks_take_database_driver_uris_and_an_empty_database_file(t
     check_sqlite_store(f"sqlite:///{tmp_path / 'missing.db'}")
 
 
+def test_sqlite_uris_are_read_as_sqlalchemy_reads_them(tmp_path: Path) -> None:
+    """A query (``?timeout=60``, which plain MLflow takes) is not part of the file name, and the
+    default store's URI quotes an output directory whose name holds ``%``, ``?``, ``#``, ``@`` or a
+    space: both were taken as raw paths, and the store creation failed or wrote another file."""
+    import sqlite3
+
+    from ltscale.tracking.mlflow_tracker import sqlite_file
+
+    def runs_in(database: Path) -> int:  # read with sqlite3 itself, not through a URI
+        with sqlite3.connect(database) as db:
+            return db.execute("select count(*) from runs").fetchone()[0]
+
+    odd = tmp_path / "a %41 q?x=1 #h @b"
+    assert sqlite_file(default_tracking_uri(odd)) == odd.resolve() / "mlflow.db"
+    tracker = Tracker(TrackingConfig(), odd)
+    tracker.code_version = "f" * 40  # as a clean checkout: no patch artifact whatever state this tree is in
+    with tracker.pipeline_run("p", {}, {}) as run:
+        run.log_text("hi", "note.txt")
+    assert sorted(p.name for p in odd.iterdir()) == ["mlartifacts", "mlflow.db", "mlflow.db.init-lock"]
+    assert runs_in(odd / "mlflow.db") == 1 and list((odd / "mlartifacts").rglob("note.txt"))
+
+    uri = f"sqlite:///{tmp_path / 'q' / 'mlflow.db'}?timeout=60"
+    assert sqlite_file(uri) == tmp_path / "q" / "mlflow.db"
+    tracker = Tracker(TrackingConfig(tracking_uri=uri), tmp_path / "q")
+    tracker.code_version = "f" * 40
+    with tracker.pipeline_run("p", {}, {}):
+        pass
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["mlflow.db", "mlflow.db.init-lock"]
+    assert runs_in(tmp_path / "q" / "mlflow.db") == 1
+
+
 def test_consumed_run_ids_are_joined_once_each_and_checked() -> None:
     assert join_run_ids(["a1", "b2", "a1"]) == "a1,b2"
     assert split_run_ids(join_run_ids(["a1", "b2", "a1"])) == ["a1", "b2"] and split_run_ids("") == []

@@ -18,6 +18,7 @@ import re
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -65,7 +66,17 @@ def default_tracking_uri(output_dir: Path) -> str:
 
     SQLite rather than the ``file:`` store, which MLflow 3 deprecates (and which is slow to query).
     """
-    return f"sqlite:///{(Path(output_dir).resolve() / DEFAULT_STORE_FILE).as_posix()}"
+    return sqlite_uri(Path(output_dir).resolve() / DEFAULT_STORE_FILE)
+
+
+def sqlite_uri(path: Path) -> str:
+    """The ``sqlite:///`` URI of the database file ``path``, percent-encoded.
+
+    SQLAlchemy reads a ``%XX`` in the URI as an escape and a ``?`` as the start of its query, so a
+    directory named ``pct%41`` or ``q?x=1`` would name another file. Built with the stdlib, not
+    SQLAlchemy's ``URL``: a machine with the file store only may lack SQLAlchemy.
+    """
+    return "sqlite:///" + urllib.parse.quote(Path(path).as_posix(), safe="/")
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,7 @@ def check_uri_form(uri: str, what: str) -> None:
         path = Path(uri).expanduser().resolve()
         store = path if path.suffix == ".db" else path / DEFAULT_STORE_FILE
         raise ValueError(f"{what} {uri!r} is a path, not a URI: for a database there, use "
-                         f"sqlite:///{store.as_posix()}; for a server, http://host:port")
+                         f"{sqlite_uri(store)}; for a server, http://host:port")
     scheme = match.group(1).lower()
     if scheme.split("+")[0] in _STORE_SCHEMES:
         return
@@ -139,18 +150,33 @@ def check_uri_form(uri: str, what: str) -> None:
                          f"{', '.join(_STORE_SCHEMES + tuple(plugins))}; e.g. sqlite:///runs/mlflow.db or http://host:5000)")
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    """The database file a ``sqlite:///`` URI names; None for other URIs and an in-memory store."""
-    if not uri.lower().startswith("sqlite:///"):
+def _is_sqlite(uri: str) -> bool:
+    return uri.split(":", 1)[0].lower().split("+")[0] == "sqlite"  # sqlite:, sqlite+pysqlite:
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file a ``sqlite:`` URI names; None for other URIs and an in-memory store.
+
+    Read as SQLAlchemy (which opens it) reads it: ``%XX`` escapes decoded, and a query such as
+    ``?timeout=60`` (a longer wait on a locked database) not part of the file name.
+    """
+    if not _is_sqlite(uri):
         return None
-    path = uri[len("sqlite:///") :]
-    return Path(path) if path and path != ":memory:" else None
+    require_sqlalchemy()
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        database = make_url(uri).database
+    except ArgumentError as error:
+        raise ValueError(f"{uri} is not a database URI SQLAlchemy can read ({error})") from None
+    return Path(database) if database and database != ":memory:" else None
 
 
 def check_sqlite_store(uri: str) -> None:
     """A ValueError when a ``sqlite:///`` URI names an existing file that is not an SQLite database
     (MLflow would answer with an SQLAlchemy traceback)."""
-    path = _sqlite_file(uri)
+    path = sqlite_file(uri)
     if path is None:
         return
     try:
@@ -524,7 +550,7 @@ def _sqlite_init_lock(uri: str) -> Iterator[None]:
     that at once (pipelines of a sweep starting together on one output directory) all fail with
     alembic errors. Other URIs (a server, a database server) need no lock.
     """
-    path = _sqlite_file(uri)
+    path = sqlite_file(uri)
     if path is None:
         yield
         return
@@ -552,7 +578,7 @@ def _create_sqlite_store_atomically(uri: str) -> None:
     failed ("table ... already exists"). Built aside, the store is either absent or whole.
     Call under :func:`_sqlite_init_lock`: a temporary file found there is a dead creation's.
     """
-    path = _sqlite_file(uri)
+    path = sqlite_file(uri)
     if path is None:
         return
     for stale in path.parent.glob(f".{path.name}.*{_CREATING}*"):  # with SQLite's -journal beside it
@@ -560,9 +586,13 @@ def _create_sqlite_store_atomically(uri: str) -> None:
     if path.exists():
         return
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{_CREATING}")
+    from sqlalchemy.engine import make_url
+
+    # The same URI but for the file: its query (?timeout=60) applies to the creation too.
+    temp_uri = make_url(uri).set(database=temp.as_posix()).render_as_string(hide_password=False)
     try:
         # Any query makes MLflow build (and migrate) the schema of the store it opens.
-        MlflowClient(tracking_uri=f"sqlite:///{temp.as_posix()}").search_experiments(max_results=1)
+        MlflowClient(tracking_uri=temp_uri).search_experiments(max_results=1)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
@@ -601,8 +631,8 @@ class Tracker:
     def _artifact_location(self) -> str | None:
         """Artifact root for a new experiment; None lets the store (or server) decide."""
         scheme = self._uri.split(":", 1)[0].lower()
-        if scheme == "sqlite":
-            path = _sqlite_file(self._uri)
+        if _is_sqlite(self._uri):
+            path = sqlite_file(self._uri)
             if path is not None:
                 return (path.resolve().parent / ARTIFACT_DIR).as_uri()
             return (self.output_dir.resolve() / ARTIFACT_DIR).as_uri()
