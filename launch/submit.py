@@ -53,6 +53,7 @@ import submitit
 
 from ltscale.config import ConfigError, apply_overrides, get_recipe, override_key
 from ltscale.stages.config import PipelineConfig
+from ltscale.tracking import redact_uri
 from ltscale.tracking.mlflow_tracker import sqlite_file
 
 EXECUTORS = ("slurm", "local", "debug")
@@ -87,7 +88,7 @@ class PipelineJob:
         return {
             "pipeline": result.name,
             "run_id": result.run_id,
-            "tracking_uri": result.tracking_uri,
+            "tracking_uri": redact_uri(result.tracking_uri),  # printed, and kept in submitit's folder
             "output_dir": self.config.output_dir,
             "result_stage": result.result_stage,
             "metrics": result.metrics(),
@@ -482,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parameters = build_executor(args.executor, scratch, resources, name).parameters
         if args.dry_run:
             described = [{"pipeline": c.name, "seed": c.seed, "stages": list(c.stages), "output_dir": c.output_dir,
-                          "device": c.device, "tracking_uri": c.tracking.tracking_uri or "(local store in output_dir)"}
+                          "device": c.device, "tracking_uri": redact_uri(c.tracking.tracking_uri) or "(local store in output_dir)"}
                          for c in configs]
             print(json.dumps({"executor": args.executor, "folder": str(folder), "parameters": parameters,
                               **(described[0] if len(described) == 1 else {"jobs": described})}, indent=2, default=str))

@@ -190,8 +190,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         results.append(run_pipeline(config))
     if not _is_main():
         return 0
+    from ltscale.tracking import redact_uri
+
     print_results(results, detail=True)
-    print(f"\nMLflow record: {results[-1].tracking_uri} (experiment {config.tracking.experiment!r})")
+    print(f"\nMLflow record: {redact_uri(results[-1].tracking_uri)} (experiment {config.tracking.experiment!r})")
     if not args.tracking_uri:
         print(f"Open the UI with: ltscale ui --output-dir {config.output_dir}")
     return 0
@@ -341,6 +343,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     from ltscale.tracking import TAG_ERROR, TAG_PIPELINE, default_tracking_uri
     from ltscale.tracking.attempts import TAG_PID, Attempt
+    from ltscale.tracking import redact_uri
     from ltscale.tracking.mlflow_tracker import check_server_answers, check_sqlite_store, check_uri_form, sqlite_file
 
     uri = args.tracking_uri or default_tracking_uri(Path(args.output_dir))
@@ -354,13 +357,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
-        print(f"ltscale runs: no experiment {args.experiment!r} at {uri}", file=sys.stderr)
+        print(f"ltscale runs: no experiment {args.experiment!r} at {redact_uri(uri)}", file=sys.stderr)
         return 2
     runs = [run for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
                                               max_results=max(args.limit * 20, 200))
             if TAG_PIPELINE in run.data.tags and MLFLOW_PARENT_RUN_ID not in run.data.tags][: args.limit]
     if not runs:
-        print(f"no pipelines recorded in experiment {args.experiment!r} at {uri}")
+        print(f"no pipelines recorded in experiment {args.experiment!r} at {redact_uri(uri)}")
         return 0
     print(f"{'started':<16}  {'pipeline':<28} {'seed':>4}  {'status':<8} {'time':>8}  {'top1':>6} {'few':>6}  run id")
     here = Attempt.current()
@@ -542,23 +545,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ltscale.data.errors import DatasetError
     from ltscale.dist.runtime import DistributedEnvError
     from ltscale.engine.checkpoint import CheckpointError
+    from ltscale.tracking import redact_uri  # errors may quote a tracking URI with its password
 
     if args.func in (cmd_run, cmd_demo):
         _terminate_like_ctrl_c()
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DatasetError, CheckpointError, DistributedEnvError) as error:
-        print(f"ltscale: error: {error}", file=sys.stderr)
+        print(f"ltscale: error: {redact_uri(str(error))}", file=sys.stderr)
         return 2
     except ValueError as error:  # config validation (__post_init__) raises ValueError with the fix
-        print(f"ltscale: error: {error}", file=sys.stderr)
+        print(f"ltscale: error: {redact_uri(str(error))}", file=sys.stderr)
         return 2
     except Exception as error:
         if not _from_the_tracking_store(error):
             raise
         # MLflow's first line carries the fix (a scheme it supports, MLFLOW_ALLOW_FILE_STORE...):
         # kept whole, cut only where a proxy's HTML page would follow.
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:2000]
+        first = (redact_uri(str(error)).strip().splitlines() or [type(error).__name__])[0][:2000]
         if _store_refused(error):
             print(f"ltscale: error: the MLflow tracking store refused the request: {first}", file=sys.stderr)
         elif args.func in (cmd_run, cmd_demo):

@@ -741,6 +741,38 @@ def test_an_unreachable_server_is_named_in_seconds(tmp_path: Path, capsys) -> No
         check_server_answers(f"https://127.0.0.1:{server.getsockname()[1]}")
 
 
+def test_a_uri_with_credentials_reaches_its_server_and_its_password_is_never_shown(
+        mlflow_server: str, tmp_path: Path, capsys, caplog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow sends a URI's user info as HTTP Basic auth; the reachability probe (urllib) took
+    ``alice:secret@127.0.0.1`` for the host and refused a server that answers, printing the password."""
+    import socket
+
+    from ltscale.cli import main
+
+    # Unset for this test, and as it was after it (the tracker sets it for a URI with a password).
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "")
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+    uri = mlflow_server.replace("http://", "http://alice:secret@")
+    tracker = Tracker(TrackingConfig(tracking_uri=uri, experiment=_experiment()), tmp_path)
+    with pytest.raises(RuntimeError), caplog.at_level(logging.WARNING):
+        with tracker.pipeline_run("p", {"tracking": {"tracking_uri": uri}}, {}) as pipeline:
+            raise RuntimeError(f"the store at {uri} broke")
+    run = MlflowClient(mlflow_server).get_run(pipeline.run_id)
+    redacted = mlflow_server.replace("http://", "http://alice:***@")
+    assert run.data.params["tracking.tracking_uri"] == redacted
+    assert run.data.tags[TAG_ERROR] == f"RuntimeError: the store at {redacted} broke"
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://alice:secret@127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(MlflowException, match=r"server at http://alice:\*\*\*@127\.0\.0\.1:\d+ does not answer"):
+        Tracker(TrackingConfig(tracking_uri=dead), tmp_path)
+    assert main(["runs", "--tracking-uri", dead]) == 1
+    printed = capsys.readouterr()
+    assert "alice:***@" in printed.err
+    assert "secret" not in printed.out + printed.err + caplog.text + json.dumps(run.data.tags)
+
+
 def test_run_tags_go_on_the_pipeline_run_below_the_systems_own(tmp_path: Path) -> None:
     tracker = Tracker(TrackingConfig(run_tags=("sweep=lr,wd", "owner=user")), tmp_path)
     with tracker.pipeline_run("tagged", {"seed": 0}, {}) as pipeline:

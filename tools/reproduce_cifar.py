@@ -128,7 +128,7 @@ class Job:
     recipe: str
     lane: str
     argv: list[str]  # what runs: python -m ltscale run ...
-    command: str  # the same as the user-facing ``ltscale run ...``
+    command: str  # the same as the user-facing ``ltscale run ...``, without a tracking URI's password
     pipeline_name: str
     result_stage: str
     record: Path
@@ -171,6 +171,7 @@ def recipe_name(prefix: str, imbalance_factor: float, method: str) -> str:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     from ltscale.config import apply_overrides, get_recipe
+    from ltscale.tracking import redact_uri
 
     output_dir = Path(args.output_dir).resolve()
     plan = Plan()
@@ -211,7 +212,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
                 if args.device:
                     tail += ["--device", args.device]
                 job = Job(method, imbalance_factor, seed, recipe, lane, [sys.executable, "-m", "ltscale", "run", *tail],
-                          shlex.join(["ltscale", "run", *tail]), resolved.name, resolved.result,
+                          redact_uri(shlex.join(["ltscale", "run", *tail])), resolved.name, resolved.result,
                           output_dir / "jobs" / f"if{imbalance_factor:g}-{method}-seed{seed}{variant}.json",
                           {"recipe": recipe, "seed": seed, "epochs": args.epochs, "overrides": list(args.overrides)})
                 plan.jobs.append(job)
@@ -243,11 +244,13 @@ def collect(args: argparse.Namespace, job: Job, job_tag: str) -> dict[str, Any]:
     stage's manifest metrics."""
     from mlflow import MlflowClient
 
+    from ltscale.tracking import redact_uri
+
     uri = _tracking_uri(args, job.lane)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
-        raise RuntimeError(f"no MLflow experiment {args.experiment!r} at {uri}")
+        raise RuntimeError(f"no MLflow experiment {args.experiment!r} at {redact_uri(uri)}")
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.`{JOB_TAG}` = '{job_tag}' and attributes.status = 'FINISHED'",
@@ -255,7 +258,7 @@ def collect(args: argparse.Namespace, job: Job, job_tag: str) -> dict[str, Any]:
     )
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     if not parents:
-        raise RuntimeError(f"no finished pipeline run {job.pipeline_name!r} tagged {JOB_TAG}={job_tag} at {uri}")
+        raise RuntimeError(f"no finished pipeline run {job.pipeline_name!r} tagged {JOB_TAG}={job_tag} at {redact_uri(uri)}")
     parent = parents[0]
     with tempfile.TemporaryDirectory() as tmp:
         lineage = json.loads(Path(client.download_artifacts(parent.info.run_id, "lineage.json", tmp)).read_text())
@@ -268,10 +271,12 @@ def collect(args: argparse.Namespace, job: Job, job_tag: str) -> dict[str, Any]:
     # The code behind the numbers: each stage's producer (a reused stage may predate this tool's
     # start, and a job started later may run code committed since), not the tool's own version.
     code_versions = sorted({str(s["code_version"]) for s in stages.values()})
-    return {"run_id": parent.info.run_id, "tracking_uri": uri, "stages": stages, "code_versions": code_versions}
+    return {"run_id": parent.info.run_id, "tracking_uri": redact_uri(uri), "stages": stages, "code_versions": code_versions}
 
 
 def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[str, Any]) -> dict[str, Any]:
+    from ltscale.tracking import redact_uri
+
     log = log_dir / f"{job.record.stem}.log"  # a --set variant's log beside, not over, the plain run's
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
@@ -288,7 +293,7 @@ def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[
     record: dict[str, Any] = {
         "name": job.name, "method": job.method, "imbalance_factor": job.imbalance_factor, "seed": job.seed,
         "recipe": job.recipe, "pipeline": job.pipeline_name, "result_stage": job.result_stage, "lane": job.lane,
-        "command": job.command, "argv": job.argv, "returncode": returncode,
+        "command": job.command, "argv": [redact_uri(arg) for arg in job.argv], "returncode": returncode,
         "seconds": round(time.perf_counter() - started, 1), "log": str(log),
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "epochs_override": args.epochs, "environment": env_record, "cpu_threads": threads, "signature": job.signature,

@@ -14,6 +14,7 @@ from ltscale.tracking.tags import (
     join_run_ids,
     split_run_ids,
 )
+from ltscale.tracking.credentials import redact_uri
 from ltscale.tracking.provenance import code_version, uncommitted_changes
 from ltscale.tracking.environment import environment_tags, runtime_environment
 
@@ -58,6 +59,7 @@ __all__ = [
     "environment_tags",
     "runtime_environment",
     "default_tracking_uri",
+    "redact_uri",
     "join_run_ids",
     "split_run_ids",
     "start_local_server",

@@ -48,6 +48,7 @@ from mlflow.utils.validation import (
 
 from ltscale.config.overrides import config_to_dict
 from ltscale.tracking.attempts import TAG_PID, Attempt
+from ltscale.tracking.credentials import redact_uri
 from ltscale.tracking.provenance import code_version, uncommitted_changes
 from ltscale.tracking.tags import TAG_CODE_VERSION, TAG_ERROR, TAG_PIPELINE, TAG_STAGE
 
@@ -137,7 +138,7 @@ def check_uri_form(uri: str, what: str) -> None:
     if not match:
         path = Path(uri).expanduser().resolve()
         store = path if path.suffix == ".db" else path / DEFAULT_STORE_FILE
-        raise ValueError(f"{what} {uri!r} is a path, not a URI: for a database there, use "
+        raise ValueError(f"{what} {redact_uri(uri)!r} is a path, not a URI: for a database there, use "
                          f"{sqlite_uri(store)}; for a server, http://host:port")
     scheme = match.group(1).lower()
     if scheme.split("+")[0] in _STORE_SCHEMES:
@@ -146,7 +147,7 @@ def check_uri_form(uri: str, what: str) -> None:
 
     plugins = sorted({entry.name for entry in entry_points(group="mlflow.tracking_store")})
     if scheme not in plugins:
-        raise ValueError(f"{what} {uri!r}: MLflow has no tracking store for the scheme {scheme!r} (supported: "
+        raise ValueError(f"{what} {redact_uri(uri)!r}: MLflow has no tracking store for the scheme {scheme!r} (supported: "
                          f"{', '.join(_STORE_SCHEMES + tuple(plugins))}; e.g. sqlite:///runs/mlflow.db or http://host:5000)")
 
 
@@ -209,15 +210,19 @@ def check_server_answers(uri: str) -> None:
     import urllib.error
     import urllib.request
 
+    # urllib takes the user info of http://user:password@host for part of the host name; the probe
+    # needs no credentials (a 401 is an answer), so it asks the host alone.
+    parts = urllib.parse.urlsplit(uri)
+    probe = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_PROBE_TIMEOUT_S).close()
+        urllib.request.urlopen(probe.rstrip("/") + "/health", timeout=SERVER_PROBE_TIMEOUT_S).close()
     except urllib.error.HTTPError:
         return
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         if isinstance(reason, ssl.SSLError):
             return  # something answered with TLS; its certificate is MLflow's to judge (its own CA settings)
-        raise MlflowException(f"the MLflow server at {uri} does not answer ({reason}); check the URI, or start the "
+        raise MlflowException(f"the MLflow server at {redact_uri(uri)} does not answer ({reason}); check the URI, or start the "
                               "server first", error_code="TEMPORARILY_UNAVAILABLE") from None
 
 
@@ -310,7 +315,7 @@ class _MetricSender:
                         self._failing_since = time.monotonic()
                         logger.warning("MLflow run %s: the tracking store is not taking metrics (%s); training "
                                        "continues and the metrics are sent when it answers", self._run_id,
-                                       str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+                                       redact_uri(str(error)).splitlines()[0][:200] if str(error) else type(error).__name__)
                     self._cond.notify_all()
                 time.sleep(RETRY_S)
                 continue
@@ -337,6 +342,11 @@ class _MetricSender:
                 self._cond.wait(min(left, 1.0))
 
 
+def _describe_error(error: BaseException) -> str:
+    """``Type: message`` for a log line, without a password an MLflow error quotes in its URI."""
+    return redact_uri(f"{type(error).__name__}: {error}")
+
+
 def _describe_end(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "KeyboardInterrupt: interrupted (Ctrl-C)"
@@ -344,7 +354,7 @@ def _describe_end(error: BaseException) -> str:
         return "SystemExit: terminated (SIGTERM)"
     if isinstance(error, SystemExit) and error.code == -1:  # submitit's exit once it has requeued the job
         return "SystemExit: -1 (preempted or timed out; submitit requeued the job)"
-    return f"{type(error).__name__}: {error}"
+    return _describe_error(error)
 
 
 def _last_sign_of_life(run: Any) -> int:
@@ -412,20 +422,23 @@ class RunHandle:
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params with nested keys flattened (``optim.lr``); long values truncated with a marker.
+        A URL's password is stored as ``***`` (a pipeline's params hold its tracking URI).
 
         MLflow params are immutable: logging a key again with a different value raises.
         """
         entries = [
-            Param(key, _truncate(str(value), MAX_PARAM_VAL_LENGTH, f"param {key!r}"))
+            Param(key, _truncate(redact_uri(str(value)), MAX_PARAM_VAL_LENGTH, f"param {key!r}"))
             for key, value in _flatten(params).items()
         ]
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(self.run_id, params=chunk, synchronous=True)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        """Set (or overwrite) tags; values are converted with ``str`` and truncated past 8000 chars."""
+        """Set (or overwrite) tags; values are converted with ``str`` and truncated past 8000 chars.
+        A URL's password is stored as ``***`` (an error's message may quote the tracking URI)."""
         entries = [
-            RunTag(str(key), _truncate(str(value), MAX_TAG_VAL_LENGTH, f"tag {key!r}")) for key, value in tags.items()
+            RunTag(str(key), _truncate(redact_uri(str(value)), MAX_TAG_VAL_LENGTH, f"tag {key!r}"))
+            for key, value in tags.items()
         ]
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(self.run_id, tags=chunk, synchronous=True)
@@ -611,6 +624,10 @@ class Tracker:
         if config.tracking_uri:
             self._uri = config.tracking_uri
             check_server_answers(self._uri)
+            if redact_uri(self._uri) != self._uri:
+                # MLflow prints a link to each run it ends, the URI's password in it (its setting, so
+                # a user's own choice stands); the CLI prints the URI redacted instead.
+                os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         else:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._uri = default_tracking_uri(self.output_dir)
@@ -654,7 +671,7 @@ class Tracker:
                 assert experiment is not None
         if experiment.lifecycle_stage != "active":
             raise ValueError(
-                f"MLflow experiment {name!r} at {self._uri} is deleted: restore it "
+                f"MLflow experiment {name!r} at {redact_uri(self._uri)} is deleted: restore it "
                 f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) "
                 "or set tracking.experiment to another name"
             )
@@ -702,12 +719,12 @@ class Tracker:
             logger.warning("run %s ends with training metrics the tracking store did not take", handle.run_id)
         try:
             handle.set_tags({TAG_ERROR: _describe_end(error)})
-        except Exception:  # noqa: BLE001
-            logger.exception("could not record the error of run %s", handle.run_id)
+        except Exception as failure:  # noqa: BLE001 - a warning, not a traceback: MLflow's would show the URI's password
+            logger.warning("could not record the error of run %s: %s", handle.run_id, _describe_error(failure))
         try:
             self.client.set_terminated(handle.run_id, status)
-        except Exception:  # noqa: BLE001
-            logger.exception("could not mark run %s as %s", handle.run_id, status)
+        except Exception as failure:  # noqa: BLE001
+            logger.warning("could not mark run %s as %s: %s", handle.run_id, status, _describe_error(failure))
 
     def end_abandoned_runs(self) -> list[str]:
         """Mark KILLED the RUNNING runs of this experiment whose process is certainly gone; their ids.
@@ -755,8 +772,9 @@ class Tracker:
             raise RuntimeError(f"pipeline run {self._active[0][0]!r} is still active; pipeline runs do not nest")
         try:
             self.end_abandoned_runs()
-        except Exception:  # noqa: BLE001 - tidying the record of dead runs must not stop a live one
-            logger.exception("could not check %s for runs abandoned by earlier attempts", self._uri)
+        except Exception as error:  # noqa: BLE001 - tidying the record of dead runs must not stop a live one
+            logger.warning("could not check %s for runs abandoned by earlier attempts: %s", redact_uri(self._uri),
+                           _describe_error(error))
         # The user's tags first: the system's own (lineage, attempt ownership) cannot be overridden.
         all_tags = {**self.config.tags(), **self._default_tags(), TAG_PIPELINE: name, **tags}
         self._pipeline_tag = all_tags[TAG_PIPELINE]  # its stage runs carry the same (the run name may differ)
