@@ -805,6 +805,18 @@ def test_tracking_config_refuses_a_blank_experiment_and_reserved_tags_in_any_cas
             TrackingConfig(run_tags=(f"{key}=x",))
 
 
+def test_tracking_config_refuses_tags_mlflow_would_refuse_when_the_run_starts() -> None:
+    """They passed the config and failed the pipeline run at its start, after the dataset, image
+    checks and weight downloads, leaving a FAILED run behind."""
+    for tag, rule in (("owner@lab=me", "may only contain alphanumerics"), ("team/../x=1", "must not resolve to other names"),
+                      ("/abs=1", "must not resolve to other names"), ("k" * 251 + "=v", "251 characters; MLflow takes at most 250"),
+                      ("note=" + "v" * 8001, "8001 characters; MLflow keeps at most 8000")):
+        key = tag.partition("=")[0]
+        with pytest.raises(ValueError, match=rf"tracking.run_tags: .*{re.escape(key[:40])}.*{re.escape(rule)}"):
+            TrackingConfig(run_tags=(tag,))
+    assert TrackingConfig(run_tags=("team/lr: 0.1 sweep-2=a=b", "k" * 250 + "=" + "v" * 8000)).tags()["team/lr: 0.1 sweep-2"] == "a=b"
+
+
 def test_stage_runs_carry_the_pipeline_tag_and_nest_under_the_innermost_run(local_store: Path) -> None:
     """A stage run is tagged with its pipeline's ``ltscale.pipeline`` (not the pipeline run's
     name, which may add the seed), and a run opened inside a stage run is that stage's child."""

@@ -40,10 +40,12 @@ from mlflow.utils.mlflow_tags import (
 )
 from mlflow.utils.validation import (
     MAX_DATASET_DIGEST_SIZE,
+    MAX_ENTITY_KEY_LENGTH,
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
+    _validate_tag_name,
 )
 
 from ltscale.config.overrides import config_to_dict
@@ -92,7 +94,10 @@ class TrackingConfig:
     ``experiment``: MLflow experiment name; created on first use.
     ``run_tags``: ``"key=value"`` tags set on each pipeline run (``ltscale run --tag``), to mark a
     sweep or find one invocation's run among others of the same recipe and seed. Keys under
-    ``ltscale.`` and ``mlflow.`` are the system's and refused.
+    ``ltscale.`` and ``mlflow.`` are the system's and refused, and so is what MLflow would refuse
+    when the run starts (after the dataset and weights are ready): a key with characters other
+    than letters, digits, ``_ - . / :`` and spaces, one that is not a plain relative path
+    (``a/../b``), one over 250 characters, a value over 8000.
     """
 
     tracking_uri: str = ""
@@ -118,8 +123,25 @@ class TrackingConfig:
                 raise ValueError(f"tracking.run_tags: tag {key!r} is reserved (ltscale.* and mlflow.* are set by the system)")
             if key in tags:
                 raise ValueError(f"tracking.run_tags: tag {key!r} is given twice ({tags[key]!r} and {value!r})")
+            _check_tag(key, value)
             tags[key] = value
         return tags
+
+
+def _check_tag(key: str, value: str) -> None:
+    """A ValueError naming the tag when MLflow would refuse it (its own check of the key's characters
+    and form, and its length limits: a longer value would be cut, which a search by tag would miss)."""
+    try:
+        _validate_tag_name(key)
+    except MlflowException as error:
+        rule = error.message.split("supplied: ", 1)[-1]
+        raise ValueError(f"tracking.run_tags: MLflow refuses the tag key {key!r}: {rule}") from None
+    if len(key) > MAX_ENTITY_KEY_LENGTH:
+        raise ValueError(f"tracking.run_tags: tag key {key[:40]!r}... is {len(key)} characters; MLflow takes at "
+                         f"most {MAX_ENTITY_KEY_LENGTH}")
+    if len(value) > MAX_TAG_VAL_LENGTH:
+        raise ValueError(f"tracking.run_tags: the value of tag {key!r} is {len(value)} characters; MLflow keeps at "
+                         f"most {MAX_TAG_VAL_LENGTH}")
 
 
 SERVER_PROBE_TIMEOUT_S = 10.0
