@@ -998,3 +998,31 @@ def _stage_run(client, pipeline_run_id: str, stage: str):
     experiment = client.get_run(pipeline_run_id).info.experiment_id
     return next(r for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{pipeline_run_id}'")
                 if r.data.tags["ltscale.stage"] == stage)
+
+
+def test_recorded_outputs_are_absolute_and_a_relative_output_dir_reaches_the_same_store(tmp_path, monkeypatch):
+    """With a relative output_dir (the default ``runs``), ``ltscale.output`` and ``lineage.json``
+    held paths relative to a working directory no run records: from a shared tracking server, or
+    after a ``cd``, the outputs could not be found."""
+    from ltscale.stages.pipeline import plan_pipeline
+    from ltscale.tracking import TAG_OUTPUT
+
+    monkeypatch.chdir(tmp_path)
+    config = dataclasses.replace(tiny("ce", tmp_path), output_dir="runs")
+    first = run_pipeline(config)
+    directory = (tmp_path / "runs").resolve() / "store" / f"teacher-{first.outputs['teacher'].key}"
+    client = mlflow.MlflowClient(first.tracking_uri)
+    assert _stage_run(client, first.run_id, "teacher").data.tags[TAG_OUTPUT] == str(directory)
+    lineage = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=first.run_id, artifact_path="lineage.json",
+                                                                 tracking_uri=first.tracking_uri)).read_text())
+    assert lineage["teacher"]["directory"] == str(directory) and first.outputs["teacher"].directory == directory
+
+    # The same directory by its absolute path from elsewhere, and by the relative one for --plan:
+    # one store, one MLflow record, the stage reused.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = run_pipeline(dataclasses.replace(config, output_dir=str(tmp_path / "runs")))
+    assert again.cached == ["teacher"] and again.tracking_uri == first.tracking_uri
+    assert _stage_run(client, again.run_id, "teacher").data.tags[TAG_OUTPUT] == str(directory)
+    monkeypatch.chdir(tmp_path)
+    assert [(plan.state, plan.directory) for plan in plan_pipeline(config)] == [("finished", directory)]

@@ -286,7 +286,7 @@ def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
     bundle = build_dataset(config.data)
     _check_stage_data(config, bundle)
     identity = data_identity(config, bundle)
-    store = Store(Path(config.output_dir).expanduser())
+    store = Store(_absolute(config.output_dir))
     keys: dict[str, str] = {}
     plans = []
     for name, stage in config.stages.items():
@@ -425,7 +425,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
     if problem:
         raise ValueError(f"pipeline {config.name!r}: {problem}")
     torch.manual_seed(config.seed)
-    output_dir = Path(config.output_dir).expanduser()
+    output_dir = _absolute(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_shared_directory(output_dir)
     bundle = _build_dataset_checked_per_node(config)
@@ -523,6 +523,15 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
             parent.set_tags({TAG_PRODUCED_WITH_CODE: ",".join(behind)})
     result.run_id = broadcast_object(result.run_id)  # every rank reports rank 0's record
     return result
+
+
+def _absolute(output_dir: str) -> Path:
+    """``output_dir`` as an absolute path. Every path a pipeline records (the stage runs'
+    ``ltscale.output``, ``lineage.json``, the stage records) derives from it: relative to a working
+    directory no run records (the default ``runs``), none could be found from a shared tracking
+    server or after a ``cd``. The store's keys are not paths, so ``runs`` and ``/abs/runs`` reuse
+    each other's outputs."""
+    return Path(output_dir).expanduser().resolve()
 
 
 def _top1(metrics: dict[str, float]) -> str:

@@ -21,7 +21,8 @@ TAG_PARENT_RUNS = "ltscale.consumed_runs"
 """Comma-separated run ids of the stage runs whose outputs this stage consumed."""
 
 TAG_OUTPUT = "ltscale.output"
-"""Path of the output this stage stored (checkpoint, soft labels, ...)."""
+"""Absolute path of the output this stage stored (checkpoint, soft labels, ...), on the file system
+of the machine in ``ltscale.attempt.machine`` (``<host name>/...``)."""
 
 TAG_CACHED = "ltscale.cached"
 """``"true"`` when the stage was skipped because its output already existed."""
