@@ -561,6 +561,31 @@ def test_batch_size_that_does_not_split_over_ranks_is_refused_before_anything_tr
     assert not list((tmp_path / "out").glob("**/progress.pt")) and not list((tmp_path / "out").glob("**/model.pt"))
 
 
+def test_a_tracking_store_that_fails_after_a_stage_is_stored_stops_every_rank(tmp_path):
+    """Rank 0 alone records in MLflow: when that fails after the stage is stored, the other ranks
+    stop with it instead of waiting in the next collective until their timeout."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys\nfrom pathlib import Path\nimport torch\ntorch.set_num_threads(1)\n"
+        "from mlflow.exceptions import MlflowException\nfrom tests.test_pipeline import tiny\n"
+        "from ltscale.dist.runtime import detect\nfrom ltscale.stages import context\n"
+        "from ltscale.stages.pipeline import run_pipeline\n"
+        "def send(self):\n"
+        "    if detect().rank == 0:\n"
+        "        raise MlflowException('simulated outage: max retries exceeded')\n"
+        "context.StageRecord.send = send\n"
+        "run_pipeline(tiny('ce', Path(sys.argv[1])))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(driver), str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    assert "simulated outage" in done.stderr  # rank 0's own error
+    assert "stage teacher: rank 0 could not record the stage's results in MLflow" in done.stderr  # rank 1's
+    assert len(list((tmp_path / "out").glob("store/teacher-*/manifest.json"))) == 1  # the work is kept
+
+
 def test_cli_run_under_torchrun_reports_once(tmp_path):
     from tests.test_launch import TINY_RECIPE_OVERRIDES
 

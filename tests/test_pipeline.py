@@ -922,6 +922,85 @@ def test_an_attempt_that_dies_while_resuming_keeps_the_link_to_the_trained_epoch
     assert curves == [[0, 1], [1, 2, 3]]
 
 
+def test_progress_saved_without_metrics_still_links_each_attempt(tmp_path, monkeypatch):
+    """Progress without the last epoch's metrics (ZeRO progress of an older ltscale) still makes a
+    resume: each attempt links the run it continued and names itself for the next one."""
+    config = apply_overrides(tiny("ce", tmp_path), ["stages.teacher.optim.epochs=4"])
+    original_epoch, original_resume = trainer_module.Trainer._epoch, trainer_module.Trainer._resume
+    monkeypatch.setattr(trainer_module.Trainer, "_resume", lambda self: (original_resume(self)[0], None))
+
+    def stop_at(epoch_to_stop):
+        def epoch(self, epoch, steps, advance):
+            if epoch == epoch_to_stop:
+                raise _Interrupt("simulated preemption")
+            return original_epoch(self, epoch, steps, advance)
+        return epoch
+
+    for stop in (2, 3):
+        monkeypatch.setattr(trainer_module.Trainer, "_epoch", stop_at(stop))
+        with pytest.raises(_Interrupt):
+            run_pipeline(config)
+    monkeypatch.setattr(trainer_module.Trainer, "_epoch", original_epoch)
+    result = run_pipeline(config)
+    client = mlflow.MlflowClient(result.tracking_uri)
+    last = client.get_run(result.outputs["teacher"].run_id)
+    middle = client.get_run(last.data.tags["ltscale.resumed_from_run"])
+    first = client.get_run(middle.data.tags["ltscale.resumed_from_run"])
+    assert (last.data.tags["ltscale.resumed_from_epoch"], middle.data.tags["ltscale.resumed_from_epoch"]) == ("3", "2")
+    curves = [sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/loss")) for r in (first, middle, last)]
+    assert curves == [[0, 1], [2], [3]]
+
+
+def test_a_stage_record_refuses_at_once_what_its_run_would_refuse_later():
+    """Kept for after the stage is stored, a result MLflow would refuse (NaN: a diverged model;
+    an infinite per-class accuracy) would reach the run only then, with the stage already stored
+    as finished: it is refused at the call. Kept calls are sent in order; dropped ones close
+    their figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ltscale.stages.context import StageRecord
+
+    class Run:
+        def __init__(self):
+            self.calls = []
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.append(("log_metrics", metrics, step))
+
+        def log_per_class_accuracy(self, accuracy, class_counts, prefix):
+            self.calls.append(("log_per_class_accuracy", prefix))
+
+        def log_figure(self, figure, artifact_file):
+            self.calls.append(("log_figure", artifact_file))
+
+    run = Run()
+    record = StageRecord(run)
+    with pytest.raises(ValueError, match="metric 'test/top1' is nan at step 3: not finite"):
+        record.log_metrics({"test/top1": float("nan")}, step=3)
+    with pytest.raises(ValueError, match=r"per-class accuracy of classes \[0\] is not finite"):
+        record.log_per_class_accuracy([float("inf"), 0.5], [10, 3], prefix="per_class/cls")
+    with pytest.raises(ValueError, match="accuracy has 1 entries but class_counts has 2"):
+        record.log_per_class_accuracy([0.5], [10, 3], prefix="per_class/cls")
+    with pytest.raises(AttributeError, match="StageRecord has no method 'log_nothing'"):
+        record.log_nothing()
+    record.log_metrics({"test/top1": 50.0}, step=3)
+    record.log_per_class_accuracy([0.5, float("nan")], [10, 3], prefix="per_class/cls")  # NaN: a class without test images
+    record.log_figure(plt.figure(), "f.png")
+    assert run.calls == []
+    record.send()
+    assert run.calls == [("log_metrics", {"test/top1": 50.0}, 3), ("log_per_class_accuracy", "per_class/cls"),
+                         ("log_figure", "f.png")]
+    figure = plt.figure()
+    record.log_figure(figure, "g.png")
+    record.discard()
+    record.send()
+    assert len(run.calls) == 3 and not plt.fignum_exists(figure.number)
+    plt.close("all")
+
+
 def test_a_tracking_store_down_when_a_stage_ends_fails_its_run_but_keeps_its_work(tmp_path, monkeypatch):
     """The final evaluation's metrics and per-class tables reach MLflow after the stage's outputs
     are stored: a store that is down then (MLflow's client gives up after minutes) fails the run,

@@ -98,11 +98,12 @@ def _train(world: int, progress: Path, deepspeed: DeepSpeedConfig | None, epochs
     optim = OptimConfig(epochs=epochs, batch_size=16, lr=0.5, warmup_epochs=1, milestones=(2,), decay_factors=(0.1,), weight_decay=1e-3)
     seen, resumed = [], []
     trainer = Trainer(task, loader, optim, torch.device("cpu"), "fp32", progress, "toy", on_epoch_end=seen.append,
-                      deepspeed=deepspeed, on_resume=resumed.append)
+                      deepspeed=deepspeed, on_resume=lambda epochs_done, metrics: resumed.append((epochs_done, metrics)))
     started = trainer.fit()
     assert len(resumed) == (1 if started else 0)
     if resumed:  # the metrics of the epoch it resumes after, as that epoch's on_epoch_end got them
-        assert resumed[0].epoch == started - 1
+        assert resumed[0][0] == started and resumed[0][1].epoch == started - 1
+    resumed = [metrics for _, metrics in resumed]
     return task, seen + resumed, started
 
 

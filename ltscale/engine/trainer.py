@@ -94,7 +94,7 @@ class Trainer:
         name: str,
         on_epoch_end: Callable[[EpochMetrics], None] | None = None,
         progress: Progress | None = None,
-        on_resume: Callable[[EpochMetrics], None] | None = None,
+        on_resume: Callable[[int, EpochMetrics | None], None] | None = None,
         step: str = "auto",
         deepspeed: DeepSpeedConfig | None = None,
     ) -> None:
@@ -106,8 +106,9 @@ class Trainer:
         self.progress_path = Path(progress_path)
         self.name = name
         self.on_epoch_end = on_epoch_end
-        # Called once when a stage resumes, with the metrics of the last epoch its progress holds:
-        # a stop between saving an epoch and logging it must not lose that epoch's point.
+        # Called once when a stage resumes, with the number of epochs its progress holds and the
+        # metrics of the last of them (None in progress saved without them): a stop between saving
+        # an epoch and logging it must not lose that epoch's point.
         self.on_resume = on_resume
         self.progress = progress or Progress(enabled=False)
         _, self.world_size = rank_and_world_size()
@@ -200,8 +201,8 @@ class Trainer:
     def fit(self) -> int:
         """Train to the last epoch; returns the epoch it started from (> 0 when resumed)."""
         start_epoch, saved_metrics = self._resume()
-        if start_epoch and saved_metrics is not None and self.on_resume is not None:
-            self.on_resume(EpochMetrics(**saved_metrics))
+        if start_epoch and self.on_resume is not None:
+            self.on_resume(start_epoch, EpochMetrics(**saved_metrics) if saved_metrics is not None else None)
         if self.step == "fast":  # built after the resume: it adopts the restored momentum buffers
             self.fast_step = FastStep(self.task, self.optimizer, self.device, self.dtype)
         steps = len(self.loader)

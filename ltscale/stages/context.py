@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from ltscale.models.heads import HeadSpec
 from ltscale.models.network import ModelConfig, Network
 from ltscale.models.pretrained import InitWeights, load_backbone
 from ltscale.tracking import RunHandle
-from ltscale.tracking.mlflow_tracker import metric_entries
+from ltscale.tracking.mlflow_tracker import close_figure, metric_entries, per_class_values
 
 MODEL_KIND = "ltscale.model"
 
@@ -48,15 +48,28 @@ class StageRecord:
 
         return keep
 
+    # What the run would refuse (NaN: a diverged model) fails the stage at the call, before anything
+    # is stored, and on every rank (the others' runs record nothing and check nothing).
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        metric_entries(metrics, step)  # a value MLflow would refuse (NaN: a diverged model) fails the stage now, unstored
+        metric_entries(metrics, step)
         self._calls.append(("log_metrics", (metrics,), {"step": step}))
+
+    def log_per_class_accuracy(self, accuracy: Sequence[float], class_counts: Sequence[int], prefix: str) -> None:
+        per_class_values(accuracy, class_counts)
+        self._calls.append(("log_per_class_accuracy", (accuracy, class_counts, prefix), {}))
 
     def send(self) -> None:
         """Log every kept call on the run, in the order they were made."""
         calls, self._calls = self._calls, []
         for method, args, kwargs in calls:
             getattr(self._run, method)(*args, **kwargs)
+
+    def discard(self) -> None:
+        """Drop what is kept (the stage failed before it was stored), closing kept figures."""
+        calls, self._calls = self._calls, []
+        for method, args, kwargs in calls:
+            if method == "log_figure":
+                close_figure(kwargs.get("figure", args[0] if args else None))
 
 
 @dataclass

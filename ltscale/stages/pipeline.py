@@ -493,6 +493,9 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                 progress.note(f"{name}: {stage.kind} stage started ({ctx.directory})")
                 try:
                     files = RUNNERS[stage.kind](stage, ctx, parents)
+                except BaseException:
+                    ctx.record.discard()  # nothing of a failed stage is sent; its kept figures are closed
+                    raise
                 finally:
                     ctx.close()
                 progress.note(f"{name}: finished in {_duration(time.monotonic() - started)}{_top1(ctx.metrics)}")
@@ -507,8 +510,7 @@ def _run_pipeline(config: PipelineConfig, device: torch.device, progress: Progre
                 }
                 # Rank 0 writes the manifest; the broadcast also holds the other ranks until it has.
                 output = broadcast_object(store.finish(name, stage.kind, key, manifest) if main else None)
-                ctx.record.send()  # stored first: a tracking store that fails here loses no work
-                run.log_dict(output.manifest, "manifest.json")
+                _send_record(ctx, output)
                 result.outputs[name] = output
                 result.executed.append(name)
         final = result.metrics()
@@ -532,6 +534,24 @@ def _absolute(output_dir: str) -> Path:
     server or after a ``cd``. The store's keys are not paths, so ``runs`` and ``/abs/runs`` reuse
     each other's outputs."""
     return Path(output_dir).expanduser().resolve()
+
+
+def _send_record(ctx: StageContext, output: StageOutput) -> None:
+    """Send a finished stage's record (:class:`~ltscale.stages.context.StageRecord`) and manifest
+    to its run: after the stage is stored, so a tracking store that fails here loses no work.
+    Rank 0 alone records; the others learn whether it could and stop with it if not, rather than
+    wait in the next stage's collectives until their timeout."""
+    failure: BaseException | None = None
+    try:
+        ctx.record.send()  # (the other ranks' run handles record nothing)
+        ctx.run.log_dict(output.manifest, "manifest.json")
+    except Exception as error:  # noqa: BLE001 - raised below, on every rank
+        failure = error
+    if broadcast_object(failure is not None):
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"stage {ctx.name}: rank 0 could not record the stage's results in MLflow (its log says "
+                           f"why); the stage is stored in {output.directory}, and a rerun reuses it")
 
 
 def _top1(metrics: dict[str, float]) -> str:

@@ -42,19 +42,21 @@ def train_and_evaluate(task, network: Network, optim, sampler, eval_every: int, 
         if ctx.is_main and ctx.run.run_id:
             atomic_write_text(ctx.run.run_id, run_file)
 
-    def on_resume(metrics: EpochMetrics) -> None:
+    def on_resume(epochs_done: int, metrics: EpochMetrics | None) -> None:
         # Linked now, not when training ends: an attempt stopped again before its end must still
         # point at the run it continued, or a stage resumed twice loses the middle of its lineage.
-        tags = {"ltscale.resumed_from_epoch": str(metrics.epoch + 1)}
+        tags = {"ltscale.resumed_from_epoch": str(epochs_done)}
         if earlier and earlier != ctx.run.run_id:
             tags["ltscale.resumed_from_run"] = earlier
         ctx.run.set_tags(tags)
         hold_progress()
-        # The epoch the stage resumes after, again in this run: its point is lost if the stop came
-        # between saving it and sending it, and the resumed curve then starts where it continues.
-        ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch, background=True)
-        ctx.progress.note(f"{ctx.name}: resuming after epoch {metrics.epoch + 1}/{optim.epochs} (loss {metrics.loss:.4f}) "
-                          f"from {ctx.directory / PROGRESS}")
+        loss = ""
+        if metrics is not None:
+            # The epoch the stage resumes after, again in this run: its point is lost if the stop came
+            # between saving it and sending it, and the resumed curve then starts where it continues.
+            ctx.run.log_metrics(metrics.as_dict(), step=metrics.epoch, background=True)
+            loss = f" (loss {metrics.loss:.4f})"
+        ctx.progress.note(f"{ctx.name}: resuming after epoch {epochs_done}/{optim.epochs}{loss} from {ctx.directory / PROGRESS}")
 
     trainer = Trainer(task, loader, optim, ctx.device, ctx.precision, ctx.directory / PROGRESS, ctx.name,
                       on_epoch_end=on_epoch_end, progress=ctx.progress, step=ctx.step, deepspeed=ctx.deepspeed,

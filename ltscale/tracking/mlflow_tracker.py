@@ -403,6 +403,20 @@ def metric_entries(metrics: dict[str, float], step: int | None = None) -> list[M
     return entries
 
 
+def per_class_values(accuracy: Sequence[float], class_counts: Sequence[int]) -> tuple[list[float], list[int]]:
+    """Per-class accuracies and training counts as plain lists; a ValueError when their lengths
+    differ or an accuracy is infinite (NaN marks a class with no test images: its accuracy is
+    undefined, not zero)."""
+    values = [float(v) for v in np.asarray(accuracy, dtype=np.float64).reshape(-1)]
+    counts = [int(c) for c in np.asarray(class_counts).reshape(-1)]
+    if len(values) != len(counts):
+        raise ValueError(f"accuracy has {len(values)} entries but class_counts has {len(counts)}")
+    bad = [index for index, value in enumerate(values) if math.isinf(value)]
+    if bad:
+        raise ValueError(f"per-class accuracy of classes {bad[:10]} is not finite")
+    return values, counts
+
+
 class RunHandle:
     """One MLflow run: what a pipeline or stage logs through.
 
@@ -492,7 +506,7 @@ class RunHandle:
         try:
             self._client.log_figure(self.run_id, figure, artifact_file)
         finally:
-            _close_figure(figure)
+            close_figure(figure)
 
     def log_dataset(
         self,
@@ -537,14 +551,7 @@ class RunHandle:
         """
         from ltscale.tracking.plots import SHOT_GROUPS, per_class_accuracy_figure, shot_group
 
-        values = [float(v) for v in np.asarray(accuracy, dtype=np.float64).reshape(-1)]
-        counts = [int(c) for c in np.asarray(class_counts).reshape(-1)]
-        if len(values) != len(counts):
-            raise ValueError(f"accuracy has {len(values)} entries but class_counts has {len(counts)}")
-        # NaN marks a class with no test images (its accuracy is undefined, not zero); infinities are bugs.
-        bad = [index for index, value in enumerate(values) if math.isinf(value)]
-        if bad:
-            raise ValueError(f"per-class accuracy of classes {bad[:10]} is not finite")
+        values, counts = per_class_values(accuracy, class_counts)
         rows = [
             {"class": index, "train_count": count, "group": shot_group(count), "accuracy": None if math.isnan(value) else value}
             for index, (count, value) in enumerate(zip(counts, values, strict=True))
@@ -568,7 +575,7 @@ class RunHandle:
         self.log_figure(per_class_accuracy_figure([v for v, _ in shown], [c for _, c in shown], title), f"{base}.png")
 
 
-def _close_figure(figure: Any) -> None:
+def close_figure(figure: Any) -> None:
     """Release a figure: pyplot-managed ones are closed there, plain ``Figure`` objects cleared."""
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is not None and getattr(figure, "number", None) is not None and pyplot.fignum_exists(figure.number):
@@ -849,7 +856,7 @@ class NullRunHandle:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        _close_figure(figure)
+        close_figure(figure)
 
     def log_dataset(self, *args: Any, **kwargs: Any) -> None: ...
     def log_per_class_accuracy(self, accuracy: Sequence[float], class_counts: Sequence[int], prefix: str) -> None: ...
