@@ -221,6 +221,16 @@ def test_fake_archive_loads(tmp_path):
     assert len(bundle.train) == 300 and len(bundle.test) == 300
 
 
+def test_integer_pixels_of_a_wider_type_load_as_the_same_images(tmp_path):
+    """A batch built from Python lists holds int64: values in 0..255 convert without loss."""
+    members = _fake_members()
+    reference = load_cifar_lt("cifar100_lt", _write_tar(tmp_path / "ok.tar.gz", members), 1.0)
+    wide = {name: _pickle_bytes({**pickle.loads(payload), "data": pickle.loads(payload)["data"].astype(np.int64)})
+            if name != "meta" else payload for name, payload in members.items()}
+    bundle = load_cifar_lt("cifar100_lt", _write_tar(tmp_path / "wide.tar.gz", wide), 1.0)
+    assert bundle.train.images.dtype == np.uint8 and np.array_equal(bundle.train.images, reference.train.images)
+
+
 def test_missing_root(tmp_path):
     missing = tmp_path / "nowhere" / "cifar-100-python.tar.gz"
     with pytest.raises(DatasetError, match=rf"data.root '{missing}' does not exist"):
@@ -321,6 +331,9 @@ class _Exploit:
      r"cifar-100-python/train: key 'fine_labels' must be one integer label per image"),
     ("train", {"data": np.zeros((300, 3072), np.float32), "fine_labels": [0] * 300},
      r"cifar-100-python/train: key 'data' must be N x 3072 uint8 \(channel-planar 32x32 RGB\), got float32 of shape \(300, 3072\)"),
+    ("train", {"data": np.full((300, 3072), 256, np.int64), "fine_labels": [0] * 300},
+     r"cifar-100-python/train: key 'data' must be N x 3072 uint8 \(channel-planar 32x32 RGB\), got int64 of shape \(300, 3072\) "
+     r"with values in 256..256"),
     ("test", {"data": np.zeros((300, 1024), np.uint8), "fine_labels": [0] * 300},
      r"cifar-100-python/test: key 'data' must be N x 3072 uint8 \(channel-planar 32x32 RGB\), got uint8 of shape \(300, 1024\)"),
 ])

@@ -309,6 +309,8 @@ def test_a_split_list_beside_an_annotation_file_is_refused(role):
                                          rf"data.{role}_annotations is set \(the annotation file replaces the list"):
         apply_overrides(get_recipe("inat18/ce"), [f"data.{role}_list=l.txt", f"data.{role}_annotations=a.json"])
     apply_overrides(get_recipe("inat18/ce"), [f"data.{role}_annotations=a.json"])
+    with pytest.raises(ValueError, match=rf"data.dataset=imagenet_lt does not read data.{role}_annotations \(iNaturalist 2018's"):
+        apply_overrides(get_recipe("imagenet-lt/ce"), [f"data.{role}_annotations=a.json"])
 
 
 def test_settings_every_dataset_reads_are_accepted():

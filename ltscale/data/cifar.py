@@ -172,11 +172,14 @@ class _Archive:
 
 def _images(batch: dict, where: str) -> np.ndarray:
     data = np.asarray(batch.get("data"))
-    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
-        # Not converted: floats in [0, 1] would become black images, values over 255 would wrap.
+    # Integers in 0..255 of a wider type (a batch built from lists) convert without loss; floats
+    # (in [0, 1]: black images once converted) and values past 255 (wrapped) are refused.
+    exact = data.dtype == np.uint8 or (data.dtype.kind in "iu" and data.size and 0 <= data.min() and data.max() <= 255)
+    if data.ndim != 2 or data.shape[1] != 3072 or not exact:
         raise DatasetError(f"{where}: key 'data' must be N x 3072 uint8 (channel-planar 32x32 RGB), "
-                           f"got {data.dtype} of shape {data.shape}")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                           f"got {data.dtype} of shape {data.shape}"
+                           + (f" with values in {data.min()}..{data.max()}" if data.dtype.kind in "iu" and data.size else ""))
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8, copy=False)
 
 
 def _labels(batch: dict, key: str, num_classes: int, where: str) -> np.ndarray:

@@ -179,9 +179,14 @@ class DataConfig:
             if self.imbalance_factor != defaults["imbalance_factor"].default:
                 unused.append(f"data.imbalance_factor (the {self.dataset} split lists fix its imbalance; "
                               "it applies to cifar100_lt and cifar10_lt)")
-            unused += [f"data.{role}_list when data.{role}_annotations is set (the annotation file replaces the list; "
-                       "set one of them)"
-                       for role in ("train", "test") if getattr(self, f"{role}_list") and getattr(self, f"{role}_annotations")]
+            for role in ("train", "test"):
+                if not getattr(self, f"{role}_annotations"):
+                    continue
+                if self.dataset != "inat2018":
+                    unused.append(f"data.{role}_annotations (iNaturalist 2018's JSON files; {self.dataset} reads split lists)")
+                elif getattr(self, f"{role}_list"):
+                    unused.append(f"data.{role}_list when data.{role}_annotations is set (the annotation file replaces "
+                                  "the list; set one of them)")
         return unused
 
 

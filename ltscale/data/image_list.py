@@ -429,8 +429,6 @@ def _load_role(
     annotations = getattr(config, f"{role}_annotations", "") if role != "val" else ""
     if annotations:
         key = f"data.{role}_annotations"
-        if config.dataset != "inat2018":
-            raise DatasetError(f"{key} is set, but annotation JSON files are only read for inat2018, not {config.dataset}.")
         if not Path(annotations).expanduser().is_file():
             raise DatasetError(f"{key} = {annotations!r}: annotation file not found.")
         paths, labels, names = read_inat_annotations(Path(annotations).expanduser())
