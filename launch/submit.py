@@ -208,12 +208,15 @@ def check_resources(kind: str, resources: Resources, config: PipelineConfig) -> 
     if kind == "slurm" and config.device.startswith("cuda") and resources.gpus_per_node == 0:
         raise ConfigError(f"device={config.device} but --gpus-per-node 0: request a GPU or set device=cpu / auto")
     # A GPU index counts among the GPUs the job is given on its node (SLURM and the local executor
-    # show it only those), and it names one GPU for every process of the node.
-    index = int(config.device.partition(":")[2]) if config.device.startswith("cuda:") else None
+    # show it only those; the debug executor runs here and sees them all), and it names one GPU for
+    # every process of the node.
+    index = int(config.device.partition(":")[2]) if config.device.startswith("cuda:") and kind != "debug" else None
     if index is not None and resources.tasks_per_node > 1:
         raise ConfigError(f"device={config.device} with --tasks-per-node {resources.tasks_per_node}: every process of a node "
                           "would train on that one GPU; use device=cuda, which gives each process its own (its local rank's)")
-    if index is not None and resources.gpus_per_node is not None and index >= resources.gpus_per_node:
+    other_gpu_requests = {"gres", "gpus", "gpus_per_task"} & {key for key, _ in resources.slurm_options}
+    if (index is not None and resources.gpus_per_node is not None and not other_gpu_requests
+            and index >= resources.gpus_per_node):
         raise ConfigError(f"device={config.device} but the job is given {resources.gpus_per_node} GPU(s) per node "
                           f"(--gpus-per-node), numbered from 0 there: use device=cuda, or --gpus-per-node {index + 1}")
 

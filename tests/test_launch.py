@@ -110,6 +110,7 @@ def test_submit_checks_the_config_before_submitting(tmp_path, capsys):
         (["--set", "device=cuda:0", "--tasks-per-node", "2"],
          "device=cuda:0 with --tasks-per-node 2: every process of a node would train on that one GPU; use device=cuda"),
         (["--set", "device=cuda", "--tasks-per-node", "2"], None),
+        (["--set", "device=cuda:1", "--slurm-option", "gres=gpu:2"], None),  # GPUs asked for another way: not counted here
         (["--partition", "cpu", "--slurm-option", "partition=gpu"], "--slurm-option partition=...: this tool sets it from --partition"),
         (["--slurm-option", "time=10"], "--slurm-option time=...: this tool sets it from --timeout-min"),
         (["--folder", str(tmp_path / "file")], f"--folder {tmp_path / 'file'}: is a file"),
@@ -123,6 +124,10 @@ def test_submit_checks_the_config_before_submitting(tmp_path, capsys):
         assert main(["demo/ce", "--executor", "slurm", "--dry-run", *extra, "--set", f"output_dir={output}"]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (extra, err)
+    # The debug executor runs in this process, which sees every GPU of the machine.
+    assert main(["demo/ce", "--executor", "debug", "--dry-run", "--gpus-per-node", "1", "--set", "device=cuda:1",
+                 "--set", f"output_dir={output}"]) == 0
+    capsys.readouterr()
     assert main(["demo/ce", "demo/ce", "--executor", "slurm", "--dry-run", "--set", f"output_dir={output}"]) == 2
     assert "recipe demo/ce is given twice" in capsys.readouterr().err
     assert main(["demo/ce", "--executor", "slurm", "--dry-run", "--slurm-option", "mem=4G", "--set", f"output_dir={output}"]) == 0

@@ -178,10 +178,24 @@ def test_a_lock_whose_owner_cannot_be_written_is_not_left_behind(tmp_path, monke
     directory = tmp_path / "stage"
     if not hard_links:  # (SMB and some FUSE mounts): the lock is written in place
         monkeypatch.setattr(locks.os, "link", _fail_with(errno.EPERM))
-    dump = json.dump
-    monkeypatch.setattr(locks.json, "dump", _fail_with(errno.ENOSPC))
+    dump, write_new, written = json.dump, locks._write_new, []
+
+    def write_new_naming_its_file(path, owner):
+        written.append(path.name)
+        return write_new(path, owner)
+
+    def dump_without_space(obj, handle, *args, **kwargs):
+        # Without hard links the write that fails is the lock's own, in place (its temporary, which
+        # is written first and cannot be linked, is let through); with them, the temporary's.
+        if hard_links or written[-1] == locks.LOCK:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return dump(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(locks, "_write_new", write_new_naming_its_file)
+    monkeypatch.setattr(locks.json, "dump", dump_without_space)
     with pytest.raises(OSError, match="No space left"):
         StageLock.try_acquire(directory)
+    assert written[0].startswith(locks.NEW) and written[1:] == ([] if hard_links else [locks.LOCK])
     assert list(directory.iterdir()) == [] and locks.live_holder(directory) == ""
     monkeypatch.setattr(locks.json, "dump", dump)
     lock = StageLock.try_acquire(directory)  # space freed: the next run takes it at once
