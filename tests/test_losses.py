@@ -436,6 +436,23 @@ def test_moco_config_refuses_a_nan_temperature():
             MoCoConfig(temperature=bad)
 
 
+@pytest.mark.parametrize("kind", ["linear", "lws", "tau_norm"])
+def test_classifier_logits_are_fp32_under_bf16_autocast(kind):
+    """bf16 logits tie at the top among many classes, and top-k breaks ties by class index."""
+    from ltscale.models.heads import HeadSpec, build_head
+
+    torch.manual_seed(0)
+    head = build_head(HeadSpec(kind, 100, tau=0.7), 64)
+    if kind == "lws":
+        head.scales.data.uniform_(0.5, 2.0)
+    features = torch.randn(256, 64).bfloat16()  # a bf16 backbone's features
+    expected = head(features.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head(features)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_ldam_cosine_head_stays_fp32_under_bf16_autocast():
     """LDAM's s = 30 would magnify bf16's rounding of the cosines to the size of its margins."""
     from ltscale.models.heads import CosineHead
