@@ -544,6 +544,14 @@ def test_moco_teacher_pipeline_under_torchrun(tmp_path):
     assert (progress["network"]["moco.queue_labels"] >= 0).all()
 
 
+def _two_ranks_fail(driver: Path, out: Path) -> subprocess.CompletedProcess:
+    """``driver`` (given ``out``) run as two ranks under torchrun, expected to fail."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(driver), str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_batch_size_that_does_not_split_over_ranks_is_refused_before_anything_trains(tmp_path):
     # The second stage's batch is the one that does not split: refused before the teacher trains.
     driver = tmp_path / "driver.py"
@@ -552,10 +560,7 @@ def test_batch_size_that_does_not_split_over_ranks_is_refused_before_anything_tr
         "from ltscale.config import apply_overrides\nfrom ltscale.stages.pipeline import run_pipeline\n"
         "run_pipeline(apply_overrides(tiny('lws', Path(sys.argv[1])), ['stages.lws.optim.batch_size=63']))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(driver), str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = _two_ranks_fail(driver, tmp_path / "out")
     assert done.returncode != 0
     assert "stages.lws.optim.batch_size=63 does not split over 2 processes" in done.stderr
     assert not list((tmp_path / "out").glob("**/progress.pt")) and not list((tmp_path / "out").glob("**/model.pt"))
@@ -576,10 +581,7 @@ def test_a_tracking_store_that_fails_after_a_stage_is_stored_stops_every_rank(tm
         "context.StageRecord.send = send\n"
         "run_pipeline(tiny('ce', Path(sys.argv[1])))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(driver), str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = _two_ranks_fail(driver, tmp_path / "out")
     assert done.returncode != 0
     assert "simulated outage" in done.stderr  # rank 0's own error
     assert "stage teacher: rank 0 could not record the stage's results in MLflow" in done.stderr  # rank 1's
