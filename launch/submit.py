@@ -246,6 +246,9 @@ def build_executor(kind: str, folder: str | Path, resources: Resources, name: st
 # command), not words; every other list (srun_args) is split as a shell splits it.
 SLURM_LINE_LISTS = frozenset({"setup", "teardown"})
 _TRUE, _FALSE = frozenset({"true", "yes", "1"}), frozenset({"false", "no", "0"})
+# Integer parameters for which 0 means something (no GPU, no warning signal); every other one
+# counts things a job needs at least one of.
+SLURM_COUNTS_FROM_ZERO = frozenset({"num_gpus", "gpus_per_node", "gpus_per_task", "signal_delay_s"})
 
 
 def slurm_parameter_types() -> dict[str, Any]:
@@ -291,9 +294,16 @@ def _slurm_value(key: str, text: str, kind: Any) -> Any:
             expected.append("true or false (or yes / no, 1 / 0)")
         elif base is int:
             try:
-                return int(text)
+                number = int(text)
             except ValueError:
                 expected.append("an integer")
+                continue
+            # Every integer parameter is a count; sbatch would refuse a bad one only once queued
+            # (array_parallelism=0 writes the malformed "--array=0-N%0").
+            least = 0 if key in SLURM_COUNTS_FROM_ZERO else 1
+            if number < least:
+                raise ConfigError(f"--slurm-option {key}={text}: must be at least {least}")
+            return number
         elif base in (list, collections.abc.Iterable, collections.abc.Sequence):
             if key in SLURM_LINE_LISTS:
                 return [text]

@@ -188,6 +188,9 @@ def test_slurm_options_reach_submitit_as_the_types_it_expects(tmp_path, capsys, 
                             ("array_parallelism=two", "--slurm-option array_parallelism=two: submitit expects an integer"),
                             ("srun_args=--comment='x", "--slurm-option srun_args=--comment='x: submitit expects arguments"),
                             ("additional_parameters=r1", "--slurm-option additional_parameters=r1: submitit expects a JSON object"),
+                            ("array_parallelism=0", "--slurm-option array_parallelism=0: must be at least 1"),
+                            ("cpus_per_gpu=-2", "--slurm-option cpus_per_gpu=-2: must be at least 1"),
+                            ("signal_delay_s=-1", "--slurm-option signal_delay_s=-1: must be at least 0"),
                             ("acount=proj1", "submitit has no SLURM parameter 'acount' (did you mean account")]:
         assert main([*base, "--dry-run", "--slurm-option", option]) == 2, option
         err = capsys.readouterr().err
