@@ -89,6 +89,17 @@ def test_training_epochs_follow_the_sampler_and_the_file_is_written_once(bundle,
     assert path.stat().st_mtime_ns == written
 
 
+def test_batches_kept_by_the_caller_keep_their_labels_and_indices(bundle, cache):
+    """FFCV refills its output buffers a few batches on; a caller that keeps every batch's labels
+    (feature extraction for tau-norm, soft labels) must still hold each batch's own."""
+    split = bundle.train
+    loader = _loader(FfcvLoader, split, train=False, shuffle=False, ffcv=cache, batch_size=1)
+    batches = list(loader)
+    assert len(batches) == len(split) > 5  # more batches than FFCV's buffers
+    assert torch.cat([b["index"] for b in batches]).tolist() == list(range(len(split)))
+    assert torch.cat([b["target"] for b in batches]).tolist() == [int(t) for t in split.targets]
+
+
 def test_evaluation_pixels_are_close_to_the_torch_backend(bundle, cache):
     batches = list(_loader(FfcvLoader, bundle.test, train=False, shuffle=False, ffcv=cache))
     assert torch.cat([b["index"] for b in batches]).tolist() == list(range(10))
@@ -115,6 +126,11 @@ def test_corrupt_training_image_is_replaced_when_writing(tmp_path, caplog):
     assert loader.bad_files == [str(bad_path)]
     # Remembered with the file: a later loader still names the bad image.
     assert _loader(FfcvLoader, split, train=True, shuffle=False, fraction=0.2, ffcv=config).bad_files == [str(bad_path)]
+    # ... and holds it to its own budget: a run allowing no bad image stops, as the torch backend does.
+    for cls in (FileLoader, FfcvLoader):
+        with pytest.raises(DatasetError, match="more than the 0 allowed") as caught:
+            list(_loader(cls, split, train=True, shuffle=False, fraction=0.0, ffcv=config))
+        assert str(bad_path) in str(caught.value), cls
     # The file holds a substitute: an evaluation loader over this split must not serve it ...
     with pytest.raises(DatasetError, match="never substitutes") as caught:
         _loader(FfcvLoader, split, train=False, shuffle=False, fraction=0.2, ffcv=config)

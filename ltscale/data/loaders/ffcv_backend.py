@@ -360,6 +360,9 @@ class FfcvLoader(ImageFileLoader):
         if bad and not self.substitute:
             self.ledger.record(sorted(bad.items()))  # raises, naming the first
         self.ledger.bad.update(bad)
+        # A file found in the cache was written under the budget of the run that wrote it (the
+        # budget does not name the file); this run's may be stricter.
+        self.ledger.record([])
         self._loader = self._build(image_size, max(1, num_workers), seed * 1_000_003 + rank)
 
     def _shared_write(self, max_bad_image_fraction: float) -> Path:
@@ -444,6 +447,9 @@ class FfcvLoader(ImageFileLoader):
                 _KeepTorchThreads.restore()
             yield {
                 "image": self._on_device(image),  # (B, 3, H, W); a float copy of FFCV's uint8 buffer
-                "target": target.long(),
-                "index": served.long(),
+                # Copies: these are views of FFCV's output buffers, which it refills a few batches
+                # later (int64 already, so .long() would not copy); a caller keeping the batch's
+                # labels (feature extraction) would find later batches' labels in them.
+                "target": target.clone(),
+                "index": served.clone(),
             }
