@@ -264,6 +264,10 @@ def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(t
         ([*cifar, "--data", str(tmp_path / "garbage.npz")], "is not a packed CIFAR-LT file: not an .npz (zip) archive"),
         ([*cifar, "--data", str(tmp_path / "absent.tar.gz")], "no such file or folder"),
         ([*cifar, "--data", str(tmp_path / "empty")], "a folder without cifar-100-python/meta"),
+        # A prefix without {if}: IF 100 trained, filed and compared as IF 50.
+        ([*cifar, "--data", str(tmp_path / "garbage.npz"), "--imbalance-factors", "50", "--recipe-prefix", "cifar100-lt-if100-bbn"],
+         "recipe cifar100-lt-if100-bbn/ce trains at imbalance factor 100, but its jobs and table column would say 50"),
+        ([*demo, "--imbalance-factors", "100"], "recipe demo/ce trains at imbalance factor 80, but"),
     ]:
         assert tool.main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -277,7 +281,7 @@ def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(t
         ([*demo, "--device", "gpu0"], "--device 'gpu0': expected auto, cpu, cuda or cuda:<index>"),
         ([*demo, "--results-name", "a/b"], "a file name, not a path"),
         ([*demo, "--set", "seed=5"], "--set 'seed=5': --seeds sets seed for every job"),
-        ([*cifar, "--set", " data.imbalance_factor=50"], "--imbalance-factors sets data.imbalance_factor for every job"),
+        ([*cifar, "--set", " data.imbalance_factor=50"], "--imbalance-factors picks each job's recipe, and with it data.imbalance_factor"),
         ([*demo, "--set", "output_dir=/elsewhere"], "--output-dir sets output_dir"),
         ([*demo, "--set", "progress=true"], "--set 'progress=true': every job's log gets a line per stage and epoch"),
     ]:
@@ -288,6 +292,8 @@ def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(t
     assert tool.main([*demo, "--collect-only"]) == 1
     assert "none of the 1 jobs asked for has a job file" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+    # --device auto is what the jobs resolve it to, in the environment the table records.
+    assert tool.environment(tool.parse_args([*demo, "--device", "auto"]))["device"] == "cpu"
     # A dot in the table's name is kept (not taken for a suffix to replace).
     args = tool.parse_args([*demo, "--results-name", "dive_t1.5"])
     assert [p.name for p in tool.results_paths(args)] == ["dive_t1.5.json", "dive_t1.5.csv", "dive_t1.5.md"]

@@ -55,7 +55,7 @@ IMBALANCE_FACTORS = (100.0, 50.0, 10.0)
 DEFAULT_PREFIX = "cifar100-lt-if{if}"
 OWN_KEYS = {
     "seed": "--seeds sets seed", "data.root": "--data sets data.root", "data.dataset": "--recipe-prefix sets data.dataset",
-    "data.imbalance_factor": "--imbalance-factors sets data.imbalance_factor", "output_dir": "--output-dir sets output_dir",
+    "data.imbalance_factor": "--imbalance-factors picks each job's recipe, and with it data.imbalance_factor,", "output_dir": "--output-dir sets output_dir",
     "device": "--device sets device", "tracking.tracking_uri": "--tracking-uri / --tracking-store set tracking.tracking_uri",
     "progress": "every job's log gets a line per stage and epoch (progress on, off a terminal)",
 }
@@ -200,6 +200,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
                 if resolved.tracking.experiment != args.experiment:  # its runs could not be found after training
                     raise ValueError(f"--experiment {args.experiment!r}, but recipe {recipe} records into the MLflow "
                                      f"experiment {resolved.tracking.experiment!r}")
+                trained = trained_imbalance_factor(resolved)
+                if trained is not None and trained != imbalance_factor:  # a --recipe-prefix without {if}
+                    raise ValueError(f"recipe {recipe} trains at imbalance factor {trained:g}, but its jobs and table "
+                                     f"column would say {imbalance_factor:g} (--imbalance-factors); put {{if}} in "
+                                     "--recipe-prefix where the recipe names carry the factor")
                 if resolved.data.dataset in ("cifar100_lt", "cifar10_lt"):
                     plan.datasets.add((resolved.data.dataset, resolved.data.imbalance_factor))
                 # No --no-progress: a job writes into its log file, not a terminal, so progress
@@ -451,13 +456,23 @@ def aggregate(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     return {"table": table, "runs": per_run, "jobs": list(records.values())}
 
 
+def trained_imbalance_factor(config: Any) -> float | None:
+    """The imbalance factor a job's config trains at (None for a fixed split list's dataset)."""
+    if config.data.dataset in ("cifar100_lt", "cifar10_lt"):
+        return float(config.data.imbalance_factor)
+    if config.data.dataset == "synthetic":
+        return float(config.data.synthetic.imbalance_factor)
+    return None
+
+
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     """Where the tool ran (each job's own process also tags its MLflow runs ``ltscale.env.*``)."""
     import torch
 
     from ltscale.tracking import runtime_environment
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # "auto" is what the jobs resolve it to (torch.device refuses "auto")
+    device = args.device if args.device not in (None, "", "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
     return {**runtime_environment(device), "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
