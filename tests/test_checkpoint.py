@@ -31,6 +31,40 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
+class _InterruptedStream:
+    """A file that is interrupted (Ctrl-C, or SIGTERM's SystemExit) on its ``after``-th write, as a
+    signal arriving inside torch.save would be."""
+
+    def __init__(self, stream, after: int, interrupt: type[BaseException]) -> None:
+        self.stream, self.writes, self.after, self.interrupt = stream, 0, after, interrupt
+
+    def write(self, data) -> int:
+        self.writes += 1
+        if self.writes == self.after:
+            raise self.interrupt(143) if self.interrupt is SystemExit else self.interrupt()
+        return self.stream.write(data)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_inside_torch_save_stays_an_interrupt(tmp_path, interrupt):
+    """Interrupted mid-record, torch's zip writer fails in its cleanup ("unexpected pos"); that
+    error must not stand for the interrupt (the CLI's exit 130 / 143 and a KILLED run)."""
+    path = tmp_path / "progress.pt"
+    atomic_save({"epoch": 1}, path)
+    payload = {"a": torch.randn(1000), "b": torch.randn(1000)}
+    with pytest.raises(interrupt) as caught:
+        checkpoint._atomic_write(path, lambda stream: torch.save(payload, _InterruptedStream(stream, 3, interrupt)))
+    assert caught.value.__suppress_context__  # the zip writer's error is not shown as the story
+    assert torch.load(path) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["progress.pt"]
+    # Other errors propagate as they are.
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint._atomic_write(path, lambda stream: (_ for _ in ()).throw(OSError("disk full")))
+
+
 @pytest.mark.parametrize("proc", [True, False])
 def test_written_files_get_the_mode_the_umask_gives(tmp_path, monkeypatch, proc):
     """As torch.save's: mkstemp's 0600 made every model and manifest of a shared store readable by

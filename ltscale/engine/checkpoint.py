@@ -37,9 +37,27 @@ def _atomic_write(path: Path, write) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         Path(temp).unlink(missing_ok=True)
+        interrupt = None if isinstance(error, (KeyboardInterrupt, SystemExit)) else _interrupt_behind(error)
+        if interrupt is not None:
+            # Ctrl-C or SIGTERM (SystemExit) inside torch.save: its zip writer's cleanup then fails
+            # ("unexpected pos"), and that error would stand for the interrupt: exit 1 and a FAILED
+            # run instead of 130 / 143 and KILLED.
+            raise interrupt from None
         raise
+
+
+def _interrupt_behind(error: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or SystemExit that ``error`` was raised while handling, if any."""
+    seen = set()
+    cause: BaseException | None = error.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (KeyboardInterrupt, SystemExit)):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None
 
 
 def _give_default_mode(descriptor: int) -> None:
