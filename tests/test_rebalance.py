@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -197,6 +199,9 @@ def test_tau_search_without_validation_split_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match=fixes):
         run_pipeline(config)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no stage directory, no MLflow run
+    # LWS ignores tau_search (as it does tau, out of its key too): nothing to refuse, nor to name tau-norm for.
+    lws = dataclasses.replace(config, stages={**stages, "tau": RebalanceConfig(source="teacher", method="lws", tau_search=True)})
+    assert [plan.name for plan in plan_pipeline(lws)] == ["teacher", "tau"]
 
 
 class _Recorder:

@@ -215,7 +215,8 @@ def _resolve_init_weights(config: PipelineConfig) -> dict[str, pretrained.InitWe
 def _check_stage_data(config: PipelineConfig, bundle: DatasetBundle) -> None:
     """Refuse, before anything trains, a stage that needs a split the data does not have."""
     for name, stage in config.stages.items():
-        if getattr(stage, "tau_search", False) and bundle.val is None:
+        # (lws and crt ignore tau_search, as they do tau)
+        if getattr(stage, "method", None) == "tau_norm" and stage.tau_search and bundle.val is None:
             # Image-list datasets can be given a validation list; the in-memory ones (CIFAR-LT, the
             # generated set) have no validation split at all.
             fix = (f"set data.val_list to the validation list (for {config.data.dataset} the standard one is "
