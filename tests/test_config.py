@@ -880,6 +880,16 @@ def test_every_recipe_the_docs_run_exists():
 
 
 def test_settings_that_would_do_nothing_are_refused():
+    # torchvision backbones have fixed widths: model.width would only have changed the stage's key
+    with pytest.raises(ValueError, match="model.width=64 sets the CIFAR ResNets' base channels; model.arch=resnet50 has a fixed width"):
+        apply_overrides(get_recipe("inat18/ce"), ["stages.teacher.model.width=64"])
+    from ltscale.models.heads import HeadSpec
+    from ltscale.models.network import Network
+
+    # ... and a model saved with one before that was checked still loads (it is the same network).
+    network = Network.from_spec({"model": {"arch": "resnet50", "width": 64, "classifier": "linear", "init_from": ""},
+                                 "heads": {"cls": dataclasses.asdict(HeadSpec("linear", 3))}, "predict_head": "cls"})
+    assert network.config.width == 16 and network.feature_dim == 2048
     with pytest.raises(ValueError, match=r"loss.drw_epoch=160 is not before the last epoch \(optim.epochs=100\): DRW would never start"):
         apply_overrides(get_recipe("cifar100-lt-if100/ldam-drw"), ["stages.teacher.optim.epochs=100"])
     with pytest.raises(ValueError, match=r"result_stage 'virtual_examples' has no test metrics \(it produces a virtual-example "

@@ -275,6 +275,9 @@ def test_class_cycle_is_reproducible_and_config_checked():
     assert not np.array_equal(sampler.indices(1), sampler.indices(2))
     with pytest.raises(ValueError, match="sampler.class_order=cycle orders class draws; it needs sampler.kind=class_balanced"):
         SamplerConfig(class_order="cycle")
+    # The instance sampler ignores samples_per_class too (it would only have changed the stage's key).
+    with pytest.raises(ValueError, match="sampler.samples_per_class=4 groups class draws; it needs sampler.kind=class_balanced, not instance"):
+        SamplerConfig(samples_per_class=4)
     with pytest.raises(ValueError, match="class_order must be 'random' or 'cycle', got 'sorted'"):
         ClassBalancedSampler(targets, class_order="sorted")
 

@@ -211,6 +211,9 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.samples_per_class < 1:
             raise ValueError(f"sampler.samples_per_class must be >= 1, got {self.samples_per_class}")
+        if self.samples_per_class != 1 and self.kind != "class_balanced":
+            raise ValueError(f"sampler.samples_per_class={self.samples_per_class} groups class draws; it needs "
+                             f"sampler.kind=class_balanced, not {self.kind}")
         if self.class_order != "random" and self.kind != "class_balanced":
             raise ValueError(f"sampler.class_order={self.class_order} orders class draws; it needs "
                              f"sampler.kind=class_balanced, not {self.kind}")
