@@ -170,8 +170,11 @@ def test_a_star_sets_the_field_in_every_stage_that_has_it(ssd):
     assert config.stages["soft_labels"] == ssd.stages["soft_labels"]  # no optim: untouched
     assert {name for name, stage in config.stages.items() if getattr(getattr(stage, "model", None), "init_from", "")} == {"teacher", "student"}
     assert ssd.stages["teacher"].optim.epochs == 200  # the input is not mutated
-    with pytest.raises(ConfigError, match=r"unknown key 'stages.\*.optim.epoch': none of .* has 'optim.epoch'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'stages.\*.optim.epoch': none of .* has 'optim.epoch'\. "
+                                          r"Did you mean 'stages.\*.optim.epochs', 'stages.\*.optim.warmup_epochs'\?"):
         apply_overrides(ssd, ["stages.*.optim.epoch=3"])
+    with pytest.raises(ConfigError, match=r"has 'optm.lr'\. Did you mean 'stages.\*.optim.lr'\?"):  # the misspelt name need not be the last
+        apply_overrides(ssd, ["stages.*.optm.lr=0.1"])
     with pytest.raises(ConfigError, match=r"override stages.\*.optim.epochs='x': expected int"):
         apply_overrides(ssd, ["stages.*.optim.epochs=x"])
     with pytest.raises(ConfigError, match="names whole sections"):

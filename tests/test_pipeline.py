@@ -822,6 +822,8 @@ def test_cli_refuses_bad_arguments_in_one_line_before_anything_runs(tmp_path, ca
     refused(["virtual", str(tmp_path / "model.pt"), "--recipe", "demo/dive", "--powers", "2"], "powers must be one or more numbers in (0, 1]")
     # The demo's --set goes to the recipes that have the field; every config is checked first.
     refused(["demo", "--set", "stages.studnt.temperature=2", "--output-dir", str(out)], "no stage of demo/ce, demo/ssd, demo/dive has that field")
+    refused(["demo", "--set", "stages.student.temprature=2", "--output-dir", str(out)],
+            "Did you mean 'stages.student.temperature', 'stages.student.temperature_from'?")
     refused(["demo", "--set", "stages.student.temperature=0", "--output-dir", str(out)],
             "recipe demo/ssd: stages.student: temperature must be a finite number > 0")
     assert not out.exists() and not (tmp_path / "typo").exists()  # nothing ran, nothing was created

@@ -117,7 +117,10 @@ def _set(obj: Any, path: list[str], text: str, full_key: str) -> Any:
             raise ConfigError(f"override {full_key!r} names whole sections; set one of their fields instead")
         having = [name for name, value in obj.items() if _has_path(value, rest)]
         if not having:
-            raise ConfigError(f"unknown key {full_key!r}: none of {sorted(obj)} has {'.'.join(rest)!r}")
+            prefix = full_key.strip()[: -len(".".join(rest))]
+            near = sorted({prefix + key for value in obj.values() for key in _near_paths(value, rest)})
+            raise ConfigError(f"unknown key {full_key!r}: none of {sorted(obj)} has {'.'.join(rest)!r}."
+                              + (f" Did you mean {', '.join(repr(key) for key in near[:3])}?" if near else ""))
         return {name: _set(value, rest, text, full_key) if name in having else value for name, value in obj.items()}
     if isinstance(obj, dict):
         if head not in obj:
@@ -164,6 +167,30 @@ def _has_path(obj: Any, path: list[str]) -> bool:
         else:
             return False
     return True
+
+
+def near_keys(config: Any, key: str) -> list[str]:
+    """Existing dotted keys one misspelt name away from ``key`` (``*`` kept), for an error's suggestion."""
+    return _near_paths(config, key.strip().split("."))
+
+
+def _near_paths(obj: Any, path: list[str]) -> list[str]:
+    """The paths that exist under ``obj`` when the first name that does not is replaced by a close one."""
+    for index, name in enumerate(path):
+        if isinstance(obj, dict) and name == "*":
+            found = {key for value in obj.values() for key in _near_paths(value, path[index + 1:])}
+            return [".".join([*path[:index + 1], key]) for key in sorted(found)]
+        if isinstance(obj, dict):
+            names = list(obj)
+        elif dataclasses.is_dataclass(obj):
+            names = [f.name for f in dataclasses.fields(obj)]
+        else:
+            return []
+        if name not in names:
+            fixed = ([*path[:index], match, *path[index + 1:]] for match in difflib.get_close_matches(name, names, n=3, cutoff=0.5))
+            return [".".join(candidate) for candidate in fixed if _has_path(obj, candidate[index:])]
+        obj = obj[name] if isinstance(obj, dict) else getattr(obj, name)
+    return []
 
 
 def _replace(obj: Any, name: str, value: Any) -> Any:
