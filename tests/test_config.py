@@ -9,6 +9,7 @@ Run:  python -m pytest tests/test_config.py -q
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import re
@@ -547,19 +548,22 @@ def test_cifar_baseline_recipes():
 @pytest.mark.parametrize("imbalance", [100, 50, 10])
 @pytest.mark.parametrize("method", ["ce", "bsce", "crt", "lws", "tau-norm", "dive", "ssd", "ssd-dive"])
 def test_cifar_bbn_recipes_differ_only_in_the_lr_schedule_and_nesterov(method, imbalance):
-    """SSD and DiVE say they follow BBN's schedule: x0.01 after 120 and x1e-4 after 160 (absolute),
-    with BBN's SGD with Nesterov momentum; SSD re-ran its CE and LWS baselines with it."""
+    """SSD and DiVE say they follow BBN's schedule: x0.01 in the 120th and x1e-4 from the 160th epoch
+    (absolute), with BBN's SGD with Nesterov momentum; SSD re-ran its CE and LWS baselines with it."""
     default, bbn = get_recipe(f"cifar100-lt-if{imbalance}/{method}"), get_recipe(f"cifar100-lt-if{imbalance}-bbn/{method}")
     assert bbn.name == f"cifar100-lt-if{imbalance}-bbn/{method}" and bbn.data == default.data
     assert list(bbn.stages) == list(default.stages)
     for name, stage in bbn.stages.items():
         optim = getattr(stage, "optim", None)
         if optim is not None and optim.schedule == "step":  # the teacher and the student
-            assert (optim.milestones, optim.decay_factors, optim.nesterov) == ((120, 160), (0.01, 1e-4), True)
+            assert (optim.milestones, optim.decay_factors, optim.nesterov) == ((119, 159), (0.01, 1e-4), True)
             stage = dataclasses.replace(stage, optim=dataclasses.replace(optim, milestones=(160, 180), nesterov=False))
         assert stage == default.stages[name], name
-    np.testing.assert_allclose(lr_schedule(bbn.stages["teacher"].optim, 1)[[119, 120, 159, 160, 199]],
-                               [0.1, 1e-3, 1e-3, 1e-5, 1e-5], rtol=1e-12)
+    # BBN's loop: `for epoch in range(1, 201): scheduler.step(); train(...)`, its scheduler's factor
+    # gamma ** bisect_right((120, 160), epoch) (after its 5 warm-up epochs).
+    bbn_lr = [0.1 * 0.01 ** bisect.bisect_right((120, 160), epoch) for epoch in range(1, 201)]
+    np.testing.assert_allclose(lr_schedule(bbn.stages["teacher"].optim, 1)[5:], bbn_lr[5:], rtol=1e-12)
+    assert lr_schedule(bbn.stages["teacher"].optim, 1)[[118, 119, 158, 159]].tolist() == pytest.approx([0.1, 1e-3, 1e-3, 1e-5])
 
 
 @pytest.mark.parametrize("prefix", ["imagenet-lt", "imagenet-lt-135ep", "inat18", "inat18-200ep", "places-lt"])

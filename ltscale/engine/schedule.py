@@ -15,7 +15,8 @@ class OptimConfig:
 
     ``milestones`` / ``decay_factors``: after epoch ``milestones[i]`` the lr is
     ``lr * decay_factors[i]`` (absolute, not cumulative): LDAM-DRW's CIFAR schedule is
-    milestones (160, 180) with factors (0.01, 0.0001); BBN's (120, 160) with (0.01, 0.0001).
+    milestones (160, 180) with factors (0.01, 0.0001); BBN's (119, 159) with (0.01, 0.0001) (its
+    paper's "120th and 160th epoch", counted from 1: milestones here count finished epochs).
     """
 
     epochs: int = 200
