@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ltscale.config import ConfigError, apply_overrides, get_recipe, list_recipes, override_key
-from ltscale.config.overrides import has_key, near_keys
+from ltscale.config.overrides import has_key, near_keys, suggest_keys
 from ltscale.data.config import DataConfig, DatasetName
 
 DEFAULT_OUTPUT = "runs"
@@ -175,10 +175,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # a stage (the student's temperature to SSD and DiVE, not to CE), and must fit at least one.
     for item in args.overrides:
         if not any(_override_applies(item, recipe) for recipe in recipes.values()):
-            near = sorted({key for recipe in recipes.values() for key in near_keys(recipe, override_key(item))})
+            near = {key for recipe in recipes.values() for key in near_keys(recipe, override_key(item))}
             raise ConfigError(f"--set {item}: no stage of {', '.join(recipes)} has that field "
                               f"(their stages: {sorted({s for r in recipes.values() for s in r.stages})})."
-                              + (f" Did you mean {', '.join(repr(key) for key in near[:3])}?" if near else ""))
+                              + suggest_keys(override_key(item), near))
     configs = []
     for name, recipe in recipes.items():  # every config checked before the first pipeline starts
         selected = [item for item in args.overrides if _override_applies(item, recipe)]

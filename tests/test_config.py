@@ -176,6 +176,9 @@ def test_a_star_sets_the_field_in_every_stage_that_has_it(ssd):
         apply_overrides(ssd, ["stages.*.optim.epoch=3"])
     with pytest.raises(ConfigError, match=r"has 'optm.lr'\. Did you mean 'stages.\*.optim.lr'\?"):  # the misspelt name need not be the last
         apply_overrides(ssd, ["stages.*.optm.lr=0.1"])
+    # Each stage offers its own near fields; the closest comes first, not the alphabetically first.
+    with pytest.raises(ConfigError, match=r"Did you mean 'stages.\*.soft_weight', "):
+        apply_overrides(ssd, ["stages.*.soft_weigh=1"])
     with pytest.raises(ConfigError, match=r"override stages.\*.optim.epochs='x': expected int"):
         apply_overrides(ssd, ["stages.*.optim.epochs=x"])
     with pytest.raises(ConfigError, match="names whole sections"):

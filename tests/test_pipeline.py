@@ -363,6 +363,11 @@ def test_evaluate_cli_reports_groups(tmp_path, capsys):
     assert main([args[0], str(outside), *args[2:]]) == 2
     err = capsys.readouterr().err
     assert "has an unusable model spec: model.arch must be one of resnet8, " in err and "got 'resnet9000'" in err
+    payload["spec"]["model"]["arch"] = None  # not even a name
+    torch.save(payload, outside)
+    assert main([args[0], str(outside), *args[2:]]) == 2
+    err = capsys.readouterr().err
+    assert "has an unusable model spec: model.arch must be one of resnet8, " in err and "got None" in err
 
 
 def test_plan_names_what_a_run_would_reuse_resume_or_train(tmp_path, capsys):

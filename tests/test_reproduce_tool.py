@@ -266,7 +266,8 @@ def test_what_would_fail_every_job_or_lose_the_table_is_refused_before_any_job(t
         ([*cifar, "--data", str(tmp_path / "empty")], "a folder without cifar-100-python/meta"),
         # A prefix without {if}: IF 100 trained, filed and compared as IF 50.
         ([*cifar, "--data", str(tmp_path / "garbage.npz"), "--imbalance-factors", "50", "--recipe-prefix", "cifar100-lt-if100-bbn"],
-         "recipe cifar100-lt-if100-bbn/ce trains at imbalance factor 100, but its jobs and table column would say 50"),
+         "recipe cifar100-lt-if100-bbn/ce trains at imbalance factor 100, but its jobs and table column would say 50 "
+         "(--imbalance-factors): pass --imbalance-factors 100"),
         ([*demo, "--imbalance-factors", "100"], "recipe demo/ce trains at imbalance factor 80, but"),
     ]:
         assert tool.main(argv) == 2, argv

@@ -203,8 +203,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
                 trained = trained_imbalance_factor(resolved)
                 if trained is not None and trained != imbalance_factor:  # a --recipe-prefix without {if}
                     raise ValueError(f"recipe {recipe} trains at imbalance factor {trained:g}, but its jobs and table "
-                                     f"column would say {imbalance_factor:g} (--imbalance-factors); put {{if}} in "
-                                     "--recipe-prefix where the recipe names carry the factor")
+                                     f"column would say {imbalance_factor:g} (--imbalance-factors): "
+                                     + (f"pass --imbalance-factors {trained:g}" if "{if}" not in args.recipe_prefix else
+                                        "the recipes named by --recipe-prefix do not train at the factor they are named by"))
                 if resolved.data.dataset in ("cifar100_lt", "cifar10_lt"):
                     plan.datasets.add((resolved.data.dataset, resolved.data.imbalance_factor))
                 # No --no-progress: a job writes into its log file, not a terminal, so progress
@@ -615,7 +616,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "/" in args.results_name:
         parser.error(f"--results-name {args.results_name!r}: a file name, not a path (the folder is --results-dir)")
     if "{if}" not in args.recipe_prefix and len(args.imbalance_factors) > 1:
-        parser.error("--recipe-prefix without {if} names one dataset: pass a single --imbalance-factors value (a label)")
+        parser.error("--recipe-prefix without {if} names one dataset: pass the one imbalance factor its recipes "
+                     "train at as --imbalance-factors")
     # A variant's table must not replace the plain one (the table that goes into RESULTS.md).
     args.results_name = args.results_name or "cifar100_lt" + variant_suffix(args.overrides, args.epochs, args.recipe_prefix)
     return args

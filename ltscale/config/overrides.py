@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterable, Literal, Union, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
@@ -118,9 +118,9 @@ def _set(obj: Any, path: list[str], text: str, full_key: str) -> Any:
         having = [name for name, value in obj.items() if _has_path(value, rest)]
         if not having:
             prefix = full_key.strip()[: -len(".".join(rest))]
-            near = sorted({prefix + key for value in obj.values() for key in _near_paths(value, rest)})
+            near = {prefix + key for value in obj.values() for key in _near_paths(value, rest)}
             raise ConfigError(f"unknown key {full_key!r}: none of {sorted(obj)} has {'.'.join(rest)!r}."
-                              + (f" Did you mean {', '.join(repr(key) for key in near[:3])}?" if near else ""))
+                              + suggest_keys(full_key, near))
         return {name: _set(value, rest, text, full_key) if name in having else value for name, value in obj.items()}
     if isinstance(obj, dict):
         if head not in obj:
@@ -167,6 +167,13 @@ def _has_path(obj: Any, path: list[str]) -> bool:
         else:
             return False
     return True
+
+
+def suggest_keys(key: str, near: Iterable[str]) -> str:
+    """" Did you mean ...?" with the three of ``near`` closest to ``key`` (several stages each
+    offer their own near fields: cut alphabetically, the closest could be left out), or ""."""
+    ranked = difflib.get_close_matches(key.strip(), sorted(set(near)), n=3, cutoff=0)
+    return f" Did you mean {', '.join(repr(k) for k in ranked)}?" if ranked else ""
 
 
 def near_keys(config: Any, key: str) -> list[str]:

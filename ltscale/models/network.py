@@ -99,7 +99,8 @@ class Network(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict) -> "Network":
         model = spec["model"]
-        if not is_cifar_arch(model["arch"]):  # saved before the width was checked: it built the same network
+        arch = model.get("arch") if isinstance(model, dict) else None
+        if isinstance(arch, str) and not is_cifar_arch(arch):  # saved before the width was checked: the same network
             model = {**model, "width": ModelConfig.width}
         return cls(
             ModelConfig(**model),
