@@ -468,12 +468,10 @@ def trained_imbalance_factor(config: Any) -> float | None:
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     """Where the tool ran (each job's own process also tags its MLflow runs ``ltscale.env.*``)."""
-    import torch
-
+    from ltscale.stages.pipeline import resolve_device
     from ltscale.tracking import runtime_environment
 
-    # "auto" is what the jobs resolve it to (torch.device refuses "auto")
-    device = args.device if args.device not in (None, "", "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device or "auto"))  # as each job resolves it
     return {**runtime_environment(device), "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -31,24 +31,20 @@ class ModelConfig:
             raise ValueError(f"model.arch must be one of {', '.join(get_args(Arch))}, got {self.arch!r}")
         if self.width < 4:
             raise ValueError(f"model.width must be >= 4, got {self.width}")
-        if self.width != 16 and not self.cifar:
+        if self.width != 16 and not is_cifar_arch(self.arch):
             # torchvision's ImageNet backbones have fixed widths; a width they ignore would still
             # change the stage's key, and so retrain a finished stage to the same network.
             raise ValueError(f"model.width={self.width} sets the CIFAR ResNets' base channels; "
                              f"model.arch={self.arch} has a fixed width: leave model.width at 16")
 
-    @property
-    def cifar(self) -> bool:
-        """A CIFAR ResNet (32 px input, option-A shortcuts, ``width`` base channels)."""
-        return is_cifar_arch(self.arch)
-
 
 def is_cifar_arch(arch: str) -> bool:
+    """A CIFAR ResNet (32 px input, option-A shortcuts, ``width`` base channels)."""
     return arch.startswith("resnet") and arch[6:].isdigit() and int(arch[6:]) < 50
 
 
 def build_backbone(config: ModelConfig) -> nn.Module:
-    if config.cifar:
+    if is_cifar_arch(config.arch):
         from ltscale.models.resnet_cifar import CifarResNet
 
         return CifarResNet(depth=int(config.arch[6:]), width=config.width)
