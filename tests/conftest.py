@@ -23,6 +23,45 @@ if "TRITON_INTERPRET" not in os.environ:
         pass
 
 
+MAX_WORKERS = 4
+"""Most test processes ``-n auto`` starts. The suite's length is bounded below by its longest file
+(one worker runs a file), which more than four workers hardly shorten."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Run the suite in parallel, a file per worker, when pytest-xdist is installed and no ``-n``
+    was given (``-n 0`` runs it in this process, for ``--pdb`` or ``-s``).
+
+    Why by default: most of the suite's time is spent starting processes (torchrun ranks, FFCV
+    writers, SLURM jobs), each one importing torch on one core, so two workers on two cores take
+    about two thirds of the time of one. Why by file: a file's module fixtures (trees of JPEGs, the
+    CIFAR arrays) are built once, and the SLURM cluster its tests share starts once. Done here, not
+    in ``addopts``: a machine without xdist (the GPU machine) then runs the tests serially instead of
+    refusing ``-n``. Runs before xdist's own hook (conftest plugins register after it, and the later
+    of two ``tryfirst`` implementations runs first), which turns ``auto`` into a count."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):  # none, or inside a worker
+        return
+    if config.option.numprocesses is None and not config.getoption("usepdb", False):
+        config.option.numprocesses = "auto"
+        if config.option.dist == "no":
+            config.option.dist = "loadfile"
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown to pytest without it
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: the CPUs this process may use (a SLURM job's or a container's share, not the
+    host's count), at most :data:`MAX_WORKERS`; ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides
+    when set (xdist's own hook reads it)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS))
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URI (``http://127.0.0.1:<port>``) of a real MLflow server, started once per test session.
