@@ -2,8 +2,9 @@
 
 ``start_slurm_cluster(root)`` runs Debian's Slurm daemons in the foreground under this process:
 ``munged -F`` with its own key and socket, ``slurmctld -D`` and ``slurmd -D -N localhost``, with
-every state, spool, pid and log path under ``root`` and ports picked free for this run (two test
-sessions on one machine get two clusters). No accounting daemon: submitit learns that a job died
+every state, spool, pid and log path under ``root``, ports picked free for this run and job ids
+from a random first one (two test sessions on one machine get two clusters, whose jobs' rendezvous
+ports do not meet). No accounting daemon: submitit learns that a job died
 without a result by polling ``sacct``, so a small stand-in answering
 ``sacct -o JobID,State,NodeList --parsable2 -j ID`` from ``scontrol -o show job`` goes on PATH.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -152,6 +154,9 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MailProg=/bin/true
 ReturnToService=2
+# Job ids of their own: a two-task job's rendezvous port follows from its id (ltscale.dist.runtime's
+# slurm_port), and two clusters numbering from 1 would give two such jobs the same port.
+FirstJobId={random.randrange(1000, 1_000_000)}
 # Keep finished jobs visible to scontrol (hence to the sacct stand-in) for the whole session.
 MinJobAge=3600
 # Slurm's default: a signalled job step gets 30 s to exit before SIGKILL. A preempted pipeline
