@@ -30,8 +30,8 @@ MAX_WORKERS = 4
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    """Run the suite in parallel, a file per worker, when pytest-xdist is installed and no ``-n``
-    was given (``-n 0`` runs it in this process, for ``--pdb`` or ``-s``).
+    """Run the suite in parallel, a file per worker, when pytest-xdist is installed, no ``-n`` was
+    given (``-n 0`` runs it in this process, for ``--pdb`` or ``-s``) and more than one file may run.
 
     Why by default: most of the suite's time is spent starting processes (torchrun ranks, FFCV
     writers, SLURM jobs), each one importing torch on one core, so two workers on two cores take
@@ -42,6 +42,9 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     of two ``tryfirst`` implementations runs first), which turns ``auto`` into a count."""
     if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):  # none, or inside a worker
         return
+    files = {arg.split("::")[0] for arg in config.args}
+    if len(files) == 1 and next(iter(files)).endswith(".py"):  # one file runs in one worker anyway: no gain, only its start
+        return
     if config.option.numprocesses is None and not config.getoption("usepdb", False):
         config.option.numprocesses = "auto"
         if config.option.dist == "no":
@@ -51,7 +54,7 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 @pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown to pytest without it
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto``: the CPUs this process may use (a SLURM job's or a container's share, not the
-    host's count), at most :data:`MAX_WORKERS`; ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides
+    host's count), at most :data:`MAX_WORKERS`, none with one; ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides
     when set (xdist's own hook reads it)."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
@@ -59,7 +62,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # no sched_getaffinity (macOS)
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_WORKERS))
+    return min(cpus, MAX_WORKERS) if cpus > 1 else 0  # one CPU: in this process (a worker would only add its start)
 
 
 @pytest.fixture(scope="session")
