@@ -524,14 +524,17 @@ def _slow_write_worker(rank: int, world: int, port: int, root: str, cache: str, 
     from ltscale.dist import runtime
 
     torch.set_num_threads(1)
-    # A process-group timeout far shorter than the write: one collective waiting for it would fail.
+    # Generous where the ranks only meet (they start seconds apart on a machine shared with other tests) ...
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=4))
+                            timeout=datetime.timedelta(seconds=120))
     backend.WRITE_POLL_S = 0.5
     real = backend.write_beton
     backend.write_beton = lambda *a, **k: (clock.sleep(7), real(*a, **k))[1]
     split = build_image_list_dataset(DataConfig(dataset="imagenet_lt", root=root, image_size=IMAGE_SIZE)).train
+    # ... and far shorter than the write while the loaders are made: one collective waiting for it would fail.
+    dist.distributed_c10d.set_timeout(datetime.timedelta(seconds=4))
     loader = _loader(FfcvLoader, split, train=True, ffcv=FfcvConfig(cache_dir=cache, write_workers=1))
+    dist.distributed_c10d.set_timeout(datetime.timedelta(seconds=120))
     Path(out, f"rank{rank}.txt").write_text(str(loader.path))
     dist.barrier()
     runtime.leave_process_group()  # drains gloo's threads first: a bare destroy aborted now and then
