@@ -307,12 +307,16 @@ def test_corruption_in_the_middle_of_the_gzip_stream_is_detected(tmp_path):
 
 
 class _Exploit:
-    """A pickle that would run a command on load if the loader trusted it."""
+    """A pickle that would run a command on load if the loader trusted it: ``touch marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
 
     def __reduce__(self):
         import os
+        import shlex
 
-        return (os.system, ("touch /tmp/ltscale-pwned",))
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
 @pytest.mark.parametrize("member, payload, problem", [
@@ -347,10 +351,9 @@ def test_malformed_batches_are_named(tmp_path, member, payload, problem):
 
 def test_a_pickle_that_would_run_code_is_refused_unrun(tmp_path):
     """The loader unpickles numpy arrays only: a data file cannot run code (nor import modules)."""
-    marker = Path("/tmp/ltscale-pwned")
-    marker.unlink(missing_ok=True)
+    marker = tmp_path / "pwned"
     members = _fake_members()
-    members["train"] = _pickle_bytes({"data": _Exploit(), "fine_labels": []})
+    members["train"] = _pickle_bytes({"data": _Exploit(marker), "fine_labels": []})
     members["test"] = b"cnosuchmodule\nThing\n)R."  # a class of a module that does not exist
     for name in ("train", "test"):
         trimmed = {**_fake_members(), name: members[name]}

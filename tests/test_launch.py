@@ -527,7 +527,7 @@ def test_a_cancelled_slurm_jobs_runs_are_ended_by_the_next_pipeline_or_listing(s
     # A job the controller has forgotten (MinJobAge after its end) has ended too.
     from ltscale.tracking.attempts import slurm_attempt_over
 
-    assert slurm_attempt_over("987654", 0) == "SLURM job 987654 has ended (the cluster no longer knows it)"
+    assert slurm_attempt_over("9876543", 0) == "SLURM job 9876543 has ended (the cluster no longer knows it)"
 
 
 def test_an_array_tasks_state_is_read_from_its_own_line(slurm, monkeypatch):
