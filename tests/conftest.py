@@ -45,7 +45,7 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     files = {arg.split("::")[0] for arg in config.args}
     if len(files) == 1 and next(iter(files)).endswith(".py"):  # one file runs in one worker anyway: no gain, only its start
         return
-    if config.option.numprocesses is None and not config.getoption("usepdb", False):
+    if config.option.numprocesses is None:  # (with --pdb, xdist itself turns auto into none)
         config.option.numprocesses = "auto"
         if config.option.dist == "no":
             config.option.dist = "loadfile"
