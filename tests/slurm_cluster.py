@@ -27,7 +27,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from ltscale.dist.ports import free_port
 
 # Programs the cluster needs; daemons live in /usr/sbin, which a non-root PATH may lack.
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -103,12 +104,6 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _node_resources(slurmd: str) -> tuple[int, int]:
     """(CPUs, RealMemory MB) as slurmd itself detects them; configuring more would drain the node."""
     out = subprocess.run([slurmd, "-C"], capture_output=True, text=True, check=True, timeout=30).stdout
@@ -118,9 +113,9 @@ def _node_resources(slurmd: str) -> tuple[int, int]:
 
 
 def _write_config(root: Path, munge_socket: Path, cpus: int, memory_mb: int) -> Path:
-    ctld_port, slurmd_port = _free_port(), _free_port()
+    ctld_port, slurmd_port = free_port(), free_port()
     while slurmd_port == ctld_port:
-        slurmd_port = _free_port()
+        slurmd_port = free_port()
     conf = root / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=ltscale-test

@@ -21,18 +21,13 @@ from ltscale.data import ShardSampler, build_loader
 from ltscale.data.base import ArraySplit, DatasetBundle, Normalization
 from ltscale.data.config import LoaderConfig, SamplerConfig
 from ltscale.dist import runtime
+from ltscale.dist.ports import free_port
 from ltscale.engine.evaluate import evaluate
 from ltscale.engine.schedule import OptimConfig
 from ltscale.engine.trainer import Trainer
 from ltscale.losses.modules import ClassificationLoss, LossConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the launcher's environment -------------------------------------------------------------------

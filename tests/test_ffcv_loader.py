@@ -39,7 +39,7 @@ from tests.test_image_list import IMAGE_SIZE, _make_tree, _truncate, crop_extent
 # interpreter. An earlier test's FFCV loader thread, compiling its pipeline (numba's array-expression
 # lowering calls ast.parse there: checked), parsing at the same moment failed the import with
 # "SystemError: AST constructor recursion depth mismatch" (this file run alone on 3.11.7; cpython#106905).
-from tests.test_distributed import free_port  # noqa: E402
+from ltscale.dist.ports import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")

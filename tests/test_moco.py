@@ -11,7 +11,6 @@ Run:  python -m pytest tests/test_moco.py -q
 from __future__ import annotations
 
 import dataclasses
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from ltscale.data.loaders.files import FileLoader, build_key_transform
 from ltscale.data.loaders.tensor import TensorLoader
 from ltscale.data.samplers import InstanceBalancedSampler
 from ltscale.dist.gather import all_gather_no_grad
+from ltscale.dist.ports import free_port
 from ltscale.engine.checkpoint import load_checkpoint
 from ltscale.losses.modules import LossConfig, build_classification_loss
 from ltscale.models.heads import HeadSpec
@@ -553,12 +553,6 @@ def test_tiny_ssd_pipeline_with_moco_teacher_runs_and_resumes_with_its_queue(tmp
 # ---- two ranks (gloo) --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _two_rank_worker(rank: int, world_size: int, port: int) -> None:
     import torch.distributed as dist
 
@@ -610,7 +604,7 @@ def _two_rank_worker(rank: int, world_size: int, port: int) -> None:
 
 
 def test_two_rank_all_gather_no_grad_and_ddp_shuffle_bn():
-    torch.multiprocessing.spawn(_two_rank_worker, args=(2, _free_port()), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_two_rank_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 def test_all_gather_no_grad_is_the_identity_on_one_process():

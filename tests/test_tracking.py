@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.artifacts import download_artifacts
 
+from ltscale.dist.ports import free_port
 from ltscale.tracking import (
     TAG_CODE_VERSION,
     TAG_CONFIG_HASH,
@@ -711,10 +712,7 @@ def test_an_unreachable_server_is_named_in_seconds(tmp_path: Path, capsys) -> No
 
     from ltscale.cli import main
 
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://127.0.0.1:{free_port()}"  # a port nobody listens on
     started = time.monotonic()
     with pytest.raises(MlflowException, match=rf"the MLflow server at {uri} does not answer \(.*refused"):
         Tracker(TrackingConfig(tracking_uri=uri), tmp_path)
@@ -745,8 +743,6 @@ def test_a_uri_with_credentials_reaches_its_server_and_its_password_is_never_sho
         mlflow_server: str, tmp_path: Path, capsys, caplog, monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow sends a URI's user info as HTTP Basic auth; the reachability probe (urllib) took
     ``alice:secret@127.0.0.1`` for the host and refused a server that answers, printing the password."""
-    import socket
-
     from ltscale.cli import main
 
     # Unset for this test, and as it was after it (the tracker sets it for a URI with a password).
@@ -762,9 +758,7 @@ def test_a_uri_with_credentials_reaches_its_server_and_its_password_is_never_sho
     assert run.data.params["tracking.tracking_uri"] == redacted
     assert run.data.tags[TAG_ERROR] == f"RuntimeError: the store at {redacted} broke"
 
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        dead = f"http://alice:secret@127.0.0.1:{probe.getsockname()[1]}"
+    dead = f"http://alice:secret@127.0.0.1:{free_port()}"  # a port nobody listens on
     with pytest.raises(MlflowException, match=r"server at http://alice:\*\*\*@127\.0\.0\.1:\d+ does not answer"):
         Tracker(TrackingConfig(tracking_uri=dead), tmp_path)
     assert main(["runs", "--tracking-uri", dead]) == 1

@@ -22,7 +22,8 @@ from ltscale.dist import runtime
 from ltscale.engine.schedule import OptimConfig
 from ltscale.engine.trainer import Trainer
 from ltscale.engine.zero import DeepSpeedConfig, ZeroEngine, deepspeed_available, engine_config
-from tests.test_distributed import LinearTask, _dataset, _spawn, free_port
+from ltscale.dist.ports import free_port
+from tests.test_distributed import LinearTask, _dataset, _spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 # The config and progress-pointer tests run everywhere; the engine's own runs need DeepSpeed.

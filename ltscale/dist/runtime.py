@@ -30,6 +30,7 @@ import torch.distributed as dist
 # A job id maps into this port range, so two multi-task jobs sharing a node rarely collide; an
 # explicit MASTER_PORT always wins.
 _PORT_BASE, _PORT_SPAN = 20000, 20000
+SLURM_PORT_RANGE = range(_PORT_BASE, _PORT_BASE + _PORT_SPAN)
 # Each step of a job moves its port by this much: steps run at once share the job id, and on one
 # node the same port made one step fail with EADDRINUSE and another join the wrong store. A stride
 # rather than +1, so that step 1 of job N is not step 0 of job N+1 (job ids run consecutively).

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,12 +85,6 @@ def engine_config(per_rank_batch: int, zero_stage: int) -> dict[str, Any]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _import_deepspeed(device: torch.device):
     # DeepSpeed picks its accelerator once, at import; say which instead of letting it probe.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
@@ -115,9 +108,10 @@ class ZeroEngine:
         # srun step (SLURM_LOCALID) does not.
         os.environ.setdefault("LOCAL_RANK", str(detect().local_rank))
         if not dist.is_initialized():
-            # DeepSpeed always talks through a process group; a single process gets one of its own.
+            # DeepSpeed always talks through a process group; a single process gets one of its own,
+            # rendezvousing through an in-process store: no port that another program could take.
             dist.init_process_group(
-                "nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+                "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
                 rank=0, world_size=1, device_id=device if device.type == "cuda" else None,
             )
         self.config = config

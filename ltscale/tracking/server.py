@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,18 +17,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ltscale.dist.ports import free_port
 from ltscale.tracking.mlflow_tracker import ARTIFACT_DIR, default_tracking_uri
 
 _SERVER_ENV = {
     # Without it MLflow 3 starts a job-execution worker pool (7 extra processes) next to the server.
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
 }
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _server_env() -> dict[str, str]:
@@ -139,7 +133,7 @@ def start_local_server(
     failure = ""
     for _ in range(attempts):
         log_dir = Path(tempfile.mkdtemp(prefix="ltscale-mlflow-server-"))
-        handle = _launch(backend_store_uri, artifact_root, port or _free_port(), log_dir)
+        handle = _launch(backend_store_uri, artifact_root, port or free_port(), log_dir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and handle.process.poll() is None:
             if handle.healthy():
