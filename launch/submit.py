@@ -52,6 +52,7 @@ from typing import Any, Sequence
 import submitit
 
 from ltscale.config import ConfigError, apply_overrides, get_recipe, override_key
+from ltscale.dist.runtime import SLURM_PORT_RANGE
 from ltscale.stages.config import PipelineConfig
 from ltscale.tracking import redact_uri
 from ltscale.tracking.mlflow_tracker import sqlite_file
@@ -130,7 +131,7 @@ def export_rank_environment(job: Any, environ: dict[str, str] | None = None) -> 
     environ = os.environ if environ is None else environ  # type: ignore[assignment]
     if job.num_tasks <= 1:
         return
-    port = 20000 + zlib.crc32(str(job.job_id).encode()) % 20000
+    port = SLURM_PORT_RANGE.start + zlib.crc32(str(job.job_id).encode()) % len(SLURM_PORT_RANGE)
     host = "127.0.0.1" if job.num_nodes == 1 else job.hostnames[0]
     for key, value in (("RANK", job.global_rank), ("WORLD_SIZE", job.num_tasks), ("LOCAL_RANK", job.local_rank),
                        ("MASTER_ADDR", host), ("MASTER_PORT", port)):

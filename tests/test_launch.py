@@ -335,6 +335,9 @@ def test_rank_environment_comes_from_the_submitit_job():
     other_task: dict[str, str] = {}
     export_rank_environment(type("Job0", (Job,), {"global_rank": 0, "local_rank": 0})(), other_task)
     assert other_task["MASTER_PORT"] == environ["MASTER_PORT"], "every task must derive the same port"
+    # In the range SLURM steps derive theirs from, which ports picked for local servers avoid.
+    from ltscale.dist.runtime import SLURM_PORT_RANGE
+    assert int(environ["MASTER_PORT"]) in SLURM_PORT_RANGE
     single: dict[str, str] = {}
     export_rank_environment(type("One", (Job,), {"num_tasks": 1})(), single)
     assert single == {}, "a one-task job stays a single process"
