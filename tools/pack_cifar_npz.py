@@ -6,7 +6,7 @@ it is packed at (see ``ltscale/data/cifar_npz.py`` for why and for the format). 
 recipe takes the archive: ``--set data.root=cifar100_lt_if10.npz``.
 
     python tools/pack_cifar_npz.py --archive ../shared/data/cifar-100-python.tar.gz \\
-        --imbalance-factor 10 --out .carry/cifar100_lt_if10.npz
+        --imbalance-factor 10 --out .data/cifar100_lt_if10.npz
 
 After writing, the file is checked against the archive at each ``--verify`` IF (default 100, 50
 and the packed IF): the same training and test arrays, the same dataset fingerprint. Packing
