@@ -3,7 +3,7 @@
 The official CIFAR-100 archive (169 MB) is too large to carry to the GPU machine in one call
 (64 MiB in all); this file is small enough and serves every imbalance factor at or above the one
 it is packed at (see ``ltscale/data/cifar_npz.py`` for why and for the format). Use it anywhere a
-recipe takes the archive: ``--set data.root=cifar100_lt_if10.npz``.
+recipe takes the archive: ``--set data.root=.data/cifar100_lt_if10.npz``.
 
     python tools/pack_cifar_npz.py --archive ../shared/data/cifar-100-python.tar.gz \\
         --imbalance-factor 10 --out .data/cifar100_lt_if10.npz
