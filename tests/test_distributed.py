@@ -394,8 +394,11 @@ def test_shared_directory_check_of_concurrent_pipelines_on_one_output_dir(tmp_pa
     shared = tmp_path / "out"
     shared.mkdir()
     context = mp.get_context("spawn")
+    first, second = free_port(), free_port()
+    while second == first:  # two draws coincide about once in 14,000
+        second = free_port()
     processes = [context.Process(target=_shared_check_worker, args=(rank, 2, port, [str(shared)] * 2, 40, str(tmp_path)))
-                 for port in (free_port(), free_port()) for rank in range(2)]
+                 for port in (first, second) for rank in range(2)]
     for process in processes:
         process.start()
     for process in processes:
