@@ -12,7 +12,8 @@ train the same one (LWS re-balances the CE teacher; DiVE distils the BSCE teache
 writes ``<output-dir>/jobs/<name>.json`` (command, parent MLflow run id, the stage run ids, every
 stage's metrics read from its manifest, wall time); a re-run skips finished jobs, and an
 interrupted stage resumes from its progress checkpoint, so the table can be built over several
-invocations (``--stop-after-minutes`` keeps one inside a time limit). From all job files present
+invocations (``--stop-after-minutes`` keeps one inside a time limit; a SIGTERM, SIGHUP or Ctrl-C
+stops the running jobs with the tool, see ``Children``). From all job files present
 the tool writes ``results/cifar100_lt.json``, ``.csv`` and ``.md`` (mean ± std over seeds; the
 markdown is ready for RESULTS.md).
 
@@ -31,6 +32,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -280,6 +282,63 @@ def collect(args: argparse.Namespace, job: Job, job_tag: str) -> dict[str, Any]:
     return {"run_id": parent.info.run_id, "tracking_uri": redact_uri(uri), "stages": stages, "code_versions": code_versions}
 
 
+class Children:
+    """The ``ltscale run`` processes the lanes are running, so that a signal to this tool stops them.
+
+    ``kill``, ``timeout`` and a closed terminal (SIGHUP) signal only this process: its jobs would
+    train on, orphaned, holding their stages' locks, and the lanes would start their next jobs. A
+    SIGTERM or SIGHUP is passed on as one SIGTERM per job (ltscale's handler exits at each SIGTERM,
+    so a second would cut its marking the runs KILLED short); Ctrl-C already reached the jobs, which
+    share the terminal's process group, so the first SIGINT only stops new jobs from starting and a
+    second one passes SIGTERM on. Either way no further job starts, and the tool exits with 128 +
+    the signal's number after its table of the finished jobs.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: set[subprocess.Popen] = set()
+        self._passed_on = False
+        self.stop_signal: int | None = None
+
+    def start(self, argv: list[str], **popen: Any) -> subprocess.Popen | None:
+        """Popen ``argv``, or None once a stop signal has come."""
+        # Under the lock: a signal's handler either sees the new child or keeps it from starting.
+        with self._lock:
+            if self.stop_signal is not None:
+                return None
+            child = subprocess.Popen(argv, **popen)
+            self._live.add(child)
+            return child
+
+    def wait(self, child: subprocess.Popen) -> int:
+        returncode = child.wait()
+        with self._lock:
+            self._live.discard(child)
+        return returncode
+
+    def stop(self, signum: int, frame: Any = None) -> None:
+        """The signal handler (it runs in the main thread, which never holds the lock itself)."""
+        with self._lock:
+            interrupt_again = signum == signal.SIGINT and self.stop_signal == signal.SIGINT
+            first = self.stop_signal is None
+            if first:
+                self.stop_signal = signum
+            pass_on = not self._passed_on and (signum != signal.SIGINT or interrupt_again)
+            self._passed_on = self._passed_on or pass_on
+            children = list(self._live) if pass_on else []
+        if first:
+            print(f"reproduce_cifar: {signal.Signals(signum).name}: no further job starts"
+                  + ("; the running jobs are stopping" if pass_on or signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+        for child in children:
+            try:
+                child.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+CHILDREN = Children()
+
+
 def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[str, Any]) -> dict[str, Any]:
     from ltscale.tracking import redact_uri
 
@@ -294,8 +353,11 @@ def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[
     with open(log, "w") as stream:
         stream.write(f"$ {job.command}\n")
         stream.flush()
-        returncode = subprocess.run([*job.argv, "--tag", f"{JOB_TAG}={job_tag}"], cwd=ROOT, env=env, stdout=stream,
-                                    stderr=subprocess.STDOUT).returncode
+        child = CHILDREN.start([*job.argv, "--tag", f"{JOB_TAG}={job_tag}"], cwd=ROOT, env=env, stdout=stream,
+                               stderr=subprocess.STDOUT)
+        if child is None:
+            return {"name": job.name, "error": _stopped_by_signal()}
+        returncode = CHILDREN.wait(child)
     record: dict[str, Any] = {
         "name": job.name, "method": job.method, "imbalance_factor": job.imbalance_factor, "seed": job.seed,
         "recipe": job.recipe, "pipeline": job.pipeline_name, "result_stage": job.result_stage, "lane": job.lane,
@@ -391,6 +453,10 @@ def run_plan(args: argparse.Namespace, plan: Plan) -> list[dict[str, Any]]:
                 with lock:
                     outcomes.append({"name": job.name, "error": "not started: --stop-after-minutes reached"})
                 continue
+            if CHILDREN.stop_signal is not None:
+                with lock:
+                    outcomes.append({"name": job.name, "error": _stopped_by_signal()})
+                continue
             with lock:
                 print(f"[start] {job.name}: {job.command}", flush=True)
             record = run_job(args, job, log_dir, env_record)
@@ -405,6 +471,10 @@ def run_plan(args: argparse.Namespace, plan: Plan) -> list[dict[str, Any]]:
     with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
         list(pool.map(lane, plan.lanes.values()))
     return outcomes
+
+
+def _stopped_by_signal() -> str:
+    return f"not started: stopped by {signal.Signals(CHILDREN.stop_signal).name}"
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -726,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     for problem in unreadable_job_files(plan):
         print(f"reproduce_cifar: warning: unreadable job file {problem}: its job counts as not run"
               + ("" if args.collect_only else " and runs again"), file=sys.stderr)
-    outcomes = [] if args.collect_only else run_plan(args, plan)
+    outcomes = [] if args.collect_only else _run_forwarding_signals(args, plan)
     result = aggregate(args, plan)
     if args.collect_only and not result["jobs"]:
         # an empty table must not replace one with numbers (a forgotten --set, another --output-dir)
@@ -746,7 +816,25 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; archived in {args.archive}" if args.archive else ""))
     for outcome in failed:
         print(f"  {outcome['name']}: {outcome['error']}", file=sys.stderr)
+    if CHILDREN.stop_signal is not None:
+        print("reproduce_cifar: stopped; the same command again skips the finished jobs and resumes an interrupted "
+              "one from its last completed epoch", file=sys.stderr)
+        return 128 + CHILDREN.stop_signal
     return 1 if failed else 0
+
+
+def _run_forwarding_signals(args: argparse.Namespace, plan: Plan) -> list[dict[str, Any]]:
+    """run_plan with SIGTERM, SIGHUP and SIGINT handled by CHILDREN (in the main thread only,
+    where Python delivers signals; the previous handlers are put back after)."""
+    if threading.current_thread() is not threading.main_thread():
+        return run_plan(args, plan)
+    stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {signum: signal.signal(signum, CHILDREN.stop) for signum in stops}
+    try:
+        return run_plan(args, plan)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
