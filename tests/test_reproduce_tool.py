@@ -451,6 +451,7 @@ def test_sigterm_stops_the_running_job_and_starts_no_other(tmp_path):
     (log,) = logs.glob("*.log")  # the second job never started
     assert "ltscale: terminated (SIGTERM)" in log.read_text()
     assert not list((tmp_path / "runs" / "jobs").glob("*.json")) and not list((tmp_path / "runs").rglob("store/*/.lock"))
+    assert "0/2 jobs have results" in out  # the table of the finished jobs is still written
 
 
 def test_ctrl_c_reached_the_jobs_already_a_second_one_passes_sigterm_on(load_tool, monkeypatch):
