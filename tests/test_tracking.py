@@ -243,6 +243,54 @@ def test_server_start_failure_reports_output(tmp_path: Path) -> None:
         start_local_server("notascheme://nowhere", tmp_path / "artifacts", timeout=30)
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_ui_stopped_by_a_signal_takes_its_server_down_with_it(tmp_path: Path, signum: str) -> None:
+    """`kill` or a closed terminal signal only `ltscale ui`; the MLflow UI it started (mlflow and
+    its uvicorn child) must not go on serving the store, orphaned."""
+    import signal
+    import urllib.request
+
+    (tmp_path / "out").mkdir()
+    port = free_port()
+    ui_process = subprocess.Popen([sys.executable, "-m", "ltscale.cli", "ui", "--output-dir", str(tmp_path / "out"),
+                                   "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def serving() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    server_pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not serving():
+            assert ui_process.poll() is None and time.monotonic() < deadline, ui_process.communicate()[1]
+            time.sleep(0.5)
+        server_pids = _descendants(ui_process.pid)
+        assert len(server_pids) >= 2  # mlflow and its uvicorn
+        ui_process.send_signal(getattr(signal, signum))
+        # Ctrl-C is the UI's usual end (exit 0); SIGINT here reaches ltscale alone, as from `kill -INT`.
+        assert ui_process.wait(timeout=60) == (0 if signum == "SIGINT" else 128 + getattr(signal, signum))
+        assert not serving()
+        assert [pid for pid in server_pids if os.path.exists(f"/proc/{pid}")] == []
+    finally:
+        if ui_process.poll() is None:
+            ui_process.kill()
+        for pid in server_pids:  # what this test is about, when it fails: do not leave it serving
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _descendants(pid: int) -> list[int]:
+    children = [int(child) for child in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                                                       text=True).stdout.split()]
+    return [grandchild for child in children for grandchild in [child, *_descendants(child)]]
+
+
 def test_ui_command_points_at_default_store(tmp_path: Path) -> None:
     argv = ui_command(tmp_path)
     assert argv[1:4] == ["-m", "mlflow", "ui"]

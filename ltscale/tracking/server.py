@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -69,27 +70,33 @@ class ServerHandle:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the server's process group, SIGKILL it after ``timeout`` s; idempotent."""
-        if self.process.poll() is None:
-            # The server was started with start_new_session=True, so its pgid is its pid.
+        _stop_group(self.process, timeout)
+        shutil.rmtree(self._log_dir, ignore_errors=True)
+
+
+def _stop_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM the process group of ``process`` (started with start_new_session=True, so its pgid is
+    its pid), SIGKILL it after ``timeout`` s; idempotent. ``mlflow server`` / ``mlflow ui`` run
+    uvicorn in a child of their own, which a signal to mlflow's process alone leaves serving."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
             try:
-                os.killpg(self.process.pid, signal.SIGTERM)
+                os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.process.wait(timeout=timeout)
-        else:
-            # The main process is gone; make sure no worker of its group lingers.
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        shutil.rmtree(self._log_dir, ignore_errors=True)
+            process.wait(timeout=timeout)
+    else:
+        # The main process is gone; make sure no worker of its group lingers.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _launch(backend_store_uri: str, artifact_root: str, port: int, log_dir: Path) -> ServerHandle:
@@ -173,7 +180,23 @@ def ui(output_dir: Path, port: int = 5000, host: str = "127.0.0.1") -> int:
     if not store.exists():
         print(f"note: {store} does not exist yet; the UI will show an empty store", file=sys.stderr)
     print(f"MLflow UI for {output_dir} at http://{host}:{port}", file=sys.stderr)
+    # Its own process group, stopped as a whole when this process ends however it ends: ``kill``
+    # and a closed terminal signal only this process, and Ctrl-C no longer reaches the group, so
+    # SIGTERM and SIGHUP are turned into an exit that passes through the `finally`.
+    handled = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
+    previous = {signum: signal.signal(signum, _exit_on_signal) for signum in handled}
+    process = None
     try:
-        return subprocess.run(ui_command(output_dir, port=port, host=host), env=_server_env(), check=False).returncode
+        process = subprocess.Popen(ui_command(output_dir, port=port, host=host), env=_server_env(), start_new_session=True)
+        return process.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        if process is not None:
+            _stop_group(process)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
