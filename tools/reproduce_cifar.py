@@ -335,11 +335,12 @@ class Children:
             except ProcessLookupError:
                 pass
 
+    def not_started(self) -> str:
+        return f"not started: stopped by {signal.Signals(self.stop_signal).name}"
 
-CHILDREN = Children()
 
-
-def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[str, Any]) -> dict[str, Any]:
+def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[str, Any],
+            children: Children) -> dict[str, Any]:
     from ltscale.tracking import redact_uri
 
     log = log_dir / f"{job.record.stem}.log"  # a --set variant's log beside, not over, the plain run's
@@ -353,11 +354,11 @@ def run_job(args: argparse.Namespace, job: Job, log_dir: Path, env_record: dict[
     with open(log, "w") as stream:
         stream.write(f"$ {job.command}\n")
         stream.flush()
-        child = CHILDREN.start([*job.argv, "--tag", f"{JOB_TAG}={job_tag}"], cwd=ROOT, env=env, stdout=stream,
+        child = children.start([*job.argv, "--tag", f"{JOB_TAG}={job_tag}"], cwd=ROOT, env=env, stdout=stream,
                                stderr=subprocess.STDOUT)
         if child is None:
-            return {"name": job.name, "error": _stopped_by_signal()}
-        returncode = CHILDREN.wait(child)
+            return {"name": job.name, "error": children.not_started()}
+        returncode = children.wait(child)
     record: dict[str, Any] = {
         "name": job.name, "method": job.method, "imbalance_factor": job.imbalance_factor, "seed": job.seed,
         "recipe": job.recipe, "pipeline": job.pipeline_name, "result_stage": job.result_stage, "lane": job.lane,
@@ -436,7 +437,7 @@ def finished(job: Job) -> bool:
         return False
 
 
-def run_plan(args: argparse.Namespace, plan: Plan) -> list[dict[str, Any]]:
+def run_plan(args: argparse.Namespace, plan: Plan, children: Children) -> list[dict[str, Any]]:
     output_dir = Path(args.output_dir).resolve()
     log_dir = output_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -453,13 +454,13 @@ def run_plan(args: argparse.Namespace, plan: Plan) -> list[dict[str, Any]]:
                 with lock:
                     outcomes.append({"name": job.name, "error": "not started: --stop-after-minutes reached"})
                 continue
-            if CHILDREN.stop_signal is not None:
+            if children.stop_signal is not None:
                 with lock:
-                    outcomes.append({"name": job.name, "error": _stopped_by_signal()})
+                    outcomes.append({"name": job.name, "error": children.not_started()})
                 continue
             with lock:
                 print(f"[start] {job.name}: {job.command}", flush=True)
-            record = run_job(args, job, log_dir, env_record)
+            record = run_job(args, job, log_dir, env_record, children)
             with lock:
                 outcomes.append(record)
                 status = "ok" if "error" not in record else "FAILED"
@@ -471,10 +472,6 @@ def run_plan(args: argparse.Namespace, plan: Plan) -> list[dict[str, Any]]:
     with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
         list(pool.map(lane, plan.lanes.values()))
     return outcomes
-
-
-def _stopped_by_signal() -> str:
-    return f"not started: stopped by {signal.Signals(CHILDREN.stop_signal).name}"
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -796,7 +793,8 @@ def main(argv: list[str] | None = None) -> int:
     for problem in unreadable_job_files(plan):
         print(f"reproduce_cifar: warning: unreadable job file {problem}: its job counts as not run"
               + ("" if args.collect_only else " and runs again"), file=sys.stderr)
-    outcomes = [] if args.collect_only else _run_forwarding_signals(args, plan)
+    children = Children()
+    outcomes = [] if args.collect_only else _run_forwarding_signals(args, plan, children)
     result = aggregate(args, plan)
     if args.collect_only and not result["jobs"]:
         # an empty table must not replace one with numbers (a forgotten --set, another --output-dir)
@@ -816,22 +814,22 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; archived in {args.archive}" if args.archive else ""))
     for outcome in failed:
         print(f"  {outcome['name']}: {outcome['error']}", file=sys.stderr)
-    if CHILDREN.stop_signal is not None:
+    if children.stop_signal is not None:
         print("reproduce_cifar: stopped; the same command again skips the finished jobs and resumes an interrupted "
               "one from its last completed epoch", file=sys.stderr)
-        return 128 + CHILDREN.stop_signal
+        return 128 + children.stop_signal
     return 1 if failed else 0
 
 
-def _run_forwarding_signals(args: argparse.Namespace, plan: Plan) -> list[dict[str, Any]]:
-    """run_plan with SIGTERM, SIGHUP and SIGINT handled by CHILDREN (in the main thread only,
+def _run_forwarding_signals(args: argparse.Namespace, plan: Plan, children: Children) -> list[dict[str, Any]]:
+    """run_plan with SIGTERM, SIGHUP and SIGINT handled by ``children`` (in the main thread only,
     where Python delivers signals; the previous handlers are put back after)."""
     if threading.current_thread() is not threading.main_thread():
-        return run_plan(args, plan)
+        return run_plan(args, plan, children)
     stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-    previous = {signum: signal.signal(signum, CHILDREN.stop) for signum in stops}
+    previous = {signum: signal.signal(signum, children.stop) for signum in stops}
     try:
-        return run_plan(args, plan)
+        return run_plan(args, plan, children)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
