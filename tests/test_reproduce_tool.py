@@ -488,3 +488,31 @@ def test_ctrl_c_reached_the_jobs_already_a_second_one_passes_sigterm_on(load_too
     children.stop(signal.SIGHUP)
     children.stop(signal.SIGTERM)
     assert sent[1:] == [("a", signal.SIGTERM)] and children.stop_signal == signal.SIGHUP
+
+
+def test_signals_the_tool_was_started_ignoring_stay_ignored(load_tool, monkeypatch):
+    """nohup (SIGHUP) and a non-interactive shell's `&` (SIGINT) ask for a run that outlives its
+    terminal; the tool handles only the signals it was not told to ignore, and puts back the rest."""
+    import signal
+
+    tool = load_tool("reproduce_cifar.py")
+    seen = {}
+
+    def run_plan(args, plan, children):
+        seen.update({signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)})
+        return []
+
+    monkeypatch.setattr(tool, "run_plan", run_plan)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist's workers ignore it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        children = tool.Children()
+        assert tool._run_forwarding_signals(None, None, children) == []
+        assert seen[signal.SIGHUP] == signal.SIG_IGN
+        assert seen[signal.SIGTERM] == children.stop and seen[signal.SIGINT] == children.stop
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

@@ -243,17 +243,26 @@ def test_server_start_failure_reports_output(tmp_path: Path) -> None:
         start_local_server("notascheme://nowhere", tmp_path / "artifacts", timeout=30)
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP", "SIGINT"])
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP", "SIGINT", "SIGHUP under nohup"])
 def test_ui_stopped_by_a_signal_takes_its_server_down_with_it(tmp_path: Path, signum: str) -> None:
     """`kill` or a closed terminal signal only `ltscale ui`; the MLflow UI it started (mlflow and
-    its uvicorn child) must not go on serving the store, orphaned."""
+    its uvicorn child) must not go on serving the store, orphaned. Under nohup, SIGHUP is ignored."""
     import signal
     import urllib.request
+
+    nohup = signum.endswith("under nohup")
+    sent = getattr(signal, signum.split()[0])
+
+    def dispositions() -> None:
+        # As a shell would start it: xdist's workers ignore SIGINT, which children would inherit.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL)
 
     (tmp_path / "out").mkdir()
     port = free_port()
     ui_process = subprocess.Popen([sys.executable, "-m", "ltscale.cli", "ui", "--output-dir", str(tmp_path / "out"),
-                                   "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                   "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=dispositions)
 
     def serving() -> bool:
         try:
@@ -270,9 +279,14 @@ def test_ui_stopped_by_a_signal_takes_its_server_down_with_it(tmp_path: Path, si
             time.sleep(0.5)
         server_pids = _descendants(ui_process.pid)
         assert len(server_pids) >= 2  # mlflow and its uvicorn
-        ui_process.send_signal(getattr(signal, signum))
+        ui_process.send_signal(sent)
+        if nohup:
+            time.sleep(3)
+            assert ui_process.poll() is None and serving()  # it outlives its terminal, as asked
+            sent = signal.SIGTERM
+            ui_process.send_signal(sent)
         # Ctrl-C is the UI's usual end (exit 0); SIGINT here reaches ltscale alone, as from `kill -INT`.
-        assert ui_process.wait(timeout=60) == (0 if signum == "SIGINT" else 128 + getattr(signal, signum))
+        assert ui_process.wait(timeout=60) == (0 if sent == signal.SIGINT else 128 + sent)
         assert not serving()
         assert [pid for pid in server_pids if os.path.exists(f"/proc/{pid}")] == []
     finally:

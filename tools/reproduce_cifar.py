@@ -823,10 +823,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_forwarding_signals(args: argparse.Namespace, plan: Plan, children: Children) -> list[dict[str, Any]]:
     """run_plan with SIGTERM, SIGHUP and SIGINT handled by ``children`` (in the main thread only,
-    where Python delivers signals; the previous handlers are put back after)."""
+    where Python delivers signals; the previous handlers are put back after). A signal the tool
+    was started ignoring stays ignored: ``nohup`` (SIGHUP) and a non-interactive shell's ``&``
+    (SIGINT) ask for a run that outlives its terminal and the Ctrl-C typed there."""
     if threading.current_thread() is not threading.main_thread():
         return run_plan(args, plan, children)
-    stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    stops = [signum for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT) if signal.getsignal(signum) != signal.SIG_IGN]
     previous = {signum: signal.signal(signum, children.stop) for signum in stops}
     try:
         return run_plan(args, plan, children)

@@ -182,8 +182,10 @@ def ui(output_dir: Path, port: int = 5000, host: str = "127.0.0.1") -> int:
     print(f"MLflow UI for {output_dir} at http://{host}:{port}", file=sys.stderr)
     # Its own process group, stopped as a whole when this process ends however it ends: ``kill``
     # and a closed terminal signal only this process, and Ctrl-C no longer reaches the group, so
-    # SIGTERM and SIGHUP are turned into an exit that passes through the `finally`.
-    handled = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
+    # SIGTERM and SIGHUP are turned into an exit that passes through the `finally`. A signal this
+    # process was started ignoring stays ignored (``nohup ltscale ui &`` outlives its terminal).
+    main_thread = threading.current_thread() is threading.main_thread()
+    handled = [signum for signum in (signal.SIGTERM, signal.SIGHUP) if main_thread and signal.getsignal(signum) != signal.SIG_IGN]
     previous = {signum: signal.signal(signum, _exit_on_signal) for signum in handled}
     process = None
     try:
