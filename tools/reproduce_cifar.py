@@ -319,16 +319,16 @@ class Children:
     def stop(self, signum: int, frame: Any = None) -> None:
         """The signal handler (it runs in the main thread, which never holds the lock itself)."""
         with self._lock:
-            interrupt_again = signum == signal.SIGINT and self.stop_signal == signal.SIGINT
             first = self.stop_signal is None
             if first:
                 self.stop_signal = signum
-            pass_on = not self._passed_on and (signum != signal.SIGINT or interrupt_again)
+            # A first SIGINT came from the terminal to the jobs too; anything else is passed on, once.
+            pass_on = not self._passed_on and (signum != signal.SIGINT or not first)
             self._passed_on = self._passed_on or pass_on
             children = list(self._live) if pass_on else []
         if first:
-            print(f"reproduce_cifar: {signal.Signals(signum).name}: no further job starts"
-                  + ("; the running jobs are stopping" if pass_on or signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+            print(f"reproduce_cifar: {signal.Signals(signum).name}: no further job starts; the running jobs are stopping",
+                  file=sys.stderr, flush=True)
         for child in children:
             try:
                 child.send_signal(signal.SIGTERM)
